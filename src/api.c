@@ -1,0 +1,960 @@
+/* api: OpenAI / Anthropic request parsing and response formatting (see api.h).
+ *
+ * Parsing is strict about types (a wrong type is a 400 naming the parameter, as both APIs do)
+ * and lenient about unknown fields (ignored, so newer SDKs keep working). Requests become one
+ * api_request: chat messages with their text already joined, sampling parameters on top of
+ * sample_params_default, stop strings, and for Anthropic the cache_control breakpoints as byte
+ * offsets inside message content. Anthropic's `tools` are rendered deterministically as text at
+ * the start of the system message (tools come before system in Anthropic's cache prefix order),
+ * with cache_control removed so that marking a block never changes the prompt itself.
+ *
+ * Breakpoint offsets in the rendered prompt come from a second rendering with a marker byte
+ * string at each breakpoint: markers are located, removed, and the result must equal the plain
+ * rendering (so templates that trim or rewrite content cannot silently misplace a breakpoint).
+ */
+#include "api.h"
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void api_error_set(api_error *e, int status, const char *type, const char *param, const char *code,
+                   const char *fmt, ...) {
+    if (!e) return;
+    e->status = status;
+    snprintf(e->type, sizeof e->type, "%s", type ? type : "invalid_request_error");
+    snprintf(e->param, sizeof e->param, "%s", param ? param : "");
+    snprintf(e->code, sizeof e->code, "%s", code ? code : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+}
+
+#define BAD(param, ...) do { api_error_set(err, 400, "invalid_request_error", param, NULL, __VA_ARGS__); goto fail; } while (0)
+
+char *api_format_error(bool anthropic, const api_error *e) {
+    cJSON *root = cJSON_CreateObject(), *o = cJSON_CreateObject();
+    if (anthropic) {
+        cJSON_AddStringToObject(root, "type", "error");
+        cJSON_AddStringToObject(o, "type", e->type);
+        cJSON_AddStringToObject(o, "message", e->message);
+    } else {
+        cJSON_AddStringToObject(o, "message", e->message);
+        cJSON_AddStringToObject(o, "type", e->type);
+        if (e->param[0]) cJSON_AddStringToObject(o, "param", e->param); else cJSON_AddNullToObject(o, "param");
+        if (e->code[0]) cJSON_AddStringToObject(o, "code", e->code); else cJSON_AddNullToObject(o, "code");
+    }
+    cJSON_AddItemToObject(root, "error", o);
+    char *s = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    return s;
+}
+
+/* ---------------------------------------------------------------- small growable string */
+typedef struct { char *p; size_t n, cap; bool oom; } sbuf;
+static void sb_add(sbuf *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->n + n + 1 > b->cap) {
+        size_t c = b->cap ? b->cap : 256;
+        while (c < b->n + n + 1) c *= 2;
+        char *q = realloc(b->p, c);
+        if (!q) { b->oom = true; return; }
+        b->p = q; b->cap = c;
+    }
+    if (n) memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = 0;
+}
+static void sb_str(sbuf *b, const char *s) { sb_add(b, s, strlen(s)); }
+static char *sb_take(sbuf *b) {
+    if (b->oom) { free(b->p); return NULL; }
+    if (!b->p) sb_add(b, "", 0);
+    if (b->oom) { free(b->p); return NULL; }
+    return b->p;
+}
+
+/* ---------------------------------------------------------------- typed field access */
+/* Each getter: absent or null -> leaves *out, returns 0; wrong type/range -> 400, returns -1. */
+static int get_number(const cJSON *o, const char *key, double lo, double hi, double *out, api_error *err) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) {
+        api_error_set(err, 400, "invalid_request_error", key, "invalid_type", "%s: expected a number", key);
+        return -1;
+    }
+    if (v->valuedouble < lo || v->valuedouble > hi) {
+        api_error_set(err, 400, "invalid_request_error", key, "invalid_value",
+                      "%s: %g is out of range [%g, %g]", key, v->valuedouble, lo, hi);
+        return -1;
+    }
+    *out = v->valuedouble;
+    return 1;
+}
+static int get_int(const cJSON *o, const char *key, double lo, double hi, long long *out, api_error *err) {
+    double d;
+    int r = get_number(o, key, lo, hi, &d, err);
+    if (r <= 0) return r;
+    if (d != floor(d)) {
+        api_error_set(err, 400, "invalid_request_error", key, "invalid_type", "%s: expected an integer", key);
+        return -1;
+    }
+    *out = (long long)d;
+    return 1;
+}
+static int get_bool(const cJSON *o, const char *key, bool *out, api_error *err) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsBool(v)) {
+        api_error_set(err, 400, "invalid_request_error", key, "invalid_type", "%s: expected a boolean", key);
+        return -1;
+    }
+    *out = cJSON_IsTrue(v);
+    return 1;
+}
+static int get_string(const cJSON *o, const char *key, const char **out, api_error *err) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsString(v)) {
+        api_error_set(err, 400, "invalid_request_error", key, "invalid_type", "%s: expected a string", key);
+        return -1;
+    }
+    *out = v->valuestring;
+    return 1;
+}
+
+static int add_stop(api_request *r, const char *s, int max, const char *param, api_error *err) {
+    if (r->n_stop >= max) {
+        api_error_set(err, 400, "invalid_request_error", param, "invalid_value",
+                      "%s: at most %d stop sequences are supported", param, max);
+        return -1;
+    }
+    if (!s[0]) return 0; /* an empty stop string can never match usefully: ignore it */
+    if (!(r->stop[r->n_stop] = strdup(s))) {
+        api_error_set(err, 500, "api_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    r->n_stop++;
+    return 0;
+}
+
+static int add_msg(api_request *r, const char *role, char *content /* owned */, api_error *err) {
+    api_msg *m = realloc(r->msgs, (size_t)(r->n_msgs + 1) * sizeof *m);
+    char *rl = strdup(role);
+    if (!m || !rl || !content) {
+        if (m) r->msgs = m;
+        free(rl); free(content);
+        api_error_set(err, 500, "api_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    r->msgs = m;
+    memset(&m[r->n_msgs], 0, sizeof *m);
+    m[r->n_msgs].role = rl;
+    m[r->n_msgs].content = content;
+    r->n_msgs++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- OpenAI */
+/* content: string | null | array of {type:"text", text} (other part types: 400). */
+static int openai_content(const cJSON *c, sbuf *out, const char *param, api_error *err) {
+    if (!c || cJSON_IsNull(c)) return 0;
+    if (cJSON_IsString(c)) { sb_str(out, c->valuestring); return 0; }
+    if (!cJSON_IsArray(c)) {
+        api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected a string or an array of content parts", param);
+        return -1;
+    }
+    const cJSON *part;
+    cJSON_ArrayForEach(part, c) {
+        const char *type = NULL, *text = NULL;
+        if (!cJSON_IsObject(part) || get_string(part, "type", &type, err) < 0 || !type) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: each content part must be an object with a type", param);
+            return -1;
+        }
+        if (strcmp(type, "text") && strcmp(type, "input_text")) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: content part type '%.40s' is not supported (text only)", param, type);
+            return -1;
+        }
+        if (get_string(part, "text", &text, err) <= 0) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: text part without a string 'text'", param);
+            return -1;
+        }
+        sb_str(out, text);
+    }
+    return 0;
+}
+
+static int parse_openai_messages(const cJSON *root, api_request *r, api_error *err) {
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
+    if (!msgs) { api_error_set(err, 400, "invalid_request_error", "messages", "missing_required_parameter", "messages: required"); return -1; }
+    if (!cJSON_IsArray(msgs)) { api_error_set(err, 400, "invalid_request_error", "messages", "invalid_type", "messages: expected an array"); return -1; }
+    if (cJSON_GetArraySize(msgs) == 0) { api_error_set(err, 400, "invalid_request_error", "messages", "invalid_value", "messages: must not be empty"); return -1; }
+    const cJSON *m;
+    int i = 0;
+    cJSON_ArrayForEach(m, msgs) {
+        char param[48];
+        snprintf(param, sizeof param, "messages[%d]", i++);
+        const char *role = NULL;
+        if (!cJSON_IsObject(m)) { api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected an object", param); return -1; }
+        if (get_string(m, "role", &role, err) < 0) return -1;
+        if (!role) { api_error_set(err, 400, "invalid_request_error", param, "missing_required_parameter", "%s.role: required", param); return -1; }
+        sbuf b = {0};
+        const char *out_role;
+        if (!strcmp(role, "system") || !strcmp(role, "developer")) out_role = "system";
+        else if (!strcmp(role, "user")) out_role = "user";
+        else if (!strcmp(role, "assistant")) out_role = "assistant";
+        else if (!strcmp(role, "tool") || !strcmp(role, "function")) out_role = "user";
+        else { api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s.role: '%.40s' is not one of system, developer, user, assistant, tool", param, role); return -1; }
+        if (!strcmp(role, "tool") || !strcmp(role, "function")) {
+            const char *id = NULL;
+            if (get_string(m, "tool_call_id", &id, err) < 0) return -1;
+            sb_str(&b, "<tool_result");
+            if (id) { sb_str(&b, " id=\""); sb_str(&b, id); sb_str(&b, "\""); }
+            sb_str(&b, ">");
+        }
+        if (openai_content(cJSON_GetObjectItemCaseSensitive(m, "content"), &b, param, err) < 0) { free(b.p); return -1; }
+        if (!strcmp(role, "tool") || !strcmp(role, "function")) sb_str(&b, "</tool_result>");
+        const cJSON *calls = cJSON_GetObjectItemCaseSensitive(m, "tool_calls");
+        if (cJSON_IsArray(calls) && !strcmp(out_role, "assistant")) {
+            const cJSON *c;
+            cJSON_ArrayForEach(c, calls) {
+                char *js = cJSON_PrintUnformatted(c);
+                if (js) { sb_str(&b, b.n ? "\n<tool_call>" : "<tool_call>"); sb_str(&b, js); sb_str(&b, "</tool_call>"); free(js); }
+            }
+        }
+        if (add_msg(r, out_role, sb_take(&b), err) < 0) return -1;
+    }
+    return 0;
+}
+
+static int parse_openai(const cJSON *root, api_request *r, api_error *err) {
+    double d;
+    long long ll;
+    int k;
+    const char *s;
+    if (r->kind == API_OPENAI_CHAT) {
+        if (parse_openai_messages(root, r, err) < 0) return -1;
+    } else {
+        const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "prompt");
+        if (!p) { api_error_set(err, 400, "invalid_request_error", "prompt", "missing_required_parameter", "prompt: required"); return -1; }
+        if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 && cJSON_IsString(cJSON_GetArrayItem(p, 0))) p = cJSON_GetArrayItem(p, 0);
+        if (!cJSON_IsString(p)) { api_error_set(err, 400, "invalid_request_error", "prompt", "invalid_type", "prompt: expected a string (or an array of one string)"); return -1; }
+        r->prompt_len = strlen(p->valuestring);
+        if (!(r->prompt = strdup(p->valuestring))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+    }
+    if ((k = get_number(root, "temperature", 0, 2, &d, err)) < 0) return -1; else if (k) r->sp.temperature = (float)d;
+    if ((k = get_number(root, "top_p", 0, 1, &d, err)) < 0) return -1; else if (k) r->sp.top_p = (float)d;
+    if ((k = get_int(root, "top_k", -1, 1e9, &ll, err)) < 0) return -1; else if (k) r->sp.top_k = (int)ll;
+    if ((k = get_number(root, "min_p", 0, 1, &d, err)) < 0) return -1; else if (k) r->sp.min_p = (float)d;
+    if ((k = get_number(root, "presence_penalty", -2, 2, &d, err)) < 0) return -1; else if (k) r->sp.presence_penalty = (float)d;
+    if ((k = get_number(root, "frequency_penalty", -2, 2, &d, err)) < 0) return -1; else if (k) r->sp.frequency_penalty = (float)d;
+    if ((k = get_number(root, "repeat_penalty", 0, 10, &d, err)) < 0) return -1; else if (k) r->sp.repeat_penalty = (float)d;
+    if ((k = get_int(root, "seed", -9.2e18, 9.2e18, &ll, err)) < 0) return -1; else if (k) { r->sp.seed = (uint64_t)ll; r->has_seed = true; }
+    if ((k = get_int(root, "n", 1, 1, &ll, err)) < 0) { snprintf(err->message, sizeof err->message, "n: only n=1 is supported"); return -1; }
+    if ((k = get_int(root, "max_tokens", 1, 1e9, &ll, err)) < 0) return -1; else if (k) r->max_tokens = (int)ll;
+    if ((k = get_int(root, "max_completion_tokens", 1, 1e9, &ll, err)) < 0) return -1; else if (k) r->max_tokens = (int)ll;
+    if (get_bool(root, "stream", &r->stream, err) < 0) return -1;
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(root, "stream_options");
+    if (so && !cJSON_IsNull(so)) {
+        if (!cJSON_IsObject(so)) { api_error_set(err, 400, "invalid_request_error", "stream_options", "invalid_type", "stream_options: expected an object"); return -1; }
+        if (!r->stream) { api_error_set(err, 400, "invalid_request_error", "stream_options", "invalid_value", "The 'stream_options' parameter is only allowed when 'stream' is enabled."); return -1; }
+        if (get_bool(so, "include_usage", &r->include_usage, err) < 0) { snprintf(err->param, sizeof err->param, "stream_options.include_usage"); return -1; }
+    }
+    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(root, "stop");
+    if (stop && !cJSON_IsNull(stop)) {
+        if (cJSON_IsString(stop)) { if (add_stop(r, stop->valuestring, 4, "stop", err) < 0) return -1; }
+        else if (cJSON_IsArray(stop)) {
+            const cJSON *x;
+            cJSON_ArrayForEach(x, stop) {
+                if (!cJSON_IsString(x)) { api_error_set(err, 400, "invalid_request_error", "stop", "invalid_type", "stop: expected a string or an array of strings"); return -1; }
+                if (add_stop(r, x->valuestring, 4, "stop", err) < 0) return -1;
+            }
+        } else { api_error_set(err, 400, "invalid_request_error", "stop", "invalid_type", "stop: expected a string or an array of strings"); return -1; }
+    }
+    s = NULL;
+    if (get_string(root, "prompt_cache_key", &s, err) < 0) return -1;
+    if (s && !(r->cache_key = strdup(s))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Anthropic */
+typedef struct { int n; bool seen_5m; } bp_count;
+
+/* cache_control: absent/null -> 0; {type:"ephemeral", ttl?:"5m"|"1h"} -> 1 with *ttl; else -1. */
+static int cache_control(const cJSON *blk, const char *param, bp_count *bc, double *ttl, api_error *err) {
+    const cJSON *cc = cJSON_GetObjectItemCaseSensitive(blk, "cache_control");
+    if (!cc || cJSON_IsNull(cc)) return 0;
+    const char *type = NULL, *t = NULL;
+    if (!cJSON_IsObject(cc) || get_string(cc, "type", &type, err) < 0 || !type || strcmp(type, "ephemeral")) {
+        api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.cache_control: expected {\"type\": \"ephemeral\"}", param);
+        return -1;
+    }
+    if (get_string(cc, "ttl", &t, err) < 0) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.cache_control.ttl: expected \"5m\" or \"1h\"", param); return -1; }
+    if (!t || !strcmp(t, "5m")) *ttl = 300;
+    else if (!strcmp(t, "1h")) *ttl = 3600;
+    else { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.cache_control.ttl: expected \"5m\" or \"1h\"", param); return -1; }
+    /* Anthropic: longer-lived entries must come before shorter ones in the prompt. */
+    if (*ttl == 3600 && bc->seen_5m) {
+        api_error_set(err, 400, "invalid_request_error", param, NULL, "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block");
+        return -1;
+    }
+    if (*ttl == 300) bc->seen_5m = true;
+    bc->n++;
+    return 1;
+}
+
+static void msg_add_bp(api_msg *m, size_t off, double ttl) {
+    if (m->n_bp < ENGINE_MAX_BREAKPOINTS) { m->bp[m->n_bp].off = off; m->bp[m->n_bp].ttl_s = ttl; m->n_bp++; }
+}
+
+/* Text of one content block into b; a breakpoint at its end goes to bps. */
+static int anthropic_block(const cJSON *blk, const char *param, bool in_system, sbuf *b, api_msg *bpm,
+                           bp_count *bc, api_error *err) {
+    const char *type = NULL, *text = NULL;
+    if (!cJSON_IsObject(blk)) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s: expected a content block object", param); return -1; }
+    if (get_string(blk, "type", &type, err) < 0 || !type) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.type: Field required", param); return -1; }
+    if (b->n) sb_str(b, "\n");
+    if (!strcmp(type, "text")) {
+        if (get_string(blk, "text", &text, err) <= 0) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.text: Field required (a string)", param); return -1; }
+        sb_str(b, text);
+    } else if (in_system) {
+        api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.type: system blocks must be of type 'text'", param);
+        return -1;
+    } else if (!strcmp(type, "tool_use")) {
+        const char *id = NULL, *name = NULL;
+        if (get_string(blk, "id", &id, err) < 0 || get_string(blk, "name", &name, err) < 0) return -1;
+        const cJSON *input = cJSON_GetObjectItemCaseSensitive(blk, "input");
+        char *js = input ? cJSON_PrintUnformatted(input) : NULL;
+        sb_str(b, "<tool_use name=\""); sb_str(b, name ? name : ""); sb_str(b, "\" id=\""); sb_str(b, id ? id : "");
+        sb_str(b, "\">"); sb_str(b, js ? js : "{}"); sb_str(b, "</tool_use>");
+        free(js);
+    } else if (!strcmp(type, "tool_result")) {
+        const char *id = NULL;
+        bool is_error = false;
+        if (get_string(blk, "tool_use_id", &id, err) < 0 || get_bool(blk, "is_error", &is_error, err) < 0) return -1;
+        sb_str(b, "<tool_result id=\""); sb_str(b, id ? id : ""); sb_str(b, is_error ? "\" error=\"true\">" : "\">");
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(blk, "content");
+        if (cJSON_IsString(c)) sb_str(b, c->valuestring);
+        else if (cJSON_IsArray(c)) {
+            const cJSON *x;
+            bool first = true;
+            cJSON_ArrayForEach(x, c) {
+                const char *t = NULL;
+                if (!cJSON_IsObject(x) || get_string(x, "text", &t, err) < 0) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: expected text blocks", param); return -1; }
+                if (t) { if (!first) sb_str(b, "\n"); sb_str(b, t); first = false; }
+            }
+        } else if (c && !cJSON_IsNull(c)) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: expected a string or an array", param); return -1; }
+        sb_str(b, "</tool_result>");
+    } else if (!strcmp(type, "thinking") || !strcmp(type, "redacted_thinking")) {
+        /* previous thinking is not part of the prompt */
+    } else {
+        api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.type: content block type '%.40s' is not supported", param, type);
+        return -1;
+    }
+    double ttl;
+    int k = cache_control(blk, param, bc, &ttl, err);
+    if (k < 0) return -1;
+    if (k) msg_add_bp(bpm, b->n, ttl);
+    return 0;
+}
+
+/* System message = tools (rendered) + system text; breakpoints inside it. */
+static int anthropic_system(const cJSON *root, api_request *r, bp_count *bc, api_error *err) {
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
+    const cJSON *sys = cJSON_GetObjectItemCaseSensitive(root, "system");
+    if (tools && cJSON_IsNull(tools)) tools = NULL;
+    if (sys && cJSON_IsNull(sys)) sys = NULL;
+    if (tools && !cJSON_IsArray(tools)) { api_error_set(err, 400, "invalid_request_error", "tools", NULL, "tools: Input should be a valid list"); return -1; }
+    if (sys && !cJSON_IsString(sys) && !cJSON_IsArray(sys)) { api_error_set(err, 400, "invalid_request_error", "system", NULL, "system: expected a string or an array of text blocks"); return -1; }
+    if (!sys && (!tools || cJSON_GetArraySize(tools) == 0)) return 0;
+    sbuf b = {0};
+    api_msg m = {0};
+    if (tools && cJSON_GetArraySize(tools) > 0) {
+        sb_str(&b, "You can use these tools. To call one, reply with <tool_use name=\"NAME\">{JSON input}</tool_use>.\n<tools>");
+        const cJSON *t;
+        int i = 0;
+        cJSON_ArrayForEach(t, tools) {
+            char param[32];
+            snprintf(param, sizeof param, "tools.%d", i++);
+            const char *name = NULL;
+            if (!cJSON_IsObject(t) || get_string(t, "name", &name, err) < 0 || !name) {
+                api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.name: Field required", param);
+                free(b.p); return -1;
+            }
+            double ttl;
+            int k = cache_control(t, param, bc, &ttl, err);
+            if (k < 0) { free(b.p); return -1; }
+            cJSON *copy = cJSON_Duplicate(t, 1);
+            if (copy) cJSON_DeleteItemFromObjectCaseSensitive(copy, "cache_control");
+            char *js = copy ? cJSON_PrintUnformatted(copy) : NULL;
+            cJSON_Delete(copy);
+            if (!js) { free(b.p); api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+            sb_str(&b, "\n"); sb_str(&b, js); free(js);
+            if (k) msg_add_bp(&m, b.n, ttl);
+        }
+        sb_str(&b, "\n</tools>");
+    }
+    if (sys) {
+        if (b.n) sb_str(&b, "\n\n");
+        if (cJSON_IsString(sys)) sb_str(&b, sys->valuestring);
+        else {
+            sbuf sb = {0};
+            const cJSON *blk;
+            int i = 0;
+            size_t base = b.n;
+            api_msg tmp = {0};
+            cJSON_ArrayForEach(blk, sys) {
+                char param[32];
+                snprintf(param, sizeof param, "system.%d", i++);
+                if (anthropic_block(blk, param, true, &sb, &tmp, bc, err) < 0) { free(sb.p); free(b.p); return -1; }
+            }
+            if (sb.p) sb_add(&b, sb.p, sb.n);
+            free(sb.p);
+            for (int j = 0; j < tmp.n_bp; j++) msg_add_bp(&m, base + tmp.bp[j].off, tmp.bp[j].ttl_s);
+        }
+    }
+    int nbp = m.n_bp;
+    if (add_msg(r, "system", sb_take(&b), err) < 0) return -1;
+    api_msg *dst = &r->msgs[r->n_msgs - 1];
+    memcpy(dst->bp, m.bp, sizeof m.bp);
+    dst->n_bp = nbp;
+    return 0;
+}
+
+static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
+    bp_count bc = {0};
+    double d;
+    long long ll;
+    int k;
+    if (anthropic_system(root, r, &bc, err) < 0) return -1;
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
+    if (!msgs) { api_error_set(err, 400, "invalid_request_error", "messages", NULL, "messages: Field required"); return -1; }
+    if (!cJSON_IsArray(msgs)) { api_error_set(err, 400, "invalid_request_error", "messages", NULL, "messages: Input should be a valid list"); return -1; }
+    if (cJSON_GetArraySize(msgs) == 0) { api_error_set(err, 400, "invalid_request_error", "messages", NULL, "messages: at least one message is required"); return -1; }
+    const cJSON *m;
+    int i = 0, n = cJSON_GetArraySize(msgs);
+    cJSON_ArrayForEach(m, msgs) {
+        char param[40];
+        snprintf(param, sizeof param, "messages.%d", i++);
+        const char *role = NULL;
+        if (!cJSON_IsObject(m)) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s: Input should be a valid dictionary", param); return -1; }
+        if (get_string(m, "role", &role, err) < 0 || !role || (strcmp(role, "user") && strcmp(role, "assistant"))) {
+            api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.role: Input should be 'user' or 'assistant'", param);
+            return -1;
+        }
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(m, "content");
+        sbuf b = {0};
+        api_msg tmp = {0};
+        if (cJSON_IsString(c)) sb_str(&b, c->valuestring);
+        else if (cJSON_IsArray(c)) {
+            const cJSON *blk;
+            int j = 0;
+            cJSON_ArrayForEach(blk, c) {
+                char p2[64];
+                snprintf(p2, sizeof p2, "%s.content.%d", param, j++);
+                if (anthropic_block(blk, p2, false, &b, &tmp, &bc, err) < 0) { free(b.p); return -1; }
+            }
+        } else { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: expected a string or a list of content blocks", param); return -1; }
+        if (i == n && !strcmp(role, "assistant")) {
+            /* Prefill: the reply continues this text. Anthropic rejects trailing whitespace. */
+            if (b.n && (b.p[b.n - 1] == ' ' || b.p[b.n - 1] == '\n' || b.p[b.n - 1] == '\t' || b.p[b.n - 1] == '\r')) {
+                free(b.p);
+                api_error_set(err, 400, "invalid_request_error", param, NULL, "messages: final assistant content cannot end with trailing whitespace");
+                return -1;
+            }
+            r->assistant_prefill = true;
+        }
+        if (add_msg(r, role, sb_take(&b), err) < 0) return -1;
+        api_msg *dst = &r->msgs[r->n_msgs - 1];
+        memcpy(dst->bp, tmp.bp, sizeof tmp.bp);
+        dst->n_bp = tmp.n_bp;
+    }
+    /* Top-level cache_control (Anthropic's automatic caching): a breakpoint at the end of the
+     * last block of the last message. */
+    {
+        double ttl;
+        int k2 = cache_control(root, "cache_control", &bc, &ttl, err);
+        if (k2 < 0) return -1;
+        if (k2 && r->n_msgs > 0) {
+            api_msg *last = &r->msgs[r->n_msgs - 1];
+            size_t end = strlen(last->content);
+            if (last->n_bp == 0 || last->bp[last->n_bp - 1].off != end) msg_add_bp(last, end, ttl);
+            else bc.n--; /* the same position is already a breakpoint */
+        }
+    }
+    if (bc.n > ENGINE_MAX_BREAKPOINTS) {
+        api_error_set(err, 400, "invalid_request_error", NULL, NULL, "A maximum of %d blocks with cache_control may be provided. Found %d.", ENGINE_MAX_BREAKPOINTS, bc.n);
+        return -1;
+    }
+    r->n_breakpoints = bc.n;
+    if (r->kind == API_ANTHROPIC_MESSAGES) {
+        const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "max_tokens");
+        if (!mt) { api_error_set(err, 400, "invalid_request_error", "max_tokens", NULL, "max_tokens: Field required"); return -1; }
+        if ((k = get_int(root, "max_tokens", 1, 1e9, &ll, err)) < 0) return -1; else if (k) r->max_tokens = (int)ll;
+    }
+    if ((k = get_number(root, "temperature", 0, 1, &d, err)) < 0) return -1; else if (k) r->sp.temperature = (float)d;
+    if ((k = get_number(root, "top_p", 0, 1, &d, err)) < 0) return -1; else if (k) r->sp.top_p = (float)d;
+    if ((k = get_int(root, "top_k", 0, 1e9, &ll, err)) < 0) return -1; else if (k) r->sp.top_k = (int)ll;
+    if ((k = get_int(root, "seed", -9.2e18, 9.2e18, &ll, err)) < 0) return -1; else if (k) { r->sp.seed = (uint64_t)ll; r->has_seed = true; }
+    if (get_bool(root, "stream", &r->stream, err) < 0) return -1;
+    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(root, "stop_sequences");
+    if (stop && !cJSON_IsNull(stop)) {
+        if (!cJSON_IsArray(stop)) { api_error_set(err, 400, "invalid_request_error", "stop_sequences", NULL, "stop_sequences: Input should be a valid list"); return -1; }
+        const cJSON *x;
+        cJSON_ArrayForEach(x, stop) {
+            if (!cJSON_IsString(x)) { api_error_set(err, 400, "invalid_request_error", "stop_sequences", NULL, "stop_sequences: Input should be a valid string"); return -1; }
+            if (add_stop(r, x->valuestring, API_MAX_STOP, "stop_sequences", err) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- entry points */
+void api_request_free(api_request *r) {
+    if (!r) return;
+    free(r->model);
+    for (int i = 0; i < r->n_msgs; i++) { free(r->msgs[i].role); free(r->msgs[i].content); }
+    free(r->msgs);
+    free(r->prompt);
+    for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+    free(r->cache_key);
+    memset(r, 0, sizeof *r);
+}
+
+int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err) {
+    memset(out, 0, sizeof *out);
+    out->kind = kind;
+    out->max_tokens = -1;
+    sample_params_default(&out->sp);
+    cJSON *root = NULL;
+    const char *end = NULL;
+    if (!body || len == 0) BAD(NULL, "request body is empty; expected a JSON object");
+    if (len > API_MAX_BODY) {
+        api_error_set(err, 413, api_is_anthropic(kind) ? "request_too_large" : "invalid_request_error", NULL, NULL,
+                      "request body is larger than %u bytes", API_MAX_BODY);
+        goto fail;
+    }
+    if (memchr(body, 0, len)) BAD(NULL, "request body is not valid JSON (NUL byte)");
+    root = cJSON_ParseWithLengthOpts(body, len, &end, false);
+    if (!root) BAD(NULL, "request body is not valid JSON (error near byte %zu)", end && end >= body ? (size_t)(end - body) : (size_t)0);
+    for (const char *p = end; p && p < body + len; p++)
+        if (*p != ' ' && *p != '\n' && *p != '\r' && *p != '\t') BAD(NULL, "request body is not valid JSON (trailing data)");
+    if (!cJSON_IsObject(root)) BAD(NULL, "request body must be a JSON object");
+    const char *model = NULL;
+    if (get_string(root, "model", &model, err) < 0) goto fail;
+    if (!model) {
+        api_error_set(err, 400, "invalid_request_error", "model", "missing_required_parameter", "model: Field required");
+        goto fail;
+    }
+    if (!(out->model = strdup(model))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); goto fail; }
+    if ((api_is_anthropic(kind) ? parse_anthropic(root, out, err) : parse_openai(root, out, err)) < 0) goto fail;
+    cJSON_Delete(root);
+    return 0;
+fail:
+    cJSON_Delete(root);
+    api_request_free(out);
+    out->kind = kind;
+    return -1;
+}
+
+/* ---------------------------------------------------------------- rendering */
+int api_byte_to_token(const size_t *tok_end, int n_tok, size_t off) {
+    int lo = 0, hi = n_tok; /* first index with tok_end > off */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (tok_end[mid] <= off) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* Renders msgs (the last one raw after a generation prompt if prefill). */
+static char *render_msgs(const api_request *r, const chat_msg *cm, api_template_fn fn, void *ctx) {
+    int n = r->n_msgs;
+    if (!r->assistant_prefill) return fn(ctx, cm, n, true);
+    char *head = fn(ctx, cm, n - 1, true);
+    if (!head) return NULL;
+    size_t a = strlen(head), b = strlen(cm[n - 1].content);
+    char *s = realloc(head, a + b + 1);
+    if (!s) { free(head); return NULL; }
+    memcpy(s + a, cm[n - 1].content, b + 1);
+    return s;
+}
+
+/* A marker no content contains: \x1f + "PCBP" + \x1f (checked). */
+#define MARK "\x1fPCBP\x1f"
+#define MARK_LEN 6
+
+int api_render(const api_request *r, api_template_fn fn, void *ctx, char **prompt, size_t *len,
+               api_bp *bps, int *n_bps, api_error *err) {
+    *prompt = NULL; *len = 0; *n_bps = 0;
+    if (r->kind == API_OPENAI_COMPLETION) {
+        if (!(*prompt = strdup(r->prompt ? r->prompt : ""))) goto oom;
+        *len = strlen(*prompt);
+        return 0;
+    }
+    if (r->n_msgs <= 0) { api_error_set(err, 400, "invalid_request_error", "messages", NULL, "no messages"); return -1; }
+    chat_msg *cm = calloc((size_t)r->n_msgs, sizeof *cm);
+    char **marked = calloc((size_t)r->n_msgs, sizeof *marked);
+    char *plain = NULL, *mk = NULL;
+    if (!cm || !marked) { free(cm); free(marked); goto oom; }
+    int total_bp = 0;
+    bool marker_ok = true;
+    for (int i = 0; i < r->n_msgs; i++) {
+        cm[i].role = r->msgs[i].role;
+        cm[i].content = r->msgs[i].content;
+        total_bp += r->msgs[i].n_bp;
+        if (strstr(r->msgs[i].content, "\x1f")) marker_ok = false;
+    }
+    plain = render_msgs(r, cm, fn, ctx);
+    if (!plain) { api_error_set(err, 500, "api_error", NULL, NULL, "chat template rendering failed"); goto fail; }
+    if (total_bp > 0) {
+        if (total_bp > ENGINE_MAX_BREAKPOINTS) total_bp = ENGINE_MAX_BREAKPOINTS;
+        /* Content with markers at each breakpoint. */
+        for (int i = 0; i < r->n_msgs && marker_ok; i++) {
+            const api_msg *m = &r->msgs[i];
+            if (!m->n_bp) continue;
+            size_t cl = strlen(m->content);
+            sbuf b = {0};
+            size_t at = 0;
+            for (int j = 0; j < m->n_bp; j++) {
+                size_t off = m->bp[j].off < cl ? m->bp[j].off : cl;
+                if (off < at) off = at;
+                sb_add(&b, m->content + at, off - at);
+                sb_add(&b, MARK, MARK_LEN);
+                at = off;
+            }
+            sb_add(&b, m->content + at, cl - at);
+            if (!(marked[i] = sb_take(&b))) { marker_ok = false; break; }
+            cm[i].content = marked[i];
+        }
+        if (marker_ok) mk = render_msgs(r, cm, fn, ctx);
+        /* Strip markers, recording where they were. */
+        int nb = 0;
+        if (mk) {
+            size_t w = 0, pl = strlen(plain);
+            char *p = mk;
+            for (char *q; (q = strstr(p, MARK)) != NULL; p = q + MARK_LEN) {
+                w += (size_t)(q - p);
+                if (nb < total_bp) bps[nb].off = w;
+                nb++;
+            }
+            w += strlen(p);
+            /* verify: stripped == plain */
+            bool same = (w == pl) && nb == total_bp;
+            if (same) {
+                size_t k = 0;
+                p = mk;
+                for (char *q; same && (q = strstr(p, MARK)) != NULL; p = q + MARK_LEN) {
+                    size_t seg = (size_t)(q - p);
+                    if (memcmp(plain + k, p, seg)) same = false;
+                    k += seg;
+                }
+                if (same && memcmp(plain + k, p, strlen(p))) same = false;
+            }
+            if (!same) nb = 0;
+        }
+        if (nb == total_bp) {
+            int j = 0;
+            for (int i = 0; i < r->n_msgs; i++)
+                for (int t = 0; t < r->msgs[i].n_bp && j < total_bp; t++) bps[j++].ttl_s = r->msgs[i].bp[t].ttl_s;
+        } else {
+            /* Fallback: a breakpoint in message i covers the rendering of messages [0, i]
+             * (as far as it is a prefix of the whole prompt). */
+            int j = 0;
+            for (int i = 0; i < r->n_msgs; i++) cm[i].content = r->msgs[i].content;
+            for (int i = 0; i < r->n_msgs && j < total_bp; i++) {
+                if (!r->msgs[i].n_bp) continue;
+                char *pre = fn(ctx, cm, i + 1, false);
+                size_t k = 0;
+                if (pre) while (pre[k] && plain[k] == pre[k]) k++;
+                free(pre);
+                for (int t = 0; t < r->msgs[i].n_bp && j < total_bp; t++) { bps[j].off = k; bps[j].ttl_s = r->msgs[i].bp[t].ttl_s; j++; }
+            }
+            total_bp = j;
+        }
+        *n_bps = total_bp;
+    }
+    for (int i = 0; i < r->n_msgs; i++) free(marked[i]);
+    free(marked); free(cm); free(mk);
+    *prompt = plain;
+    *len = strlen(plain);
+    return 0;
+fail:
+    for (int i = 0; i < r->n_msgs; i++) free(marked[i]);
+    free(marked); free(cm); free(mk); free(plain);
+    return -1;
+oom:
+    api_error_set(err, 500, "api_error", NULL, NULL, "out of memory");
+    return -1;
+}
+
+/* ---------------------------------------------------------------- formatting */
+const char *api_openai_finish(finish_reason why) {
+    switch (why) {
+    case FINISH_LENGTH: return "length";
+    default: return "stop";
+    }
+}
+
+const char *api_anthropic_stop(finish_reason why, int stop_matched) {
+    if (why == FINISH_LENGTH) return "max_tokens";
+    if (why == FINISH_STOP && stop_matched > 0) return "stop_sequence";
+    return "end_turn";
+}
+
+static cJSON *usage_openai(const engine_usage *u) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "prompt_tokens", u->prompt_tokens);
+    cJSON_AddNumberToObject(o, "completion_tokens", u->completion_tokens);
+    cJSON_AddNumberToObject(o, "total_tokens", u->prompt_tokens + u->completion_tokens);
+    cJSON *pd = cJSON_AddObjectToObject(o, "prompt_tokens_details");
+    cJSON_AddNumberToObject(pd, "cached_tokens", u->cached_tokens);
+    cJSON_AddNumberToObject(pd, "audio_tokens", 0);
+    cJSON *cd = cJSON_AddObjectToObject(o, "completion_tokens_details");
+    cJSON_AddNumberToObject(cd, "reasoning_tokens", 0);
+    cJSON_AddNumberToObject(cd, "audio_tokens", 0);
+    cJSON_AddNumberToObject(cd, "accepted_prediction_tokens", 0);
+    cJSON_AddNumberToObject(cd, "rejected_prediction_tokens", 0);
+    return o;
+}
+
+/* input_tokens: prompt tokens neither read from nor written to the cache. */
+static cJSON *usage_anthropic(const engine_usage *u, bool with_output) {
+    cJSON *o = cJSON_CreateObject();
+    int created = u->cache_write_5m + u->cache_write_1h;
+    int input = u->prompt_tokens - u->cached_tokens - created;
+    if (input < 0) input = 0;
+    cJSON_AddNumberToObject(o, "input_tokens", input);
+    cJSON_AddNumberToObject(o, "cache_creation_input_tokens", created);
+    cJSON_AddNumberToObject(o, "cache_read_input_tokens", u->cached_tokens);
+    cJSON *cc = cJSON_AddObjectToObject(o, "cache_creation");
+    cJSON_AddNumberToObject(cc, "ephemeral_5m_input_tokens", u->cache_write_5m);
+    cJSON_AddNumberToObject(cc, "ephemeral_1h_input_tokens", u->cache_write_1h);
+    if (with_output) cJSON_AddNumberToObject(o, "output_tokens", u->completion_tokens);
+    cJSON_AddStringToObject(o, "service_tier", "standard");
+    return o;
+}
+
+char *api_format_usage_openai(const engine_usage *u) {
+    cJSON *o = usage_openai(u);
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+char *api_format_usage_anthropic(const engine_usage *u) {
+    cJSON *o = usage_anthropic(u, true);
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+/* A JSON string value from (ptr, len) text; cJSON wants NUL-terminated. */
+static cJSON *str_n(const char *s, size_t n) {
+    char *t = malloc(n + 1);
+    if (!t) return cJSON_CreateString("");
+    if (n) memcpy(t, s, n);
+    t[n] = 0;
+    cJSON *v = cJSON_CreateString(t);
+    free(t);
+    return v;
+}
+
+static char *print_free(cJSON *o) {
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+static cJSON *anthropic_message(const api_request *r, const api_result *res, bool final) {
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "id", res->id);
+    cJSON_AddStringToObject(m, "type", "message");
+    cJSON_AddStringToObject(m, "role", "assistant");
+    cJSON_AddStringToObject(m, "model", res->model);
+    cJSON *content = cJSON_AddArrayToObject(m, "content");
+    if (final) {
+        cJSON *blk = cJSON_CreateObject();
+        cJSON_AddStringToObject(blk, "type", "text");
+        cJSON_AddItemToObject(blk, "text", str_n(res->text, res->text_len));
+        cJSON_AddItemToArray(content, blk);
+        cJSON_AddStringToObject(m, "stop_reason", api_anthropic_stop(res->why, res->stop_matched));
+        if (res->why == FINISH_STOP && res->stop_matched > 0 && res->stop_matched <= r->n_stop)
+            cJSON_AddStringToObject(m, "stop_sequence", r->stop[res->stop_matched - 1]);
+        else cJSON_AddNullToObject(m, "stop_sequence");
+    } else {
+        cJSON_AddNullToObject(m, "stop_reason");
+        cJSON_AddNullToObject(m, "stop_sequence");
+    }
+    return m;
+}
+
+char *api_format_response(const api_request *r, const api_result *res) {
+    engine_usage zero = {0};
+    const engine_usage *u = res->usage ? res->usage : &zero;
+    if (r->kind == API_ANTHROPIC_COUNT_TOKENS) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "input_tokens", u->prompt_tokens);
+        return print_free(o);
+    }
+    if (api_is_anthropic(r->kind)) {
+        cJSON *m = anthropic_message(r, res, true);
+        cJSON_AddItemToObject(m, "usage", usage_anthropic(u, true));
+        return print_free(m);
+    }
+    bool chat = r->kind == API_OPENAI_CHAT;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", res->id);
+    cJSON_AddStringToObject(o, "object", chat ? "chat.completion" : "text_completion");
+    cJSON_AddNumberToObject(o, "created", (double)res->created);
+    cJSON_AddStringToObject(o, "model", res->model);
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    cJSON *c = cJSON_CreateObject();
+    if (chat) {
+        cJSON_AddNumberToObject(c, "index", 0);
+        cJSON *msg = cJSON_AddObjectToObject(c, "message");
+        cJSON_AddStringToObject(msg, "role", "assistant");
+        cJSON_AddItemToObject(msg, "content", str_n(res->text, res->text_len));
+        cJSON_AddNullToObject(msg, "refusal");
+    } else {
+        cJSON_AddItemToObject(c, "text", str_n(res->text, res->text_len));
+        cJSON_AddNumberToObject(c, "index", 0);
+    }
+    cJSON_AddNullToObject(c, "logprobs");
+    cJSON_AddStringToObject(c, "finish_reason", api_openai_finish(res->why));
+    cJSON_AddItemToArray(choices, c);
+    cJSON_AddItemToObject(o, "usage", usage_openai(u));
+    cJSON_AddNullToObject(o, "system_fingerprint");
+    return print_free(o);
+}
+
+/* One OpenAI stream chunk; delta_text NULL -> no content; finish NULL -> null. */
+static cJSON *openai_chunk(const api_request *r, const api_result *res, bool role, const char *text,
+                           size_t len, const char *finish) {
+    bool chat = r->kind == API_OPENAI_CHAT;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", res->id);
+    cJSON_AddStringToObject(o, "object", chat ? "chat.completion.chunk" : "text_completion");
+    cJSON_AddNumberToObject(o, "created", (double)res->created);
+    cJSON_AddStringToObject(o, "model", res->model);
+    cJSON_AddNullToObject(o, "system_fingerprint");
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    cJSON *c = cJSON_CreateObject();
+    if (chat) {
+        cJSON_AddNumberToObject(c, "index", 0);
+        cJSON *d = cJSON_AddObjectToObject(c, "delta");
+        if (role) cJSON_AddStringToObject(d, "role", "assistant");
+        if (text) cJSON_AddItemToObject(d, "content", str_n(text, len));
+    } else {
+        cJSON_AddItemToObject(c, "text", str_n(text ? text : "", text ? len : 0));
+        cJSON_AddNumberToObject(c, "index", 0);
+    }
+    cJSON_AddNullToObject(c, "logprobs");
+    if (finish) cJSON_AddStringToObject(c, "finish_reason", finish); else cJSON_AddNullToObject(c, "finish_reason");
+    cJSON_AddItemToArray(choices, c);
+    if (r->include_usage) cJSON_AddNullToObject(o, "usage");
+    return o;
+}
+
+static void sse_data(sbuf *b, cJSON *o) {
+    char *s = print_free(o);
+    if (!s) { b->oom = true; return; }
+    sb_str(b, "data: "); sb_str(b, s); sb_str(b, "\n\n");
+    free(s);
+}
+
+static void sse_event(sbuf *b, const char *event, cJSON *o) {
+    sb_str(b, "event: "); sb_str(b, event); sb_str(b, "\n");
+    sse_data(b, o);
+}
+
+char *api_format_stream_start(const api_request *r, const api_result *res, int n_prompt) {
+    sbuf b = {0};
+    if (api_is_anthropic(r->kind)) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", "message_start");
+        cJSON *m = anthropic_message(r, res, false);
+        /* The cache split is known only when the request ends: message_start reports the whole
+         * prompt as input, message_delta carries the final numbers. */
+        engine_usage u = {0};
+        u.prompt_tokens = n_prompt;
+        u.completion_tokens = 1;
+        cJSON_AddItemToObject(m, "usage", usage_anthropic(res->usage ? res->usage : &u, true));
+        cJSON_AddItemToObject(o, "message", m);
+        sse_event(&b, "message_start", o);
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", "content_block_start");
+        cJSON_AddNumberToObject(o, "index", 0);
+        cJSON *blk = cJSON_AddObjectToObject(o, "content_block");
+        cJSON_AddStringToObject(blk, "type", "text");
+        cJSON_AddStringToObject(blk, "text", "");
+        sse_event(&b, "content_block_start", o);
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", "ping");
+        sse_event(&b, "ping", o);
+    } else if (r->kind == API_OPENAI_CHAT) {
+        sse_data(&b, openai_chunk(r, res, true, "", 0, NULL));
+    } else {
+        sb_add(&b, "", 0); /* completions: no preamble chunk */
+    }
+    return sb_take(&b);
+}
+
+char *api_format_stream_delta(const api_request *r, const api_result *res, const char *text, size_t len) {
+    sbuf b = {0};
+    if (api_is_anthropic(r->kind)) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", "content_block_delta");
+        cJSON_AddNumberToObject(o, "index", 0);
+        cJSON *d = cJSON_AddObjectToObject(o, "delta");
+        cJSON_AddStringToObject(d, "type", "text_delta");
+        cJSON_AddItemToObject(d, "text", str_n(text, len));
+        sse_event(&b, "content_block_delta", o);
+    } else {
+        sse_data(&b, openai_chunk(r, res, false, text, len, NULL));
+    }
+    return sb_take(&b);
+}
+
+char *api_format_stream_end(const api_request *r, const api_result *res) {
+    sbuf b = {0};
+    engine_usage zero = {0};
+    const engine_usage *u = res->usage ? res->usage : &zero;
+    if (api_is_anthropic(r->kind)) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", "content_block_stop");
+        cJSON_AddNumberToObject(o, "index", 0);
+        sse_event(&b, "content_block_stop", o);
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", "message_delta");
+        cJSON *d = cJSON_AddObjectToObject(o, "delta");
+        cJSON_AddStringToObject(d, "stop_reason", api_anthropic_stop(res->why, res->stop_matched));
+        if (res->why == FINISH_STOP && res->stop_matched > 0 && res->stop_matched <= r->n_stop)
+            cJSON_AddStringToObject(d, "stop_sequence", r->stop[res->stop_matched - 1]);
+        else cJSON_AddNullToObject(d, "stop_sequence");
+        cJSON *us = usage_anthropic(u, true);
+        cJSON_DeleteItemFromObjectCaseSensitive(us, "service_tier");
+        cJSON_AddItemToObject(o, "usage", us);
+        sse_event(&b, "message_delta", o);
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", "message_stop");
+        sse_event(&b, "message_stop", o);
+    } else {
+        sse_data(&b, openai_chunk(r, res, false, r->kind == API_OPENAI_CHAT ? NULL : "", 0, api_openai_finish(res->why)));
+        if (r->include_usage) {
+            cJSON *o = cJSON_CreateObject();
+            bool chat = r->kind == API_OPENAI_CHAT;
+            cJSON_AddStringToObject(o, "id", res->id);
+            cJSON_AddStringToObject(o, "object", chat ? "chat.completion.chunk" : "text_completion");
+            cJSON_AddNumberToObject(o, "created", (double)res->created);
+            cJSON_AddStringToObject(o, "model", res->model);
+            cJSON_AddNullToObject(o, "system_fingerprint");
+            cJSON_AddArrayToObject(o, "choices");
+            cJSON_AddItemToObject(o, "usage", usage_openai(u));
+            sse_data(&b, o);
+        }
+        sb_str(&b, "data: [DONE]\n\n");
+    }
+    return sb_take(&b);
+}

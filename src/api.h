@@ -1,0 +1,127 @@
+/* api: OpenAI and Anthropic request parsing and response formatting, with no HTTP in sight.
+ *
+ * Pure functions over bytes and structs, so they are easy to unit test and to fuzz: the HTTP
+ * server (server.c) reads a body, calls api_parse, renders the prompt with api_render (the chat
+ * template is passed in as a function, so tests need no model), and formats engine results back
+ * with the api_format_* functions. Every parser failure is an api_error carrying the HTTP
+ * status and the fields each API puts in its error body; no input makes these functions crash.
+ */
+#ifndef PCACHE_API_H
+#define PCACHE_API_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "engine.h"
+
+typedef enum {
+    API_OPENAI_CHAT,            /* POST /v1/chat/completions */
+    API_OPENAI_COMPLETION,      /* POST /v1/completions */
+    API_ANTHROPIC_MESSAGES,     /* POST /v1/messages */
+    API_ANTHROPIC_COUNT_TOKENS, /* POST /v1/messages/count_tokens */
+} api_kind;
+
+static inline bool api_is_anthropic(api_kind k) {
+    return k == API_ANTHROPIC_MESSAGES || k == API_ANTHROPIC_COUNT_TOKENS;
+}
+
+/* An error as both APIs report it: HTTP status, the error type string ("invalid_request_error",
+ * "authentication_error", "not_found_error", ...), OpenAI's param and code (may be empty). */
+typedef struct api_error {
+    int status;
+    char type[40];
+    char param[48];
+    char code[40];
+    char message[256];
+} api_error;
+void api_error_set(api_error *e, int status, const char *type, const char *param, const char *code,
+                   const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* The error body in the shape of the API (malloc'ed JSON). */
+char *api_format_error(bool anthropic, const api_error *e);
+
+#define API_MAX_STOP 16
+#define API_MAX_BODY (8u << 20)
+
+/* A cache breakpoint inside one message: the prompt prefix up to byte `off` of the message's
+ * content (the end of a content block) is to be cached for ttl_s seconds. */
+typedef struct { size_t off; double ttl_s; } api_msg_bp;
+
+typedef struct api_msg {
+    char *role;               /* "system", "user", "assistant" */
+    char *content;            /* all text blocks of the message, joined */
+    api_msg_bp bp[ENGINE_MAX_BREAKPOINTS];
+    int n_bp;
+} api_msg;
+
+typedef struct api_request {
+    api_kind kind;
+    char *model;
+    api_msg *msgs;            /* chat kinds (Anthropic: system + tools folded into msgs[0]) */
+    int n_msgs;
+    bool assistant_prefill;   /* Anthropic: last message is assistant text to continue */
+    char *prompt;             /* completions: the raw prompt */
+    size_t prompt_len;
+    sample_params sp;
+    bool has_seed;
+    int max_tokens;           /* -1: not given */
+    char *stop[API_MAX_STOP];
+    int n_stop;
+    bool stream;
+    bool include_usage;       /* OpenAI stream_options.include_usage */
+    char *cache_key;          /* OpenAI prompt_cache_key (a routing hint; see server.c) */
+    int n_breakpoints;        /* Anthropic cache_control blocks */
+} api_request;
+
+/* Parses a request body. On failure returns -1 with *err filled (status 400 for malformed JSON
+ * or wrong types); *out is then empty. On success the caller frees with api_request_free. */
+int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err);
+void api_request_free(api_request *r);
+
+/* The chat template, as a function (server: chat_apply over the model's template). Returns a
+ * malloc'ed NUL-terminated prompt, or NULL. */
+typedef char *(*api_template_fn)(void *ctx, const chat_msg *msgs, int n, bool add_generation_prompt);
+
+/* A breakpoint as a byte offset into the rendered prompt. */
+typedef struct { size_t off; double ttl_s; } api_bp;
+
+/* Renders the request to prompt text (*prompt malloc'ed, NUL-terminated) and maps each message
+ * breakpoint to its byte offset in that text (bps has room for ENGINE_MAX_BREAKPOINTS). Offsets
+ * are found by rendering once more with a marker at each breakpoint and checking that removing
+ * the markers gives the same prompt; if a template rewrites content so that check fails, each
+ * breakpoint falls back to the end of the longest rendered prefix that ends within its message. */
+int api_render(const api_request *r, api_template_fn fn, void *ctx, char **prompt, size_t *len,
+               api_bp *bps, int *n_bps, api_error *err);
+
+/* Number of whole tokens inside the first `off` bytes, given each token's end byte offset
+ * (non-decreasing) in the text: the token position a byte breakpoint maps to. */
+int api_byte_to_token(const size_t *tok_end, int n_tok, size_t off);
+
+/* Formatting. `text` is the generated text (not NUL-terminated), `stop_matched` is 0 or the
+ * 1-based index of the stop string that ended generation. All return malloc'ed strings. */
+typedef struct api_result {
+    const char *id;
+    long long created;
+    const char *model;
+    const char *text;
+    size_t text_len;
+    finish_reason why;
+    int stop_matched;
+    const engine_usage *usage;
+} api_result;
+
+/* Non-streamed response bodies (JSON). */
+char *api_format_response(const api_request *r, const api_result *res);
+/* Streaming: the first SSE event(s) (role chunk / message_start + content_block_start + ping),
+ * one delta event, and the last events (finish chunk, usage chunk, [DONE] / content_block_stop,
+ * message_delta, message_stop). n_prompt is known before the usage is. */
+char *api_format_stream_start(const api_request *r, const api_result *res, int n_prompt);
+char *api_format_stream_delta(const api_request *r, const api_result *res, const char *text, size_t len);
+char *api_format_stream_end(const api_request *r, const api_result *res);
+
+/* Usage objects (cJSON is kept out of this header: these return JSON text). */
+char *api_format_usage_openai(const engine_usage *u);
+char *api_format_usage_anthropic(const engine_usage *u);
+
+/* OpenAI finish_reason / Anthropic stop_reason strings. */
+const char *api_openai_finish(finish_reason why);
+const char *api_anthropic_stop(finish_reason why, int stop_matched);
+#endif

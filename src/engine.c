@@ -1,0 +1,455 @@
+/* engine: see engine.h. One step of the scheduler:
+ *   1. expire cache entries past their TTL; drop cancelled requests;
+ *   2. admit queued requests while there is room: look up the longest cached prefix of the
+ *      prompt (at most n_prompt-1 tokens, so the last prompt token is always computed and
+ *      yields the first logits), take references to its blocks;
+ *   3. build one batch: a decode token for every generating sequence first, then prefill
+ *      chunks from prompts still being read, up to max_batch_tokens;
+ *   4. make the KV positions writable (copy on write of a shared partial block), run the
+ *      model, and for each sequence that finished its prompt, insert the prompt into the
+ *      prefix cache (explicit breakpoints with their TTL, then the whole prompt automatically)
+ *      and sample its first token; generating sequences sample their next token;
+ *   5. finish sequences on EOS / stop string / max tokens, insert prompt+output into the cache
+ *      so multi-turn chats find their history, and release their blocks.
+ */
+#include "engine.h"
+#include "kv.h"
+#include "model.h"
+#include "prefix.h"
+#include "threadpool.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef enum { SEQ_QUEUED, SEQ_PREFILL, SEQ_DECODE, SEQ_DONE } seq_phase;
+
+typedef struct seq {
+    int id;
+    engine_request r;        /* copy; pointers below are owned */
+    char *ns;
+    char **stop;
+    int32_t *tokens;         /* prompt then generated */
+    int n_tokens, cap_tokens;
+    int n_prompt;
+    kv_seq kv;               /* positions [0, kv.n_tokens) are computed */
+    seq_phase phase;
+    bool cancelled;
+    sample_rng rng;
+    detok_state detok;
+    char *pending;           /* decoded text not yet emitted (may start a stop string) */
+    size_t n_pending, cap_pending;
+    engine_usage u;
+    double t_submit, t_first;
+    int n_gen;
+    finish_reason finish;
+} seq;
+
+struct engine {
+    engine_opts o;
+    model *m;
+    tokenizer *tok;
+    kv_pool kv;
+    prefix_index *px;
+    threadpool *tp;
+    model_ctx *mctx;
+    int n_ctx;
+    seq **seqs;              /* queued and active, in submission order */
+    int n_seqs, cap_seqs;
+    int next_id;
+    /* per-step scratch */
+    int32_t *b_tok, *b_pos;
+    kv_seq **b_seq;
+    bool *b_logits;
+    seq **b_owner;
+    float *logits;
+    sample_cand *cand;
+    engine_stats st;
+    double last_expire;
+};
+
+static double mono_now(void *ctx) {
+    (void)ctx;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double now_s(const engine *e) { return e->o.clock(e->o.clock_ctx); }
+
+int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) {
+    *out = NULL;
+    engine *e = calloc(1, sizeof *e);
+    if (!e) { snprintf(err, errlen, "engine: out of memory"); return -1; }
+    e->o = *o;
+    if (!e->o.kv_mem_bytes) e->o.kv_mem_bytes = (size_t)512 << 20;
+    if (e->o.cache_ttl_s <= 0) e->o.cache_ttl_s = 300;
+    if (e->o.n_threads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        e->o.n_threads = n > 0 ? (int)n : 1;
+    }
+    if (e->o.max_batch_tokens <= 0) e->o.max_batch_tokens = 512;
+    if (e->o.max_seqs <= 0) e->o.max_seqs = 64;
+    if (!e->o.clock) e->o.clock = mono_now;
+    if (model_load(&e->m, o->model_path, err, errlen)) goto fail;
+    if (tokenizer_load(&e->tok, e->m->f, err, errlen)) goto fail;
+    e->n_ctx = e->m->c.n_ctx_train;
+    const model_config *c = &e->m->c;
+    if (kv_pool_init(&e->kv, c->n_layer, c->n_head_kv * c->head_dim, e->o.kv_mem_bytes, err, errlen)) goto fail;
+    e->px = prefix_create(&e->kv);
+    e->tp = tp_create(e->o.n_threads);
+    int max_tokens = e->o.max_batch_tokens + e->o.max_seqs;
+    e->mctx = model_ctx_create(e->m, max_tokens, e->n_ctx, e->o.n_threads);
+    e->b_tok = calloc((size_t)max_tokens, sizeof(int32_t));
+    e->b_pos = calloc((size_t)max_tokens, sizeof(int32_t));
+    e->b_seq = calloc((size_t)max_tokens, sizeof(kv_seq *));
+    e->b_logits = calloc((size_t)max_tokens, sizeof(bool));
+    e->b_owner = calloc((size_t)max_tokens, sizeof(seq *));
+    e->logits = malloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float));
+    e->cand = malloc((size_t)c->n_vocab * sizeof(sample_cand));
+    if (!e->px || !e->tp || !e->mctx || !e->b_tok || !e->b_pos || !e->b_seq || !e->b_logits || !e->b_owner ||
+        !e->logits || !e->cand) {
+        snprintf(err, errlen, "engine: out of memory");
+        goto fail;
+    }
+    *out = e;
+    return 0;
+fail:
+    engine_free(e);
+    return -1;
+}
+
+static void seq_free(engine *e, seq *s) {
+    kv_seq_release(&e->kv, &s->kv);
+    free(s->kv.blocks);
+    for (int i = 0; i < s->r.n_stop; i++) free(s->stop[i]);
+    free(s->stop);
+    free(s->ns);
+    free(s->tokens);
+    free(s->pending);
+    free(s);
+}
+
+void engine_free(engine *e) {
+    if (!e) return;
+    for (int i = 0; i < e->n_seqs; i++) seq_free(e, e->seqs[i]);
+    free(e->seqs);
+    if (e->px) prefix_free(e->px);
+    kv_pool_free(&e->kv);
+    if (e->tp) tp_free(e->tp);
+    model_ctx_free(e->mctx);
+    free(e->b_tok); free(e->b_pos); free(e->b_seq); free(e->b_logits); free(e->b_owner);
+    free(e->logits); free(e->cand);
+    tokenizer_free(e->tok);
+    model_free(e->m);
+    free(e);
+}
+
+const tokenizer *engine_tok(const engine *e) { return e->tok; }
+const gguf_file *engine_gguf(const engine *e) { return e->m->f; }
+int engine_n_ctx(const engine *e) { return e->n_ctx; }
+const char *engine_model_name(const engine *e) { return e->m->name; }
+
+int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen) {
+    if (r->n_prompt <= 0) { snprintf(err, errlen, "empty prompt"); return -1; }
+    if (r->n_prompt >= e->n_ctx) {
+        snprintf(err, errlen, "prompt is %d tokens, the context holds %d", r->n_prompt, e->n_ctx);
+        return -1;
+    }
+    for (int i = 0; i < r->n_prompt; i++)
+        if (r->prompt[i] < 0 || r->prompt[i] >= e->m->c.n_vocab) {
+            snprintf(err, errlen, "token id %d out of range", r->prompt[i]);
+            return -1;
+        }
+    if (r->n_breakpoints < 0 || r->n_breakpoints > ENGINE_MAX_BREAKPOINTS) {
+        snprintf(err, errlen, "at most %d cache breakpoints", ENGINE_MAX_BREAKPOINTS);
+        return -1;
+    }
+    seq *s = calloc(1, sizeof *s);
+    if (!s) { snprintf(err, errlen, "out of memory"); return -1; }
+    s->r = *r;
+    s->ns = strdup(r->ns ? r->ns : "");
+    s->cap_tokens = r->n_prompt + 64;
+    s->tokens = malloc((size_t)s->cap_tokens * sizeof(int32_t));
+    s->stop = r->n_stop > 0 ? calloc((size_t)r->n_stop, sizeof(char *)) : NULL;
+    bool ok = s->ns && s->tokens && (r->n_stop <= 0 || s->stop);
+    for (int i = 0; ok && i < r->n_stop; i++) ok = (s->stop[i] = strdup(r->stop[i])) != NULL;
+    if (!ok || e->n_seqs == e->cap_seqs) {
+        int cap = e->cap_seqs ? 2 * e->cap_seqs : 16;
+        seq **ns = ok ? realloc(e->seqs, (size_t)cap * sizeof *ns) : NULL;
+        if (!ns) {
+            s->r.n_stop = s->stop ? r->n_stop : 0;
+            seq_free(e, s);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        e->seqs = ns;
+        e->cap_seqs = cap;
+    }
+    s->r.ns = s->ns;
+    s->r.stop = (const char *const *)s->stop;
+    s->r.prompt = NULL;
+    memcpy(s->tokens, r->prompt, (size_t)r->n_prompt * sizeof(int32_t));
+    s->n_tokens = s->n_prompt = r->n_prompt;
+    s->id = e->next_id++;
+    s->phase = SEQ_QUEUED;
+    s->t_submit = now_s(e);
+    s->u.prompt_tokens = r->n_prompt;
+    sample_rng_seed(&s->rng, r->sp.seed);
+    e->seqs[e->n_seqs++] = s;
+    e->st.requests++;
+    e->st.prompt_tokens += (uint64_t)r->n_prompt;
+    return s->id;
+}
+
+void engine_cancel(engine *e, int id) {
+    for (int i = 0; i < e->n_seqs; i++)
+        if (e->seqs[i]->id == id) e->seqs[i]->cancelled = true;
+}
+
+static int n_active(const engine *e) {
+    int n = 0;
+    for (int i = 0; i < e->n_seqs; i++) n += e->seqs[i]->phase == SEQ_PREFILL || e->seqs[i]->phase == SEQ_DECODE;
+    return n;
+}
+
+/* ---- output text: UTF-8 safe, stop strings held back until they can no longer match ---- */
+
+static bool pending_append(seq *s, const char *t, size_t n) {
+    if (s->n_pending + n + 1 > s->cap_pending) {
+        size_t cap = (s->n_pending + n + 1) * 2;
+        char *p = realloc(s->pending, cap);
+        if (!p) return false;
+        s->pending = p;
+        s->cap_pending = cap;
+    }
+    memcpy(s->pending + s->n_pending, t, n);
+    s->n_pending += n;
+    return true;
+}
+
+static void emit(seq *s, size_t n) {
+    if (n == 0) return;
+    if (s->r.on_text) s->r.on_text(s->r.user, s->pending, n);
+    memmove(s->pending, s->pending + n, s->n_pending - n);
+    s->n_pending -= n;
+}
+
+/* Emits what can no longer be part of a stop string. Returns true if a stop string matched
+ * (the text before it is emitted, the rest dropped). */
+static bool flush_text(seq *s, bool final) {
+    size_t cut = s->n_pending;
+    bool stopped = false;
+    for (int i = 0; i < s->r.n_stop; i++) {
+        size_t L = strlen(s->stop[i]);
+        if (L == 0 || L > s->n_pending) continue;
+        for (size_t j = 0; j + L <= s->n_pending; j++)
+            if (memcmp(s->pending + j, s->stop[i], L) == 0) {
+                if (j < cut) { cut = j; s->u.stop_matched = i + 1; }
+                stopped = true;
+                break;
+            }
+    }
+    if (stopped) {
+        emit(s, cut);
+        s->n_pending = 0;
+        return true;
+    }
+    size_t hold = 0;
+    if (!final)
+        for (int i = 0; i < s->r.n_stop; i++) {
+            size_t L = strlen(s->stop[i]);
+            for (size_t k = L > 1 ? L - 1 : 0; k > hold; k--)
+                if (k <= s->n_pending && memcmp(s->pending + s->n_pending - k, s->stop[i], k) == 0) { hold = k; break; }
+        }
+    emit(s, s->n_pending - hold);
+    return false;
+}
+
+static void finish(engine *e, seq *s, finish_reason why, const char *errmsg) {
+    if (why != FINISH_ABORT && why != FINISH_ERROR) {
+        char buf[16];
+        size_t n = detok_flush(&s->detok, buf, sizeof buf);
+        pending_append(s, buf, n);
+        if (flush_text(s, true)) why = FINISH_STOP;
+    }
+    double now = now_s(e);
+    s->u.completion_tokens = s->n_gen;
+    if (s->t_first > 0) s->u.decode_s = now - s->t_first;
+    /* Keep prompt + output for the next turn of a conversation (automatic TTL). */
+    if (!s->r.no_cache && e->o.cache_enabled && s->kv.n_tokens > s->n_prompt && why != FINISH_ERROR)
+        prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    kv_seq_release(&e->kv, &s->kv);
+    s->phase = SEQ_DONE;
+    s->finish = why;
+    e->st.completion_tokens += (uint64_t)s->n_gen;
+    if (s->r.on_done) s->r.on_done(s->r.user, why, &s->u, errmsg);
+}
+
+static bool push_token(seq *s, int32_t t) {
+    if (s->n_tokens == s->cap_tokens) {
+        int cap = s->cap_tokens * 2;
+        int32_t *p = realloc(s->tokens, (size_t)cap * sizeof(int32_t));
+        if (!p) return false;
+        s->tokens = p;
+        s->cap_tokens = cap;
+    }
+    s->tokens[s->n_tokens++] = t;
+    return true;
+}
+
+/* Samples from logits, appends the token, streams text; finishes the sequence if done. */
+static void take_token(engine *e, seq *s, float *logits) {
+    int n_vocab = e->m->c.n_vocab;
+    int32_t t = sample_token(logits, n_vocab, &s->r.sp, &s->rng, s->tokens, s->n_tokens, e->cand);
+    if (s->n_gen == 0) {
+        s->t_first = now_s(e);
+        s->u.ttft_s = s->t_first - s->t_submit;
+    }
+    if (!s->r.ignore_eos && tokenizer_is_eog(e->tok, t)) { finish(e, s, FINISH_STOP, NULL); return; }
+    if (!push_token(s, t)) { finish(e, s, FINISH_ERROR, "out of memory"); return; }
+    s->n_gen++;
+    char buf[256];
+    size_t n = detok_feed(e->tok, &s->detok, t, buf, sizeof buf);
+    if (!pending_append(s, buf, n)) { finish(e, s, FINISH_ERROR, "out of memory"); return; }
+    if (flush_text(s, false)) { finish(e, s, FINISH_STOP, NULL); return; }
+    if (s->r.max_tokens > 0 && s->n_gen >= s->r.max_tokens) { finish(e, s, FINISH_LENGTH, NULL); return; }
+    if (s->n_tokens >= e->n_ctx) { finish(e, s, FINISH_LENGTH, NULL); return; }
+    s->phase = SEQ_DECODE;
+}
+
+static void admit(engine *e, seq *s, double now) {
+    int m = 0;
+    if (!s->r.no_cache && e->o.cache_enabled) {
+        m = prefix_match(e->px, s->ns, s->tokens, s->n_prompt - 1, now, &s->kv);
+        if (m < 0) m = 0;
+    }
+    s->u.cached_tokens = m;
+    e->st.cached_tokens += (uint64_t)m;
+    s->phase = SEQ_PREFILL;
+}
+
+/* The prompt is fully in the KV: cache it (breakpoints first: they are what the caller asked
+ * for, with their own TTL; then the automatic entry for the whole prompt). */
+static void cache_prompt(engine *e, seq *s, double now) {
+    if (s->r.no_cache || !e->o.cache_enabled) return;
+    for (int i = 0; i < s->r.n_breakpoints; i++) {
+        int pos = s->r.breakpoints[i].pos;
+        if (pos <= 0 || pos > s->n_prompt) continue;
+        double ttl = s->r.breakpoints[i].ttl_s > 0 ? s->r.breakpoints[i].ttl_s : 300;
+        int added = prefix_insert(e->px, s->ns, s->tokens, pos, &s->kv, PREFIX_EXPLICIT, ttl, now);
+        if (added > 0) {
+            if (ttl > 300) s->u.cache_write_1h += added;
+            else s->u.cache_write_5m += added;
+        }
+    }
+    int added = prefix_insert(e->px, s->ns, s->tokens, s->n_prompt, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    if (added > 0) s->u.cache_write_auto += added;
+}
+
+static void compact(engine *e) {
+    int j = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        if (e->seqs[i]->phase == SEQ_DONE) seq_free(e, e->seqs[i]);
+        else e->seqs[j++] = e->seqs[i];
+    }
+    e->n_seqs = j;
+}
+
+int engine_step(engine *e) {
+    double now = now_s(e);
+    if (now - e->last_expire > 1.0) {
+        prefix_expire(e->px, now);
+        e->last_expire = now;
+    }
+    for (int i = 0; i < e->n_seqs; i++) {
+        seq *s = e->seqs[i];
+        if (s->cancelled && s->phase != SEQ_DONE) finish(e, s, FINISH_ABORT, NULL);
+    }
+    compact(e);
+    int active = n_active(e);
+    for (int i = 0; i < e->n_seqs && active < e->o.max_seqs; i++)
+        if (e->seqs[i]->phase == SEQ_QUEUED) { admit(e, e->seqs[i], now); active++; }
+
+    /* Build the batch. */
+    int n = 0, budget = e->o.max_batch_tokens;
+    bool progressed = false;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < e->n_seqs; i++) {
+            seq *s = e->seqs[i];
+            int start = s->kv.n_tokens, count;
+            if (pass == 0 && s->phase == SEQ_DECODE) count = 1;
+            else if (pass == 1 && s->phase == SEQ_PREFILL) {
+                count = s->n_prompt - start;
+                if (count > budget) count = budget;
+                if (count <= 0) continue;
+            } else continue;
+            if (kv_seq_prepare(&e->kv, &s->kv, start + count) != 0) continue; /* retry next step */
+            for (int k = 0; k < count; k++) {
+                e->b_tok[n] = s->tokens[start + k];
+                e->b_pos[n] = start + k;
+                e->b_seq[n] = &s->kv;
+                e->b_owner[n] = s;
+                bool last = s->phase == SEQ_DECODE || start + k == s->n_prompt - 1;
+                e->b_logits[n] = last;
+                n++;
+            }
+            if (s->phase == SEQ_PREFILL) budget -= count;
+            progressed = true;
+        }
+    }
+    if (!progressed) {
+        /* Nothing could get KV blocks: fail the newest active request so others can go on. */
+        for (int i = e->n_seqs - 1; i >= 0; i--) {
+            seq *s = e->seqs[i];
+            if (s->phase == SEQ_PREFILL || s->phase == SEQ_DECODE) {
+                finish(e, s, FINISH_ERROR, "KV cache memory exhausted (raise --kv-mem)");
+                break;
+            }
+        }
+        compact(e);
+        return e->n_seqs;
+    }
+    model_batch b = { .n = n, .tokens = e->b_tok, .pos = e->b_pos, .seqs = e->b_seq, .want_logits = e->b_logits };
+    char err[256];
+    if (model_forward(e->m, e->mctx, e->tp, &e->kv, &b, e->logits, err, sizeof err) != 0) {
+        for (int i = 0; i < n; i++)
+            if (e->b_owner[i]->phase != SEQ_DONE) finish(e, e->b_owner[i], FINISH_ERROR, err);
+        compact(e);
+        return e->n_seqs;
+    }
+    /* Advance: tokens of one sequence are contiguous in the batch. */
+    int out = 0;
+    now = now_s(e);
+    for (int i = 0; i < n;) {
+        seq *s = e->b_owner[i];
+        int j = i;
+        while (j < n && e->b_owner[j] == s) j++;
+        s->kv.n_tokens = e->b_pos[j - 1] + 1;
+        if (e->b_logits[j - 1]) {
+            float *lg = e->logits + (size_t)out++ * e->m->c.n_vocab;
+            if (s->phase == SEQ_PREFILL) {
+                s->u.prefill_s = now - s->t_submit;
+                cache_prompt(e, s, now);
+                if (s->r.prompt_logits) memcpy(s->r.prompt_logits, lg, (size_t)e->m->c.n_vocab * sizeof(float));
+            }
+            take_token(e, s, lg);
+        }
+        i = j;
+    }
+    compact(e);
+    return e->n_seqs;
+}
+
+void engine_get_stats(const engine *e, engine_stats *s) {
+    *s = e->st;
+    s->kv_blocks_total = e->kv.n_blocks;
+    s->kv_blocks_used = kv_blocks_used(&e->kv);
+    s->kv_blocks_free = e->kv.n_blocks - s->kv_blocks_used;
+    s->active_seqs = n_active(e);
+    prefix_stats ps;
+    prefix_get_stats(e->px, &ps);
+    s->evictions = ps.evictions;
+}

@@ -1,0 +1,90 @@
+/* engine: model + tokenizer + KV pool + prefix cache + scheduler, behind one small API.
+ *
+ * Not thread-safe: one thread owns the engine and calls engine_step in a loop; other threads
+ * (HTTP handlers) hand requests to that thread through their own queue. Callbacks run on the
+ * engine thread inside engine_step. A request's prompt is looked up in the prefix cache of its
+ * namespace, only the uncached suffix is prefilled (in chunks, batched with other sequences'
+ * decode steps), and its prompt blocks are inserted into the cache when prefill ends.
+ */
+#ifndef PCACHE_ENGINE_H
+#define PCACHE_ENGINE_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "sample.h"
+#include "tokenizer.h"
+#include "gguf.h"
+
+typedef struct engine_opts {
+    const char *model_path;
+    size_t kv_mem_bytes;         /* KV pool budget; 0 = 512 MiB */
+    double cache_ttl_s;          /* automatic entries; 0 = 300 */
+    bool cache_enabled;          /* false: never match (still correct, just slower) */
+    int n_threads;               /* 0 = number of cores */
+    int max_batch_tokens;        /* prefill chunk / tokens per step; 0 = 512 */
+    int max_seqs;                /* concurrent sequences; 0 = 64 */
+    double (*clock)(void *ctx);  /* seconds; NULL = CLOCK_MONOTONIC. Tests drive their own. */
+    void *clock_ctx;
+} engine_opts;
+
+typedef struct engine_usage {
+    int prompt_tokens;
+    int cached_tokens;           /* read from the cache */
+    int cache_write_5m;          /* tokens newly written to the cache, by ttl class */
+    int cache_write_1h;
+    int cache_write_auto;        /* tokens newly cached by automatic caching (not breakpoints) */
+    int completion_tokens;
+    double ttft_s;               /* submit -> first token sampled */
+    double prefill_s, decode_s;
+    int stop_matched;            /* FINISH_STOP by a stop string: its 1-based index; 0 = EOS/none */
+} engine_usage;
+#define ENGINE_USAGE_HAS_STOP_MATCHED 1
+
+typedef enum { FINISH_NONE = 0, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR } finish_reason;
+
+#define ENGINE_MAX_BREAKPOINTS 4
+typedef struct engine_request {
+    const char *ns;                       /* cache namespace (tenant); NULL = "" */
+    const int32_t *prompt;
+    int n_prompt;
+    struct { int pos; double ttl_s; } breakpoints[ENGINE_MAX_BREAKPOINTS]; /* cache [0,pos) */
+    int n_breakpoints;
+    sample_params sp;
+    int max_tokens;                       /* <= 0: up to the context */
+    const char *const *stop;              /* stop strings (not included in the output) */
+    int n_stop;
+    bool ignore_eos;
+    bool no_cache;                        /* neither read nor write the prefix cache */
+    float *prompt_logits;                 /* optional: gets the last prompt position's logits */
+    /* Streamed output: called with each complete UTF-8 text delta (never splits a character,
+     * holds back text that may be the start of a stop string). */
+    void (*on_text)(void *user, const char *text, size_t len);
+    void (*on_done)(void *user, finish_reason why, const engine_usage *u, const char *err);
+    void *user;
+} engine_request;
+
+typedef struct engine_stats {
+    uint64_t requests, prompt_tokens, cached_tokens, completion_tokens, evictions;
+    int kv_blocks_used, kv_blocks_free, kv_blocks_total;
+    int active_seqs;
+} engine_stats;
+
+typedef struct engine engine;
+int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen);
+void engine_free(engine *e);
+const tokenizer *engine_tok(const engine *e);
+const gguf_file *engine_gguf(const engine *e);
+int engine_n_ctx(const engine *e);
+const char *engine_model_name(const engine *e);
+
+/* Queues a request (everything is copied). Returns its id (>= 0) or -1 with err (e.g. prompt
+ * longer than the context). */
+int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen);
+/* Ends a request early (client went away): on_done(FINISH_ABORT) is called and its blocks are
+ * released at the next step. */
+void engine_cancel(engine *e, int id);
+/* Runs one step (a batch of decode tokens and prefill chunks). Returns the number of requests
+ * still active afterwards. */
+int engine_step(engine *e);
+void engine_get_stats(const engine *e, engine_stats *s);
+#endif

@@ -1,0 +1,633 @@
+/* model: see model.h for the shape of the forward pass.
+ *
+ * Work is split into phases, each one tp_run over the pool: row-parallel phases (norms,
+ * activation quantization, RoPE, KV writes) split tokens across threads; matmuls split weight
+ * rows across threads, each thread walking its rows in tiles of MM_TILE rows against every
+ * token (a tile of a weight matrix stays in L1 while the quantized activations stream from
+ * L2); attention splits (token, head) pairs. A matmul group shares one quantized input across
+ * several matrices (Q,K,V and gate,up), saving a hand-over per matrix.
+ */
+#include "model.h"
+#include "quant.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#define MM_TILE 16
+
+/* ---------------------------------------------------------------------------------------- */
+/* Loading                                                                                   */
+
+static int get_u32_req(const gguf_file *f, const char *arch, const char *suffix, int *out,
+                       char *err, size_t errlen) {
+    char key[160];
+    uint32_t v;
+    snprintf(key, sizeof key, "%s.%s", arch, suffix);
+    int rc = gguf_get_u32(f, key, &v);
+    if (rc != GGUF_OK || v == 0 || v > (1u << 24)) {
+        snprintf(err, errlen, "model: metadata '%s' %s", key, rc == GGUF_OK ? "out of range" : "missing or not an integer");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int get_u32_opt(const gguf_file *f, const char *arch, const char *suffix, int dflt) {
+    char key[160];
+    uint32_t v;
+    snprintf(key, sizeof key, "%s.%s", arch, suffix);
+    if (gguf_get_u32(f, key, &v) != GGUF_OK || v == 0 || v > (1u << 24)) return dflt;
+    return (int)v;
+}
+
+static float get_f32_opt(const gguf_file *f, const char *arch, const char *suffix, float dflt) {
+    char key[160];
+    float v;
+    snprintf(key, sizeof key, "%s.%s", arch, suffix);
+    if (gguf_get_f32(f, key, &v) != GGUF_OK || !isfinite(v)) return dflt;
+    return v;
+}
+
+/* Looks up a 2-D weight [rows][cols] and checks its shape and that we can compute with it. */
+static int load_mat(const gguf_file *f, const char *name, int64_t cols, int64_t rows, bool optional,
+                    mat *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t) {
+        if (optional) return 0;
+        snprintf(err, errlen, "model: tensor '%s' missing", name);
+        return -1;
+    }
+    const ggml_type_info *ti = ggml_type_get(t->type);
+    if (!ti || !ti->supported) {
+        snprintf(err, errlen, "model: tensor '%s' has unsupported type %s", name, ti ? ti->name : "?");
+        return -1;
+    }
+    if (t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != 1 || t->ne[3] != 1) {
+        snprintf(err, errlen, "model: tensor '%s' has shape [%lld, %lld], expected [%lld, %lld]", name,
+                 (long long)t->ne[0], (long long)t->ne[1], (long long)cols, (long long)rows);
+        return -1;
+    }
+    out->type = t->type;
+    out->cols = cols;
+    out->rows = rows;
+    out->data = t->data;
+    out->row_bytes = ggml_row_size(t->type, cols);
+    if (out->row_bytes == 0) {
+        snprintf(err, errlen, "model: tensor '%s' row of %lld is not a whole number of blocks", name, (long long)cols);
+        return -1;
+    }
+    return 0;
+}
+
+static int load_vec(const gguf_file *f, const char *name, int64_t n, bool optional, const float **out,
+                    char *err, size_t errlen) {
+    *out = NULL;
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t) {
+        if (optional) return 0;
+        snprintf(err, errlen, "model: tensor '%s' missing", name);
+        return -1;
+    }
+    if (t->type != GGML_TYPE_F32 || t->ne[0] != n || t->ne[1] != 1 || t->ne[2] != 1 || t->ne[3] != 1) {
+        snprintf(err, errlen, "model: tensor '%s' must be F32 of length %lld", name, (long long)n);
+        return -1;
+    }
+    if (((uintptr_t)t->data & 3) != 0) {
+        snprintf(err, errlen, "model: tensor '%s' data misaligned", name);
+        return -1;
+    }
+    *out = t->data;
+    return 0;
+}
+
+int model_load(model **out, const char *path, char *err, size_t errlen) {
+    *out = NULL;
+    model *m = calloc(1, sizeof *m);
+    if (!m) { snprintf(err, errlen, "model: out of memory"); return -1; }
+    if (gguf_open(&m->f, path, err, errlen) != GGUF_OK) { free(m); return -1; }
+    const gguf_file *f = m->f;
+    model_config *c = &m->c;
+
+    gguf_str archs;
+    if (gguf_get_str(f, "general.architecture", &archs) != GGUF_OK) {
+        snprintf(err, errlen, "model: general.architecture missing");
+        goto fail;
+    }
+    char arch[32];
+    snprintf(arch, sizeof arch, "%.*s", (int)(archs.len < 31 ? archs.len : 31), archs.ptr);
+    if (strcmp(arch, "llama") == 0) c->arch = ARCH_LLAMA;
+    else if (strcmp(arch, "qwen2") == 0) c->arch = ARCH_QWEN2;
+    else if (strcmp(arch, "qwen3") == 0) c->arch = ARCH_QWEN3;
+    else { snprintf(err, errlen, "model: unsupported architecture '%s' (supported: llama, qwen2, qwen3)", arch); goto fail; }
+    c->rope_neox = c->arch != ARCH_LLAMA;
+
+    if (get_u32_req(f, arch, "block_count", &c->n_layer, err, errlen) ||
+        get_u32_req(f, arch, "embedding_length", &c->n_embd, err, errlen) ||
+        get_u32_req(f, arch, "feed_forward_length", &c->n_ff, err, errlen) ||
+        get_u32_req(f, arch, "attention.head_count", &c->n_head, err, errlen))
+        goto fail;
+    c->n_head_kv = get_u32_opt(f, arch, "attention.head_count_kv", c->n_head);
+    c->head_dim = get_u32_opt(f, arch, "attention.key_length", c->n_embd / c->n_head);
+    c->rope_dim = get_u32_opt(f, arch, "rope.dimension_count", c->head_dim);
+    c->n_ctx_train = get_u32_opt(f, arch, "context_length", 2048);
+    c->rope_base = get_f32_opt(f, arch, "rope.freq_base", 10000.0f);
+    c->rms_eps = get_f32_opt(f, arch, "attention.layer_norm_rms_epsilon", 1e-5f);
+    if (c->n_head % c->n_head_kv != 0 || c->head_dim % 8 != 0 || c->rope_dim > c->head_dim ||
+        c->rope_dim % 2 != 0 || c->head_dim > 1024) {
+        snprintf(err, errlen, "model: inconsistent attention shape (heads %d, kv heads %d, head dim %d, rope dim %d)",
+                 c->n_head, c->n_head_kv, c->head_dim, c->rope_dim);
+        goto fail;
+    }
+    const gguf_tensor *te = gguf_find_tensor(f, "token_embd.weight");
+    if (!te) { snprintf(err, errlen, "model: tensor 'token_embd.weight' missing"); goto fail; }
+    c->n_vocab = (int)te->ne[1];
+    if (te->ne[1] < 1 || te->ne[1] > (1 << 22)) { snprintf(err, errlen, "model: bad vocabulary size"); goto fail; }
+
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    if (load_mat(f, "token_embd.weight", c->n_embd, c->n_vocab, false, &m->tok_embd, err, errlen) ||
+        load_vec(f, "output_norm.weight", c->n_embd, false, &m->output_norm, err, errlen) ||
+        load_mat(f, "output.weight", c->n_embd, c->n_vocab, true, &m->output, err, errlen))
+        goto fail;
+    if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
+
+    m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
+    if (!m->layers) { snprintf(err, errlen, "model: out of memory"); goto fail; }
+    for (int i = 0; i < c->n_layer; i++) {
+        model_layer *L = &m->layers[i];
+        char n[96];
+#define NAME(s) (snprintf(n, sizeof n, "blk.%d.%s", i, s), n)
+        if (load_vec(f, NAME("attn_norm.weight"), c->n_embd, false, &L->attn_norm, err, errlen) ||
+            load_vec(f, NAME("ffn_norm.weight"), c->n_embd, false, &L->ffn_norm, err, errlen) ||
+            load_mat(f, NAME("attn_q.weight"), c->n_embd, q_dim, false, &L->wq, err, errlen) ||
+            load_mat(f, NAME("attn_k.weight"), c->n_embd, kv_dim, false, &L->wk, err, errlen) ||
+            load_mat(f, NAME("attn_v.weight"), c->n_embd, kv_dim, false, &L->wv, err, errlen) ||
+            load_mat(f, NAME("attn_output.weight"), q_dim, c->n_embd, false, &L->wo, err, errlen) ||
+            load_mat(f, NAME("ffn_gate.weight"), c->n_embd, c->n_ff, false, &L->w_gate, err, errlen) ||
+            load_mat(f, NAME("ffn_up.weight"), c->n_embd, c->n_ff, false, &L->w_up, err, errlen) ||
+            load_mat(f, NAME("ffn_down.weight"), c->n_ff, c->n_embd, false, &L->w_down, err, errlen))
+            goto fail;
+        bool bias = c->arch == ARCH_QWEN2;
+        if (load_vec(f, NAME("attn_q.bias"), q_dim, !bias, &L->bq, err, errlen) ||
+            load_vec(f, NAME("attn_k.bias"), kv_dim, !bias, &L->bk, err, errlen) ||
+            load_vec(f, NAME("attn_v.bias"), kv_dim, !bias, &L->bv, err, errlen))
+            goto fail;
+        bool qkn = c->arch == ARCH_QWEN3;
+        if (load_vec(f, NAME("attn_q_norm.weight"), c->head_dim, !qkn, &L->q_norm, err, errlen) ||
+            load_vec(f, NAME("attn_k_norm.weight"), c->head_dim, !qkn, &L->k_norm, err, errlen))
+            goto fail;
+#undef NAME
+    }
+    gguf_str gname;
+    if (gguf_get_str(f, "general.name", &gname) == GGUF_OK)
+        snprintf(m->name, sizeof m->name, "%.*s", (int)(gname.len < 127 ? gname.len : 127), gname.ptr);
+    else
+        snprintf(m->name, sizeof m->name, "%s", arch);
+    *out = m;
+    return 0;
+fail:
+    model_free(m);
+    return -1;
+}
+
+void model_free(model *m) {
+    if (!m) return;
+    free(m->layers);
+    gguf_close(m->f);
+    free(m);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Scratch                                                                                   */
+
+struct model_ctx {
+    int max_tokens, max_ctx;
+    float *x, *xn, *q, *k, *v, *att, *gate, *up; /* [max_tokens][...] activations */
+    uint8_t *xq[3];                              /* quantized inputs, one per distinct type */
+    size_t xq_stride;
+    float *rope;                                 /* [max_tokens][rope_dim/2][2] cos, sin */
+    float *scores;                               /* [n_threads][max_ctx] */
+    int n_threads;
+    int32_t *out_rows;                           /* batch rows that want logits */
+};
+
+static void *xcalloc(size_t n, size_t sz) { return n && sz ? calloc(n, sz) : NULL; }
+
+model_ctx *model_ctx_create(const model *m, int max_tokens, int max_ctx, int n_threads) {
+    const model_config *c = &m->c;
+    model_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return NULL;
+    ctx->max_tokens = max_tokens;
+    ctx->max_ctx = max_ctx;
+    ctx->n_threads = n_threads;
+    size_t T = (size_t)max_tokens;
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    int wide = c->n_embd;
+    if (q_dim > wide) wide = q_dim;
+    if (c->n_ff > wide) wide = c->n_ff;
+    ctx->x = xcalloc(T * c->n_embd, sizeof(float));
+    ctx->xn = xcalloc(T * c->n_embd, sizeof(float));
+    ctx->q = xcalloc(T * q_dim, sizeof(float));
+    ctx->k = xcalloc(T * kv_dim, sizeof(float));
+    ctx->v = xcalloc(T * kv_dim, sizeof(float));
+    ctx->att = xcalloc(T * q_dim, sizeof(float));
+    ctx->gate = xcalloc(T * c->n_ff, sizeof(float));
+    ctx->up = xcalloc(T * c->n_ff, sizeof(float));
+    ctx->xq_stride = ((size_t)wide * 4 + 256 + 63) & ~(size_t)63; /* f32 is the widest format */
+    for (int i = 0; i < 3; i++) ctx->xq[i] = aligned_alloc(64, T * ctx->xq_stride);
+    ctx->rope = xcalloc(T * (size_t)c->rope_dim, sizeof(float));
+    ctx->scores = xcalloc((size_t)n_threads * (size_t)max_ctx, sizeof(float));
+    ctx->out_rows = xcalloc(T, sizeof(int32_t));
+    if (!ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->att || !ctx->gate || !ctx->up ||
+        !ctx->xq[0] || !ctx->xq[1] || !ctx->xq[2] || !ctx->rope || !ctx->scores || !ctx->out_rows) {
+        model_ctx_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+void model_ctx_free(model_ctx *ctx) {
+    if (!ctx) return;
+    free(ctx->x); free(ctx->xn); free(ctx->q); free(ctx->k); free(ctx->v); free(ctx->att);
+    free(ctx->gate); free(ctx->up);
+    for (int i = 0; i < 3; i++) free(ctx->xq[i]);
+    free(ctx->rope); free(ctx->scores); free(ctx->out_rows);
+    free(ctx);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Small float kernels (fixed operation order: results never depend on the batch)           */
+
+/* fp16 row helpers for the KV cache (IEEE half, round to nearest even both ways). */
+static void f32_to_f16_row(kv_elem *dst, const float *src, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = fp32_to_fp16(src[i]);
+}
+
+static inline float round_f16(float x) { return fp16_to_fp32(fp32_to_fp16(x)); }
+
+/* The attention dot products follow the summation order of llama.cpp's CPU attention (its
+ * tinyBLAS f16 GEMM): one 8-lane accumulator fed in order, then the lanes summed as
+ * ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). The order is fixed, so results never depend on the
+ * batch; matching the peer's order keeps greedy outputs comparable token for token. */
+static inline float hsum8(const float l[8]) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+/* a (floats already rounded to fp16) . b (fp16); n a multiple of 8 */
+static float dot_f16(const float *a, const kv_elem *b, int n) {
+    float lanes[8];
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), acc);
+    _mm256_storeu_ps(lanes, acc);
+#else
+    for (int l = 0; l < 8; l++) lanes[l] = 0;
+    for (int i = 0; i < n; i += 8)
+        for (int l = 0; l < 8; l++) lanes[l] = fmaf(a[i + l], fp16_to_fp32(b[i + l]), lanes[l]);
+#endif
+    return hsum8(lanes);
+}
+
+/* y += a * x (x fp16) */
+static void axpy_f16(float *y, float a, const kv_elem *x, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+    __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] = fmaf(a, fp16_to_fp32(x[i]), y[i]);
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    double ss = 0; /* ggml sums in double */
+    for (int i = 0; i < n; i++) ss += (double)(x[i] * x[i]);
+    float scale = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static void split_range(int n, int ith, int nth, int *lo, int *hi) {
+    *lo = (int)((int64_t)n * ith / nth);
+    *hi = (int)((int64_t)n * (ith + 1) / nth);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Matmul groups: Y_g[t][r] (+)= W_g[r] . X[t] for up to 3 matrices sharing input X          */
+
+typedef struct {
+    int n_mat;
+    const mat *w[3];
+    float *y[3];
+    int y_stride[3];
+    const float *bias[3];
+    bool accumulate;       /* y += (residual) instead of y = */
+    const float *x;        /* input rows [T][x_stride] */
+    int x_stride;
+    int T;
+    model_ctx *ctx;
+    int xq_slot[3];        /* which ctx->xq buffer holds the input in w[i]'s dot type */
+    ggml_type vdt[3];
+    int n_slots;
+} mm_group;
+
+static void mm_quantize_worker(void *p, int ith, int nth) {
+    mm_group *g = p;
+    int lo, hi;
+    split_range(g->T, ith, nth, &lo, &hi);
+    for (int s = 0; s < g->n_slots; s++) {
+        ggml_type vdt = GGML_TYPE_F32;
+        for (int i = 0; i < g->n_mat; i++) if (g->xq_slot[i] == s) vdt = g->vdt[i];
+        for (int t = lo; t < hi; t++)
+            quantize_row_act(vdt, g->x + (size_t)t * g->x_stride, g->ctx->xq[s] + (size_t)t * g->ctx->xq_stride,
+                             g->w[0]->cols);
+    }
+}
+
+static void mm_worker(void *p, int ith, int nth) {
+    mm_group *g = p;
+    int total = 0;
+    for (int i = 0; i < g->n_mat; i++) total += (int)g->w[i]->rows;
+    int n_tiles = (total + MM_TILE - 1) / MM_TILE;
+    int tlo, thi;
+    split_range(n_tiles, ith, nth, &tlo, &thi);
+    float tmp[MM_TILE];
+    for (int tile = tlo; tile < thi; tile++) {
+        int r0 = tile * MM_TILE, r1 = r0 + MM_TILE;
+        if (r1 > total) r1 = total;
+        /* map the global row range onto matrices (a tile may straddle two) */
+        int base = 0;
+        for (int i = 0; i < g->n_mat; i++) {
+            const mat *w = g->w[i];
+            int lo = r0 > base ? r0 - base : 0, hi = r1 - base;
+            if (hi > w->rows) hi = (int)w->rows;
+            if (lo < hi) {
+                const uint8_t *xq = g->ctx->xq[g->xq_slot[i]];
+                const uint8_t *wrow = (const uint8_t *)w->data + (size_t)lo * w->row_bytes;
+                for (int t = 0; t < g->T; t++) {
+                    const void *a = xq + (size_t)t * g->ctx->xq_stride;
+                    vec_dot_n(w->type, wrow, w->row_bytes, hi - lo, a, tmp, w->cols);
+                    float *y = g->y[i] + (size_t)t * g->y_stride[i];
+                    for (int r = lo; r < hi; r++) {
+                        float v = tmp[r - lo];
+                        if (g->bias[i]) v += g->bias[i][r];
+                        y[r] = g->accumulate ? y[r] + v : v;
+                    }
+                }
+            }
+            base += (int)w->rows;
+        }
+    }
+}
+
+static void mm_run(threadpool *tp, mm_group *g) {
+    g->n_slots = 0;
+    for (int i = 0; i < g->n_mat; i++) {
+        g->vdt[i] = quant_vec_dot_type(g->w[i]->type);
+        g->xq_slot[i] = -1;
+        for (int j = 0; j < i; j++)
+            if (g->vdt[j] == g->vdt[i]) g->xq_slot[i] = g->xq_slot[j];
+        if (g->xq_slot[i] < 0) g->xq_slot[i] = g->n_slots++;
+    }
+    tp_run(tp, mm_quantize_worker, g);
+    tp_run(tp, mm_worker, g);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The forward pass                                                                          */
+
+typedef struct {
+    const model *m;
+    model_ctx *ctx;
+    kv_pool *kv;
+    const model_batch *b;
+    const model_layer *L;
+    int layer;
+    int n_out;
+} fwd;
+
+static void embed_worker(void *p, int ith, int nth) {
+    fwd *f = p;
+    const model_config *c = &f->m->c;
+    int lo, hi;
+    split_range(f->b->n, ith, nth, &lo, &hi);
+    const mat *e = &f->m->tok_embd;
+    for (int t = lo; t < hi; t++)
+        dequantize_row(e->type, (const uint8_t *)e->data + (size_t)f->b->tokens[t] * e->row_bytes,
+                       f->ctx->x + (size_t)t * c->n_embd, c->n_embd);
+    /* RoPE angles per token, as ggml computes them: theta_i = pos * base^(-2i/rope_dim) by
+     * repeated multiplication in float. */
+    int half = c->rope_dim / 2;
+    float theta_scale = powf(c->rope_base, -2.0f / (float)c->rope_dim);
+    for (int t = lo; t < hi; t++) {
+        float theta = (float)f->b->pos[t];
+        float *r = f->ctx->rope + (size_t)t * c->rope_dim;
+        for (int i = 0; i < half; i++) {
+            r[2 * i] = cosf(theta);
+            r[2 * i + 1] = sinf(theta);
+            theta *= theta_scale;
+        }
+    }
+}
+
+static void norm_worker_attn(void *p, int ith, int nth) {
+    fwd *f = p;
+    const model_config *c = &f->m->c;
+    int lo, hi;
+    split_range(f->b->n, ith, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++)
+        rmsnorm(f->ctx->xn + (size_t)t * c->n_embd, f->ctx->x + (size_t)t * c->n_embd, f->L->attn_norm, c->n_embd, c->rms_eps);
+}
+
+static void norm_worker_ffn(void *p, int ith, int nth) {
+    fwd *f = p;
+    const model_config *c = &f->m->c;
+    int lo, hi;
+    split_range(f->b->n, ith, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++)
+        rmsnorm(f->ctx->xn + (size_t)t * c->n_embd, f->ctx->x + (size_t)t * c->n_embd, f->L->ffn_norm, c->n_embd, c->rms_eps);
+}
+
+static void rope_apply(float *v, const float *r, int rope_dim, bool neox) {
+    int half = rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float cs = r[2 * i], sn = r[2 * i + 1];
+        int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        float x0 = v[a], x1 = v[b];
+        v[a] = x0 * cs - x1 * sn;
+        v[b] = x0 * sn + x1 * cs;
+    }
+}
+
+/* q/k norm (qwen3), RoPE, and the K/V write into the sequence's blocks. */
+static void rope_kv_worker(void *p, int ith, int nth) {
+    fwd *f = p;
+    const model_config *c = &f->m->c;
+    model_ctx *ctx = f->ctx;
+    int lo, hi;
+    split_range(f->b->n, ith, nth, &lo, &hi);
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    for (int t = lo; t < hi; t++) {
+        float *q = ctx->q + (size_t)t * q_dim, *k = ctx->k + (size_t)t * kv_dim, *v = ctx->v + (size_t)t * kv_dim;
+        const float *r = ctx->rope + (size_t)t * c->rope_dim;
+        for (int h = 0; h < c->n_head; h++) {
+            float *qh = q + h * c->head_dim;
+            if (f->L->q_norm) rmsnorm(qh, qh, f->L->q_norm, c->head_dim, c->rms_eps);
+            rope_apply(qh, r, c->rope_dim, c->rope_neox);
+        }
+        for (int h = 0; h < c->n_head_kv; h++) {
+            float *kh = k + h * c->head_dim;
+            if (f->L->k_norm) rmsnorm(kh, kh, f->L->k_norm, c->head_dim, c->rms_eps);
+            rope_apply(kh, r, c->rope_dim, c->rope_neox);
+        }
+        const kv_seq *s = f->b->seqs[t];
+        int pos = f->b->pos[t];
+        int32_t blk = s->blocks[pos / KV_BLOCK];
+        int slot = pos % KV_BLOCK;
+        f32_to_f16_row(kv_k(f->kv, blk, f->layer) + (size_t)slot * kv_dim, k, kv_dim);
+        f32_to_f16_row(kv_v(f->kv, blk, f->layer) + (size_t)slot * kv_dim, v, kv_dim);
+    }
+}
+
+static void attention_worker(void *p, int ith, int nth) {
+    fwd *f = p;
+    const model_config *c = &f->m->c;
+    model_ctx *ctx = f->ctx;
+    int n_pairs = f->b->n * c->n_head;
+    int lo, hi;
+    split_range(n_pairs, ith, nth, &lo, &hi);
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    int group = c->n_head / c->n_head_kv;
+    float scale = 1.0f / sqrtf((float)c->head_dim);
+    float *sc = ctx->scores + (size_t)ith * ctx->max_ctx;
+    float qr[1024], part[8 * 1024];
+    for (int pr = lo; pr < hi; pr++) {
+        int t = pr / c->n_head, h = pr % c->n_head, g = h / group;
+        const float *qh = ctx->q + (size_t)t * q_dim + h * c->head_dim;
+        float *out = ctx->att + (size_t)t * q_dim + h * c->head_dim;
+        const kv_seq *s = f->b->seqs[t];
+        int n = f->b->pos[t] + 1;
+        /* As llama.cpp: q meets the fp16 K cache as fp16; scores and softmax in f32 (sum in
+         * double); probabilities meet the fp16 V cache as fp16. */
+        for (int d = 0; d < c->head_dim; d++) qr[d] = round_f16(qh[d]);
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const kv_elem *kj = kv_k(f->kv, s->blocks[j / KV_BLOCK], f->layer) + (size_t)(j % KV_BLOCK) * kv_dim + g * c->head_dim;
+            sc[j] = dot_f16(qr, kj, c->head_dim) * scale;
+            if (sc[j] > mx) mx = sc[j];
+        }
+        /* exponentials summed as llama.cpp does: float sums of 8, accumulated in double */
+        double sum = 0;
+        int j0 = 0;
+        for (; j0 + 8 <= n; j0 += 8) {
+            float l[8];
+            for (int k = 0; k < 8; k++) l[k] = sc[j0 + k] = expf(sc[j0 + k] - mx);
+            sum += (double)(((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])));
+        }
+        for (; j0 < n; j0++) { sc[j0] = expf(sc[j0] - mx); sum += sc[j0]; }
+        float inv = (float)(1.0 / sum);
+        /* out[d] = sum_j p_j v_j[d], summed in 8 lanes by j mod 8 (see hsum8) */
+        int hd = c->head_dim;
+        memset(part, 0, (size_t)8 * hd * sizeof(float));
+        for (int j = 0; j < n; j++) {
+            const kv_elem *vj = kv_v(f->kv, s->blocks[j / KV_BLOCK], f->layer) + (size_t)(j % KV_BLOCK) * kv_dim + g * hd;
+            axpy_f16(part + (size_t)(j % 8) * hd, round_f16(sc[j] * inv), vj, hd);
+        }
+        for (int d = 0; d < hd; d++) {
+            float l[8];
+            for (int k = 0; k < 8; k++) l[k] = part[(size_t)k * hd + d];
+            out[d] = hsum8(l);
+        }
+    }
+}
+
+static void swiglu_worker(void *p, int ith, int nth) {
+    fwd *f = p;
+    const model_config *c = &f->m->c;
+    size_t n = (size_t)f->b->n * c->n_ff;
+    int lo, hi;
+    split_range((int)n, ith, nth, &lo, &hi);
+    for (int i = lo; i < hi; i++) f->ctx->gate[i] = silu(f->ctx->gate[i]) * f->ctx->up[i];
+}
+
+static void final_norm_worker(void *p, int ith, int nth) {
+    fwd *f = p;
+    const model_config *c = &f->m->c;
+    int lo, hi;
+    split_range(f->n_out, ith, nth, &lo, &hi);
+    for (int i = lo; i < hi; i++) {
+        int t = f->ctx->out_rows[i];
+        rmsnorm(f->ctx->xn + (size_t)i * c->n_embd, f->ctx->x + (size_t)t * c->n_embd, f->m->output_norm, c->n_embd, c->rms_eps);
+    }
+}
+
+int model_forward(const model *m, model_ctx *ctx, threadpool *tp, kv_pool *kv, const model_batch *b,
+                  float *logits_out, char *err, size_t errlen) {
+    const model_config *c = &m->c;
+    if (b->n <= 0 || b->n > ctx->max_tokens) {
+        snprintf(err, errlen, "model: batch of %d tokens (max %d)", b->n, ctx->max_tokens);
+        return -1;
+    }
+    for (int t = 0; t < b->n; t++) {
+        if (b->tokens[t] < 0 || b->tokens[t] >= c->n_vocab) {
+            snprintf(err, errlen, "model: token id %d out of range [0, %d)", b->tokens[t], c->n_vocab);
+            return -1;
+        }
+        if (b->pos[t] < 0 || b->pos[t] >= ctx->max_ctx) {
+            snprintf(err, errlen, "model: position %d outside the context (%d)", b->pos[t], ctx->max_ctx);
+            return -1;
+        }
+        const kv_seq *s = b->seqs[t];
+        if (b->pos[t] / KV_BLOCK >= s->n_blocks) {
+            snprintf(err, errlen, "model: position %d has no KV block (sequence holds %d)", b->pos[t], s->n_blocks);
+            return -1;
+        }
+    }
+    fwd f = { .m = m, .ctx = ctx, .kv = kv, .b = b };
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    tp_run(tp, embed_worker, &f);
+    for (int l = 0; l < c->n_layer; l++) {
+        const model_layer *L = &m->layers[l];
+        f.L = L;
+        f.layer = l;
+        tp_run(tp, norm_worker_attn, &f);
+        mm_group qkv = { .n_mat = 3, .w = { &L->wq, &L->wk, &L->wv }, .y = { ctx->q, ctx->k, ctx->v },
+                         .y_stride = { q_dim, kv_dim, kv_dim }, .bias = { L->bq, L->bk, L->bv },
+                         .x = ctx->xn, .x_stride = c->n_embd, .T = b->n, .ctx = ctx };
+        mm_run(tp, &qkv);
+        tp_run(tp, rope_kv_worker, &f);
+        tp_run(tp, attention_worker, &f);
+        mm_group wo = { .n_mat = 1, .w = { &L->wo }, .y = { ctx->x }, .y_stride = { c->n_embd },
+                        .accumulate = true, .x = ctx->att, .x_stride = q_dim, .T = b->n, .ctx = ctx };
+        mm_run(tp, &wo);
+        tp_run(tp, norm_worker_ffn, &f);
+        mm_group gu = { .n_mat = 2, .w = { &L->w_gate, &L->w_up }, .y = { ctx->gate, ctx->up },
+                        .y_stride = { c->n_ff, c->n_ff }, .x = ctx->xn, .x_stride = c->n_embd, .T = b->n, .ctx = ctx };
+        mm_run(tp, &gu);
+        tp_run(tp, swiglu_worker, &f);
+        mm_group down = { .n_mat = 1, .w = { &L->w_down }, .y = { ctx->x }, .y_stride = { c->n_embd },
+                          .accumulate = true, .x = ctx->gate, .x_stride = c->n_ff, .T = b->n, .ctx = ctx };
+        mm_run(tp, &down);
+    }
+    int n_out = 0;
+    for (int t = 0; t < b->n; t++)
+        if (b->want_logits && b->want_logits[t]) ctx->out_rows[n_out++] = t;
+    if (n_out == 0) return 0;
+    f.n_out = n_out;
+    tp_run(tp, final_norm_worker, &f);
+    mm_group out = { .n_mat = 1, .w = { &m->output }, .y = { logits_out }, .y_stride = { c->n_vocab },
+                     .x = ctx->xn, .x_stride = c->n_embd, .T = n_out, .ctx = ctx };
+    mm_run(tp, &out);
+    return 0;
+}

@@ -1,0 +1,34 @@
+/* sample: turning logits into the next token.
+ * Order (as llama.cpp's default chain): penalties -> top-k -> temperature -> softmax ->
+ * top-p -> min-p -> draw. temperature <= 0 is greedy (argmax, lowest id wins ties).
+ * The RNG is a per-sequence xoshiro256** seeded from `seed`: same seed, same text.
+ */
+#ifndef PCACHE_SAMPLE_H
+#define PCACHE_SAMPLE_H
+#include <stdint.h>
+#include <stdbool.h>
+
+typedef struct sample_params {
+    float temperature;       /* <= 0: greedy */
+    int top_k;               /* <= 0: off */
+    float top_p;             /* >= 1: off */
+    float min_p;             /* <= 0: off */
+    float repeat_penalty;    /* 1: off (llama.cpp style, over the last repeat_last_n tokens) */
+    int repeat_last_n;
+    float presence_penalty;  /* OpenAI style, 0: off */
+    float frequency_penalty; /* OpenAI style, 0: off */
+    uint64_t seed;
+} sample_params;
+
+void sample_params_default(sample_params *sp);  /* temp 0.8, top_k 40, top_p 0.95, min_p 0.05, seed 0 */
+
+typedef struct { uint64_t s[4]; } sample_rng;
+void sample_rng_seed(sample_rng *r, uint64_t seed);
+double sample_rng_uniform(sample_rng *r);  /* [0,1) */
+
+/* Picks a token from logits[n_vocab] (modified in place). history: previous tokens
+ * (prompt + generated) for penalties. scratch: at least n_vocab entries of workspace. */
+typedef struct { float logit; int32_t id; } sample_cand;
+int32_t sample_token(float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
+                     const int32_t *history, int n_history, sample_cand *scratch);
+#endif

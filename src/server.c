@@ -1,0 +1,1031 @@
+/* server: `pcache serve`, OpenAI- and Anthropic-compatible HTTP on libmicrohttpd.
+ *
+ * Threads. The engine is not thread-safe, so exactly one engine thread owns it: it loops
+ * engine_step() while any request is active and sleeps on a condition variable when idle.
+ * libmicrohttpd runs one thread per connection (simple blocking code, and a slow or stalled
+ * client only ever stalls its own thread); handler threads parse, render and tokenize the
+ * request themselves (the tokenizer is read-only), then hand a `job` to the engine thread
+ * through a mutex-protected queue and wait on the job's condition variable. The engine
+ * callbacks (on the engine thread) append generated text to the job and signal it; the
+ * connection thread turns new text into SSE events (streaming) or waits for the end and sends
+ * one JSON body. A job is reference counted: one reference for the connection, one for the
+ * engine thread until on_done, one for a streaming response object and one per queued cancel.
+ *
+ * Cancellation. When a client goes away (libmicrohttpd reports the request terminated with an
+ * error, a write fails, or, while we wait, poll() sees the socket hang up), the connection
+ * thread queues a cancel; the engine thread calls engine_cancel (never another thread).
+ *
+ * Limits. Bodies over API_MAX_BODY get 413 (at once when Content-Length says so); headers that
+ * do not fit the per-connection memory pool get 431 from libmicrohttpd; clients idle for
+ * --timeout seconds while sending a request are dropped (slowloris); once a request is read the
+ * connection's timeout is raised so long generations are not cut off.
+ *
+ * Decisions (documented for users):
+ * - Model names: a request may name the served model by its GGUF general.name, its file name
+ *   (with or without .gguf), or "default"; any other name is 404 model_not_found. Strictness
+ *   catches clients pointed at the wrong server; "default" is the escape hatch for SDK callers.
+ * - Namespaces: each API key is its own cache namespace ("k" + FNV-1a-64 of the key, so keys are
+ *   not kept in the cache index); no --api-key means no auth and one namespace "". OpenAI's
+ *   prompt_cache_key is a routing hint in OpenAI (it does not isolate caches), and this is one
+ *   process, so it is accepted and ignored: making it a sub-namespace would only lower hit rates
+ *   for a tenant's own requests without adding isolation that the key already gives.
+ * - Anthropic streaming: message_start carries the whole prompt as input_tokens (the cache
+ *   split is known only when the engine reports usage); message_delta carries the final
+ *   input / cache_creation / cache_read / output numbers, which the SDKs fold into the message.
+ * - /health and /metrics need no key; everything under /v1 does when keys are configured.
+ */
+#include "server.h"
+#include "api.h"
+#include "engine.h"
+#include "util.h"
+#include <cjson/cJSON.h>
+#include <microhttpd.h>
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------------------ types */
+enum { EP_CHAT, EP_COMPLETIONS, EP_MESSAGES, EP_COUNT_TOKENS, EP_MODELS, EP_HEALTH, EP_METRICS, EP_OTHER, EP_N };
+static const char *const ep_names[EP_N] = { "chat_completions", "completions", "messages", "count_tokens",
+                                            "models", "health", "metrics", "other" };
+
+#define N_TTFT 12
+static const double ttft_bounds[N_TTFT] = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 };
+#define N_TPS 10
+static const double tps_bounds[N_TPS] = { 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500 };
+#define N_STATUS 12
+
+typedef struct metrics {
+    pthread_mutex_t mu;
+    struct { int status; uint64_t n; } req[EP_N][N_STATUS];
+    uint64_t ttft[N_TTFT + 1], tps[N_TPS + 1], ttft_n, tps_n;
+    double ttft_sum, tps_sum;
+    uint64_t prompt_tokens, hit_tokens, miss_tokens, completion_tokens, cache_write_tokens;
+    engine_stats es;      /* snapshot taken by the engine thread */
+    int active;
+} metrics;
+
+typedef struct server server;
+
+typedef enum { JOB_QUEUED, JOB_RUNNING, JOB_DONE } job_state;
+
+typedef struct job {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int refs;
+    server *srv;
+    api_request req;
+    int32_t *prompt;
+    int n_prompt;
+    engine_request er;
+    char ns[18];
+    /* shared with the engine thread, under mu */
+    job_state state;
+    int engine_id;
+    bool cancel_queued;
+    char *text;
+    size_t text_len, text_cap;
+    finish_reason why;
+    engine_usage usage;
+    char errmsg[256];
+    bool submit_failed;
+    /* identity */
+    char id[40];
+    long long created;
+    int fd;               /* client socket, for hang-up checks */
+    /* connection-thread only: stream state */
+    size_t sent;
+    char *pend;
+    size_t pend_len, pend_off;
+    int phase;            /* 0 start, 1 body, 2 finished */
+    struct job *next, *cnext, *rnext;
+} job;
+
+struct server {
+    engine *eng;
+    const tokenizer *tok;
+    const gguf_file *gf;
+    chat_tmpl tmpl;
+    int n_ctx;
+    char model_id[256], model_file[256], model_stem[256];
+    char **keys;
+    char (*key_ns)[18];
+    int n_keys;
+    unsigned timeout_s;
+    /* engine queue */
+    pthread_mutex_t q_mu;
+    pthread_cond_t q_cv;
+    job *pending, *pending_tail, *cancels;
+    bool stopping;
+    pthread_t eng_thread;
+    /* ids */
+    uint64_t id_seed;
+    atomic_uint_fast64_t id_ctr;
+    metrics m;
+};
+
+typedef struct conn {
+    int ep;
+    bool anthropic;
+    char *body;
+    size_t len, cap, discarded;
+    bool too_large;
+    job *job;
+    char ns[18];
+} conn;
+
+/* ------------------------------------------------------------------------------ helpers */
+void server_key_namespace(const char *key, char out[18]) {
+    if (!key) { out[0] = 0; return; }
+    uint64_t h = 1469598103934665603ull;
+    for (const unsigned char *p = (const unsigned char *)key; *p; p++) { h ^= *p; h *= 1099511628211ull; }
+    snprintf(out, 18, "k%016llx", (unsigned long long)h);
+}
+
+static uint64_t mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+static uint64_t next_rand(server *s) { return mix64(s->id_seed ^ mix64(atomic_fetch_add(&s->id_ctr, 1))); }
+
+/* Constant-time string compare (keys). */
+static bool key_eq(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    unsigned char d = la != lb;
+    for (size_t i = 0; i < la; i++) d |= (unsigned char)(a[i] ^ b[i % (lb ? lb : 1)]);
+    return d == 0;
+}
+
+static void metrics_request(server *s, int ep, int status) {
+    pthread_mutex_lock(&s->m.mu);
+    for (int i = 0; i < N_STATUS; i++) {
+        if (s->m.req[ep][i].status == status || s->m.req[ep][i].status == 0) {
+            s->m.req[ep][i].status = status;
+            s->m.req[ep][i].n++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->m.mu);
+}
+
+/* ------------------------------------------------------------------------------ jobs */
+static void job_release(job *j) {
+    pthread_mutex_lock(&j->mu);
+    int r = --j->refs;
+    pthread_mutex_unlock(&j->mu);
+    if (r > 0) return;
+    pthread_mutex_destroy(&j->mu);
+    pthread_cond_destroy(&j->cv);
+    api_request_free(&j->req);
+    free(j->prompt);
+    free(j->text);
+    free(j->pend);
+    free(j);
+}
+
+static void on_text(void *user, const char *text, size_t len) {
+    job *j = user;
+    pthread_mutex_lock(&j->mu);
+    if (j->text_len + len + 1 > j->text_cap) {
+        size_t c = j->text_cap ? j->text_cap : 256;
+        while (c < j->text_len + len + 1) c *= 2;
+        char *p = realloc(j->text, c);
+        if (p) { j->text = p; j->text_cap = c; }
+    }
+    if (j->text_len + len + 1 <= j->text_cap) {
+        memcpy(j->text + j->text_len, text, len);
+        j->text_len += len;
+        j->text[j->text_len] = 0;
+    }
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+}
+
+static void job_finish(job *j, finish_reason why, const engine_usage *u, const char *err) {
+    pthread_mutex_lock(&j->mu);
+    j->state = JOB_DONE;
+    j->why = why;
+    if (u) j->usage = *u;
+    if (err) snprintf(j->errmsg, sizeof j->errmsg, "%s", err);
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+}
+
+static void on_done(void *user, finish_reason why, const engine_usage *u, const char *err) {
+    job *j = user;
+    server *s = j->srv;
+    if (u) {
+        pthread_mutex_lock(&s->m.mu);
+        s->m.prompt_tokens += (uint64_t)u->prompt_tokens;
+        s->m.hit_tokens += (uint64_t)u->cached_tokens;
+        s->m.miss_tokens += (uint64_t)(u->prompt_tokens - u->cached_tokens);
+        s->m.completion_tokens += (uint64_t)u->completion_tokens;
+        s->m.cache_write_tokens += (uint64_t)(u->cache_write_5m + u->cache_write_1h);
+        if (u->completion_tokens > 0 && u->ttft_s > 0) {
+            int b = 0;
+            while (b < N_TTFT && u->ttft_s > ttft_bounds[b]) b++;
+            s->m.ttft[b]++; s->m.ttft_n++; s->m.ttft_sum += u->ttft_s;
+        }
+        if (u->completion_tokens > 1 && u->decode_s > 0) {
+            double tps = (u->completion_tokens - 1) / u->decode_s;
+            int b = 0;
+            while (b < N_TPS && tps > tps_bounds[b]) b++;
+            s->m.tps[b]++; s->m.tps_n++; s->m.tps_sum += tps;
+        }
+        pthread_mutex_unlock(&s->m.mu);
+    }
+    job_finish(j, why, u, err);
+    /* the running list is the engine thread's: unlink */
+    job_release(j); /* the engine's reference */
+}
+
+/* Queues a cancel unless the job already ended (any thread). */
+static void job_cancel(server *s, job *j) {
+    pthread_mutex_lock(&j->mu);
+    bool go = j->state != JOB_DONE && !j->cancel_queued;
+    if (go) { j->cancel_queued = true; j->refs++; }
+    pthread_mutex_unlock(&j->mu);
+    if (!go) return;
+    pthread_mutex_lock(&s->q_mu);
+    j->cnext = s->cancels;
+    s->cancels = j;
+    pthread_cond_signal(&s->q_cv);
+    pthread_mutex_unlock(&s->q_mu);
+}
+
+/* True when the peer has hung up (poll, no wait). */
+static bool peer_gone(int fd) {
+    if (fd < 0) return false;
+    struct pollfd p = { .fd = fd, .events = POLLRDHUP };
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
+}
+
+/* Waits on the job's cv (held) up to ms milliseconds. */
+static void job_wait(job *j, int ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += (long)ms * 1000000L;
+    ts.tv_sec += ts.tv_nsec / 1000000000L;
+    ts.tv_nsec %= 1000000000L;
+    pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+}
+
+/* ------------------------------------------------------------------------------ engine thread */
+static void *engine_main(void *arg) {
+    server *s = arg;
+    job *running = NULL;  /* submitted, on_done not yet seen (for shutdown) */
+    int active = 0;
+    char err[256];
+    for (;;) {
+        pthread_mutex_lock(&s->q_mu);
+        while (!s->stopping && !s->pending && !s->cancels && active == 0) pthread_cond_wait(&s->q_cv, &s->q_mu);
+        bool stop = s->stopping;
+        job *pend = s->pending, *canc = s->cancels;
+        s->pending = s->pending_tail = NULL;
+        s->cancels = NULL;
+        pthread_mutex_unlock(&s->q_mu);
+
+        for (job *j = pend, *nx; j; j = nx) {
+            nx = j->next;
+            pthread_mutex_lock(&j->mu);
+            bool cancelled = j->cancel_queued;
+            pthread_mutex_unlock(&j->mu);
+            if (cancelled || stop) {
+                job_finish(j, FINISH_ABORT, NULL, stop ? "server is shutting down" : "cancelled");
+                job_release(j);
+                continue;
+            }
+            err[0] = 0;
+            int id = engine_submit(s->eng, &j->er, err, sizeof err);
+            if (id < 0) {
+                pthread_mutex_lock(&j->mu);
+                j->submit_failed = true;
+                pthread_mutex_unlock(&j->mu);
+                job_finish(j, FINISH_ERROR, NULL, err[0] ? err : "request rejected by the engine");
+                job_release(j);
+                continue;
+            }
+            pthread_mutex_lock(&j->mu);
+            j->engine_id = id;
+            if (j->state == JOB_QUEUED) j->state = JOB_RUNNING;
+            j->refs++; /* running list */
+            pthread_cond_broadcast(&j->cv);
+            pthread_mutex_unlock(&j->mu);
+            j->rnext = running;
+            running = j;
+            active++;
+        }
+        for (job *j = canc, *nx; j; j = nx) {
+            nx = j->cnext;
+            pthread_mutex_lock(&j->mu);
+            bool run = j->state == JOB_RUNNING;
+            int id = j->engine_id;
+            pthread_mutex_unlock(&j->mu);
+            if (run) engine_cancel(s->eng, id);
+            job_release(j);
+        }
+        if (stop) {
+            for (job *j = running; j; j = j->rnext) {
+                pthread_mutex_lock(&j->mu);
+                bool run = j->state == JOB_RUNNING;
+                pthread_mutex_unlock(&j->mu);
+                if (run) engine_cancel(s->eng, j->engine_id);
+            }
+            for (int i = 0; i < 64 && engine_step(s->eng) > 0; i++) {}
+            for (job *j = running, *nx; j; j = nx) {
+                nx = j->rnext;
+                pthread_mutex_lock(&j->mu);
+                bool done = j->state == JOB_DONE;
+                pthread_mutex_unlock(&j->mu);
+                if (!done) job_finish(j, FINISH_ABORT, NULL, "server is shutting down"); /* engine ref leaks on purpose: the engine may still hold the pointer */
+                job_release(j);
+            }
+            return NULL;
+        }
+        if (running) active = engine_step(s->eng);
+        /* prune finished jobs from the running list */
+        for (job **pp = &running; *pp;) {
+            job *j = *pp;
+            pthread_mutex_lock(&j->mu);
+            bool done = j->state == JOB_DONE;
+            pthread_mutex_unlock(&j->mu);
+            if (done) { *pp = j->rnext; job_release(j); } else pp = &j->rnext;
+        }
+        if (!running) active = 0;
+        engine_stats es;
+        engine_get_stats(s->eng, &es);
+        pthread_mutex_lock(&s->m.mu);
+        s->m.es = es;
+        pthread_mutex_unlock(&s->m.mu);
+    }
+}
+
+/* ------------------------------------------------------------------------------ responses */
+static enum MHD_Result reply(server *s, struct MHD_Connection *c, int ep, int status, const char *ctype, char *body) {
+    if (!body) { body = strdup("{}"); if (!body) return MHD_NO; }
+    struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!r) { free(body); return MHD_NO; }
+    MHD_add_response_header(r, "Content-Type", ctype);
+    if (status == 405) MHD_add_response_header(r, "Allow", ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS ? "GET, HEAD" : "POST");
+    if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
+    MHD_destroy_response(r);
+    metrics_request(s, ep, status);
+    return ret;
+}
+
+static enum MHD_Result reply_error(server *s, struct MHD_Connection *c, int ep, bool anthropic, const api_error *e) {
+    return reply(s, c, ep, e->status, "application/json", api_format_error(anthropic, e));
+}
+
+static enum MHD_Result reply_err(server *s, struct MHD_Connection *c, int ep, bool anthropic, int status,
+                                 const char *type, const char *code, const char *fmt, ...) {
+    api_error e;
+    api_error_set(&e, status, type, NULL, code, "%s", "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    va_end(ap);
+    return reply_error(s, c, ep, anthropic, &e);
+}
+
+static const char *anth_type(int status) {
+    switch (status) {
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 413: return "request_too_large";
+    case 429: return "rate_limit_error";
+    case 500: return "api_error";
+    case 503: case 529: return "overloaded_error";
+    default: return "invalid_request_error";
+    }
+}
+
+static char *format_models(server *s) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "object", "list");
+    cJSON *data = cJSON_AddArrayToObject(o, "data");
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "id", s->model_id);
+    cJSON_AddStringToObject(m, "object", "model");
+    cJSON_AddNumberToObject(m, "created", 0);
+    cJSON_AddStringToObject(m, "owned_by", "pcache");
+    /* Anthropic's list shape fields too (type, display_name), harmless for OpenAI clients. */
+    cJSON_AddStringToObject(m, "type", "model");
+    cJSON_AddStringToObject(m, "display_name", s->model_id);
+    cJSON_AddNumberToObject(m, "context_length", s->n_ctx);
+    cJSON_AddItemToArray(data, m);
+    cJSON_AddBoolToObject(o, "has_more", 0);
+    char *r = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return r;
+}
+
+typedef struct { char *p; size_t n, cap; } obuf;
+static void ob_printf(obuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void ob_printf(obuf *b, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        size_t room = b->cap - b->n;
+        int k = vsnprintf(b->p ? b->p + b->n : NULL, b->p ? room : 0, fmt, ap);
+        va_end(ap);
+        if (k < 0) return;
+        if (b->p && (size_t)k < room) { b->n += (size_t)k; return; }
+        size_t c = b->cap ? b->cap * 2 : 4096;
+        while (c < b->n + (size_t)k + 1) c *= 2;
+        char *q = realloc(b->p, c);
+        if (!q) return;
+        b->p = q; b->cap = c;
+    }
+}
+
+static char *format_metrics(server *s) {
+    metrics m;
+    pthread_mutex_lock(&s->m.mu);
+    memcpy(&m, &s->m, sizeof m); /* the copied mutex is never used */
+    pthread_mutex_unlock(&s->m.mu);
+    obuf b = {0};
+    ob_printf(&b, "# HELP pcache_requests_total HTTP requests by endpoint and status.\n# TYPE pcache_requests_total counter\n");
+    for (int e = 0; e < EP_N; e++)
+        for (int i = 0; i < N_STATUS && m.req[e][i].status; i++)
+            ob_printf(&b, "pcache_requests_total{endpoint=\"%s\",status=\"%d\"} %llu\n", ep_names[e], m.req[e][i].status,
+                      (unsigned long long)m.req[e][i].n);
+    ob_printf(&b, "# HELP pcache_ttft_seconds Time from submit to the first generated token.\n# TYPE pcache_ttft_seconds histogram\n");
+    uint64_t cum = 0;
+    for (int i = 0; i < N_TTFT; i++) { cum += m.ttft[i]; ob_printf(&b, "pcache_ttft_seconds_bucket{le=\"%g\"} %llu\n", ttft_bounds[i], (unsigned long long)cum); }
+    ob_printf(&b, "pcache_ttft_seconds_bucket{le=\"+Inf\"} %llu\npcache_ttft_seconds_sum %.6f\npcache_ttft_seconds_count %llu\n",
+              (unsigned long long)m.ttft_n, m.ttft_sum, (unsigned long long)m.ttft_n);
+    ob_printf(&b, "# HELP pcache_decode_tokens_per_second Per-request decode speed.\n# TYPE pcache_decode_tokens_per_second histogram\n");
+    cum = 0;
+    for (int i = 0; i < N_TPS; i++) { cum += m.tps[i]; ob_printf(&b, "pcache_decode_tokens_per_second_bucket{le=\"%g\"} %llu\n", tps_bounds[i], (unsigned long long)cum); }
+    ob_printf(&b, "pcache_decode_tokens_per_second_bucket{le=\"+Inf\"} %llu\npcache_decode_tokens_per_second_sum %.3f\npcache_decode_tokens_per_second_count %llu\n",
+              (unsigned long long)m.tps_n, m.tps_sum, (unsigned long long)m.tps_n);
+    ob_printf(&b, "# HELP pcache_prompt_tokens_total Prompt tokens of finished requests.\n# TYPE pcache_prompt_tokens_total counter\npcache_prompt_tokens_total %llu\n", (unsigned long long)m.prompt_tokens);
+    ob_printf(&b, "# HELP pcache_cache_hit_tokens_total Prompt tokens read from the prefix cache.\n# TYPE pcache_cache_hit_tokens_total counter\npcache_cache_hit_tokens_total %llu\n", (unsigned long long)m.hit_tokens);
+    ob_printf(&b, "# HELP pcache_cache_miss_tokens_total Prompt tokens computed.\n# TYPE pcache_cache_miss_tokens_total counter\npcache_cache_miss_tokens_total %llu\n", (unsigned long long)m.miss_tokens);
+    ob_printf(&b, "# HELP pcache_cache_write_tokens_total Prompt tokens written to the cache by breakpoints.\n# TYPE pcache_cache_write_tokens_total counter\npcache_cache_write_tokens_total %llu\n", (unsigned long long)m.cache_write_tokens);
+    ob_printf(&b, "# HELP pcache_completion_tokens_total Generated tokens.\n# TYPE pcache_completion_tokens_total counter\npcache_completion_tokens_total %llu\n", (unsigned long long)m.completion_tokens);
+    ob_printf(&b, "# HELP pcache_cache_evictions_total Cache entries evicted.\n# TYPE pcache_cache_evictions_total counter\npcache_cache_evictions_total %llu\n", (unsigned long long)m.es.evictions);
+    ob_printf(&b, "# HELP pcache_kv_blocks_used KV blocks in use.\n# TYPE pcache_kv_blocks_used gauge\npcache_kv_blocks_used %d\n", m.es.kv_blocks_used);
+    ob_printf(&b, "# HELP pcache_kv_blocks_free KV blocks free.\n# TYPE pcache_kv_blocks_free gauge\npcache_kv_blocks_free %d\n", m.es.kv_blocks_free);
+    ob_printf(&b, "# HELP pcache_kv_blocks_total KV blocks in the pool.\n# TYPE pcache_kv_blocks_total gauge\npcache_kv_blocks_total %d\n", m.es.kv_blocks_total);
+    ob_printf(&b, "# HELP pcache_active_requests Requests being served.\n# TYPE pcache_active_requests gauge\npcache_active_requests %d\n", m.active);
+    ob_printf(&b, "# HELP pcache_active_sequences Sequences in the engine.\n# TYPE pcache_active_sequences gauge\npcache_active_sequences %d\n", m.es.active_seqs);
+    return b.p ? b.p : strdup("");
+}
+
+/* ------------------------------------------------------------------------------ streaming */
+static void job_result(job *j, api_result *res) {
+    memset(res, 0, sizeof *res);
+    res->id = j->id;
+    res->created = j->created;
+    res->model = j->srv->model_id;
+    res->text = j->text ? j->text : "";
+    res->text_len = j->text_len;
+    res->why = j->why;
+#ifdef ENGINE_USAGE_HAS_STOP_MATCHED
+    res->stop_matched = j->usage.stop_matched;
+#endif
+    res->usage = &j->usage;
+}
+
+static char *stream_error_event(job *j, const char *msg) {
+    api_error e;
+    bool anth = api_is_anthropic(j->req.kind);
+    api_error_set(&e, 500, anth ? "api_error" : "server_error", NULL, NULL, "%s", msg);
+    char *js = api_format_error(anth, &e);
+    if (!js) return NULL;
+    size_t n = strlen(js) + 64;
+    char *out = malloc(n);
+    if (out) snprintf(out, n, anth ? "event: error\ndata: %s\n\n" : "data: %s\n\n", js);
+    free(js);
+    return out;
+}
+
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    job *j = cls;
+    for (;;) {
+        if (j->pend && j->pend_off < j->pend_len) {
+            size_t n = j->pend_len - j->pend_off;
+            if (n > max) n = max;
+            memcpy(buf, j->pend + j->pend_off, n);
+            j->pend_off += n;
+            return (ssize_t)n;
+        }
+        free(j->pend);
+        j->pend = NULL;
+        j->pend_len = j->pend_off = 0;
+        if (j->phase == 2) return MHD_CONTENT_READER_END_OF_STREAM;
+        api_result res;
+        if (j->phase == 0) {
+            pthread_mutex_lock(&j->mu);
+            job_result(j, &res);
+            res.usage = NULL;
+            j->pend = api_format_stream_start(&j->req, &res, j->n_prompt);
+            pthread_mutex_unlock(&j->mu);
+            j->phase = 1;
+        } else {
+            pthread_mutex_lock(&j->mu);
+            while (j->text_len == j->sent && j->state != JOB_DONE) {
+                job_wait(j, 250);
+                if (j->text_len == j->sent && j->state != JOB_DONE && peer_gone(j->fd)) {
+                    pthread_mutex_unlock(&j->mu);
+                    return MHD_CONTENT_READER_END_WITH_ERROR;
+                }
+            }
+            job_result(j, &res);
+            if (j->text_len > j->sent) {
+                j->pend = api_format_stream_delta(&j->req, &res, j->text + j->sent, j->text_len - j->sent);
+                j->sent = j->text_len;
+            } else {
+                if (j->why == FINISH_ERROR || j->why == FINISH_ABORT) {
+                    char *ev = stream_error_event(j, j->errmsg[0] ? j->errmsg : "generation failed");
+                    char *end = api_is_anthropic(j->req.kind) ? NULL : strdup("data: [DONE]\n\n");
+                    size_t a = ev ? strlen(ev) : 0, b = end ? strlen(end) : 0;
+                    j->pend = malloc(a + b + 1);
+                    if (j->pend) { memcpy(j->pend, ev ? ev : "", a); memcpy(j->pend + a, end ? end : "", b); j->pend[a + b] = 0; }
+                    free(ev); free(end);
+                } else {
+                    j->pend = api_format_stream_end(&j->req, &res);
+                }
+                j->phase = 2;
+            }
+            pthread_mutex_unlock(&j->mu);
+        }
+        if (!j->pend) return MHD_CONTENT_READER_END_WITH_ERROR;
+        j->pend_len = strlen(j->pend);
+    }
+}
+
+static void stream_free(void *cls) { job_release(cls); }
+
+/* ------------------------------------------------------------------------------ generation */
+static char *render_tmpl(void *ctx, const chat_msg *msgs, int n, bool add_gen) {
+    server *s = ctx;
+    return chat_apply(s->tmpl, s->gf, msgs, n, add_gen);
+}
+
+static bool model_ok(server *s, const char *name) {
+    return !strcasecmp(name, s->model_id) || !strcasecmp(name, s->model_file) || !strcasecmp(name, s->model_stem) ||
+           !strcasecmp(name, "default");
+}
+
+static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn *cs) {
+    static const api_kind kinds[] = { [EP_CHAT] = API_OPENAI_CHAT, [EP_COMPLETIONS] = API_OPENAI_COMPLETION,
+                                      [EP_MESSAGES] = API_ANTHROPIC_MESSAGES, [EP_COUNT_TOKENS] = API_ANTHROPIC_COUNT_TOKENS };
+    bool anth = cs->anthropic;
+    api_error e;
+    memset(&e, 0, sizeof e);
+    job *j = calloc(1, sizeof *j);
+    if (!j) return reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "out of memory");
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    j->refs = 1;
+    j->srv = s;
+    j->fd = -1;
+    enum MHD_Result ret;
+    if (api_parse(kinds[cs->ep], cs->body, cs->len, &j->req, &e) < 0) {
+        if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
+        ret = reply_error(s, c, cs->ep, anth, &e);
+        goto out;
+    }
+    if (!model_ok(s, j->req.model)) {
+        if (anth) ret = reply_err(s, c, cs->ep, true, 404, "not_found_error", NULL, "model: %.200s", j->req.model);
+        else {
+            api_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
+                          "The model `%.200s` does not exist or you do not have access to it.", j->req.model);
+            ret = reply_error(s, c, cs->ep, false, &e);
+        }
+        goto out;
+    }
+    char *text = NULL;
+    size_t tlen = 0;
+    api_bp bps[ENGINE_MAX_BREAKPOINTS];
+    int nbps = 0;
+    if (api_render(&j->req, render_tmpl, s, &text, &tlen, bps, &nbps, &e) < 0) {
+        if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
+        ret = reply_error(s, c, cs->ep, anth, &e);
+        goto out;
+    }
+    /* Tokenize once; BOS only if the model wants it and the template did not write it. */
+    char terr[256] = "";
+    bool add_bos = tokenizer_add_bos(s->tok);
+    if (add_bos) {
+        size_t bl = 0;
+        const char *bp = tokenizer_piece(s->tok, tokenizer_bos(s->tok), true, &bl);
+        if (bp && bl && tlen >= bl && !memcmp(text, bp, bl)) add_bos = false;
+    }
+    int n = tokenizer_encode(s->tok, text, tlen, add_bos, true, &j->prompt, terr, sizeof terr);
+    free(text);
+    if (n < 0) {
+        ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", NULL, "could not tokenize the prompt: %s", terr);
+        goto out;
+    }
+    j->n_prompt = n;
+    if (cs->ep == EP_COUNT_TOKENS) {
+        engine_usage u = { .prompt_tokens = n };
+        api_result res = { .id = "", .model = s->model_id, .text = "", .usage = &u };
+        ret = reply(s, c, cs->ep, 200, "application/json", api_format_response(&j->req, &res));
+        goto out;
+    }
+    if (n == 0) {
+        ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", NULL, "the prompt is empty");
+        goto out;
+    }
+    if (n >= s->n_ctx) {
+        if (anth) ret = reply_err(s, c, cs->ep, true, 400, "invalid_request_error", NULL, "prompt is too long: %d tokens > %d maximum", n, s->n_ctx - 1);
+        else {
+            api_error_set(&e, 400, "invalid_request_error", "messages", "context_length_exceeded",
+                          "This model's maximum context length is %d tokens. However, your prompt resulted in %d tokens.", s->n_ctx, n);
+            ret = reply_error(s, c, cs->ep, false, &e);
+        }
+        goto out;
+    }
+    /* Byte breakpoints -> token positions (whole tokens inside the prefix). */
+    engine_request *er = &j->er;
+    if (nbps > 0) {
+        size_t *ends = malloc((size_t)n * sizeof *ends);
+        if (!ends) { ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "out of memory"); goto out; }
+        size_t acc = 0;
+        for (int i = 0; i < n; i++) {
+            size_t pl = 0;
+            if (!(i == 0 && add_bos && j->prompt[0] == tokenizer_bos(s->tok))) tokenizer_piece(s->tok, j->prompt[i], true, &pl);
+            acc += pl;
+            ends[i] = acc;
+        }
+        for (int b = 0; b < nbps; b++) {
+            int pos = api_byte_to_token(ends, n, bps[b].off);
+            if (pos <= 0) continue;
+            if (er->n_breakpoints > 0 && er->breakpoints[er->n_breakpoints - 1].pos >= pos) continue;
+            er->breakpoints[er->n_breakpoints].pos = pos;
+            er->breakpoints[er->n_breakpoints].ttl_s = bps[b].ttl_s;
+            er->n_breakpoints++;
+        }
+        free(ends);
+    }
+    snprintf(j->ns, sizeof j->ns, "%s", cs->ns);
+    er->ns = j->ns;
+    er->prompt = j->prompt;
+    er->n_prompt = n;
+    er->sp = j->req.sp;
+    if (!j->req.has_seed) er->sp.seed = next_rand(s);
+    er->max_tokens = j->req.max_tokens > 0 ? j->req.max_tokens : 0;
+    er->stop = (const char *const *)j->req.stop;
+    er->n_stop = j->req.n_stop;
+    er->on_text = on_text;
+    er->on_done = on_done;
+    er->user = j;
+    uint64_t r1 = next_rand(s), r2 = next_rand(s);
+    snprintf(j->id, sizeof j->id, "%s%016llx%08llx", anth ? "msg_" : cs->ep == EP_CHAT ? "chatcmpl-" : "cmpl-",
+             (unsigned long long)r1, (unsigned long long)(r2 & 0xffffffffu));
+    j->created = (long long)time(NULL);
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    j->fd = ci ? ci->connect_fd : -1;
+
+    /* Hand it to the engine thread. */
+    pthread_mutex_lock(&s->q_mu);
+    if (s->stopping) {
+        pthread_mutex_unlock(&s->q_mu);
+        ret = reply_err(s, c, cs->ep, anth, 503, anth ? "overloaded_error" : "server_error", NULL, "server is shutting down");
+        goto out;
+    }
+    j->refs++; /* engine's */
+    j->next = NULL;
+    if (s->pending_tail) s->pending_tail->next = j; else s->pending = j;
+    s->pending_tail = j;
+    pthread_cond_signal(&s->q_cv);
+    pthread_mutex_unlock(&s->q_mu);
+    cs->job = j;
+    j->refs++; /* the connection's (released in on_completed); ours is released at out */
+    pthread_mutex_lock(&s->m.mu);
+    s->m.active++;
+    pthread_mutex_unlock(&s->m.mu);
+
+    /* Wait until it is accepted (or rejected) before choosing the status line. */
+    pthread_mutex_lock(&j->mu);
+    while (j->state == JOB_QUEUED) {
+        job_wait(j, 250);
+        if (j->state == JOB_QUEUED && peer_gone(j->fd)) break;
+    }
+    bool queued = j->state == JOB_QUEUED;
+    bool rejected = j->submit_failed;
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s", j->errmsg);
+    pthread_mutex_unlock(&j->mu);
+    if (queued) { job_cancel(s, j); ret = MHD_NO; goto out; }
+    if (rejected) {
+        ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", anth ? NULL : "context_length_exceeded", "%s", msg);
+        goto out;
+    }
+    unsigned long long to = 3600;
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, (unsigned int)to);
+    if (j->req.stream) {
+        j->refs++; /* the response's */
+        struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_reader, j, stream_free);
+        if (!r) { job_release(j); job_cancel(s, j); ret = MHD_NO; goto out; }
+        MHD_add_response_header(r, "Content-Type", "text/event-stream; charset=utf-8");
+        MHD_add_response_header(r, "Cache-Control", "no-cache");
+        MHD_add_response_header(r, "X-Accel-Buffering", "no");
+        ret = MHD_queue_response(c, 200, r);
+        MHD_destroy_response(r);
+        metrics_request(s, cs->ep, 200);
+        goto out;
+    }
+    pthread_mutex_lock(&j->mu);
+    bool gone = false;
+    while (j->state != JOB_DONE) {
+        job_wait(j, 250);
+        if (j->state != JOB_DONE && peer_gone(j->fd)) { gone = true; break; }
+    }
+    pthread_mutex_unlock(&j->mu);
+    if (gone) { job_cancel(s, j); ret = MHD_NO; goto out; }
+    if (j->why == FINISH_ERROR || j->why == FINISH_ABORT) {
+        ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "%s", j->errmsg[0] ? j->errmsg : "generation failed");
+        goto out;
+    }
+    api_result res;
+    job_result(j, &res);
+    ret = reply(s, c, cs->ep, 200, "application/json", api_format_response(&j->req, &res));
+out:
+    job_release(j);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------------ routing */
+static int route(const char *url, bool *anthropic) {
+    *anthropic = false;
+    if (!strcmp(url, "/health")) return EP_HEALTH;
+    if (!strcmp(url, "/metrics")) return EP_METRICS;
+    if (!strcmp(url, "/v1/models") || !strncmp(url, "/v1/models/", 11)) return EP_MODELS;
+    if (!strcmp(url, "/v1/chat/completions")) return EP_CHAT;
+    if (!strcmp(url, "/v1/completions")) return EP_COMPLETIONS;
+    if (!strcmp(url, "/v1/messages")) { *anthropic = true; return EP_MESSAGES; }
+    if (!strcmp(url, "/v1/messages/count_tokens")) { *anthropic = true; return EP_COUNT_TOKENS; }
+    if (!strncmp(url, "/v1/messages", 12)) *anthropic = true;
+    return EP_OTHER;
+}
+
+/* The caller's namespace, or -1 when keys are required and this one is missing or wrong. */
+static int authorize(server *s, struct MHD_Connection *c, char ns[18]) {
+    ns[0] = 0;
+    if (s->n_keys == 0) return 0;
+    const char *k = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "x-api-key");
+    const char *a = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+    if (!k && a && !strncasecmp(a, "Bearer ", 7)) { k = a + 7; while (*k == ' ') k++; }
+    if (!k) return -1;
+    int found = -1;
+    for (int i = 0; i < s->n_keys; i++) if (key_eq(k, s->keys[i])) found = i;
+    if (found < 0) return -1;
+    memcpy(ns, s->key_ns[found], 18);
+    return 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                  const char *version, const char *upload_data, size_t *upload_data_size, void **con_cls) {
+    server *s = cls;
+    conn *cs = *con_cls;
+    if (!cs) {
+        cs = calloc(1, sizeof *cs);
+        if (!cs) return MHD_NO;
+        *con_cls = cs;
+        cs->ep = route(url, &cs->anthropic);
+        bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+        bool post = !strcmp(method, "POST");
+        int ep = cs->ep;
+        if (ep == EP_OTHER)
+            return reply_err(s, c, ep, cs->anthropic, 404, cs->anthropic ? "not_found_error" : "invalid_request_error", NULL,
+                             "Unknown request URL: %s %.200s", method, url);
+        bool want_get = ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS;
+        if ((want_get && !get) || (!want_get && !post))
+            return reply_err(s, c, ep, cs->anthropic, 405, "invalid_request_error", NULL, "Method %s not allowed for %.200s", method, url);
+        if (ep != EP_HEALTH && ep != EP_METRICS && authorize(s, c, cs->ns) < 0) {
+            if (cs->anthropic) return reply_err(s, c, ep, true, 401, "authentication_error", NULL, "invalid x-api-key");
+            api_error e;
+            api_error_set(&e, 401, "invalid_request_error", NULL, "invalid_api_key", "Incorrect API key provided.");
+            return reply_error(s, c, ep, false, &e);
+        }
+        if (ep == EP_HEALTH) return reply(s, c, ep, 200, "application/json", strdup("{\"status\":\"ok\"}"));
+        if (ep == EP_METRICS) return reply(s, c, ep, 200, "text/plain; version=0.0.4", format_metrics(s));
+        if (ep == EP_MODELS) {
+            if (!strncmp(url, "/v1/models/", 11)) {
+                if (!model_ok(s, url + 11)) {
+                    api_error e;
+                    api_error_set(&e, 404, "invalid_request_error", "model", "model_not_found", "The model `%.200s` does not exist", url + 11);
+                    return reply_error(s, c, ep, false, &e);
+                }
+                char *all = format_models(s);
+                cJSON *o = all ? cJSON_Parse(all) : NULL;
+                free(all);
+                cJSON *m = o ? cJSON_DetachItemFromArray(cJSON_GetObjectItem(o, "data"), 0) : NULL;
+                char *one = m ? cJSON_PrintUnformatted(m) : NULL;
+                cJSON_Delete(m); cJSON_Delete(o);
+                return reply(s, c, ep, 200, "application/json", one);
+            }
+            return reply(s, c, ep, 200, "application/json", format_models(s));
+        }
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+        if (cl) {
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(cl, &end, 10);
+            if (errno || end == cl || v > API_MAX_BODY)
+                return reply_err(s, c, ep, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL,
+                                 "request body is larger than %u bytes", API_MAX_BODY);
+        }
+        return MHD_YES;
+    }
+    if (*upload_data_size > 0) {
+        size_t n = *upload_data_size;
+        *upload_data_size = 0;
+        if (cs->too_large || cs->len + n > API_MAX_BODY) {
+            cs->too_large = true;
+            cs->discarded += n;
+            return cs->discarded > 2 * (size_t)API_MAX_BODY ? MHD_NO : MHD_YES;
+        }
+        if (cs->len + n + 1 > cs->cap) {
+            size_t cap = cs->cap ? cs->cap : 4096;
+            while (cap < cs->len + n + 1) cap *= 2;
+            char *p = realloc(cs->body, cap);
+            if (!p) return MHD_NO;
+            cs->body = p;
+            cs->cap = cap;
+        }
+        memcpy(cs->body + cs->len, upload_data, n);
+        cs->len += n;
+        cs->body[cs->len] = 0;
+        return MHD_YES;
+    }
+    if (cs->job) return MHD_NO; /* a response was already queued */
+    if (cs->too_large)
+        return reply_err(s, c, cs->ep, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL,
+                         "request body is larger than %u bytes", API_MAX_BODY);
+    return handle_generate(s, c, cs);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
+    server *s = cls;
+    conn *cs = *con_cls;
+    if (!cs) return;
+    if (cs->job) {
+        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) job_cancel(s, cs->job);
+        pthread_mutex_lock(&s->m.mu);
+        s->m.active--;
+        pthread_mutex_unlock(&s->m.mu);
+        job_release(cs->job);
+    }
+    free(cs->body);
+    free(cs);
+    *con_cls = NULL;
+}
+
+/* ------------------------------------------------------------------------------ main */
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: pcache serve [options]\n"
+            "  -m, --model PATH      GGUF model (default $PCACHE_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf)\n"
+            "  --host ADDR           bind address (default 127.0.0.1)\n"
+            "  --port N              port (default 8080; 0 = any free port)\n"
+            "  --kv-mem SIZE         KV cache budget, e.g. 512M, 2G (default 512M)\n"
+            "  --cache-ttl T         lifetime of automatic cache entries, e.g. 300, 5m, 1h (default 5m)\n"
+            "  --no-cache            disable prefix reuse\n"
+            "  --api-key KEY         require this key (repeatable; each key is its own cache namespace)\n"
+            "  --parallel N          concurrent sequences (default 64)\n"
+            "  --batch N             tokens per engine step (default 512)\n"
+            "  -t, --threads N       compute threads (default: all cores)\n"
+            "  --timeout S           drop clients idle for S seconds while sending a request (default 30)\n");
+}
+
+int server_main(int argc, char **argv) {
+    engine_opts eo = { .cache_enabled = true };
+    const char *host = "127.0.0.1";
+    long port = 8080;
+    unsigned timeout = 30;
+    eo.model_path = default_model_path();
+    server *s = calloc(1, sizeof *s);
+    if (!s) return 1;
+    s->keys = calloc((size_t)argc + 1, sizeof *s->keys);
+    s->key_ns = calloc((size_t)argc + 1, sizeof *s->key_ns);
+    if (!s->keys || !s->key_ns) return 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEED() do { if (!v) { fprintf(stderr, "pcache serve: %s needs a value\n", a); return 2; } i++; } while (0)
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED(); eo.model_path = v; }
+        else if (!strcmp(a, "--host")) { NEED(); host = v; }
+        else if (!strcmp(a, "--port")) { NEED(); char *e; port = strtol(v, &e, 10); if (*e || port < 0 || port > 65535) { fprintf(stderr, "pcache serve: bad --port %s\n", v); return 2; } }
+        else if (!strcmp(a, "--kv-mem")) { NEED(); if (parse_size(v, &eo.kv_mem_bytes) < 0) { fprintf(stderr, "pcache serve: bad --kv-mem %s\n", v); return 2; } }
+        else if (!strcmp(a, "--cache-ttl")) { NEED(); if (parse_duration(v, &eo.cache_ttl_s) < 0) { fprintf(stderr, "pcache serve: bad --cache-ttl %s\n", v); return 2; } }
+        else if (!strcmp(a, "--no-cache")) eo.cache_enabled = false;
+        else if (!strcmp(a, "--api-key")) { NEED(); if (!*v) { fprintf(stderr, "pcache serve: empty --api-key\n"); return 2; } s->keys[s->n_keys++] = (char *)v; }
+        else if (!strcmp(a, "--parallel")) { NEED(); eo.max_seqs = atoi(v); if (eo.max_seqs < 1) { fprintf(stderr, "pcache serve: bad --parallel %s\n", v); return 2; } }
+        else if (!strcmp(a, "--batch")) { NEED(); eo.max_batch_tokens = atoi(v); if (eo.max_batch_tokens < 1) { fprintf(stderr, "pcache serve: bad --batch %s\n", v); return 2; } }
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { NEED(); eo.n_threads = atoi(v); if (eo.n_threads < 1) { fprintf(stderr, "pcache serve: bad --threads %s\n", v); return 2; } }
+        else if (!strcmp(a, "--timeout")) { NEED(); long t = atol(v); if (t < 1 || t > 86400) { fprintf(stderr, "pcache serve: bad --timeout %s\n", v); return 2; } timeout = (unsigned)t; }
+        else { fprintf(stderr, "pcache serve: unknown option %s\n", a); usage(stderr); return 2; }
+#undef NEED
+    }
+    for (int i = 0; i < s->n_keys; i++) server_key_namespace(s->keys[i], s->key_ns[i]);
+    s->timeout_s = timeout;
+
+    /* Signals: handled by sigwait in this thread; every other thread inherits the block. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    char err[512] = "";
+    if (engine_create(&s->eng, &eo, err, sizeof err) < 0) {
+        fprintf(stderr, "pcache serve: %s\n", err[0] ? err : "could not load the model");
+        return 1;
+    }
+    s->tok = engine_tok(s->eng);
+    s->gf = engine_gguf(s->eng);
+    s->tmpl = chat_template_detect(s->gf, s->tok);
+    s->n_ctx = engine_n_ctx(s->eng);
+    const char *base = strrchr(eo.model_path, '/');
+    base = base ? base + 1 : eo.model_path;
+    snprintf(s->model_file, sizeof s->model_file, "%s", base);
+    snprintf(s->model_stem, sizeof s->model_stem, "%s", base);
+    size_t bl = strlen(s->model_stem);
+    if (bl > 5 && !strcasecmp(s->model_stem + bl - 5, ".gguf")) s->model_stem[bl - 5] = 0;
+    const char *mn = engine_model_name(s->eng);
+    snprintf(s->model_id, sizeof s->model_id, "%s", mn && *mn ? mn : s->model_stem);
+    if (getrandom(&s->id_seed, sizeof s->id_seed, 0) != sizeof s->id_seed) s->id_seed = (uint64_t)time(NULL) ^ (uint64_t)getpid() << 32;
+    pthread_mutex_init(&s->q_mu, NULL);
+    pthread_cond_init(&s->q_cv, NULL);
+    pthread_mutex_init(&s->m.mu, NULL);
+
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *ai = NULL;
+    char ports[16];
+    snprintf(ports, sizeof ports, "%ld", port);
+    int gai = getaddrinfo(host, ports, &hints, &ai);
+    if (gai || !ai) {
+        fprintf(stderr, "pcache serve: cannot resolve --host %s: %s\n", host, gai_strerror(gai));
+        engine_free(s->eng);
+        return 1;
+    }
+    if (pthread_create(&s->eng_thread, NULL, engine_main, s)) { fprintf(stderr, "pcache serve: cannot start the engine thread\n"); return 1; }
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL;
+    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
+    struct MHD_Daemon *d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, s,
+                                            MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+                                            MHD_OPTION_CONNECTION_TIMEOUT, timeout,
+                                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
+                                            MHD_OPTION_CONNECTION_LIMIT, 512u,
+                                            MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
+                                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                                            MHD_OPTION_END);
+    if (!d) {
+        fprintf(stderr, "pcache serve: cannot listen on %s:%ld: %s\n", host, port, strerror(errno));
+        freeaddrinfo(ai);
+        pthread_mutex_lock(&s->q_mu);
+        s->stopping = true;
+        pthread_cond_signal(&s->q_cv);
+        pthread_mutex_unlock(&s->q_mu);
+        pthread_join(s->eng_thread, NULL);
+        engine_free(s->eng);
+        return 1;
+    }
+    freeaddrinfo(ai);
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    fprintf(stderr, "pcache serve: %s (ctx %d) listening on http://%s:%u%s\n", s->model_id, s->n_ctx, host,
+            di ? di->port : (unsigned)port, s->n_keys ? " (API keys required)" : "");
+    fflush(stderr);
+
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    fprintf(stderr, "pcache serve: signal %d, shutting down\n", sig);
+    MHD_quiesce_daemon(d);
+    pthread_mutex_lock(&s->q_mu);
+    s->stopping = true;
+    pthread_cond_signal(&s->q_cv);
+    pthread_mutex_unlock(&s->q_mu);
+    pthread_join(s->eng_thread, NULL);
+    MHD_stop_daemon(d);
+    engine_free(s->eng);
+    pthread_mutex_destroy(&s->q_mu);
+    pthread_cond_destroy(&s->q_cv);
+    pthread_mutex_destroy(&s->m.mu);
+    free(s->keys);
+    free(s->key_ns);
+    free(s);
+    return 0;
+}

@@ -1,0 +1,57 @@
+/* tokenizer: text <-> token ids, built from a GGUF file's tokenizer.ggml.* metadata.
+ *
+ * Supports byte-level BPE ("gpt2", pre-tokenizer chosen by tokenizer.ggml.pre: smollm, gpt2,
+ * llama3 / llama-bpe, qwen2, default) and SentencePiece BPE ("llama"). Pre-tokenizer regexes
+ * run on PCRE2 with Unicode properties. Special/control tokens in the text (e.g. <|im_start|>)
+ * are matched as whole tokens when parse_special is set. Ids equal Hugging Face's.
+ */
+#ifndef PCACHE_TOKENIZER_H
+#define PCACHE_TOKENIZER_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "gguf.h"
+
+typedef struct tokenizer tokenizer;
+
+int tokenizer_load(tokenizer **out, const gguf_file *f, char *err, size_t errlen);
+void tokenizer_free(tokenizer *t);
+
+/* Encodes text (len bytes, need not be NUL-terminated; invalid UTF-8 is handled as HF does,
+ * never a crash). Adds BOS if add_bos (use tokenizer_add_bos for the model's default).
+ * Returns the number of tokens written to *out (malloc'ed, caller frees), or -1 with err. */
+int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_bos,
+                     bool parse_special, int32_t **out, char *err, size_t errlen);
+
+/* The raw bytes of one token (byte-level tokens decoded to bytes; SPM "▁" to space and <0xXX>
+ * byte tokens to the byte). Control tokens return their text only if render_special. */
+const char *tokenizer_piece(const tokenizer *t, int32_t id, bool render_special, size_t *len);
+
+int tokenizer_n_vocab(const tokenizer *t);
+int32_t tokenizer_bos(const tokenizer *t);
+int32_t tokenizer_eos(const tokenizer *t);
+bool tokenizer_add_bos(const tokenizer *t);
+bool tokenizer_is_eog(const tokenizer *t, int32_t id);  /* EOS, EOT, <|im_end|>, <|eot_id|> ... */
+int32_t tokenizer_find(const tokenizer *t, const char *piece); /* exact vocab lookup, -1 if none */
+
+/* Streaming detokenizer: feeds token pieces, emits only complete UTF-8 sequences. */
+typedef struct {
+    char pending[8];
+    int n_pending;
+} detok_state;
+/* Appends the text of token id to out (cap bytes), returns bytes written (complete UTF-8 only;
+ * an incomplete tail is held in st until the next call). */
+size_t detok_feed(const tokenizer *t, detok_state *st, int32_t id, char *out, size_t cap);
+/* Flushes what is held (invalid leftovers become U+FFFD). */
+size_t detok_flush(detok_state *st, char *out, size_t cap);
+
+/* Chat templates. */
+typedef struct { const char *role; const char *content; } chat_msg;
+typedef enum { CHAT_TMPL_CHATML, CHAT_TMPL_LLAMA3, CHAT_TMPL_LLAMA2, CHAT_TMPL_MISTRAL, CHAT_TMPL_NONE } chat_tmpl;
+/* Detects the family from tokenizer.chat_template (and the vocab); CHATML is the fallback. */
+chat_tmpl chat_template_detect(const gguf_file *f, const tokenizer *t);
+/* Renders messages to a prompt (malloc'ed NUL-terminated string), adding the assistant
+ * generation prefix if add_generation_prompt. SmolLM2's template adds its default system
+ * message when the first message is not a system one, as its Jinja template does. */
+char *chat_apply(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n, bool add_generation_prompt);
+#endif

@@ -1,0 +1,367 @@
+/* pcache-tool: developer subcommands used by the tests and benchmarks (not the product CLI).
+ * Each subcommand is one function in the table below. */
+#include "engine.h"
+#include "gguf.h"
+#include "kv.h"
+#include "model.h"
+#include "quant.h"
+#include "threadpool.h"
+#include "tokenizer.h"
+#include "util.h"
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Reads a JSON array of token ids from stdin. Returns the count or -1. */
+static int read_ids(int32_t **out) {
+    size_t len;
+    char *text = read_stream(stdin, &len);
+    cJSON *j = text ? cJSON_ParseWithLength(text, len) : NULL;
+    free(text);
+    if (!cJSON_IsArray(j)) { cJSON_Delete(j); fprintf(stderr, "expected a JSON array of token ids on stdin\n"); return -1; }
+    int n = cJSON_GetArraySize(j), k = 0;
+    int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+    cJSON *it;
+    cJSON_ArrayForEach(it, j) {
+        if (!cJSON_IsNumber(it)) { free(ids); cJSON_Delete(j); fprintf(stderr, "token ids must be numbers\n"); return -1; }
+        ids[k++] = (int32_t)it->valuedouble;
+    }
+    cJSON_Delete(j);
+    *out = ids;
+    return n;
+}
+
+/* A model with one sequence over a private KV pool: the plainest path through model_forward. */
+typedef struct {
+    model *m;
+    kv_pool kv;
+    kv_seq seq;
+    model_ctx *ctx;
+    threadpool *tp;
+} solo;
+
+static int solo_open(solo *s, const char *path, int n_ctx, int n_threads) {
+    char err[512];
+    memset(s, 0, sizeof *s);
+    if (model_load(&s->m, path, err, sizeof err)) { fprintf(stderr, "%s\n", err); return -1; }
+    const model_config *c = &s->m->c;
+    size_t block_bytes = (size_t)c->n_layer * 2 * KV_BLOCK * c->n_head_kv * c->head_dim * sizeof(float);
+    size_t mem = block_bytes * (size_t)((n_ctx + KV_BLOCK - 1) / KV_BLOCK + 2);
+    if (kv_pool_init(&s->kv, c->n_layer, c->n_head_kv * c->head_dim, mem, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    s->ctx = model_ctx_create(s->m, n_ctx, n_ctx, n_threads);
+    s->tp = tp_create(n_threads);
+    return s->ctx && s->tp ? 0 : -1;
+}
+
+static void solo_close(solo *s) {
+    kv_seq_release(&s->kv, &s->seq);
+    free(s->seq.blocks);
+    kv_pool_free(&s->kv);
+    model_ctx_free(s->ctx);
+    if (s->tp) tp_free(s->tp);
+    model_free(s->m);
+}
+
+/* Runs tokens[0..n) at positions seq.n_tokens.. ; logits for all (all=true) or the last. */
+static int solo_eval(solo *s, const int32_t *tokens, int n, bool all, float *logits) {
+    char err[512];
+    int start = s->seq.n_tokens;
+    if (kv_seq_prepare(&s->kv, &s->seq, start + n)) { fprintf(stderr, "KV pool exhausted\n"); return -1; }
+    int32_t *pos = malloc((size_t)n * sizeof *pos);
+    kv_seq **seqs = malloc((size_t)n * sizeof *seqs);
+    bool *want = malloc((size_t)n * sizeof *want);
+    for (int i = 0; i < n; i++) { pos[i] = start + i; seqs[i] = &s->seq; want[i] = all || i == n - 1; }
+    model_batch b = { .n = n, .tokens = tokens, .pos = pos, .seqs = seqs, .want_logits = want };
+    int rc = model_forward(s->m, s->ctx, s->tp, &s->kv, &b, logits, err, sizeof err);
+    if (rc) fprintf(stderr, "%s\n", err);
+    else s->seq.n_tokens = start + n;
+    free(pos); free(seqs); free(want);
+    return rc;
+}
+
+static int cmd_logits(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool logits MODEL [--all] < ids.json\n"); return 2; }
+    bool all = argc > 1 && !strcmp(argv[1], "--all");
+    int32_t *ids;
+    int n = read_ids(&ids);
+    if (n <= 0) return 1;
+    solo s;
+    if (solo_open(&s, argv[0], n + 1, 2)) { free(ids); return 1; }
+    int nv = s.m->c.n_vocab;
+    float *logits = malloc((size_t)(all ? n : 1) * nv * sizeof(float));
+    int rc = solo_eval(&s, ids, n, all, logits);
+    if (rc == 0) fwrite(logits, sizeof(float), (size_t)(all ? n : 1) * nv, stdout);
+    free(logits);
+    free(ids);
+    solo_close(&s);
+    return rc ? 1 : 0;
+}
+
+static int cmd_generate(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: pcache-tool generate MODEL N < ids.json\n"); return 2; }
+    int n_gen = atoi(argv[1]);
+    int32_t *ids;
+    int n = read_ids(&ids);
+    if (n <= 0) return 1;
+    solo s;
+    if (solo_open(&s, argv[0], n + n_gen + 1, 2)) { free(ids); return 1; }
+    char err[512];
+    tokenizer *tok = NULL;
+    if (tokenizer_load(&tok, s.m->f, err, sizeof err)) { fprintf(stderr, "%s\n", err); free(ids); solo_close(&s); return 1; }
+    int nv = s.m->c.n_vocab;
+    float *logits = malloc((size_t)nv * sizeof(float));
+    int rc = solo_eval(&s, ids, n, false, logits);
+    printf("[");
+    for (int i = 0; rc == 0 && i < n_gen; i++) {
+        int32_t best = 0;
+        for (int k = 1; k < nv; k++) if (logits[k] > logits[best]) best = k;
+        printf(i ? ", %d" : "%d", best);
+        if (tokenizer_is_eog(tok, best)) break;
+        rc = solo_eval(&s, &best, 1, false, logits);
+    }
+    printf("]\n");
+    free(logits);
+    free(ids);
+    tokenizer_free(tok);
+    solo_close(&s);
+    return rc ? 1 : 0;
+}
+
+/* ---- tokenizer subcommands (owned by the tokenizer module) ---- */
+
+/* Opens MODEL's GGUF and its tokenizer. */
+static int tok_open(const char *path, gguf_file **f, tokenizer **t) {
+    char err[512];
+    if (gguf_open(f, path, err, sizeof err)) { fprintf(stderr, "%s\n", err); return -1; }
+    if (tokenizer_load(t, *f, err, sizeof err)) { fprintf(stderr, "%s\n", err); gguf_close(*f); return -1; }
+    return 0;
+}
+
+static int cmd_tokenize(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool tokenize MODEL [--no-special] [--bos] < text\n"); return 2; }
+    bool special = true, bos = false, batch = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--no-special")) special = false;
+        else if (!strcmp(argv[i], "--bos")) bos = true;
+        else if (!strcmp(argv[i], "--batch")) batch = true;
+        else { fprintf(stderr, "tokenize: unknown option %s\n", argv[i]); return 2; }
+    }
+    gguf_file *f;
+    tokenizer *t;
+    if (tok_open(argv[0], &f, &t)) return 1;
+    size_t len;
+    char *text = read_stream(stdin, &len);
+    char err[512];
+    int32_t *ids = NULL;
+    if (batch) { /* stdin: JSON array of strings; stdout: one JSON array of ids per line */
+        cJSON *j = text ? cJSON_ParseWithLength(text, len) : NULL;
+        int rc = cJSON_IsArray(j) ? 0 : 1;
+        if (rc) fprintf(stderr, "tokenize --batch: expected a JSON array of strings\n");
+        cJSON *it;
+        cJSON_ArrayForEach(it, j) {
+            const char *s = cJSON_IsString(it) ? it->valuestring : "";
+            int k = tokenizer_encode(t, s, strlen(s), bos, special, &ids, err, sizeof err);
+            if (k < 0) { fprintf(stderr, "tokenize: %s\n", err); rc = 1; break; }
+            fputc('[', stdout);
+            for (int i = 0; i < k; i++) printf(i ? ", %d" : "%d", ids[i]);
+            fputs("]\n", stdout);
+            free(ids);
+            ids = NULL;
+        }
+        cJSON_Delete(j);
+        free(text);
+        tokenizer_free(t);
+        gguf_close(f);
+        return rc;
+    }
+    int n = text ? tokenizer_encode(t, text, len, bos, special, &ids, err, sizeof err) : -1;
+    if (n < 0) fprintf(stderr, "tokenize: %s\n", text ? err : "cannot read stdin");
+    else {
+        fputc('[', stdout);
+        for (int i = 0; i < n; i++) printf(i ? ", %d" : "%d", ids[i]);
+        fputs("]\n", stdout);
+    }
+    free(ids);
+    free(text);
+    tokenizer_free(t);
+    gguf_close(f);
+    return n < 0;
+}
+
+/* Ids on stdin -> text through the streaming detokenizer (--special renders control tokens). */
+static int cmd_detokenize(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool detokenize MODEL [--special] < ids.json\n"); return 2; }
+    bool special = argc > 1 && !strcmp(argv[1], "--special");
+    gguf_file *f;
+    tokenizer *t;
+    if (tok_open(argv[0], &f, &t)) return 1;
+    int32_t *ids;
+    int n = read_ids(&ids);
+    if (n < 0) { tokenizer_free(t); gguf_close(f); return 1; }
+    detok_state st = { 0 };
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= tokenizer_n_vocab(t)) { fprintf(stderr, "detokenize: bad id %d\n", ids[i]); continue; }
+        if (special) {
+            size_t pl;
+            const char *p = tokenizer_piece(t, ids[i], false, &pl);
+            if (pl == 0) { /* control token: print as-is, after what is pending */
+                char tail[32];
+                fwrite(tail, 1, detok_flush(&st, tail, sizeof tail), stdout);
+                p = tokenizer_piece(t, ids[i], true, &pl);
+                fwrite(p, 1, pl, stdout);
+                continue;
+            }
+        }
+        size_t pl;
+        tokenizer_piece(t, ids[i], true, &pl);
+        size_t cap = 3 * (pl + 8) + 1;
+        char *buf = malloc(cap);
+        if (!buf) break;
+        fwrite(buf, 1, detok_feed(t, &st, ids[i], buf, cap), stdout);
+        free(buf);
+    }
+    char tail[32];
+    fwrite(tail, 1, detok_flush(&st, tail, sizeof tail), stdout);
+    free(ids);
+    tokenizer_free(t);
+    gguf_close(f);
+    return 0;
+}
+
+/* JSON messages [{"role":..,"content":..}] on stdin -> rendered prompt (with generation prompt
+ * unless --no-gen). */
+static int cmd_chat(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool chat MODEL [--no-gen] < messages.json\n"); return 2; }
+    bool gen = !(argc > 1 && !strcmp(argv[1], "--no-gen"));
+    gguf_file *f;
+    tokenizer *t;
+    if (tok_open(argv[0], &f, &t)) return 1;
+    size_t len;
+    char *text = read_stream(stdin, &len);
+    cJSON *j = text ? cJSON_ParseWithLength(text, len) : NULL;
+    free(text);
+    int rc = 1;
+    if (!cJSON_IsArray(j)) fprintf(stderr, "chat: expected a JSON array of messages on stdin\n");
+    else {
+        int n = cJSON_GetArraySize(j), k = 0;
+        chat_msg *msgs = calloc((size_t)n + 1, sizeof *msgs);
+        cJSON *it;
+        cJSON_ArrayForEach(it, j) {
+            cJSON *role = cJSON_GetObjectItemCaseSensitive(it, "role");
+            cJSON *content = cJSON_GetObjectItemCaseSensitive(it, "content");
+            if (cJSON_IsString(role) && cJSON_IsString(content))
+                msgs[k++] = (chat_msg){ role->valuestring, content->valuestring };
+        }
+        char *out = chat_apply(chat_template_detect(f, t), f, msgs, k, gen);
+        if (out) { fputs(out, stdout); rc = 0; }
+        free(out);
+        free(msgs);
+    }
+    cJSON_Delete(j);
+    tokenizer_free(t);
+    gguf_close(f);
+    return rc;
+}
+
+/* ---- quant subcommands (owned by the quant module) ---- */
+
+/* Raw blocks of TYPE on stdin -> N float32 (little-endian) on stdout, via the scalar reference
+ * dequantizer. */
+static int cmd_dequant(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: pcache-tool dequant TYPE N < raw_bytes > float32\n"); return 2; }
+    ggml_type t = ggml_type_from_name(argv[0]);
+    long long n = atoll(argv[1]);
+    size_t rs = t == GGML_TYPE_COUNT ? 0 : ggml_row_size(t, n);
+    if (rs == 0 || n <= 0) { fprintf(stderr, "dequant: bad type %s or N %s\n", argv[0], argv[1]); return 2; }
+    const ggml_type_info *ti = ggml_type_get(t);
+    if (!ti->supported && t != GGML_TYPE_Q8_1 && t != GGML_TYPE_Q8_K) { fprintf(stderr, "dequant: %s not supported\n", ti->name); return 1; }
+    uint8_t *src = malloc(rs);
+    float *dst = malloc((size_t)n * sizeof(float));
+    int rc = 1;
+    if (!src || !dst) fprintf(stderr, "dequant: out of memory\n");
+    else if (fread(src, 1, rs, stdin) != rs) fprintf(stderr, "dequant: need %zu bytes on stdin\n", rs);
+    else {
+        dequantize_row(t, src, dst, n);
+        rc = fwrite(dst, sizeof(float), (size_t)n, stdout) == (size_t)n ? 0 : 1;
+    }
+    free(src);
+    free(dst);
+    return rc;
+}
+
+static double now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* ns per dot of TYPE rows of N elements against their activation format: vec_dot on one
+ * (cache-hot) row, vec_dot_n over ROWS rows (default 1536, like a real matmul), vec_dot_ref. */
+static int cmd_bench_dot(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: pcache-tool bench-dot TYPE N ITERS [ROWS]\n"); return 2; }
+    ggml_type t = ggml_type_from_name(argv[0]);
+    long long n = atoll(argv[1]), iters = atoll(argv[2]);
+    int rows = argc > 3 ? atoi(argv[3]) : 1536;
+    const ggml_type_info *ti = ggml_type_get(t);
+    ggml_type vdt = ti ? quant_vec_dot_type(t) : GGML_TYPE_COUNT;
+    size_t rs = ti ? ggml_row_size(t, n) : 0, as = ggml_row_size(vdt, n);
+    if (!ti || !ti->supported || rs == 0 || as == 0 || iters <= 0 || rows <= 0) {
+        fprintf(stderr, "bench-dot: bad type %s, N %s, ITERS %s or ROWS\n", argv[0], argv[1], argv[2]);
+        return 2;
+    }
+    uint8_t *w = malloc(rs * (size_t)rows), *a = malloc(as);
+    float *x = malloc((size_t)n * sizeof(float)), *out = malloc((size_t)rows * sizeof(float));
+    if (!w || !a || !x || !out) { fprintf(stderr, "bench-dot: out of memory\n"); return 1; }
+    for (int r = 0; r < rows; r++) quant_fill_random(t, w + (size_t)r * rs, n, (uint64_t)r + 1);
+    quant_fill_random(GGML_TYPE_F32, x, n, 12345);
+    quantize_row_act(vdt, x, a, n);
+    volatile float sink = 0;
+    double t0 = now_ns();
+    for (long long i = 0; i < iters; i++) sink += vec_dot(t, w, a, n);
+    double t1 = now_ns();
+    long long mat_iters = iters / rows > 0 ? iters / rows : 1;
+    for (long long i = 0; i < mat_iters; i++) { vec_dot_n(t, w, rs, rows, a, out, n); sink += out[0]; }
+    double t2 = now_ns();
+    long long ref_iters = iters / 8 > 0 ? iters / 8 : 1;
+    for (long long i = 0; i < ref_iters; i++) sink += vec_dot_ref(t, w, a, n);
+    double t3 = now_ns();
+    double q0 = now_ns();
+    for (long long i = 0; i < ref_iters; i++) { quantize_row_act(vdt, x, a, n); sink += (float)((uint8_t *)a)[0]; }
+    double q1 = now_ns();
+    printf("%s x %s n=%lld simd=%s\n", ti->name, ggml_type_get(vdt)->name, n, quant_simd_name());
+    printf("vec_dot (hot row):     %8.1f ns/dot\n", (t1 - t0) / (double)iters);
+    printf("vec_dot_n (%d rows): %8.1f ns/dot  (%.2f GB/s of weights)\n", rows,
+           (t2 - t1) / ((double)mat_iters * rows), (double)rs * rows * mat_iters / (t2 - t1));
+    printf("vec_dot_ref:           %8.1f ns/dot\n", (t3 - t2) / (double)ref_iters);
+    printf("quantize_row_act:      %8.1f ns/row\n", (q1 - q0) / (double)ref_iters);
+    (void)sink;
+    free(w); free(a); free(x); free(out);
+    return 0;
+}
+
+typedef struct { const char *name; int (*fn)(int argc, char **argv); const char *help; } subcommand;
+
+static const subcommand commands[] = {
+    { "logits", cmd_logits, "MODEL [--all] < ids.json : raw float32 logits of the last (or every) position" },
+    { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },
+    { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },
+    { "detokenize", cmd_detokenize, "MODEL [--special] < ids.json : text (streaming detokenizer)" },
+    { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
+    { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
+    { "bench-dot", cmd_bench_dot, "TYPE N ITERS [ROWS] : ns per vec_dot / vec_dot_n / vec_dot_ref" },
+};
+
+int main(int argc, char **argv) {
+    int n = (int)(sizeof commands / sizeof commands[0]);
+    if (argc >= 2)
+        for (int i = 0; i < n; i++)
+            if (!strcmp(argv[1], commands[i].name)) return commands[i].fn(argc - 2, argv + 2);
+    fprintf(stderr, "usage: pcache-tool <command> ...\n");
+    for (int i = 0; i < n; i++) fprintf(stderr, "  %s %s\n", commands[i].name, commands[i].help);
+    return 2;
+}

@@ -1,0 +1,16 @@
+/* util: small shared helpers for the command line and the server. */
+#ifndef PCACHE_UTIL_H
+#define PCACHE_UTIL_H
+#include <stddef.h>
+#include <stdbool.h>
+
+/* "512M", "1G", "64k", "1048576" -> bytes. Returns 0 on success, -1 on a bad value. */
+int parse_size(const char *s, size_t *out);
+/* "5m", "1h", "30s", "300" (seconds), "1.5h" -> seconds. Returns 0 or -1. */
+int parse_duration(const char *s, double *out);
+/* Reads a whole stream / file into a malloc'ed NUL-terminated buffer (NULL on failure). */
+char *read_stream(void *file, size_t *len);
+char *read_file(const char *path, size_t *len);
+/* The default model path: $PCACHE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf. */
+const char *default_model_path(void);
+#endif

@@ -1,0 +1,430 @@
+/* test_api: request parsing, breakpoint mapping and response formatting of src/api.c. */
+#include "api.h"
+#include <check.h>
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int parse(api_kind k, const char *body, api_request *r, api_error *e) {
+    memset(e, 0, sizeof *e);
+    return api_parse(k, body, strlen(body), r, e);
+}
+
+/* Expects a 400 whose message mentions `needle`. */
+static void expect_bad(api_kind k, const char *body, int status, const char *needle) {
+    api_request r;
+    api_error e;
+    int rc = parse(k, body, &r, &e);
+    ck_assert_msg(rc < 0, "accepted: %s", body);
+    ck_assert_int_eq(e.status, status);
+    if (needle) ck_assert_msg(strstr(e.message, needle) || strstr(e.param, needle), "'%s' not in '%s' (param '%s') for %s", needle, e.message, e.param, body);
+    api_request_free(&r);
+}
+
+/* A ChatML-ish template for tests: "<s>" + "[role]content|" per message + "[assistant]". */
+static char *tmpl(void *ctx, const chat_msg *m, int n, bool gen) {
+    (void)ctx;
+    size_t cap = 16;
+    for (int i = 0; i < n; i++) cap += strlen(m[i].role) + strlen(m[i].content) + 4;
+    cap += 16;
+    char *s = malloc(cap);
+    strcpy(s, "<s>");
+    for (int i = 0; i < n; i++) { strcat(s, "["); strcat(s, m[i].role); strcat(s, "]"); strcat(s, m[i].content); strcat(s, "|"); }
+    if (gen) strcat(s, "[assistant]");
+    return s;
+}
+/* A template that trims content (so marker placement cannot be verified at a trailing space). */
+static char *tmpl_trim(void *ctx, const chat_msg *m, int n, bool gen) {
+    (void)ctx;
+    chat_msg mm[16] = {{0}};
+    char *bufs[16];
+    for (int i = 0; i < n && i < 16; i++) {
+        size_t l = strlen(m[i].content);
+        bufs[i] = strdup(m[i].content);
+        while (l && bufs[i][l - 1] == ' ') bufs[i][--l] = 0;
+        mm[i].role = m[i].role;
+        mm[i].content = bufs[i];
+    }
+    char *s = tmpl(ctx, mm, n, gen);
+    for (int i = 0; i < n && i < 16; i++) free(bufs[i]);
+    return s;
+}
+
+START_TEST(openai_chat_valid) {
+    api_request r;
+    api_error e;
+    const char *b = "{\"model\":\"m\",\"messages\":[{\"role\":\"developer\",\"content\":\"sys\"},"
+                    "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"text\",\"text\":\"b\"}]},"
+                    "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\"}]},"
+                    "{\"role\":\"tool\",\"tool_call_id\":\"c1\",\"content\":\"42\"}],"
+                    "\"temperature\":0,\"top_p\":0.5,\"top_k\":7,\"min_p\":0.1,\"seed\":123,\"max_completion_tokens\":9,"
+                    "\"stop\":[\"x\",\"yy\"],\"presence_penalty\":0.5,\"frequency_penalty\":-1,\"stream\":true,"
+                    "\"stream_options\":{\"include_usage\":true},\"prompt_cache_key\":\"pk\",\"unknown_field\":[1,2]}";
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, b, &r, &e), 0);
+    ck_assert_str_eq(r.model, "m");
+    ck_assert_int_eq(r.n_msgs, 4);
+    ck_assert_str_eq(r.msgs[0].role, "system");
+    ck_assert_str_eq(r.msgs[1].content, "ab");
+    ck_assert_ptr_nonnull(strstr(r.msgs[2].content, "<tool_call>"));
+    ck_assert_str_eq(r.msgs[3].role, "user");
+    ck_assert_ptr_nonnull(strstr(r.msgs[3].content, "42"));
+    ck_assert_float_eq(r.sp.temperature, 0);
+    ck_assert_float_eq_tol(r.sp.top_p, 0.5, 1e-6);
+    ck_assert_int_eq(r.sp.top_k, 7);
+    ck_assert_float_eq_tol(r.sp.min_p, 0.1, 1e-6);
+    ck_assert_float_eq_tol(r.sp.presence_penalty, 0.5, 1e-6);
+    ck_assert_float_eq_tol(r.sp.frequency_penalty, -1, 1e-6);
+    ck_assert(r.has_seed);
+    ck_assert_uint_eq(r.sp.seed, 123);
+    ck_assert_int_eq(r.max_tokens, 9);
+    ck_assert_int_eq(r.n_stop, 2);
+    ck_assert_str_eq(r.stop[1], "yy");
+    ck_assert(r.stream && r.include_usage);
+    ck_assert_str_eq(r.cache_key, "pk");
+    api_request_free(&r);
+
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stop\":\"END\"}", &r, &e), 0);
+    ck_assert_int_eq(r.n_stop, 1);
+    ck_assert_str_eq(r.stop[0], "END");
+    ck_assert_int_eq(r.max_tokens, -1);
+    ck_assert(!r.stream && !r.has_seed);
+    api_request_free(&r);
+}
+END_TEST
+
+START_TEST(openai_chat_invalid) {
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[", 400, "not valid JSON");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[]} x", 400, "trailing");
+    expect_bad(API_OPENAI_CHAT, "[1,2]", 400, "JSON object");
+    expect_bad(API_OPENAI_CHAT, "", 400, "empty");
+    expect_bad(API_OPENAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":5,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\"}", 400, "messages");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":{}}", 400, "messages");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[]}", 400, "messages");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[\"hi\"]}", 400, "messages[0]");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"wizard\",\"content\":\"hi\"}]}", 400, "role");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":5}]}", 400, "messages[0]");
+    expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"}]}]}", 400, "not supported");
+    const char *base = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],";
+    char b[512];
+    struct { const char *field, *needle; } cases[] = {
+        { "\"temperature\":\"hot\"}", "temperature" }, { "\"temperature\":3}", "temperature" },
+        { "\"top_p\":1.5}", "top_p" }, { "\"max_tokens\":\"10\"}", "max_tokens" }, { "\"max_tokens\":0}", "max_tokens" },
+        { "\"max_tokens\":2.5}", "max_tokens" }, { "\"stop\":5}", "stop" }, { "\"stop\":[\"a\",1]}", "stop" },
+        { "\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", "stop" }, { "\"stream\":\"yes\"}", "stream" },
+        { "\"stream_options\":{\"include_usage\":true}}", "stream_options" }, { "\"n\":2}", "n" },
+        { "\"seed\":1.5}", "seed" }, { "\"prompt_cache_key\":7}", "prompt_cache_key" },
+        { "\"presence_penalty\":9}", "presence_penalty" }, { "\"max_tokens\":1e400}", "max_tokens" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(b, sizeof b, "%s%s", base, cases[i].field);
+        expect_bad(API_OPENAI_CHAT, b, 400, cases[i].needle);
+    }
+    /* NUL inside the body */
+    api_request r;
+    api_error e;
+    ck_assert_int_lt(api_parse(API_OPENAI_CHAT, "{\"model\":\"m\0\"}", 14, &r, &e), 0);
+    ck_assert_int_eq(e.status, 400);
+}
+END_TEST
+
+START_TEST(openai_completion) {
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":\"Once upon\",\"max_tokens\":3}", &r, &e), 0);
+    ck_assert_str_eq(r.prompt, "Once upon");
+    ck_assert_int_eq(r.max_tokens, 3);
+    char *p; size_t n; api_bp bps[4]; int nb;
+    ck_assert_int_eq(api_render(&r, tmpl, NULL, &p, &n, bps, &nb, &e), 0);
+    ck_assert_str_eq(p, "Once upon");
+    ck_assert_int_eq(nb, 0);
+    free(p);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":[\"x\"]}", &r, &e), 0);
+    ck_assert_str_eq(r.prompt, "x");
+    api_request_free(&r);
+    expect_bad(API_OPENAI_COMPLETION, "{\"model\":\"m\"}", 400, "prompt");
+    expect_bad(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":[1,2,3]}", 400, "prompt");
+    expect_bad(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":[\"a\",\"b\"]}", 400, "prompt");
+}
+END_TEST
+
+START_TEST(anthropic_valid_and_breakpoints) {
+    api_request r;
+    api_error e;
+    const char *b =
+        "{\"model\":\"m\",\"max_tokens\":16,\"stop_sequences\":[\"\\n\\nHuman:\"],\"temperature\":0.2,\"top_k\":5,"
+        "\"tools\":[{\"name\":\"get_weather\",\"description\":\"d\",\"input_schema\":{\"type\":\"object\"},"
+        "\"cache_control\":{\"type\":\"ephemeral\",\"ttl\":\"1h\"}}],"
+        "\"system\":[{\"type\":\"text\",\"text\":\"SYS1\"},{\"type\":\"text\",\"text\":\"SYS2\",\"cache_control\":{\"type\":\"ephemeral\"}}],"
+        "\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"DOC\",\"cache_control\":{\"type\":\"ephemeral\",\"ttl\":\"5m\"}},"
+        "{\"type\":\"text\",\"text\":\"Q?\"}]},{\"role\":\"assistant\",\"content\":\"A\"},{\"role\":\"user\",\"content\":\"more\"}]}";
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, b, &r, &e), 0);
+    ck_assert_int_eq(r.n_breakpoints, 3);
+    ck_assert_int_eq(r.max_tokens, 16);
+    ck_assert_int_eq(r.sp.top_k, 5);
+    ck_assert_int_eq(r.n_stop, 1);
+    ck_assert_int_eq(r.n_msgs, 4); /* system (tools + system) + 3 */
+    ck_assert_str_eq(r.msgs[0].role, "system");
+    const char *sys = r.msgs[0].content;
+    ck_assert_ptr_nonnull(strstr(sys, "get_weather"));
+    ck_assert_ptr_null(strstr(sys, "cache_control")); /* stripped: marking never changes the prompt */
+    ck_assert(strstr(sys, "get_weather") < strstr(sys, "SYS1")); /* tools before system */
+    ck_assert_int_eq(r.msgs[0].n_bp, 2);
+    /* first breakpoint: right after the tool JSON; second: right after SYS2 */
+    ck_assert_int_eq(r.msgs[0].bp[0].ttl_s, 3600);
+    ck_assert_int_eq(sys[r.msgs[0].bp[0].off - 1], '}');
+    ck_assert_int_eq(strncmp(sys + r.msgs[0].bp[1].off - 4, "SYS2", 4), 0);
+    ck_assert_int_eq(r.msgs[1].n_bp, 1);
+    ck_assert_int_eq(strncmp(r.msgs[1].content, "DOC", r.msgs[1].bp[0].off), 0);
+    ck_assert_int_eq((int)r.msgs[1].bp[0].off, 3);
+
+    char *p; size_t n; api_bp bps[4]; int nb = -1;
+    ck_assert_int_eq(api_render(&r, tmpl, NULL, &p, &n, bps, &nb, &e), 0);
+    ck_assert_int_eq(nb, 3);
+    ck_assert_uint_eq(n, strlen(p));
+    /* each offset ends exactly where its block ends in the rendered prompt */
+    ck_assert_int_eq(p[bps[0].off - 1], '}');
+    ck_assert_int_eq(strncmp(p + bps[1].off - 4, "SYS2", 4), 0);
+    ck_assert_int_eq(strncmp(p + bps[2].off - 3, "DOC", 3), 0);
+    ck_assert(bps[0].off < bps[1].off && bps[1].off < bps[2].off);
+    ck_assert_int_eq((int)bps[0].ttl_s, 3600);
+    ck_assert_int_eq((int)bps[2].ttl_s, 300);
+    ck_assert_ptr_null(strstr(p, "\x1f"));
+    /* the same request without cache_control renders to the same prompt */
+    api_request r2;
+    const char *b2 =
+        "{\"model\":\"m\",\"max_tokens\":16,\"stop_sequences\":[\"\\n\\nHuman:\"],"
+        "\"tools\":[{\"name\":\"get_weather\",\"description\":\"d\",\"input_schema\":{\"type\":\"object\"}}],"
+        "\"system\":[{\"type\":\"text\",\"text\":\"SYS1\"},{\"type\":\"text\",\"text\":\"SYS2\"}],"
+        "\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"DOC\"},"
+        "{\"type\":\"text\",\"text\":\"Q?\"}]},{\"role\":\"assistant\",\"content\":\"A\"},{\"role\":\"user\",\"content\":\"more\"}]}";
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, b2, &r2, &e), 0);
+    char *p2; size_t n2; int nb2;
+    ck_assert_int_eq(api_render(&r2, tmpl, NULL, &p2, &n2, bps, &nb2, &e), 0);
+    ck_assert_int_eq(nb2, 0);
+    ck_assert_str_eq(p, p2);
+    free(p); free(p2);
+    api_request_free(&r);
+    api_request_free(&r2);
+}
+END_TEST
+
+START_TEST(anthropic_render_fallback_and_prefill) {
+    api_request r;
+    api_error e;
+    /* trailing space before the breakpoint: a trimming template breaks marker verification */
+    const char *b = "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"abc \","
+                    "\"cache_control\":{\"type\":\"ephemeral\"}}]},{\"role\":\"assistant\",\"content\":\"x\"},{\"role\":\"user\",\"content\":\"q\"}]}";
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, b, &r, &e), 0);
+    char *p; size_t n; api_bp bps[4]; int nb;
+    ck_assert_int_eq(api_render(&r, tmpl_trim, NULL, &p, &n, bps, &nb, &e), 0);
+    ck_assert_int_eq(nb, 1);
+    /* fallback: the end of the rendered first message */
+    ck_assert_int_eq(strncmp(p, "<s>[user]abc|", bps[0].off), 0);
+    ck_assert_uint_eq(bps[0].off, strlen("<s>[user]abc|"));
+    free(p);
+    api_request_free(&r);
+    /* assistant prefill: the prompt ends with the assistant's text after the generation prompt */
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"assistant\",\"content\":\"Sure:\"}]}", &r, &e), 0);
+    ck_assert(r.assistant_prefill);
+    ck_assert_int_eq(api_render(&r, tmpl, NULL, &p, &n, bps, &nb, &e), 0);
+    ck_assert_str_eq(p, "<s>[user]hi|[assistant]Sure:");
+    free(p);
+    api_request_free(&r);
+}
+END_TEST
+
+START_TEST(anthropic_invalid) {
+    const char *five =
+        "{\"model\":\"m\",\"max_tokens\":4,\"system\":[{\"type\":\"text\",\"text\":\"a\",\"cache_control\":{\"type\":\"ephemeral\"}},"
+        "{\"type\":\"text\",\"text\":\"b\",\"cache_control\":{\"type\":\"ephemeral\"}}],\"messages\":[{\"role\":\"user\",\"content\":["
+        "{\"type\":\"text\",\"text\":\"c\",\"cache_control\":{\"type\":\"ephemeral\"}},{\"type\":\"text\",\"text\":\"d\",\"cache_control\":{\"type\":\"ephemeral\"}},"
+        "{\"type\":\"text\",\"text\":\"e\",\"cache_control\":{\"type\":\"ephemeral\"}}]}]}";
+    expect_bad(API_ANTHROPIC_MESSAGES, five, 400, "maximum of 4 blocks");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "max_tokens");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":\"4\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "max_tokens");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"system\",\"content\":\"hi\"}]}", 400, "role");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":7}]}", 400, "content");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image\"}]}]}", 400, "not supported");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\"}]}]}", 400, "text");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\",\"cache_control\":{\"type\":\"persistent\"}}]}]}", 400, "ephemeral");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\",\"cache_control\":{\"type\":\"ephemeral\",\"ttl\":\"2h\"}}]}]}", 400, "ttl");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"system\":[{\"type\":\"text\",\"text\":\"a\",\"cache_control\":{\"type\":\"ephemeral\"}}],\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\",\"cache_control\":{\"type\":\"ephemeral\",\"ttl\":\"1h\"}}]}]}", 400, "1h");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"system\":5,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "system");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"tools\":{},\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "tools");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"tools\":[{\"description\":\"x\"}],\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "name");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"stop_sequences\":\"x\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "stop_sequences");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"temperature\":1.5,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "temperature");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"assistant\",\"content\":\"x \"}]}", 400, "trailing whitespace");
+    /* top-level cache_control: a breakpoint at the end of the last message */
+    {
+        api_request r0;
+        api_error e0;
+        ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":4,\"cache_control\":{\"type\":\"ephemeral\",\"ttl\":\"1h\"},"
+                               "\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}", &r0, &e0), 0);
+        ck_assert_int_eq(r0.n_breakpoints, 1);
+        ck_assert_int_eq(r0.msgs[0].n_bp, 1);
+        ck_assert_uint_eq(r0.msgs[0].bp[0].off, 5);
+        ck_assert_int_eq((int)r0.msgs[0].bp[0].ttl_s, 3600);
+        api_request_free(&r0);
+    }
+    /* count_tokens needs no max_tokens */
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_ANTHROPIC_COUNT_TOKENS, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e), 0);
+    api_request_free(&r);
+}
+END_TEST
+
+START_TEST(byte_to_token) {
+    size_t ends[] = { 0, 3, 5, 5, 9 }; /* BOS (0 bytes), then pieces */
+    ck_assert_int_eq(api_byte_to_token(ends, 5, 0), 1);
+    ck_assert_int_eq(api_byte_to_token(ends, 5, 2), 1);  /* inside token 1: not included */
+    ck_assert_int_eq(api_byte_to_token(ends, 5, 3), 2);
+    ck_assert_int_eq(api_byte_to_token(ends, 5, 5), 4);
+    ck_assert_int_eq(api_byte_to_token(ends, 5, 8), 4);
+    ck_assert_int_eq(api_byte_to_token(ends, 5, 9), 5);
+    ck_assert_int_eq(api_byte_to_token(ends, 5, 100), 5);
+    ck_assert_int_eq(api_byte_to_token(ends, 0, 3), 0);
+}
+END_TEST
+
+static cJSON *parse_json(char *s) {
+    ck_assert_ptr_nonnull(s);
+    cJSON *o = cJSON_Parse(s);
+    ck_assert_msg(o != NULL, "not JSON: %s", s);
+    free(s);
+    return o;
+}
+static int num(const cJSON *o, const char *path) {
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", path);
+    const cJSON *v = o;
+    for (char *t = strtok(buf, "."); t; t = strtok(NULL, ".")) v = cJSON_GetObjectItemCaseSensitive(v, t);
+    ck_assert_msg(cJSON_IsNumber(v), "no number at %s", path);
+    return v->valueint;
+}
+
+START_TEST(usage_shapes) {
+    engine_usage u = { .prompt_tokens = 100, .cached_tokens = 60, .cache_write_5m = 25, .cache_write_1h = 5, .completion_tokens = 7 };
+    cJSON *o = parse_json(api_format_usage_openai(&u));
+    ck_assert_int_eq(num(o, "prompt_tokens"), 100);
+    ck_assert_int_eq(num(o, "completion_tokens"), 7);
+    ck_assert_int_eq(num(o, "total_tokens"), 107);
+    ck_assert_int_eq(num(o, "prompt_tokens_details.cached_tokens"), 60);
+    cJSON_Delete(o);
+    o = parse_json(api_format_usage_anthropic(&u));
+    ck_assert_int_eq(num(o, "input_tokens"), 10);  /* 100 - 60 read - 30 written */
+    ck_assert_int_eq(num(o, "cache_read_input_tokens"), 60);
+    ck_assert_int_eq(num(o, "cache_creation_input_tokens"), 30);
+    ck_assert_int_eq(num(o, "cache_creation.ephemeral_5m_input_tokens"), 25);
+    ck_assert_int_eq(num(o, "cache_creation.ephemeral_1h_input_tokens"), 5);
+    ck_assert_int_eq(num(o, "output_tokens"), 7);
+    cJSON_Delete(o);
+}
+END_TEST
+
+START_TEST(response_shapes) {
+    api_request r;
+    api_error e;
+    engine_usage u = { .prompt_tokens = 10, .cached_tokens = 4, .completion_tokens = 3, .stop_matched = 1 };
+    api_result res = { .id = "id1", .created = 1234, .model = "mod", .text = "hi \"there\"", .text_len = 10, .why = FINISH_STOP, .stop_matched = 1, .usage = &u };
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e), 0);
+    cJSON *o = parse_json(api_format_response(&r, &res));
+    ck_assert_str_eq(cJSON_GetObjectItem(o, "object")->valuestring, "chat.completion");
+    ck_assert_str_eq(cJSON_GetObjectItem(o, "id")->valuestring, "id1");
+    ck_assert_int_eq(num(o, "created"), 1234);
+    cJSON *c0 = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0);
+    ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(c0, "message"), "content")->valuestring, "hi \"there\"");
+    ck_assert_str_eq(cJSON_GetObjectItem(c0, "finish_reason")->valuestring, "stop");
+    ck_assert_int_eq(num(o, "usage.prompt_tokens_details.cached_tokens"), 4);
+    cJSON_Delete(o);
+    /* stream end with include_usage: finish chunk, usage chunk with empty choices, [DONE] */
+    r.include_usage = true;
+    res.why = FINISH_LENGTH;
+    char *s = api_format_stream_end(&r, &res);
+    ck_assert_ptr_nonnull(strstr(s, "\"finish_reason\":\"length\""));
+    ck_assert_ptr_nonnull(strstr(s, "\"choices\":[],\"usage\":{"));
+    size_t L = strlen(s);
+    ck_assert_str_eq(s + L - strlen("data: [DONE]\n\n"), "data: [DONE]\n\n");
+    free(s);
+    s = api_format_stream_delta(&r, &res, "ab\ncd", 5);
+    ck_assert_int_eq(strncmp(s, "data: {", 7), 0);
+    ck_assert_ptr_nonnull(strstr(s, "\"content\":\"ab\\ncd\""));
+    ck_assert_str_eq(s + strlen(s) - 2, "\n\n");
+    free(s);
+    api_request_free(&r);
+
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":3,\"stop_sequences\":[\"STOP\"],\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e), 0);
+    res.why = FINISH_STOP;
+    o = parse_json(api_format_response(&r, &res));
+    ck_assert_str_eq(cJSON_GetObjectItem(o, "type")->valuestring, "message");
+    ck_assert_str_eq(cJSON_GetObjectItem(o, "stop_reason")->valuestring, "stop_sequence");
+    ck_assert_str_eq(cJSON_GetObjectItem(o, "stop_sequence")->valuestring, "STOP");
+    ck_assert_int_eq(num(o, "usage.cache_read_input_tokens"), 4);
+    ck_assert_int_eq(num(o, "usage.input_tokens"), 6);
+    cJSON_Delete(o);
+    res.stop_matched = 0;
+    o = parse_json(api_format_response(&r, &res));
+    ck_assert_str_eq(cJSON_GetObjectItem(o, "stop_reason")->valuestring, "end_turn");
+    ck_assert(cJSON_IsNull(cJSON_GetObjectItem(o, "stop_sequence")));
+    cJSON_Delete(o);
+    /* event order of a whole Anthropic stream */
+    char *a = api_format_stream_start(&r, &res, 10), *d = api_format_stream_delta(&r, &res, "x", 1), *z = api_format_stream_end(&r, &res);
+    size_t cap = strlen(a) + strlen(d) + strlen(z) + 1;
+    char *all = malloc(cap);
+    snprintf(all, cap, "%s%s%s", a, d, z);
+    const char *order[] = { "event: message_start", "event: content_block_start", "event: ping", "event: content_block_delta",
+                            "event: content_block_stop", "event: message_delta", "event: message_stop" };
+    const char *at = all;
+    for (size_t i = 0; i < 7; i++) {
+        const char *q = strstr(at, order[i]);
+        ck_assert_msg(q != NULL, "missing or out of order: %s", order[i]);
+        at = q + 1;
+    }
+    free(a); free(d); free(z); free(all);
+    api_request_free(&r);
+}
+END_TEST
+
+START_TEST(error_shapes) {
+    api_error e;
+    api_error_set(&e, 404, "invalid_request_error", "model", "model_not_found", "no %s", "x");
+    cJSON *o = parse_json(api_format_error(false, &e));
+    cJSON *er = cJSON_GetObjectItem(o, "error");
+    ck_assert_str_eq(cJSON_GetObjectItem(er, "message")->valuestring, "no x");
+    ck_assert_str_eq(cJSON_GetObjectItem(er, "type")->valuestring, "invalid_request_error");
+    ck_assert_str_eq(cJSON_GetObjectItem(er, "param")->valuestring, "model");
+    ck_assert_str_eq(cJSON_GetObjectItem(er, "code")->valuestring, "model_not_found");
+    cJSON_Delete(o);
+    api_error_set(&e, 401, "authentication_error", NULL, NULL, "bad key");
+    o = parse_json(api_format_error(true, &e));
+    ck_assert_str_eq(cJSON_GetObjectItem(o, "type")->valuestring, "error");
+    ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(o, "error"), "type")->valuestring, "authentication_error");
+    cJSON_Delete(o);
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("api");
+    TCase *tc = tcase_create("api");
+    tcase_add_test(tc, openai_chat_valid);
+    tcase_add_test(tc, openai_chat_invalid);
+    tcase_add_test(tc, openai_completion);
+    tcase_add_test(tc, anthropic_valid_and_breakpoints);
+    tcase_add_test(tc, anthropic_render_fallback_and_prefill);
+    tcase_add_test(tc, anthropic_invalid);
+    tcase_add_test(tc, byte_to_token);
+    tcase_add_test(tc, usage_shapes);
+    tcase_add_test(tc, response_shapes);
+    tcase_add_test(tc, error_shapes);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int nf = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return nf ? 1 : 0;
+}

@@ -1,0 +1,74 @@
+"""A live `pcache serve` for the server tests (kept out of conftest.py, which others own)."""
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+BUILD = os.environ.get("PCACHE_BUILD", "build")
+MODEL = os.environ.get("PCACHE_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+KEYS = ["sk-test-alpha", "sk-test-beta"]
+IDLE_TIMEOUT = 3  # seconds a client may stall while sending a request
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, port, proc, log_path):
+        self.port, self.proc, self.log_path = port, proc, log_path
+        self.base = f"http://127.0.0.1:{port}"
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    exe = os.path.join(BUILD, "pcache")
+    if not os.path.exists(exe):
+        pytest.skip(f"{exe} not built")
+    if not os.path.exists(MODEL):
+        pytest.skip(f"{MODEL} missing")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "serve.log"
+    args = [exe, "serve", "-m", MODEL, "--port", str(port), "--timeout", str(IDLE_TIMEOUT), "--kv-mem", "256M"]
+    for k in KEYS:
+        args += ["--api-key", k]
+    env = dict(os.environ)
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = Server(port, proc, log_path)
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{srv.log()}")
+        try:
+            with urllib.request.urlopen(srv.base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("server did not become healthy:\n" + srv.log())
+        time.sleep(0.2)
+    yield srv
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    # The server must not have crashed while serving (sanitizer reports end in a non-zero exit).
+    assert proc.returncode == 0, f"server exit status {proc.returncode}:\n{srv.log()}"

@@ -1,0 +1,211 @@
+"""Oracle tests: the NumPy reference (reference.py) against llama.cpp, and pcache against the
+reference.
+
+A note on sensitivity (measured, and it sets every tolerance below). With quantized weights,
+each matmul input is itself quantized to 8 bits (ggml's Q8_0/Q8_1 activation formats), and
+rounding to the nearest integer is discontinuous: a 1-ulp difference in one activation, from a
+different float summation order anywhere upstream, can flip one q by +-1, and 30 layers amplify
+that. On SmolLM2-135M Q4_1, changing only how the reference computes 1/d in the activation
+quantizer (1/(amax/127) vs 127/amax, differing in the last bit now and then) moves the logits
+by up to 0.5-1.1 (2-4% of max|logit|) from the 6th position on, while positions with no flip
+agree exactly. So two correct implementations of the quantized model agree tightly only where
+their float operations match bit for bit; elsewhere they agree to the "activation-quantization
+noise" level, which is also the size of the gap between act_quant=True and float activations.
+Hence:
+  - the structure of the model (RoPE modes, GQA, biases, q/k norms, head_dim != n_embd/n_head,
+    tied output) is checked with float weights, where agreement is ~1e-6 relative (synthetic
+    models, against llama.cpp and against pcache);
+  - quantized models are checked per position: either tight agreement or, where flips
+    happened, a bound at the noise level plus a KL bound and argmax equality (up to near-ties).
+"""
+import numpy as np
+import pytest
+
+from oracle_util import (MODEL, logit_stats, need_model, pcache_tokenize, tool_logits,
+                         top2_gap, write_synth_model)
+from reference import ReferenceModel, gguf_tokenizer
+
+PROMPTS = [
+    "The capital of France is",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a small village by the sea, there lived",
+    "1, 2, 3, 5, 8, 13, 21,",
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM.<|im_end|>\n"
+    "<|im_start|>user\nList three colours.<|im_end|>\n<|im_start|>assistant\n",
+    "Ünïcödé and emoji 🙂 mixed with numbers 12345 and punctuation!?",
+]
+
+# Near-tie: when the top-2 logits of the reference are closer than this, the argmax of two
+# correct implementations may legitimately differ (see the sensitivity note).
+NEAR_TIE = 1e-2
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return ReferenceModel(need_model())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gguf_tokenizer(need_model())
+
+
+def llama_cpp_or_skip():
+    try:
+        import llama_cpp
+    except Exception as e:  # pragma: no cover - depends on the environment
+        pytest.skip(f"llama_cpp (llama-cpp-python) not importable: {e}")
+    return llama_cpp
+
+
+def assert_same_argmax(ref_logits, got, what):
+    a, b = int(np.argmax(ref_logits)), int(np.argmax(got))
+    if a != b:
+        gap = float(ref_logits[a] - ref_logits[b])
+        assert gap < NEAR_TIE, f"{what}: argmax {b} != reference {a} (reference gap {gap:.4f})"
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the reference itself, against llama.cpp
+# ---------------------------------------------------------------------------------------------
+def test_reference_block_parser_matches_gguf_dequantize(ref):
+    """The act-quant path parses the raw blocks itself; it must agree with gguf's dequantize."""
+    L = ref.layers[0]
+    for m in (L["wq"], L["w_down"], ref.tok_embd):
+        np.testing.assert_array_equal(m.dequant_from_blocks(), m.float())
+
+
+def test_act_quant_off_is_float_matmul(ref):
+    """act_quant=False is the plain float model; act_quant=True differs from it, by noise."""
+    x = np.random.default_rng(0).standard_normal((3, ref.n_embd)).astype(np.float32)
+    w = ref.layers[0]["wq"]
+    np.testing.assert_allclose(w.matmul(x, False), x @ w.float().T, rtol=1e-5, atol=1e-5)
+    yq = w.matmul(x, True)
+    err = np.abs(yq - x @ w.float().T).max() / np.abs(x @ w.float().T).max()
+    assert 0 < err < 0.02, err
+
+
+@pytest.mark.parametrize("arch,head_dim", [("llama", None), ("qwen2", None), ("qwen3", None),
+                                           ("qwen3", 32)])
+def test_reference_vs_llama_cpp_synthetic_f32(tmp_path, arch, head_dim):
+    """Float weights: no activation quantization, so llama.cpp (with an F32 KV cache) and the
+    reference must agree to float rounding. Checks RoPE mode per arch, biases, q/k norm, GQA,
+    head_dim != n_embd/n_head, tied output. Measured: max abs diff <= 3.4e-5 on logits of
+    magnitude ~50 (rel <= 8e-7)."""
+    llama_cpp = llama_cpp_or_skip()
+    path = str(tmp_path / f"{arch}.gguf")
+    hp = write_synth_model(path, arch, head_dim=head_dim, seed=3)
+    ids = list(np.random.default_rng(1).integers(0, hp["n_vocab"], 20))
+    r = ReferenceModel(path).forward(ids, all_logits=True)
+    llm = llama_cpp.Llama(path, n_threads=2, n_ctx=64, logits_all=True, verbose=False,
+                          flash_attn=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])
+    st = logit_stats(r, got)
+    print(arch, head_dim, st)
+    assert st["rel"] < 1e-5, st
+
+
+def test_reference_vs_llama_cpp_real_model(ref, tok):
+    """SmolLM2 Q4_1: llama.cpp differs from the reference by activation-quantization noise
+    (its vectorised silu/exp and summation orders are not ours; see the module note).
+    Measured over these prompts: max abs diff 0.5-1.2 (rel 2-4.5%), KL <= ~3e-3; argmax equal.
+    For scale, act_quant on vs off in the reference itself differs by ~0.6."""
+    llama_cpp = llama_cpp_or_skip()
+    llm = llama_cpp.Llama(need_model(), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
+    for text in PROMPTS[:5]:
+        ids = tok.encode(text).ids
+        assert ids == llm.tokenize(text.encode(), add_bos=False, special=True), text
+        r = ref.forward(ids)
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[len(ids) - 1])
+        st = logit_stats(r, got)
+        print(repr(text[:30]), len(ids), st)
+        assert st["rel"] < 0.06, st
+        assert st["kl"] < 2e-2, st
+        assert_same_argmax(r, got, repr(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) pcache against the reference, real model
+# ---------------------------------------------------------------------------------------------
+# pcache implements the same activation quantization as the reference (nearest-even, 1/d) but
+# sums in SIMD lane order, so flips happen (see the module note). Measured: TODO fill in.
+PCACHE_REL_TOL = 0.06      # per position max|diff| / max|logit| (noise level, see note)
+PCACHE_KL_TOL = 2e-2
+
+
+def test_pcache_tokenize_matches_reference_tokenizer(tok):
+    for text in PROMPTS:
+        assert pcache_tokenize(text) == tok.encode(text).ids, text
+
+
+def test_pcache_logits_vs_reference(ref, tok):
+    worst = []
+    for text in PROMPTS:
+        ids = tok.encode(text).ids
+        r = ref.forward(ids)
+        got = tool_logits(need_model(), ids, ref.n_vocab)
+        assert np.all(np.isfinite(got))
+        st = logit_stats(r, got)
+        print(repr(text[:30]), len(ids), st, "top2 gap", round(top2_gap(r), 4))
+        worst.append(st["rel"])
+        assert st["rel"] < PCACHE_REL_TOL, (text, st)
+        assert st["kl"] < PCACHE_KL_TOL, (text, st)
+        assert_same_argmax(r, got, repr(text))
+
+
+def test_pcache_logits_vs_reference_all_positions(ref, tok):
+    """--all gives every position; its last row is the plain last-position output, and each
+    row is checked against the reference."""
+    ids = tok.encode(PROMPTS[3]).ids
+    r = ref.forward(ids, all_logits=True)
+    got = tool_logits(need_model(), ids, ref.n_vocab, all_positions=True)
+    last = tool_logits(need_model(), ids, ref.n_vocab)
+    np.testing.assert_array_equal(got[-1], last)
+    for i in range(len(ids)):
+        st = logit_stats(r[i], got[i])
+        assert st["rel"] < PCACHE_REL_TOL and st["kl"] < PCACHE_KL_TOL, (i, st)
+    # Position 0 sees one token only: nothing upstream can differ in summation order except
+    # within the first layer, so it must be (nearly) exact.
+    st0 = logit_stats(r[0], got[0])
+    assert st0["rel"] < 1e-3, st0
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) pcache against the reference, synthetic tiny models (every position)
+# ---------------------------------------------------------------------------------------------
+SYNTH = {
+    # name: (arch, kwargs for write_synth_model, rel tolerance)
+    # Float weights: float rounding only. Measured: TODO.
+    "llama-f32": ("llama", dict(), 1e-5),
+    "qwen2-f32": ("qwen2", dict(), 1e-5),
+    "qwen3-f32": ("qwen3", dict(), 1e-5),
+    "qwen3-hd32-f32": ("qwen3", dict(head_dim=32), 1e-5),
+    "llama-untied-f32": ("llama", dict(tied=False), 1e-5),
+    # Quantized weights: Q8_0 attention, Q4_1 gate/up, Q4_0 down, F16 embeddings (tied output
+    # is then F16 x F32 activations). Two layers, so a rare flip moves logits a little.
+    "llama-quant": ("llama", dict(wtype="Q8_0", ffn_types=("Q4_1", "Q4_1", "Q4_0"),
+                                  embd_type="F16"), 1e-2),
+    "qwen2-quant": ("qwen2", dict(wtype="Q8_0", ffn_types=("Q4_1", "Q4_1", "Q4_0"),
+                                  embd_type="F16"), 1e-2),
+    "qwen3-quant": ("qwen3", dict(wtype="Q4_1", ffn_types=("Q8_0", "Q4_0", "Q4_1"),
+                                  embd_type="Q8_0", tied=False, out_type="Q4_0"), 1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNTH))
+def test_pcache_vs_reference_synthetic(tmp_path, name):
+    arch, kw, tol = SYNTH[name]
+    path = str(tmp_path / f"{name}.gguf")
+    hp = write_synth_model(path, arch, seed=7, **kw)
+    ids = list(np.random.default_rng(11).integers(0, hp["n_vocab"], 24))
+    r = ReferenceModel(path).forward(ids, all_logits=True)
+    got = tool_logits(path, ids, hp["n_vocab"], all_positions=True)
+    st = logit_stats(r, got)
+    print(name, st)
+    assert st["rel"] < tol, st
+    for i in range(len(ids)):
+        assert_same_argmax(r[i], got[i], f"{name} position {i}")
