@@ -55,12 +55,22 @@ $(MODEL):
 SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 test: deps model
 	$(MAKE) BUILD=build/asan SAN="$(SANFLAGS)" OPT=-O1 test-c test-py
+	$(MAKE) fuzz FUZZ_SECONDS=20
+
+# Short coverage-guided fuzzing runs of the parsers (libFuzzer, ASan+UBSan).
+FUZZ_SECONDS ?= 60
+fuzz:
+	bash scripts/fuzz-gguf.sh $(FUZZ_SECONDS)
+	bash scripts/fuzz-api.sh $(FUZZ_SECONDS)
 
 test-c: $(TEST_BIN) $(BUILD)/pcache $(BUILD)/pcache-tool
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_FORK=no ASAN_OPTIONS=detect_leaks=1 $$t; done
 
 test-py: $(BUILD)/pcache $(BUILD)/pcache-tool
 	PCACHE_BUILD=$(BUILD) PCACHE_MODEL=$(MODEL) python3 -m pytest -q tests/py
+
+serve: deps model all
+	$(BUILD)/pcache serve -m $(MODEL) --host 127.0.0.1 --port 8080
 
 run: deps model all
 	$(BUILD)/pcache run --chat -n 64 "What is prompt caching, in one sentence?"

@@ -452,4 +452,9 @@ void engine_get_stats(const engine *e, engine_stats *s) {
     prefix_stats ps;
     prefix_get_stats(e->px, &ps);
     s->evictions = ps.evictions;
+    s->cache_lookups = ps.lookups;
+    s->cache_hits = ps.hits;
+    s->cache_tokens_saved = ps.tokens_saved;
+    s->cache_entries = ps.entries;
+    s->cache_tokens = ps.cached_tokens;
 }

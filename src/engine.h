@@ -67,6 +67,10 @@ typedef struct engine_stats {
     uint64_t requests, prompt_tokens, cached_tokens, completion_tokens, evictions;
     int kv_blocks_used, kv_blocks_free, kv_blocks_total;
     int active_seqs;
+    /* prefix cache */
+    uint64_t cache_lookups, cache_hits, cache_tokens_saved;
+    int cache_entries;
+    int64_t cache_tokens;          /* tokens held in the index */
 } engine_stats;
 
 typedef struct engine engine;

@@ -254,6 +254,15 @@ static int cmd_run(int argc, char **argv) {
         }
         free(line);
         if (f) fclose(f);
+        engine_stats es;
+        engine_get_stats(e, &es);
+        fprintf(stderr,
+                "cache: requests=%llu prompt_tokens=%llu cached_tokens=%llu lookups=%llu hits=%llu hit_rate=%.3f "
+                "entries=%d evictions=%llu kv_blocks_used=%d kv_blocks_free=%d\n",
+                (unsigned long long)es.requests, (unsigned long long)es.prompt_tokens,
+                (unsigned long long)es.cached_tokens, (unsigned long long)es.cache_lookups,
+                (unsigned long long)es.cache_hits, es.cache_lookups ? (double)es.cache_hits / es.cache_lookups : 0.0,
+                es.cache_entries, (unsigned long long)es.evictions, es.kv_blocks_used, es.kv_blocks_free);
     }
     free(text);
     engine_free(e);

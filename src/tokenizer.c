@@ -611,10 +611,17 @@ static bool ensure_sym(enc *e, size_t n) {
 
 static void bpe_piece(enc *e, const char *s, size_t n) {
     if (n == 0 || !ensure_sym(e, n)) return;
-    for (size_t i = 0; i < n; i++)
-        e->sym[i] = (symbol){ e->t->byte_tok[(uint8_t)s[i]], (int)i - 1, i + 1 < n ? (int)i + 1 : -1, (uint32_t)i, 1 };
-    /* a byte with no token (not in any real vocab) is dropped, as HF does without an unk */
-    merge_symbols(e, s, (int)n);
+    /* A byte with no token (SmolLM2 lacks e.g. 0x13, 0xC0, 0xFF) is dropped before merging, as
+     * HF's BPE does when it has no unk token; its neighbours become adjacent. */
+    int ns = 0;
+    for (size_t i = 0; i < n; i++) {
+        int32_t id = e->t->byte_tok[(uint8_t)s[i]];
+        if (id < 0) continue;
+        e->sym[ns] = (symbol){ id, ns - 1, -1, (uint32_t)i, 1 };
+        if (ns > 0) e->sym[ns - 1].next = ns;
+        ns++;
+    }
+    merge_symbols(e, s, ns);
 }
 
 /* Splits s[0..n) with regex stage k (HF "Isolated": matches and gaps are pieces), recursing

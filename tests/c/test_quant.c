@@ -589,6 +589,25 @@ START_TEST(test_vec_dot_n_bit_exact) {
 }
 END_TEST
 
+/* K-quant SIMD kernels reduce each super-block to exact integers and then take the same float
+ * steps as the reference, so they must agree bit for bit (with any compiler's contraction). */
+START_TEST(test_vec_dot_kquants_bit_exact_with_ref) {
+    const ggml_type ks[] = {GGML_TYPE_Q4_K, GGML_TYPE_Q6_K};
+    const int64_t n = 1536;
+    for (int k = 0; k < 2; k++) {
+        uint8_t *w = xmalloc(ggml_row_size(ks[k], n)), *a = xmalloc(ggml_row_size(GGML_TYPE_Q8_K, n));
+        float *xf = xmalloc(n * sizeof(float));
+        for (int rep = 0; rep < 20; rep++) {
+            quant_fill_random(ks[k], w, n, (uint64_t)rep + 100);
+            make_act(ks[k], a, xf, n, (uint64_t)rep + 200, rep % 2 == 0);
+            const float r = vec_dot_ref(ks[k], w, a, n), v = vec_dot(ks[k], w, a, n);
+            ck_assert_msg(bits(r) == bits(v), "%s rep %d: %.9g vs %.9g", ggml_type_get(ks[k])->name, rep, (double)v, (double)r);
+        }
+        free(w); free(a); free(xf);
+    }
+}
+END_TEST
+
 /* vec_dot is a pure function: same inputs, same bits, whatever ran before. */
 START_TEST(test_vec_dot_deterministic) {
     const int64_t n = 1536;
@@ -628,6 +647,7 @@ int main(void) {
     tcase_add_test(tc, test_vec_dot_float_tails);
     tcase_add_test(tc, test_vec_dot_extremes);
     tcase_add_test(tc, test_vec_dot_n_bit_exact);
+    tcase_add_test(tc, test_vec_dot_kquants_bit_exact_with_ref);
     tcase_add_test(tc, test_vec_dot_deterministic);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

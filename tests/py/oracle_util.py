@@ -200,3 +200,29 @@ def write_synth_model(path: str, arch: str = "llama", *, wtype: str = "F32",
     w.write_tensors_to_file()
     w.close()
     return dict(arch=arch, n_vocab=n_vocab, n_layer=n_layer, head_dim=head_dim)
+
+
+def write_truncated_model(src: str, dst: str, n_layer: int) -> None:
+    """Copies a llama-family GGUF keeping only its first n_layer blocks (same metadata and raw
+    tensor bytes otherwise): real weights, with less depth for rounding flips to compound in."""
+    import gguf
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        val = f.contents()
+        if key == f"{arch}.block_count":
+            val = n_layer
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    for t in r.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layer:
+            continue
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

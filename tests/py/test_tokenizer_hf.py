@@ -71,6 +71,11 @@ def read_tokenizer_dict(path):
     return d
 
 
+@functools.lru_cache(maxsize=2)
+def chat_template_source(path):
+    return gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
+
+
 def hf_tokenizer(path):
     """transformers' GGUF converter applied to the file's metadata."""
     from transformers.integrations.gguf import convert_gguf_tokenizer
@@ -176,7 +181,9 @@ def test_smollm_no_special_matches_hf(smollm_hf):
 
 @needs_model
 def test_smollm_invalid_utf8_as_replacement(smollm_hf):
-    for b in BAD_UTF8:
+    rng = random.Random(4321)
+    rand = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))) for _ in range(15)]
+    for b in BAD_UTF8 + [b"a\x00b", b"\x13\x04 ctrl \xc0\xff"] + rand:
         assert our_ids(MODEL, b) == hf_ids(smollm_hf, b), b
 
 
@@ -221,8 +228,7 @@ CONVERSATIONS = [
 def test_smollm_chat_template_matches_jinja(gen):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    r = gguf.GGUFReader(MODEL)
-    src = r.fields["tokenizer.chat_template"].contents()
+    src = chat_template_source(MODEL)
     # transformers renders chat templates with these environment settings.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     tmpl = env.from_string(src)
@@ -239,9 +245,12 @@ def write_bpe_gguf(path, pre, d):
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
-    w.add_token_list(d["tokens"])
-    w.add_token_types(list(d["token_type"]))
-    w.add_token_merges(d["merges"])
+    # SmolLM2's vocab has no multi-digit tokens (its digits are always split); add a few so that
+    # the pre-tokenizers' digit rules (\p{N} vs \p{N}{1,3}) change the ids.
+    extra = ["12", "123", "45", "456", "Ġ1", "Ġ12"]
+    w.add_token_list(list(d["tokens"]) + extra)
+    w.add_token_types(list(d["token_type"]) + [1] * len(extra))
+    w.add_token_merges(list(d["merges"]) + ["1 2", "12 3", "4 5", "45 6", "Ġ 1", "Ġ1 2"])
     w.add_bos_token_id(int(d["bos_token_id"]))
     w.add_eos_token_id(int(d["eos_token_id"]))
     w.add_bool("tokenizer.ggml.add_bos_token", False)
@@ -257,7 +266,7 @@ def smollm_dict():
 
 
 @needs_model
-@pytest.mark.parametrize("pre", ["qwen2", "llama3", "llama-bpe", "gpt2"])
+@pytest.mark.parametrize("pre", ["qwen2", "llama3", "llama-bpe", "gpt2", "smollm"])
 def test_bpe_pretokenizers_match_hf(pre, smollm_dict, tmp_path):
     path = tmp_path / f"vocab-{pre}.gguf"
     write_bpe_gguf(path, pre, smollm_dict)
