@@ -78,6 +78,9 @@ run: deps model all
 bench: deps model
 	$(MAKE) all
 	python3 bench/bench.py --model $(MODEL) --pcache $(BUILD)/pcache
+	-$(MAKE) $(BUILD)/tests/test_prefix
+	python3 bench/bench_cache.py --model $(MODEL) --pcache $(BUILD)/pcache
+	python3 bench/bench_server.py --model $(MODEL) --pcache $(BUILD)/pcache
 
 clean:
 	rm -rf build

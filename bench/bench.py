@@ -100,17 +100,24 @@ def run_pcache(pcache, model, prompt_file, threads):
     return {k: float(v) for k, v in kv.items()}
 
 
-def run_llama(llm, ids):
+def last_argmax(llm):
+    """Greedy pick from llama.cpp's logits of the last evaluated token (llama_get_logits_ith)."""
+    import llama_cpp
     import numpy as np
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))))
+
+
+def run_llama(llm, ids):
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
     prefill_s = time.perf_counter() - t0
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = last_argmax(llm)
     t0 = time.perf_counter()
     for _ in range(N_DECODE):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_argmax(llm)
     decode_s = time.perf_counter() - t0
     return dict(prefill_tokens=len(ids), prefill_s=prefill_s, prefill_tps=len(ids) / prefill_s,
                 decode_tokens=N_DECODE, decode_s=decode_s, decode_tps=N_DECODE / decode_s)

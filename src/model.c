@@ -18,6 +18,7 @@
 #endif
 
 #define MM_TILE 16
+#define MM_TOKENS 64   /* activations per vec_dot_tile call (bounds the stack buffer) */
 
 /* ---------------------------------------------------------------------------------------- */
 /* Loading                                                                                   */
@@ -272,7 +273,13 @@ static void f32_to_f16_row(kv_elem *dst, const float *src, int n) {
     for (; i < n; i++) dst[i] = fp32_to_fp16(src[i]);
 }
 
-static inline float round_f16(float x) { return fp16_to_fp32(fp32_to_fp16(x)); }
+static inline float round_f16(float x) {
+#if defined(__F16C__)
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(x), _MM_FROUND_TO_NEAREST_INT)));
+#else
+    return fp16_to_fp32(fp32_to_fp16(x));
+#endif
+}
 
 /* The attention dot products follow the summation order of llama.cpp's CPU attention (its
  * tinyBLAS f16 GEMM): one 8-lane accumulator fed in order, then the lanes summed as
@@ -342,17 +349,22 @@ typedef struct {
     int n_slots;
 } mm_group;
 
+/* Quantizes input rows [lo, hi) into every activation format the group needs. */
+static void mm_quantize_rows(const mm_group *g, int lo, int hi) {
+    for (int sl = 0; sl < g->n_slots; sl++) {
+        ggml_type vdt = GGML_TYPE_F32;
+        for (int i = 0; i < g->n_mat; i++) if (g->xq_slot[i] == sl) vdt = g->vdt[i];
+        for (int t = lo; t < hi; t++)
+            quantize_row_act(vdt, g->x + (size_t)t * g->x_stride, g->ctx->xq[sl] + (size_t)t * g->ctx->xq_stride,
+                             g->w[0]->cols);
+    }
+}
+
 static void mm_quantize_worker(void *p, int ith, int nth) {
     mm_group *g = p;
     int lo, hi;
     split_range(g->T, ith, nth, &lo, &hi);
-    for (int s = 0; s < g->n_slots; s++) {
-        ggml_type vdt = GGML_TYPE_F32;
-        for (int i = 0; i < g->n_mat; i++) if (g->xq_slot[i] == s) vdt = g->vdt[i];
-        for (int t = lo; t < hi; t++)
-            quantize_row_act(vdt, g->x + (size_t)t * g->x_stride, g->ctx->xq[s] + (size_t)t * g->ctx->xq_stride,
-                             g->w[0]->cols);
-    }
+    mm_quantize_rows(g, lo, hi);
 }
 
 static void mm_worker(void *p, int ith, int nth) {
@@ -362,7 +374,7 @@ static void mm_worker(void *p, int ith, int nth) {
     int n_tiles = (total + MM_TILE - 1) / MM_TILE;
     int tlo, thi;
     split_range(n_tiles, ith, nth, &tlo, &thi);
-    float tmp[MM_TILE];
+    float tmp[MM_TOKENS * MM_TILE];
     for (int tile = tlo; tile < thi; tile++) {
         int r0 = tile * MM_TILE, r1 = r0 + MM_TILE;
         if (r1 > total) r1 = total;
@@ -375,14 +387,18 @@ static void mm_worker(void *p, int ith, int nth) {
             if (lo < hi) {
                 const uint8_t *xq = g->ctx->xq[g->xq_slot[i]];
                 const uint8_t *wrow = (const uint8_t *)w->data + (size_t)lo * w->row_bytes;
-                for (int t = 0; t < g->T; t++) {
-                    const void *a = xq + (size_t)t * g->ctx->xq_stride;
-                    vec_dot_n(w->type, wrow, w->row_bytes, hi - lo, a, tmp, w->cols);
-                    float *y = g->y[i] + (size_t)t * g->y_stride[i];
-                    for (int r = lo; r < hi; r++) {
-                        float v = tmp[r - lo];
-                        if (g->bias[i]) v += g->bias[i][r];
-                        y[r] = g->accumulate ? y[r] + v : v;
+                for (int t0 = 0; t0 < g->T; t0 += MM_TOKENS) {
+                    int nt = g->T - t0 < MM_TOKENS ? g->T - t0 : MM_TOKENS;
+                    vec_dot_tile(w->type, wrow, w->row_bytes, hi - lo, xq + (size_t)t0 * g->ctx->xq_stride,
+                                 g->ctx->xq_stride, nt, tmp, MM_TILE, w->cols);
+                    for (int t = t0; t < t0 + nt; t++) {
+                        float *y = g->y[i] + (size_t)t * g->y_stride[i];
+                        const float *v = tmp + (size_t)(t - t0) * MM_TILE - lo;
+                        for (int r = lo; r < hi; r++) {
+                            float x = v[r];
+                            if (g->bias[i]) x += g->bias[i][r];
+                            y[r] = g->accumulate ? y[r] + x : x;
+                        }
                     }
                 }
             }
@@ -391,7 +407,8 @@ static void mm_worker(void *p, int ith, int nth) {
     }
 }
 
-static void mm_run(threadpool *tp, mm_group *g) {
+/* Works out which activation formats the group's matrices need (one buffer per format). */
+static void mm_prepare(mm_group *g) {
     g->n_slots = 0;
     for (int i = 0; i < g->n_mat; i++) {
         g->vdt[i] = quant_vec_dot_type(g->w[i]->type);
@@ -400,6 +417,12 @@ static void mm_run(threadpool *tp, mm_group *g) {
             if (g->vdt[j] == g->vdt[i]) g->xq_slot[i] = g->xq_slot[j];
         if (g->xq_slot[i] < 0) g->xq_slot[i] = g->n_slots++;
     }
+}
+
+/* Quantizes the input and multiplies: two hand-overs. Phases that produce the input row by
+ * row (norms, SwiGLU) quantize it themselves (mm_quantize_rows) and call tp_run(mm_worker). */
+static void mm_run(threadpool *tp, mm_group *g) {
+    mm_prepare(g);
     tp_run(tp, mm_quantize_worker, g);
     tp_run(tp, mm_worker, g);
 }
@@ -415,6 +438,7 @@ typedef struct {
     const model_layer *L;
     int layer;
     int n_out;
+    mm_group *next;   /* the matmul whose input the current row-wise phase produces */
 } fwd;
 
 static void embed_worker(void *p, int ith, int nth) {
@@ -448,6 +472,7 @@ static void norm_worker_attn(void *p, int ith, int nth) {
     split_range(f->b->n, ith, nth, &lo, &hi);
     for (int t = lo; t < hi; t++)
         rmsnorm(f->ctx->xn + (size_t)t * c->n_embd, f->ctx->x + (size_t)t * c->n_embd, f->L->attn_norm, c->n_embd, c->rms_eps);
+    mm_quantize_rows(f->next, lo, hi);
 }
 
 static void norm_worker_ffn(void *p, int ith, int nth) {
@@ -457,6 +482,7 @@ static void norm_worker_ffn(void *p, int ith, int nth) {
     split_range(f->b->n, ith, nth, &lo, &hi);
     for (int t = lo; t < hi; t++)
         rmsnorm(f->ctx->xn + (size_t)t * c->n_embd, f->ctx->x + (size_t)t * c->n_embd, f->L->ffn_norm, c->n_embd, c->rms_eps);
+    mm_quantize_rows(f->next, lo, hi);
 }
 
 static void rope_apply(float *v, const float *r, int rope_dim, bool neox) {
@@ -555,10 +581,11 @@ static void attention_worker(void *p, int ith, int nth) {
 static void swiglu_worker(void *p, int ith, int nth) {
     fwd *f = p;
     const model_config *c = &f->m->c;
-    size_t n = (size_t)f->b->n * c->n_ff;
     int lo, hi;
-    split_range((int)n, ith, nth, &lo, &hi);
-    for (int i = lo; i < hi; i++) f->ctx->gate[i] = silu(f->ctx->gate[i]) * f->ctx->up[i];
+    split_range(f->b->n, ith, nth, &lo, &hi);
+    for (size_t i = (size_t)lo * c->n_ff; i < (size_t)hi * c->n_ff; i++)
+        f->ctx->gate[i] = silu(f->ctx->gate[i]) * f->ctx->up[i];
+    mm_quantize_rows(f->next, lo, hi);
 }
 
 static void final_norm_worker(void *p, int ith, int nth) {
@@ -601,24 +628,30 @@ int model_forward(const model *m, model_ctx *ctx, threadpool *tp, kv_pool *kv, c
         const model_layer *L = &m->layers[l];
         f.L = L;
         f.layer = l;
-        tp_run(tp, norm_worker_attn, &f);
         mm_group qkv = { .n_mat = 3, .w = { &L->wq, &L->wk, &L->wv }, .y = { ctx->q, ctx->k, ctx->v },
                          .y_stride = { q_dim, kv_dim, kv_dim }, .bias = { L->bq, L->bk, L->bv },
                          .x = ctx->xn, .x_stride = c->n_embd, .T = b->n, .ctx = ctx };
-        mm_run(tp, &qkv);
+        mm_prepare(&qkv);
+        f.next = &qkv;
+        tp_run(tp, norm_worker_attn, &f);
+        tp_run(tp, mm_worker, &qkv);
         tp_run(tp, rope_kv_worker, &f);
         tp_run(tp, attention_worker, &f);
         mm_group wo = { .n_mat = 1, .w = { &L->wo }, .y = { ctx->x }, .y_stride = { c->n_embd },
                         .accumulate = true, .x = ctx->att, .x_stride = q_dim, .T = b->n, .ctx = ctx };
         mm_run(tp, &wo);
-        tp_run(tp, norm_worker_ffn, &f);
         mm_group gu = { .n_mat = 2, .w = { &L->w_gate, &L->w_up }, .y = { ctx->gate, ctx->up },
                         .y_stride = { c->n_ff, c->n_ff }, .x = ctx->xn, .x_stride = c->n_embd, .T = b->n, .ctx = ctx };
-        mm_run(tp, &gu);
-        tp_run(tp, swiglu_worker, &f);
+        mm_prepare(&gu);
+        f.next = &gu;
+        tp_run(tp, norm_worker_ffn, &f);
+        tp_run(tp, mm_worker, &gu);
         mm_group down = { .n_mat = 1, .w = { &L->w_down }, .y = { ctx->x }, .y_stride = { c->n_embd },
                           .accumulate = true, .x = ctx->gate, .x_stride = c->n_ff, .T = b->n, .ctx = ctx };
-        mm_run(tp, &down);
+        mm_prepare(&down);
+        f.next = &down;
+        tp_run(tp, swiglu_worker, &f);
+        tp_run(tp, mm_worker, &down);
     }
     int n_out = 0;
     for (int t = 0; t < b->n; t++)

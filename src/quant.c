@@ -756,86 +756,113 @@ AI int32_t hsum_i32_8(__m256i x) {
     return _mm_cvtsi128_si32(r);
 }
 
-/* One 32-element block of weight type T (constant after inlining) against an activation block
- * whose quants are qy and scales dy (and sy = d*sum for Q8_1). */
-AI void legacy_block(ggml_type T, const uint8_t *row, int64_t ib, __m256i qy, float dy, float sy,
-                     __m256 *acc, float *summs) {
+/* A weight block unpacked for the integer dot: quants as bytes, scale, and min (Q4_1/Q5_1). */
+typedef struct { __m256i q; float d, m; } wblock;
+
+/* Unpacks block ib of a row of weight type T (constant after inlining). */
+AI wblock legacy_unpack(ggml_type T, const uint8_t *row, int64_t ib) {
+    wblock wb = { _mm256_setzero_si256(), 0.0f, 0.0f };
     switch (T) {
     case GGML_TYPE_Q8_0: {
         const block_q8_0 *x = (const block_q8_0 *)row + ib;
-        const __m256 d = _mm256_set1_ps(F16(x->d) * dy);
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)x->qs);
-        *acc = _mm256_fmadd_ps(d, sum_i8_pairs_float(qx, qy), *acc);
+        wb.d = F16(x->d);
+        wb.q = _mm256_loadu_si256((const __m256i *)x->qs);
         break;
     }
     case GGML_TYPE_Q4_0: {
         const block_q4_0 *x = (const block_q4_0 *)row + ib;
-        const __m256 d = _mm256_set1_ps(F16(x->d) * dy);
-        const __m256i qx = _mm256_sub_epi8(bytes_from_nibbles_32(x->qs), _mm256_set1_epi8(8));
-        *acc = _mm256_fmadd_ps(d, sum_i8_pairs_float(qx, qy), *acc);
+        wb.d = F16(x->d);
+        wb.q = _mm256_sub_epi8(bytes_from_nibbles_32(x->qs), _mm256_set1_epi8(8));
         break;
     }
     case GGML_TYPE_Q5_0: {
         const block_q5_0 *x = (const block_q5_0 *)row + ib;
-        const __m256 d = _mm256_set1_ps(F16(x->d) * dy);
+        wb.d = F16(x->d);
         __m256i qx = bytes_from_nibbles_32(x->qs);
         const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(x->qh), _mm256_set1_epi8((char)0xF0));
-        qx = _mm256_or_si256(qx, hi); /* (q | h<<4) - 16 as two's complement bytes */
-        *acc = _mm256_fmadd_ps(d, sum_i8_pairs_float(qx, qy), *acc);
+        wb.q = _mm256_or_si256(qx, hi); /* (q | h<<4) - 16 as two's complement bytes */
         break;
     }
     case GGML_TYPE_Q4_1: {
         const block_q4_1 *x = (const block_q4_1 *)row + ib;
-        *summs += F16(x->m) * sy;
-        const __m256 d = _mm256_set1_ps(F16(x->d) * dy);
-        *acc = _mm256_fmadd_ps(d, sum_us8_pairs_float(bytes_from_nibbles_32(x->qs), qy), *acc);
+        wb.d = F16(x->d);
+        wb.m = F16(x->m);
+        wb.q = bytes_from_nibbles_32(x->qs);
         break;
     }
     case GGML_TYPE_Q5_1: {
         const block_q5_1 *x = (const block_q5_1 *)row + ib;
-        *summs += F16(x->m) * sy;
-        const __m256 d = _mm256_set1_ps(F16(x->d) * dy);
+        wb.d = F16(x->d);
+        wb.m = F16(x->m);
         __m256i qx = bytes_from_nibbles_32(x->qs);
-        qx = _mm256_or_si256(qx, _mm256_and_si256(bytes_from_bits_32(x->qh), _mm256_set1_epi8(0x10)));
-        *acc = _mm256_fmadd_ps(d, sum_us8_pairs_float(qx, qy), *acc);
+        wb.q = _mm256_or_si256(qx, _mm256_and_si256(bytes_from_bits_32(x->qh), _mm256_set1_epi8(0x10)));
         break;
     }
     default: break;
     }
+    return wb;
 }
 
-/* R weight rows (stride ws) against one activation row. Each row's accumulator sees exactly
- * the same operations whatever R is, hence vec_dot_n == vec_dot bit for bit. */
+/* One unpacked weight block against an activation block whose quants are qy and scales dy
+ * (and sy = d*sum for Q8_1). Every kernel below goes through this one function, so a weight
+ * row and an activation row always meet through the same operations, in the same order. */
+AI void legacy_apply(ggml_type T, const wblock *wb, __m256i qy, float dy, float sy, __m256 *acc, float *summs) {
+    const bool q81 = (T == GGML_TYPE_Q4_1 || T == GGML_TYPE_Q5_1);
+    if (q81) *summs += wb->m * sy;
+    const __m256 d = _mm256_set1_ps(wb->d * dy);
+    *acc = _mm256_fmadd_ps(d, q81 ? sum_us8_pairs_float(wb->q, qy) : sum_i8_pairs_float(wb->q, qy), *acc);
+}
+
+AI void legacy_act(ggml_type T, const void *a, int64_t ib, __m256i *qy, float *dy, float *sy) {
+    if (T == GGML_TYPE_Q4_1 || T == GGML_TYPE_Q5_1) {
+        const block_q8_1 *y = (const block_q8_1 *)a + ib;
+        *qy = _mm256_loadu_si256((const __m256i *)y->qs);
+        *dy = F16(y->d);
+        *sy = F16(y->s);
+    } else {
+        const block_q8_0 *y = (const block_q8_0 *)a + ib;
+        *qy = _mm256_loadu_si256((const __m256i *)y->qs);
+        *dy = F16(y->d);
+        *sy = 0.0f;
+    }
+}
+
+/* R weight rows (stride ws) against C activation rows (stride as): out[c * os + r]. Each
+ * (row, activation) accumulator sees exactly the same operations whatever R and C are, hence
+ * vec_dot_n and vec_dot_tile equal vec_dot bit for bit. A tile unpacks each weight block once
+ * for all C activations (the win in batched prefill). */
+AI void legacy_tile(ggml_type T, int R, int C, const uint8_t *w, size_t ws, const uint8_t *a, size_t as,
+                    int64_t nb, float *out, size_t os) {
+    __m256 acc[4][2];
+    float summs[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+        for (int c = 0; c < C; c++) { acc[r][c] = _mm256_setzero_ps(); summs[r][c] = 0.0f; }
+    for (int64_t ib = 0; ib < nb; ib++) {
+        __m256i qy[2];
+        float dy[2], sy[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < C; c++) legacy_act(T, a + (size_t)c * as, ib, &qy[c], &dy[c], &sy[c]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const wblock wb = legacy_unpack(T, w + (size_t)r * ws, ib);
+#pragma GCC unroll 2
+            for (int c = 0; c < C; c++) legacy_apply(T, &wb, qy[c], dy[c], sy[c], &acc[r][c], &summs[r][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+        for (int c = 0; c < C; c++) out[(size_t)c * os + r] = hsum_float_8(acc[r][c]) + summs[r][c];
+}
+
 AI void legacy_rows(ggml_type T, int R, const uint8_t *w, size_t ws, const void *a, int64_t nb,
                     float *out) {
-    const bool q81 = (T == GGML_TYPE_Q4_1 || T == GGML_TYPE_Q5_1);
-    __m256 acc[4];
-    float summs[4];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        acc[r] = _mm256_setzero_ps();
-        summs[r] = 0.0f;
-    }
-    for (int64_t ib = 0; ib < nb; ib++) {
-        __m256i qy;
-        float dy, sy = 0.0f;
-        if (q81) {
-            const block_q8_1 *y = (const block_q8_1 *)a + ib;
-            qy = _mm256_loadu_si256((const __m256i *)y->qs);
-            dy = F16(y->d);
-            sy = F16(y->s);
-        } else {
-            const block_q8_0 *y = (const block_q8_0 *)a + ib;
-            qy = _mm256_loadu_si256((const __m256i *)y->qs);
-            dy = F16(y->d);
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) legacy_block(T, w + (size_t)r * ws, ib, qy, dy, sy, &acc[r], &summs[r]);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++) out[r] = hsum_float_8(acc[r]) + summs[r];
+    legacy_tile(T, R, 1, w, ws, a, 0, nb, out, 0);
 }
 
+typedef void (*tile_fn)(const uint8_t *w, size_t ws, const uint8_t *a, size_t as, int64_t nb, float *out, size_t os);
 typedef void (*rows_fn)(const uint8_t *w, size_t ws, const void *a, int64_t nb, float *out);
 #define LEGACY_KERNELS(T, name)                                                                  \
     static void name##_r1(const uint8_t *w, size_t ws, const void *a, int64_t nb, float *out) {  \
@@ -844,6 +871,28 @@ typedef void (*rows_fn)(const uint8_t *w, size_t ws, const void *a, int64_t nb, 
     static void name##_r4(const uint8_t *w, size_t ws, const void *a, int64_t nb, float *out) {  \
         legacy_rows(T, 4, w, ws, a, nb, out);                                                    \
     }
+#define LEGACY_TILES(T, name)                                                                    \
+    static void name##_t42(const uint8_t *w, size_t ws, const uint8_t *a, size_t as, int64_t nb,   \
+                           float *out, size_t os) {                                                \
+        legacy_tile(T, 4, 2, w, ws, a, as, nb, out, os);                                           \
+    }
+LEGACY_TILES(GGML_TYPE_Q8_0, dot_q8_0)
+LEGACY_TILES(GGML_TYPE_Q4_0, dot_q4_0)
+LEGACY_TILES(GGML_TYPE_Q5_0, dot_q5_0)
+LEGACY_TILES(GGML_TYPE_Q4_1, dot_q4_1)
+LEGACY_TILES(GGML_TYPE_Q5_1, dot_q5_1)
+
+static tile_fn legacy_tile42(ggml_type t) {
+    switch (t) {
+    case GGML_TYPE_Q8_0: return dot_q8_0_t42;
+    case GGML_TYPE_Q4_0: return dot_q4_0_t42;
+    case GGML_TYPE_Q5_0: return dot_q5_0_t42;
+    case GGML_TYPE_Q4_1: return dot_q4_1_t42;
+    case GGML_TYPE_Q5_1: return dot_q5_1_t42;
+    default: return NULL;
+    }
+}
+
 LEGACY_KERNELS(GGML_TYPE_Q8_0, dot_q8_0)
 LEGACY_KERNELS(GGML_TYPE_Q4_0, dot_q4_0)
 LEGACY_KERNELS(GGML_TYPE_Q5_0, dot_q5_0)
@@ -1034,6 +1083,29 @@ void vec_dot_n(ggml_type t, const void *w, size_t w_stride, int nw, const void *
     }
 #endif
     for (; i < nw; i++) out[i] = vec_dot(t, wb + (size_t)i * w_stride, a, n);
+}
+
+void vec_dot_tile(ggml_type t, const void *w, size_t w_stride, int nw, const void *a, size_t a_stride,
+                  int na, float *out, size_t out_stride, int64_t n) {
+    if (nw <= 0 || na <= 0 || !out) return;
+    const uint8_t *wb = w, *ab = a;
+    int c = 0;
+#ifdef QUANT_AVX2
+    tile_fn t42 = legacy_tile42(t);
+    const int64_t nb = dot_blocks(t, w, a, n);
+    if (t42 && nb >= 0) {
+        for (; c + 2 <= na; c += 2) {
+            int r = 0;
+            for (; r + 4 <= nw; r += 4)
+                t42(wb + (size_t)r * w_stride, w_stride, ab + (size_t)c * a_stride, a_stride, nb,
+                    out + (size_t)c * out_stride + r, out_stride);
+            for (int cc = c; cc < c + 2; cc++)
+                if (r < nw) vec_dot_n(t, wb + (size_t)r * w_stride, w_stride, nw - r, ab + (size_t)cc * a_stride,
+                                      out + (size_t)cc * out_stride + r, n);
+        }
+    }
+#endif
+    for (; c < na; c++) vec_dot_n(t, wb, w_stride, nw, ab + (size_t)c * a_stride, out + (size_t)c * out_stride, n);
 }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -72,4 +72,9 @@ const char *quant_simd_name(void);
  * finite normal scales, int8 quants in [-127, 127], consistent Q8_1 s and Q8_K bsums.
  * Returns 0, or -1 for an unknown type or bad n. */
 int quant_fill_random(ggml_type t, void *dst, int64_t n, uint64_t seed);
+/* nw weight rows (stride w_stride bytes) against na activation rows (stride a_stride bytes):
+ * out[c * out_stride + r] = vec_dot(t, w + r*w_stride, a + c*a_stride, n), bit for bit. Tiles of
+ * rows x activations reuse each unpacked weight block (batched prefill). */
+void vec_dot_tile(ggml_type t, const void *w, size_t w_stride, int nw, const void *a, size_t a_stride,
+                  int na, float *out, size_t out_stride, int64_t n);
 #endif

@@ -589,6 +589,37 @@ START_TEST(test_vec_dot_n_bit_exact) {
 }
 END_TEST
 
+/* vec_dot_tile (rows x activations, used by batched prefill) equals vec_dot per pair, bit
+ * for bit, for every shape including partial tiles: the cache-on/off and batch-size
+ * transparency of the engine rests on this. */
+START_TEST(test_vec_dot_tile_bit_exact) {
+    static const int NWS[] = {1, 3, 4, 7, 8, 13};
+    static const int NAS[] = {1, 2, 3, 5};
+    for (int ti = 0; ti < N_DOT_TYPES; ti++) {
+        const ggml_type t = DOT_TYPES[ti], vdt = quant_vec_dot_type(t);
+        const int64_t n = LENS[2];
+        if (n % ggml_type_get(t)->block_size) continue;
+        const size_t rs = ggml_row_size(t, n), as = ggml_row_size(vdt, n) + 64;
+        uint8_t *w = xmalloc(rs * 13), *a = xmalloc(as * 5);
+        float *xf = xmalloc(n * sizeof(float));
+        for (int r = 0; r < 13; r++) quant_fill_random(t, w + r * rs, n, (uint64_t)(r * 17 + 5));
+        for (int c = 0; c < 5; c++) make_act(t, a + c * as, xf, n, 99 + (uint64_t)c, true);
+        for (size_t k = 0; k < sizeof NWS / sizeof NWS[0]; k++)
+            for (size_t m = 0; m < sizeof NAS / sizeof NAS[0]; m++) {
+                float out[5 * 16];
+                vec_dot_tile(t, w, rs, NWS[k], a, as, NAS[m], out, 16, n);
+                for (int c = 0; c < NAS[m]; c++)
+                    for (int r = 0; r < NWS[k]; r++) {
+                        const float one = vec_dot(t, w + r * rs, a + c * as, n);
+                        ck_assert_msg(bits(out[c * 16 + r]) == bits(one), "%s nw=%d na=%d (%d,%d): %.9g vs %.9g",
+                                      ggml_type_get(t)->name, NWS[k], NAS[m], r, c, (double)out[c * 16 + r], (double)one);
+                    }
+            }
+        free(w); free(a); free(xf);
+    }
+}
+END_TEST
+
 /* K-quant SIMD kernels reduce each super-block to exact integers and then take the same float
  * steps as the reference, so they must agree bit for bit (with any compiler's contraction). */
 START_TEST(test_vec_dot_kquants_bit_exact_with_ref) {
@@ -647,6 +678,7 @@ int main(void) {
     tcase_add_test(tc, test_vec_dot_float_tails);
     tcase_add_test(tc, test_vec_dot_extremes);
     tcase_add_test(tc, test_vec_dot_n_bit_exact);
+    tcase_add_test(tc, test_vec_dot_tile_bit_exact);
     tcase_add_test(tc, test_vec_dot_kquants_bit_exact_with_ref);
     tcase_add_test(tc, test_vec_dot_deterministic);
     suite_add_tcase(s, tc);

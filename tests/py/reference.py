@@ -20,7 +20,9 @@ Model details that must match llama.cpp: RMSNorm x * (1/sqrt(mean(x^2) + eps)) *
 float64 as ggml does); RoPE "normal" mode (adjacent pairs) for llama, whose Q/K rows the GGUF
 converter permuted for that, NEOX mode (x[i], x[i + d/2]) for qwen2/qwen3, theta_i = pos *
 base^(-2i/rope_dim) computed like ggml (theta *= base^(-2/rope_dim) in float32); GQA; causal
-softmax attention with scale 1/sqrt(head_dim); SwiGLU FFN silu(gate) * up -> down; qwen2 adds
+softmax attention with scale 1/sqrt(head_dim), with kv_f16=True (default) an fp16 KV cache as
+llama.cpp's default and pcache's (q, K, V and the softmax probabilities rounded to fp16 where
+they meet); SwiGLU FFN silu(gate) * up -> down; qwen2 adds
 q/k/v biases; qwen3 RMSNorms each q and k head (attn_{q,k}_norm) before RoPE; output.weight
 falls back to token_embd.weight (tied embeddings).
 
@@ -159,9 +161,11 @@ def quantize_q8(xb: np.ndarray, inv_mode: str = "recip"):
 # The model
 # ---------------------------------------------------------------------------------------------
 class ReferenceModel:
-    def __init__(self, path: str, act_quant: bool = True, q8_inv: str = "recip"):
+    def __init__(self, path: str, act_quant: bool = True, q8_inv: str = "recip",
+                 kv_f16: bool = True):
         self.path = path
         self.act_quant = act_quant
+        self.kv_f16 = kv_f16
         r = gguf.GGUFReader(path)
         self.arch = self._field(r, "general.architecture")
         if self.arch not in ("llama", "qwen2", "qwen3"):
@@ -256,11 +260,15 @@ class ReferenceModel:
         kk = np.repeat(k, group, axis=1)                    # (n, H, hd): head h uses kv h//group
         vv = np.repeat(v, group, axis=1)
         scale = np.float32(1.0 / math.sqrt(self.head_dim))
+        if self.kv_f16:   # fp16 KV cache; q meets K as fp16 (llama.cpp's default and pcache's)
+            q, kk, vv = fp16_round(q), fp16_round(kk), fp16_round(vv)
         scores = np.einsum("ihd,jhd->hij", q, kk).astype(np.float32) * scale
         scores[:, np.triu(np.ones((n, n), dtype=bool), k=1)] = -np.inf
         scores = scores - scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p = (p / p.sum(axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)
+        if self.kv_f16:   # probabilities meet the fp16 V cache as fp16
+            p = fp16_round(p)
         out = np.einsum("hij,jhd->ihd", p, vv).astype(np.float32)
         return out.reshape(n, -1)
 

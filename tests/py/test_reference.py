@@ -21,8 +21,8 @@ Hence:
 import numpy as np
 import pytest
 
-from oracle_util import (MODEL, logit_stats, need_model, pcache_tokenize, tool_logits,
-                         top2_gap, write_synth_model)
+from oracle_util import (logit_stats, need_model, pcache_tokenize, tool_logits, top2_gap,
+                         write_synth_model, write_truncated_model)
 from reference import ReferenceModel, gguf_tokenizer
 
 PROMPTS = [
@@ -36,9 +36,15 @@ PROMPTS = [
     "Ünïcödé and emoji 🙂 mixed with numbers 12345 and punctuation!?",
 ]
 
-# Near-tie: when the top-2 logits of the reference are closer than this, the argmax of two
-# correct implementations may legitimately differ (see the sensitivity note).
+# Near-ties: when the reference's logits of two candidates are closer than this, the argmax of
+# two correct implementations may legitimately differ. Float weights: rounding only (1e-2 is
+# generous). Real quantized model: the noise floor of the module note (pcache picked a token
+# 0.44 below the reference's top at one intermediate position of these prompts).
 NEAR_TIE = 1e-2
+NEAR_TIE_QUANT = 1.0
+# Float weights with an fp16 KV cache: fp16 rounding of q/K/V/probabilities flips now and then
+# (measured rel <= 1.3e-4, pcache and llama.cpp alike, against the kv_f16 reference).
+F16_KV_TOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +65,11 @@ def llama_cpp_or_skip():
     return llama_cpp
 
 
-def assert_same_argmax(ref_logits, got, what):
+def assert_same_argmax(ref_logits, got, what, tie=NEAR_TIE):
     a, b = int(np.argmax(ref_logits)), int(np.argmax(got))
     if a != b:
         gap = float(ref_logits[a] - ref_logits[b])
-        assert gap < NEAR_TIE, f"{what}: argmax {b} != reference {a} (reference gap {gap:.4f})"
+        assert gap < tie, f"{what}: argmax {b} != reference {a} (reference gap {gap:.4f})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,29 +95,32 @@ def test_act_quant_off_is_float_matmul(ref):
 @pytest.mark.parametrize("arch,head_dim", [("llama", None), ("qwen2", None), ("qwen3", None),
                                            ("qwen3", 32)])
 def test_reference_vs_llama_cpp_synthetic_f32(tmp_path, arch, head_dim):
-    """Float weights: no activation quantization, so llama.cpp (with an F32 KV cache) and the
-    reference must agree to float rounding. Checks RoPE mode per arch, biases, q/k norm, GQA,
-    head_dim != n_embd/n_head, tied output. Measured: max abs diff <= 3.4e-5 on logits of
-    magnitude ~50 (rel <= 8e-7)."""
+    """Float weights: no activation quantization, so llama.cpp and the reference must agree to
+    float rounding (both with an fp16 KV cache, and both with an f32 one). Checks RoPE mode per arch, biases, q/k norm, GQA,
+    head_dim != n_embd/n_head, tied output. Measured: f32 KV: rel <= 8e-7; fp16 KV: rel
+    <= 1.2e-4 (rounding to fp16 flips a last fp16 bit here and there, like the 8-bit flips of the
+    module note, but 8 bits finer)."""
     llama_cpp = llama_cpp_or_skip()
     path = str(tmp_path / f"{arch}.gguf")
     hp = write_synth_model(path, arch, head_dim=head_dim, seed=3)
     ids = list(np.random.default_rng(1).integers(0, hp["n_vocab"], 20))
-    r = ReferenceModel(path).forward(ids, all_logits=True)
-    llm = llama_cpp.Llama(path, n_threads=2, n_ctx=64, logits_all=True, verbose=False,
-                          flash_attn=False, type_k=0, type_v=0)
-    llm.eval(ids)
-    got = np.array(llm.scores[:len(ids)])
-    st = logit_stats(r, got)
-    print(arch, head_dim, st)
-    assert st["rel"] < 1e-5, st
+    for kv_f16 in (True, False):
+        r = ReferenceModel(path, kv_f16=kv_f16).forward(ids, all_logits=True)
+        kv = {} if kv_f16 else dict(type_k=0, type_v=0)
+        llm = llama_cpp.Llama(path, n_threads=2, n_ctx=64, logits_all=True, verbose=False,
+                              flash_attn=False, **kv)
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+        st = logit_stats(r, got)
+        print(arch, head_dim, "kv_f16", kv_f16, st)
+        assert st["rel"] < (F16_KV_TOL if kv_f16 else 1e-5), st
 
 
 def test_reference_vs_llama_cpp_real_model(ref, tok):
     """SmolLM2 Q4_1: llama.cpp differs from the reference by activation-quantization noise
     (its vectorised silu/exp and summation orders are not ours; see the module note).
-    Measured over these prompts: max abs diff 0.5-1.2 (rel 2-4.5%), KL <= ~3e-3; argmax equal.
-    For scale, act_quant on vs off in the reference itself differs by ~0.6."""
+    Measured over these prompts: max abs diff 0.5-0.73 (rel 1.7-3.3%), KL <= 0.015; argmax
+    equal. For scale, act_quant on vs off in the reference itself differs by ~0.6."""
     llama_cpp = llama_cpp_or_skip()
     llm = llama_cpp.Llama(need_model(), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
     for text in PROMPTS[:5]:
@@ -124,17 +133,19 @@ def test_reference_vs_llama_cpp_real_model(ref, tok):
         st = logit_stats(r, got)
         print(repr(text[:30]), len(ids), st)
         assert st["rel"] < 0.06, st
-        assert st["kl"] < 2e-2, st
-        assert_same_argmax(r, got, repr(text))
+        assert st["kl"] < 3e-2, st
+        assert_same_argmax(r, got, repr(text), NEAR_TIE_QUANT)
 
 
 # ---------------------------------------------------------------------------------------------
 # (b) pcache against the reference, real model
 # ---------------------------------------------------------------------------------------------
 # pcache implements the same activation quantization as the reference (nearest-even, 1/d) but
-# sums in SIMD lane order, so flips happen (see the module note). Measured: TODO fill in.
-PCACHE_REL_TOL = 0.06      # per position max|diff| / max|logit| (noise level, see note)
-PCACHE_KL_TOL = 2e-2
+# sums in SIMD lane order, so flips happen (see the module note). Measured on PROMPTS, every
+# position (129): rel max 0.070 (median 0.027), KL max 0.045 (p95 0.012); last positions only:
+# rel <= 0.052, KL <= 0.017. llama.cpp vs pcache is at the same level (rel 1e-2..7e-2).
+PCACHE_REL_TOL = 0.08      # per position max|diff| / max|logit|
+PCACHE_KL_TOL = 0.06
 
 
 def test_pcache_tokenize_matches_reference_tokenizer(tok):
@@ -154,7 +165,7 @@ def test_pcache_logits_vs_reference(ref, tok):
         worst.append(st["rel"])
         assert st["rel"] < PCACHE_REL_TOL, (text, st)
         assert st["kl"] < PCACHE_KL_TOL, (text, st)
-        assert_same_argmax(r, got, repr(text))
+        assert_same_argmax(r, got, repr(text), NEAR_TIE_QUANT)
 
 
 def test_pcache_logits_vs_reference_all_positions(ref, tok):
@@ -168,10 +179,26 @@ def test_pcache_logits_vs_reference_all_positions(ref, tok):
     for i in range(len(ids)):
         st = logit_stats(r[i], got[i])
         assert st["rel"] < PCACHE_REL_TOL and st["kl"] < PCACHE_KL_TOL, (i, st)
-    # Position 0 sees one token only: nothing upstream can differ in summation order except
-    # within the first layer, so it must be (nearly) exact.
-    st0 = logit_stats(r[0], got[0])
-    assert st0["rel"] < 1e-3, st0
+        assert_same_argmax(r[i], got[i], f"position {i}", NEAR_TIE_QUANT)
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_pcache_vs_reference_truncated_real_weights(tmp_path, tok, n_layer):
+    """The real weights with only the first n_layer blocks: shallow enough that most positions
+    see no rounding flip, and those must agree to float rounding. A systematic error (RoPE
+    theta, scales, a wrong block layout) would hit every position. Measured on this prompt (fp16
+    KV): 2 layers: positions 0-2 at rel ~2e-7, the rest 1.9e-3..6.4e-3; 1 layer: more exact
+    positions (llama.cpp shows the same pattern, often at the same positions)."""
+    path = str(tmp_path / f"trunc{n_layer}.gguf")
+    write_truncated_model(need_model(), path, n_layer)
+    ids = tok.encode(PROMPTS[3]).ids
+    ref_t = ReferenceModel(path)
+    r = ref_t.forward(ids, all_logits=True)
+    got = tool_logits(path, ids, ref_t.n_vocab, all_positions=True)
+    rel = np.array([logit_stats(r[i], got[i])["rel"] for i in range(len(ids))])
+    print(n_layer, np.array2string(rel, precision=1))
+    assert np.all(rel < 2e-2), rel
+    assert rel[0] < 1e-5 and np.sum(rel < 1e-5) >= 3, rel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,20 +206,23 @@ def test_pcache_logits_vs_reference_all_positions(ref, tok):
 # ---------------------------------------------------------------------------------------------
 SYNTH = {
     # name: (arch, kwargs for write_synth_model, rel tolerance)
-    # Float weights: float rounding only. Measured: TODO.
-    "llama-f32": ("llama", dict(), 1e-5),
-    "qwen2-f32": ("qwen2", dict(), 1e-5),
-    "qwen3-f32": ("qwen3", dict(), 1e-5),
-    "qwen3-hd32-f32": ("qwen3", dict(head_dim=32), 1e-5),
-    "llama-untied-f32": ("llama", dict(tied=False), 1e-5),
+    # Float weights: the fp16 KV cache's rounding flips dominate, F16_KV_TOL (measured rel
+    # 3.9e-6..1.3e-4). Quantized: measured rel 1.2e-7..1.5e-7 (no activation or fp16 rounding
+    # flipped on these inputs), tolerance 1e-5. A flip, e.g. after the engine changes a summation
+    # order, would show as ~1e-3 there; look at which position moved before relaxing anything.
+    "llama-f32": ("llama", dict(), F16_KV_TOL),
+    "qwen2-f32": ("qwen2", dict(), F16_KV_TOL),
+    "qwen3-f32": ("qwen3", dict(), F16_KV_TOL),
+    "qwen3-hd32-f32": ("qwen3", dict(head_dim=32), F16_KV_TOL),
+    "llama-untied-f32": ("llama", dict(tied=False), F16_KV_TOL),
     # Quantized weights: Q8_0 attention, Q4_1 gate/up, Q4_0 down, F16 embeddings (tied output
     # is then F16 x F32 activations). Two layers, so a rare flip moves logits a little.
     "llama-quant": ("llama", dict(wtype="Q8_0", ffn_types=("Q4_1", "Q4_1", "Q4_0"),
-                                  embd_type="F16"), 1e-2),
+                                  embd_type="F16"), 1e-5),
     "qwen2-quant": ("qwen2", dict(wtype="Q8_0", ffn_types=("Q4_1", "Q4_1", "Q4_0"),
-                                  embd_type="F16"), 1e-2),
+                                  embd_type="F16"), 1e-5),
     "qwen3-quant": ("qwen3", dict(wtype="Q4_1", ffn_types=("Q8_0", "Q4_0", "Q4_1"),
-                                  embd_type="Q8_0", tied=False, out_type="Q4_0"), 1e-2),
+                                  embd_type="Q8_0", tied=False, out_type="Q4_0"), 1e-5),
 }
 
 
