@@ -60,7 +60,7 @@ class Matrix:
     """A (rows, cols) weight: y = W x. Keeps the float version and, for block-quantized types,
     the integer quants and scales needed to emulate ggml's quantized dot products."""
 
-    q8_inv = "recip"   # see quantize_q8; ReferenceModel(q8_inv=...) sets it for its matrices
+    q8_inv = "amax"    # see quantize_q8; ReferenceModel(q8_inv=...) sets it for its matrices
 
     def __init__(self, tensor: gguf.ReaderTensor, act_quant: bool):
         self.type = QT(tensor.tensor_type)
@@ -161,7 +161,7 @@ def quantize_q8(xb: np.ndarray, inv_mode: str = "recip"):
 # The model
 # ---------------------------------------------------------------------------------------------
 class ReferenceModel:
-    def __init__(self, path: str, act_quant: bool = True, q8_inv: str = "recip",
+    def __init__(self, path: str, act_quant: bool = True, q8_inv: str = "amax",
                  kv_f16: bool = True):
         self.path = path
         self.act_quant = act_quant

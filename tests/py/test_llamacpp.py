@@ -5,10 +5,10 @@ quantized model, pcache, llama.cpp and the NumPy reference each differ from one 
 "activation-quantization noise": a rounding flip in an 8-bit activation, caused by a 1-ulp
 summation-order difference, moves logits of SmolLM2-135M Q4_1 by up to 0.5-1.5. So two correct
 engines pick different greedy tokens wherever the top candidates are closer than that. Measured
-on these prompts: divergences at steps where the reference's logits of the two chosen tokens
-differ by 0.005-0.49 (a 1e-2 near-tie rule would reject correct engines). Accepted: a divergence
-where both tokens are among the reference's top 3 and their reference logits differ by less than
-GEN_TIE. Everything before the first divergence must be identical, including stopping at an
+on these prompts (4 of 7 identical over all their tokens): divergences where the reference's
+logits of the two chosen tokens differ by 0.02-0.10 (with an earlier f32-KV pcache: 0.005-0.49),
+so a 1e-2 near-tie rule would reject correct engines. Accepted: a divergence where both tokens
+are among the reference's top 3 and their reference logits differ by less than GEN_TIE. Everything before the first divergence must be identical, including stopping at an
 end-of-generation token.
 """
 import numpy as np
@@ -18,7 +18,7 @@ from oracle_util import need_model, tool_generate, top2_gap
 from reference import ReferenceModel, gguf_tokenizer
 
 N_GEN = 64
-GEN_TIE = 1.0   # logits; at the measured noise floor (max abs diff 0.5-1.5 between engines)
+GEN_TIE = 0.5   # logits; measured gaps <= 0.49, noise floor 0.5-1.5 max abs between engines
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PROMPTS = [
@@ -43,6 +43,11 @@ def llm():
 
 
 @pytest.fixture(scope="module")
+def tok():
+    return gguf_tokenizer(need_model())
+
+
+@pytest.fixture(scope="module")
 def ref():
     return ReferenceModel(need_model())
 
@@ -58,8 +63,8 @@ def llama_greedy(llm, ids, n):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=[p[:24] for p in PROMPTS])
-def test_greedy_matches_llama_cpp(llm, ref, prompt):
-    ids = gguf_tokenizer(need_model()).encode(prompt).ids
+def test_greedy_matches_llama_cpp(llm, ref, tok, prompt):
+    ids = tok.encode(prompt).ids
     assert ids == llm.tokenize(prompt.encode(), add_bos=False, special=True)
     ours = tool_generate(need_model(), ids, N_GEN)
     theirs = llama_greedy(llm, ids, N_GEN)
