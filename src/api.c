@@ -875,8 +875,8 @@ char *api_format_stream_start(const api_request *r, const api_result *res, int n
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "type", "message_start");
         cJSON *m = anthropic_message(r, res, false);
-        /* The cache split is known only when the request ends: message_start reports the whole
-         * prompt as input, message_delta carries the final numbers. */
+        /* The server sends this once the engine reports the prompt's cache split (res->usage);
+         * without it (an error before the prompt was read) the whole prompt counts as input. */
         engine_usage u = {0};
         u.prompt_tokens = n_prompt;
         u.completion_tokens = 1;

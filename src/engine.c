@@ -307,6 +307,7 @@ static void take_token(engine *e, seq *s, float *logits) {
     if (s->n_gen == 0) {
         s->t_first = now_s(e);
         s->u.ttft_s = s->t_first - s->t_submit;
+        if (s->r.on_start) s->r.on_start(s->r.user, &s->u);
     }
     if (!s->r.ignore_eos && tokenizer_is_eog(e->tok, t)) { finish(e, s, FINISH_STOP, NULL); return; }
     if (!push_token(s, t)) { finish(e, s, FINISH_ERROR, "out of memory"); return; }

@@ -59,6 +59,9 @@ typedef struct engine_request {
     /* Streamed output: called with each complete UTF-8 text delta (never splits a character,
      * holds back text that may be the start of a stop string). */
     void (*on_text)(void *user, const char *text, size_t len);
+    /* Optional: called once when the prompt is in the KV and the first token is sampled (before
+     * its text), with usage so far: prompt, cached and cache-written tokens, TTFT. */
+    void (*on_start)(void *user, const engine_usage *u);
     void (*on_done)(void *user, finish_reason why, const engine_usage *u, const char *err);
     void *user;
 } engine_request;

@@ -10,6 +10,7 @@
 #include "model.h"
 #include "quant.h"
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,7 +139,7 @@ int model_load(model **out, const char *path, char *err, size_t errlen) {
     c->n_ctx_train = get_u32_opt(f, arch, "context_length", 2048);
     c->rope_base = get_f32_opt(f, arch, "rope.freq_base", 10000.0f);
     c->rms_eps = get_f32_opt(f, arch, "attention.layer_norm_rms_epsilon", 1e-5f);
-    if (c->n_head % c->n_head_kv != 0 || c->head_dim % 8 != 0 || c->rope_dim > c->head_dim ||
+    if (c->n_head % c->n_head_kv != 0 || c->n_head / c->n_head_kv > 64 || c->head_dim % 8 != 0 || c->rope_dim > c->head_dim ||
         c->rope_dim % 2 != 0 || c->head_dim > 1024) {
         snprintf(err, errlen, "model: inconsistent attention shape (heads %d, kv heads %d, head dim %d, rope dim %d)",
                  c->n_head, c->n_head_kv, c->head_dim, c->rope_dim);
@@ -211,7 +212,8 @@ struct model_ctx {
     uint8_t *xq[3];                              /* quantized inputs, one per distinct type */
     size_t xq_stride;
     float *rope;                                 /* [max_tokens][rope_dim/2][2] cos, sin */
-    float *scores;                               /* [n_threads][max_ctx] */
+    float *attn_ws;                              /* [n_threads][attn_ws_floats] attention scratch */
+    size_t attn_ws_floats;
     int n_threads;
     int32_t *out_rows;                           /* batch rows that want logits */
 };
@@ -241,10 +243,12 @@ model_ctx *model_ctx_create(const model *m, int max_tokens, int max_ctx, int n_t
     ctx->xq_stride = ((size_t)wide * 4 + 256 + 63) & ~(size_t)63; /* f32 is the widest format */
     for (int i = 0; i < 3; i++) ctx->xq[i] = aligned_alloc(64, T * ctx->xq_stride);
     ctx->rope = xcalloc(T * (size_t)c->rope_dim, sizeof(float));
-    ctx->scores = xcalloc((size_t)n_threads * (size_t)max_ctx, sizeof(float));
+    int G = c->n_head / c->n_head_kv;
+    ctx->attn_ws_floats = (size_t)G * c->head_dim * 10 + (size_t)9 * c->head_dim + (size_t)G * max_ctx + 16;
+    ctx->attn_ws = xcalloc((size_t)n_threads * ctx->attn_ws_floats, sizeof(float));
     ctx->out_rows = xcalloc(T, sizeof(int32_t));
     if (!ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->att || !ctx->gate || !ctx->up ||
-        !ctx->xq[0] || !ctx->xq[1] || !ctx->xq[2] || !ctx->rope || !ctx->scores || !ctx->out_rows) {
+        !ctx->xq[0] || !ctx->xq[1] || !ctx->xq[2] || !ctx->rope || !ctx->attn_ws || !ctx->out_rows) {
         model_ctx_free(ctx);
         return NULL;
     }
@@ -256,7 +260,7 @@ void model_ctx_free(model_ctx *ctx) {
     free(ctx->x); free(ctx->xn); free(ctx->q); free(ctx->k); free(ctx->v); free(ctx->att);
     free(ctx->gate); free(ctx->up);
     for (int i = 0; i < 3; i++) free(ctx->xq[i]);
-    free(ctx->rope); free(ctx->scores); free(ctx->out_rows);
+    free(ctx->rope); free(ctx->attn_ws); free(ctx->out_rows);
     free(ctx);
 }
 
@@ -289,31 +293,66 @@ static inline float hsum8(const float l[8]) {
     return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-/* a (floats already rounded to fp16) . b (fp16); n a multiple of 8 */
-static float dot_f16(const float *a, const kv_elem *b, int n) {
+static inline void f16_to_f32_row(float *dst, const kv_elem *src, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = fp16_to_fp32(src[i]);
+}
+
+/* a . b with one 8-lane accumulator fed in order, lanes summed by hsum8; n a multiple of 8 */
+static float dot_f32_lanes(const float *a, const float *b, int n) {
     float lanes[8];
-#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
     __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), acc);
+    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     _mm256_storeu_ps(lanes, acc);
 #else
     for (int l = 0; l < 8; l++) lanes[l] = 0;
     for (int i = 0; i < n; i += 8)
-        for (int l = 0; l < 8; l++) lanes[l] = fmaf(a[i + l], fp16_to_fp32(b[i + l]), lanes[l]);
+        for (int l = 0; l < 8; l++) lanes[l] = fmaf(a[i + l], b[i + l], lanes[l]);
 #endif
     return hsum8(lanes);
 }
 
-/* y += a * x (x fp16) */
-static void axpy_f16(float *y, float a, const kv_elem *x, int n) {
-    int i = 0;
-#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
-    __m256 va = _mm256_set1_ps(a);
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))), _mm256_loadu_ps(y + i)));
+/* Scores of one query against m <= 8 K rows (k: [8][hd] f32): out[j] = dot_f32_lanes(q, k_j) *
+ * scale, bit for bit, with the 8 dot products interleaved and reduced together: lanes of
+ * positions j and j+4 share a register for the reduction, which adds them in hsum8's order. */
+static void scores8(const float *q, const float *k, int m, int hd, float scale, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (m == 8) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)j * hd + i), a[j]);
+        }
+        __m256 r[4];
+        for (int j = 0; j < 4; j++) {
+            /* [l0+l4, l1+l5, l2+l6, l3+l7] of position j | the same of position j+4 */
+            __m256 p = _mm256_add_ps(_mm256_permute2f128_ps(a[j], a[j + 4], 0x20), _mm256_permute2f128_ps(a[j], a[j + 4], 0x31));
+            p = _mm256_add_ps(p, _mm256_shuffle_ps(p, p, _MM_SHUFFLE(1, 0, 3, 2)));  /* (l0+l4)+(l2+l6), (l1+l5)+(l3+l7) */
+            r[j] = _mm256_add_ps(p, _mm256_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1))); /* lane 0: j, lane 4: j+4 */
+        }
+        __m256 u01 = _mm256_unpacklo_ps(r[0], r[1]), u23 = _mm256_unpacklo_ps(r[2], r[3]);
+        __m256 v = _mm256_shuffle_ps(u01, u23, _MM_SHUFFLE(1, 0, 1, 0));
+        _mm256_storeu_ps(out, _mm256_mul_ps(v, _mm256_set1_ps(scale)));
+        return;
+    }
 #endif
-    for (; i < n; i++) y[i] = fmaf(a, fp16_to_fp32(x[i]), y[i]);
+    for (int j = 0; j < m; j++) out[j] = dot_f32_lanes(q, k + (size_t)j * hd, hd) * scale;
+}
+
+/* y += a * x */
+static void axpy_f32(float *y, float a, const float *x, int n) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -347,6 +386,8 @@ typedef struct {
     int xq_slot[3];        /* which ctx->xq buffer holds the input in w[i]'s dot type */
     ggml_type vdt[3];
     int n_slots;
+    atomic_int next_tile;  /* tiles are handed out dynamically: a thread slowed by anything
+                              else on the machine does less, the others do more */
 } mm_group;
 
 /* Quantizes input rows [lo, hi) into every activation format the group needs. */
@@ -372,9 +413,16 @@ static void mm_worker(void *p, int ith, int nth) {
     int total = 0;
     for (int i = 0; i < g->n_mat; i++) total += (int)g->w[i]->rows;
     int n_tiles = (total + MM_TILE - 1) / MM_TILE;
-    int tlo, thi;
-    split_range(n_tiles, ith, nth, &tlo, &thi);
     float tmp[MM_TOKENS * MM_TILE];
+    (void)ith;
+    /* chunks of tiles: small enough to balance, large enough to keep the counter cold */
+    int chunk = n_tiles / (8 * nth);
+    if (chunk < 1) chunk = 1;
+    if (chunk > 16) chunk = 16;
+    for (;;) {
+    int tlo = atomic_fetch_add_explicit(&g->next_tile, chunk, memory_order_relaxed);
+    if (tlo >= n_tiles) break;
+    int thi = tlo + chunk < n_tiles ? tlo + chunk : n_tiles;
     for (int tile = tlo; tile < thi; tile++) {
         int r0 = tile * MM_TILE, r1 = r0 + MM_TILE;
         if (r1 > total) r1 = total;
@@ -405,11 +453,13 @@ static void mm_worker(void *p, int ith, int nth) {
             base += (int)w->rows;
         }
     }
+    }
 }
 
 /* Works out which activation formats the group's matrices need (one buffer per format). */
 static void mm_prepare(mm_group *g) {
     g->n_slots = 0;
+    atomic_store_explicit(&g->next_tile, 0, memory_order_relaxed);
     for (int i = 0; i < g->n_mat; i++) {
         g->vdt[i] = quant_vec_dot_type(g->w[i]->type);
         g->xq_slot[i] = -1;
@@ -526,54 +576,78 @@ static void rope_kv_worker(void *p, int ith, int nth) {
     }
 }
 
+/* Causal attention for one (token, KV head) item at a time: the query heads sharing that KV
+ * head (GQA) walk the sequence's blocks together, so each K and V row is converted from fp16
+ * once for all of them. Per query head the arithmetic is fixed (see hsum8), so results never
+ * depend on the batch or the thread count. As llama.cpp: q meets the fp16 K cache as fp16;
+ * scores and softmax in f32 (exponentials summed in floats of 8, then in double);
+ * probabilities meet the fp16 V cache as fp16. */
 static void attention_worker(void *p, int ith, int nth) {
     fwd *f = p;
     const model_config *c = &f->m->c;
     model_ctx *ctx = f->ctx;
-    int n_pairs = f->b->n * c->n_head;
+    const int hd = c->head_dim, G = c->n_head / c->n_head_kv;
+    const int q_dim = c->n_head * hd, kv_dim = c->n_head_kv * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
     int lo, hi;
-    split_range(n_pairs, ith, nth, &lo, &hi);
-    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
-    int group = c->n_head / c->n_head_kv;
-    float scale = 1.0f / sqrtf((float)c->head_dim);
-    float *sc = ctx->scores + (size_t)ith * ctx->max_ctx;
-    float qr[1024], part[8 * 1024];
-    for (int pr = lo; pr < hi; pr++) {
-        int t = pr / c->n_head, h = pr % c->n_head, g = h / group;
-        const float *qh = ctx->q + (size_t)t * q_dim + h * c->head_dim;
-        float *out = ctx->att + (size_t)t * q_dim + h * c->head_dim;
+    split_range(f->b->n * c->n_head_kv, ith, nth, &lo, &hi);
+    float *ws = ctx->attn_ws + (size_t)ith * ctx->attn_ws_floats;
+    float *qr = ws;                            /* [G][hd]   queries rounded to fp16 */
+    float *row = qr + (size_t)G * hd;          /* [hd]      one K or V row in f32 */
+    float *part = row + hd;                    /* [G][8][hd] V sums by lane j mod 8 */
+    float *kf = part + (size_t)G * 8 * hd;     /* [8][hd]   8 K rows in f32 */
+    float *sc = kf + (size_t)8 * hd;           /* [G][max_ctx] scores, then probabilities */
+    for (int it = lo; it < hi; it++) {
+        const int t = it / c->n_head_kv, g = it % c->n_head_kv;
         const kv_seq *s = f->b->seqs[t];
-        int n = f->b->pos[t] + 1;
-        /* As llama.cpp: q meets the fp16 K cache as fp16; scores and softmax in f32 (sum in
-         * double); probabilities meet the fp16 V cache as fp16. */
-        for (int d = 0; d < c->head_dim; d++) qr[d] = round_f16(qh[d]);
-        float mx = -INFINITY;
-        for (int j = 0; j < n; j++) {
-            const kv_elem *kj = kv_k(f->kv, s->blocks[j / KV_BLOCK], f->layer) + (size_t)(j % KV_BLOCK) * kv_dim + g * c->head_dim;
-            sc[j] = dot_f16(qr, kj, c->head_dim) * scale;
-            if (sc[j] > mx) mx = sc[j];
+        const int n = f->b->pos[t] + 1;
+        for (int h = 0; h < G; h++) {
+            const float *qh = ctx->q + (size_t)t * q_dim + (size_t)(g * G + h) * hd;
+            for (int d = 0; d < hd; d++) qr[h * hd + d] = round_f16(qh[d]);
         }
-        /* exponentials summed as llama.cpp does: float sums of 8, accumulated in double */
-        double sum = 0;
-        int j0 = 0;
-        for (; j0 + 8 <= n; j0 += 8) {
-            float l[8];
-            for (int k = 0; k < 8; k++) l[k] = sc[j0 + k] = expf(sc[j0 + k] - mx);
-            sum += (double)(((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])));
+        /* scores, 8 positions at a time (a block of KV_BLOCK = 16 holds two such groups) */
+        for (int j0 = 0; j0 < n; j0 += 8) {
+            const kv_elem *kb = kv_k(f->kv, s->blocks[j0 / KV_BLOCK], f->layer) + (size_t)(j0 % KV_BLOCK) * kv_dim + g * hd;
+            const int m = n - j0 < 8 ? n - j0 : 8;
+            for (int k = 0; k < m; k++) f16_to_f32_row(kf + (size_t)k * hd, kb + (size_t)k * kv_dim, hd);
+            for (int h = 0; h < G; h++) scores8(qr + h * hd, kf, m, hd, scale, sc + (size_t)h * ctx->max_ctx + j0);
         }
-        for (; j0 < n; j0++) { sc[j0] = expf(sc[j0] - mx); sum += sc[j0]; }
-        float inv = (float)(1.0 / sum);
-        /* out[d] = sum_j p_j v_j[d], summed in 8 lanes by j mod 8 (see hsum8) */
-        int hd = c->head_dim;
-        memset(part, 0, (size_t)8 * hd * sizeof(float));
-        for (int j = 0; j < n; j++) {
-            const kv_elem *vj = kv_v(f->kv, s->blocks[j / KV_BLOCK], f->layer) + (size_t)(j % KV_BLOCK) * kv_dim + g * hd;
-            axpy_f16(part + (size_t)(j % 8) * hd, round_f16(sc[j] * inv), vj, hd);
+        /* softmax per head */
+        float inv[64];
+        for (int h = 0; h < G; h++) {
+            float *sh = sc + (size_t)h * ctx->max_ctx;
+            float mx = -INFINITY;
+            for (int j = 0; j < n; j++) if (sh[j] > mx) mx = sh[j];
+            double sum = 0;
+            int j0 = 0;
+            for (; j0 + 8 <= n; j0 += 8) {
+                float l[8];
+                for (int k = 0; k < 8; k++) l[k] = sh[j0 + k] = expf(sh[j0 + k] - mx);
+                sum += (double)hsum8(l);
+            }
+            for (; j0 < n; j0++) { sh[j0] = expf(sh[j0] - mx); sum += sh[j0]; }
+            inv[h] = (float)(1.0 / sum);
         }
-        for (int d = 0; d < hd; d++) {
-            float l[8];
-            for (int k = 0; k < 8; k++) l[k] = part[(size_t)k * hd + d];
-            out[d] = hsum8(l);
+        /* out[d] = sum_j p_j v_j[d], summed in 8 lanes by j mod 8 */
+        memset(part, 0, (size_t)G * 8 * hd * sizeof(float));
+        for (int j0 = 0; j0 < n; j0 += KV_BLOCK) {
+            const kv_elem *vb = kv_v(f->kv, s->blocks[j0 / KV_BLOCK], f->layer) + g * hd;
+            const int m = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
+            for (int k = 0; k < m; k++) {
+                const int j = j0 + k;
+                f16_to_f32_row(row, vb + (size_t)k * kv_dim, hd);
+                for (int h = 0; h < G; h++)
+                    axpy_f32(part + ((size_t)h * 8 + (j % 8)) * hd, round_f16(sc[(size_t)h * ctx->max_ctx + j] * inv[h]), row, hd);
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            float *out = ctx->att + (size_t)t * q_dim + (size_t)(g * G + h) * hd;
+            const float *ph = part + (size_t)h * 8 * hd;
+            for (int d = 0; d < hd; d++) {
+                float l[8];
+                for (int k = 0; k < 8; k++) l[k] = ph[(size_t)k * hd + d];
+                out[d] = hsum8(l);
+            }
         }
     }
 }

@@ -29,9 +29,9 @@
  *   prompt_cache_key is a routing hint in OpenAI (it does not isolate caches), and this is one
  *   process, so it is accepted and ignored: making it a sub-namespace would only lower hit rates
  *   for a tenant's own requests without adding isolation that the key already gives.
- * - Anthropic streaming: message_start carries the whole prompt as input_tokens (the cache
- *   split is known only when the engine reports usage); message_delta carries the final
- *   input / cache_creation / cache_read / output numbers, which the SDKs fold into the message.
+ * - Anthropic streaming: message_start is sent once the prompt is in the KV (the engine's
+ *   on_start), so it carries the real input / cache_creation / cache_read split, as
+ *   Anthropic's does; message_delta repeats the final numbers with output_tokens.
  * - /health and /metrics need no key; everything under /v1 does when keys are configured.
  */
 #include "server.h"
@@ -98,6 +98,7 @@ typedef struct job {
     size_t text_len, text_cap;
     finish_reason why;
     engine_usage usage;
+    bool started;         /* on_start seen: usage holds the prompt's cache split */
     char errmsg[256];
     bool submit_failed;
     /* identity */
@@ -210,6 +211,15 @@ static void on_text(void *user, const char *text, size_t len) {
         j->text_len += len;
         j->text[j->text_len] = 0;
     }
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+}
+
+static void on_start(void *user, const engine_usage *u) {
+    job *j = user;
+    pthread_mutex_lock(&j->mu);
+    j->usage = *u;
+    j->started = true;
     pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
 }
@@ -533,9 +543,17 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         if (j->phase == 2) return MHD_CONTENT_READER_END_OF_STREAM;
         api_result res;
         if (j->phase == 0) {
+            /* message_start carries the prompt's cache split: wait until the engine knows it */
             pthread_mutex_lock(&j->mu);
+            while (!j->started && j->state != JOB_DONE) {
+                job_wait(j, 250);
+                if (!j->started && j->state != JOB_DONE && peer_gone(j->fd)) {
+                    pthread_mutex_unlock(&j->mu);
+                    return MHD_CONTENT_READER_END_WITH_ERROR;
+                }
+            }
             job_result(j, &res);
-            res.usage = NULL;
+            if (!j->started) res.usage = NULL;
             j->pend = api_format_stream_start(&j->req, &res, j->n_prompt);
             pthread_mutex_unlock(&j->mu);
             j->phase = 1;
@@ -689,6 +707,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     er->n_stop = j->req.n_stop;
     er->on_text = on_text;
     er->on_done = on_done;
+    er->on_start = on_start;
     er->user = j;
     uint64_t r1 = next_rand(s), r2 = next_rand(s);
     snprintf(j->id, sizeof j->id, "%s%016llx%08llx", anth ? "msg_" : cs->ep == EP_CHAT ? "chatcmpl-" : "cmpl-",
