@@ -317,43 +317,48 @@ static float dot_f32_lanes(const float *a, const float *b, int n) {
     return hsum8(lanes);
 }
 
-/* Scores of one query against m <= 8 K rows (k: [8][hd] f32): out[j] = dot_f32_lanes(q, k_j) *
- * scale, bit for bit, with the 8 dot products interleaved and reduced together: lanes of
- * positions j and j+4 share a register for the reduction, which adds them in hsum8's order. */
-static void scores8(const float *q, const float *k, int m, int hd, float scale, float *out) {
-#if defined(__AVX2__) && defined(__FMA__)
+/* Scores of one query against m <= 8 K rows (fp16, row stride ks): out[j] = q . k_j * scale,
+ * with one 8-lane accumulator per row fed in order and reduced in hsum8's order, bit for bit
+ * dot_f32_lanes. The 8 dot products are interleaved and reduced together: lanes of positions j
+ * and j+4 share a register for the reduction. */
+static void scores8(const float *q, const kv_elem *k, size_t ks, int m, int hd, float scale, float *out) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (m == 8) {
-        __m256 a[8];
-        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+#define KROW(j) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + (size_t)(j) * ks + i)))
         for (int i = 0; i < hd; i += 8) {
-            __m256 qv = _mm256_loadu_ps(q + i);
-            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)j * hd + i), a[j]);
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, KROW(0), a0);
+            a1 = _mm256_fmadd_ps(qv, KROW(1), a1);
+            a2 = _mm256_fmadd_ps(qv, KROW(2), a2);
+            a3 = _mm256_fmadd_ps(qv, KROW(3), a3);
+            a4 = _mm256_fmadd_ps(qv, KROW(4), a4);
+            a5 = _mm256_fmadd_ps(qv, KROW(5), a5);
+            a6 = _mm256_fmadd_ps(qv, KROW(6), a6);
+            a7 = _mm256_fmadd_ps(qv, KROW(7), a7);
         }
-        __m256 r[4];
-        for (int j = 0; j < 4; j++) {
-            /* [l0+l4, l1+l5, l2+l6, l3+l7] of position j | the same of position j+4 */
-            __m256 p = _mm256_add_ps(_mm256_permute2f128_ps(a[j], a[j + 4], 0x20), _mm256_permute2f128_ps(a[j], a[j + 4], 0x31));
-            p = _mm256_add_ps(p, _mm256_shuffle_ps(p, p, _MM_SHUFFLE(1, 0, 3, 2)));  /* (l0+l4)+(l2+l6), (l1+l5)+(l3+l7) */
-            r[j] = _mm256_add_ps(p, _mm256_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1))); /* lane 0: j, lane 4: j+4 */
-        }
-        __m256 u01 = _mm256_unpacklo_ps(r[0], r[1]), u23 = _mm256_unpacklo_ps(r[2], r[3]);
-        __m256 v = _mm256_shuffle_ps(u01, u23, _MM_SHUFFLE(1, 0, 1, 0));
+#undef KROW
+        /* [l0+l4, l1+l5, l2+l6, l3+l7] of position j | the same of position j+4, then
+         * (l0+l4)+(l2+l6) and (l1+l5)+(l3+l7), then their sum in lanes 0 (j) and 4 (j+4) */
+#define RED(x, y) ({ __m256 p_ = _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31)); \
+                     p_ = _mm256_add_ps(p_, _mm256_shuffle_ps(p_, p_, _MM_SHUFFLE(1, 0, 3, 2)));                     \
+                     _mm256_add_ps(p_, _mm256_shuffle_ps(p_, p_, _MM_SHUFFLE(2, 3, 0, 1))); })
+        const __m256 r0 = RED(a0, a4), r1 = RED(a1, a5), r2 = RED(a2, a6), r3 = RED(a3, a7);
+#undef RED
+        const __m256 u01 = _mm256_unpacklo_ps(r0, r1), u23 = _mm256_unpacklo_ps(r2, r3);
+        const __m256 v = _mm256_shuffle_ps(u01, u23, _MM_SHUFFLE(1, 0, 1, 0));
         _mm256_storeu_ps(out, _mm256_mul_ps(v, _mm256_set1_ps(scale)));
         return;
     }
 #endif
-    for (int j = 0; j < m; j++) out[j] = dot_f32_lanes(q, k + (size_t)j * hd, hd) * scale;
+    float row[1024];
+    for (int j = 0; j < m; j++) {
+        f16_to_f32_row(row, k + (size_t)j * ks, hd);
+        out[j] = dot_f32_lanes(q, row, hd) * scale;
+    }
 }
 
-/* y += a * x */
-static void axpy_f32(float *y, float a, const float *x, int n) {
-    int i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 va = _mm256_set1_ps(a);
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
-}
+
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
     double ss = 0; /* ggml sums in double */
@@ -576,6 +581,51 @@ static void rope_kv_worker(void *p, int ith, int nth) {
     }
 }
 
+/* out[0..8) = sum over j < n of p[j] * V_j[off .. off+8), with the terms of positions j = l
+ * (mod 8) summed in lane l in order and the lanes reduced as hsum8: the summation order of
+ * llama.cpp's f16 GEMM for the same product. */
+static void attend_v8(const kv_pool *kv, const kv_seq *s, int layer, int off, int kv_dim, const float *p, int n, float *out) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    __m256 P0 = _mm256_setzero_ps(), P1 = P0, P2 = P0, P3 = P0, P4 = P0, P5 = P0, P6 = P0, P7 = P0;
+#define VROW(k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vb + (size_t)(k) * kv_dim)))
+    int j0 = 0;
+    for (; j0 + KV_BLOCK <= n; j0 += KV_BLOCK) {
+        const kv_elem *vb = kv_v(kv, s->blocks[j0 / KV_BLOCK], layer) + off;
+        const float *pj = p + j0;
+        for (int k = 0; k < KV_BLOCK; k += 8) {
+            P0 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 0]), VROW(k + 0), P0);
+            P1 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 1]), VROW(k + 1), P1);
+            P2 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 2]), VROW(k + 2), P2);
+            P3 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 3]), VROW(k + 3), P3);
+            P4 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 4]), VROW(k + 4), P4);
+            P5 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 5]), VROW(k + 5), P5);
+            P6 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 6]), VROW(k + 6), P6);
+            P7 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 7]), VROW(k + 7), P7);
+        }
+    }
+    __m256 P[8] = { P0, P1, P2, P3, P4, P5, P6, P7 };
+    if (j0 < n) {
+        const kv_elem *vb = kv_v(kv, s->blocks[j0 / KV_BLOCK], layer) + off;
+        for (int k = 0; j0 + k < n; k++) P[k % 8] = _mm256_fmadd_ps(_mm256_set1_ps(p[j0 + k]), VROW(k), P[k % 8]);
+    }
+#undef VROW
+    const __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(P[0], P[4]), _mm256_add_ps(P[2], P[6])),
+                                   _mm256_add_ps(_mm256_add_ps(P[1], P[5]), _mm256_add_ps(P[3], P[7])));
+    _mm256_storeu_ps(out, r);
+#else
+    float l[8][8] = {{0}};
+    for (int j = 0; j < n; j++) {
+        const kv_elem *v = kv_v(kv, s->blocks[j / KV_BLOCK], layer) + (size_t)(j % KV_BLOCK) * kv_dim + off;
+        for (int d = 0; d < 8; d++) l[j % 8][d] = fmaf(p[j], fp16_to_fp32(v[d]), l[j % 8][d]);
+    }
+    for (int d = 0; d < 8; d++) {
+        float x[8];
+        for (int k = 0; k < 8; k++) x[k] = l[k][d];
+        out[d] = hsum8(x);
+    }
+#endif
+}
+
 /* Causal attention for one (token, KV head) item at a time: the query heads sharing that KV
  * head (GQA) walk the sequence's blocks together, so each K and V row is converted from fp16
  * once for all of them. Per query head the arithmetic is fixed (see hsum8), so results never
@@ -593,10 +643,7 @@ static void attention_worker(void *p, int ith, int nth) {
     split_range(f->b->n * c->n_head_kv, ith, nth, &lo, &hi);
     float *ws = ctx->attn_ws + (size_t)ith * ctx->attn_ws_floats;
     float *qr = ws;                            /* [G][hd]   queries rounded to fp16 */
-    float *row = qr + (size_t)G * hd;          /* [hd]      one K or V row in f32 */
-    float *part = row + hd;                    /* [G][8][hd] V sums by lane j mod 8 */
-    float *kf = part + (size_t)G * 8 * hd;     /* [8][hd]   8 K rows in f32 */
-    float *sc = kf + (size_t)8 * hd;           /* [G][max_ctx] scores, then probabilities */
+    float *sc = qr + (size_t)G * hd;           /* [G][max_ctx] scores, then probabilities */
     for (int it = lo; it < hi; it++) {
         const int t = it / c->n_head_kv, g = it % c->n_head_kv;
         const kv_seq *s = f->b->seqs[t];
@@ -609,8 +656,7 @@ static void attention_worker(void *p, int ith, int nth) {
         for (int j0 = 0; j0 < n; j0 += 8) {
             const kv_elem *kb = kv_k(f->kv, s->blocks[j0 / KV_BLOCK], f->layer) + (size_t)(j0 % KV_BLOCK) * kv_dim + g * hd;
             const int m = n - j0 < 8 ? n - j0 : 8;
-            for (int k = 0; k < m; k++) f16_to_f32_row(kf + (size_t)k * hd, kb + (size_t)k * kv_dim, hd);
-            for (int h = 0; h < G; h++) scores8(qr + h * hd, kf, m, hd, scale, sc + (size_t)h * ctx->max_ctx + j0);
+            for (int h = 0; h < G; h++) scores8(qr + h * hd, kb, (size_t)kv_dim, m, hd, scale, sc + (size_t)h * ctx->max_ctx + j0);
         }
         /* softmax per head */
         float inv[64];
@@ -628,26 +674,13 @@ static void attention_worker(void *p, int ith, int nth) {
             for (; j0 < n; j0++) { sh[j0] = expf(sh[j0] - mx); sum += sh[j0]; }
             inv[h] = (float)(1.0 / sum);
         }
-        /* out[d] = sum_j p_j v_j[d], summed in 8 lanes by j mod 8 */
-        memset(part, 0, (size_t)G * 8 * hd * sizeof(float));
-        for (int j0 = 0; j0 < n; j0 += KV_BLOCK) {
-            const kv_elem *vb = kv_v(f->kv, s->blocks[j0 / KV_BLOCK], f->layer) + g * hd;
-            const int m = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
-            for (int k = 0; k < m; k++) {
-                const int j = j0 + k;
-                f16_to_f32_row(row, vb + (size_t)k * kv_dim, hd);
-                for (int h = 0; h < G; h++)
-                    axpy_f32(part + ((size_t)h * 8 + (j % 8)) * hd, round_f16(sc[(size_t)h * ctx->max_ctx + j] * inv[h]), row, hd);
-            }
-        }
+        /* out[d] = sum_j p_j v_j[d], summed in 8 lanes by j mod 8 and reduced in hsum8's order;
+         * the 8 lane sums of 8 output values stay in registers while the rows stream by. */
         for (int h = 0; h < G; h++) {
+            float *ph = sc + (size_t)h * ctx->max_ctx;
+            for (int j = 0; j < n; j++) ph[j] = round_f16(ph[j] * inv[h]);
             float *out = ctx->att + (size_t)t * q_dim + (size_t)(g * G + h) * hd;
-            const float *ph = part + (size_t)h * 8 * hd;
-            for (int d = 0; d < hd; d++) {
-                float l[8];
-                for (int k = 0; k < 8; k++) l[k] = ph[(size_t)k * hd + d];
-                out[d] = hsum8(l);
-            }
+            for (int d0 = 0; d0 < hd; d0 += 8) attend_v8(f->kv, s, f->layer, g * hd + d0, kv_dim, ph, n, out + d0);
         }
     }
 }
