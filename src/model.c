@@ -367,6 +367,71 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
 }
 
+/* exp of 8 floats: Cody-Waite range reduction and the classic Cephes polynomial (about 1 ulp
+ * over the softmax range). A fixed, vectorized function: the softmax costs a fraction of libm's
+ * per-element expf, and gives the same bits for the same input anywhere in a batch. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    const __m256 z = _mm256_mul_ps(r, r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, z, r);
+    y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* p[j] = exp(p[j] - mx) for j < n; returns the sum, taken in floats of 8 (hsum8) and then in
+ * double, in a fixed order. */
+static double softmax_exp(float *p, int n, float mx) {
+    double sum = 0;
+    int j0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 vmx = _mm256_set1_ps(mx);
+    float l[8];
+    for (; j0 + 8 <= n; j0 += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j0), vmx));
+        _mm256_storeu_ps(p + j0, e);
+        _mm256_storeu_ps(l, e);
+        sum += (double)hsum8(l);
+    }
+    if (j0 < n) {
+        float x[8] = { 0 };
+        for (int k = 0; j0 + k < n; k++) x[k] = p[j0 + k] - mx;
+        _mm256_storeu_ps(l, exp8(_mm256_loadu_ps(x)));
+        for (int k = 0; k < 8; k++) {
+            if (j0 + k < n) p[j0 + k] = l[k];
+            else l[k] = 0;
+        }
+        sum += (double)hsum8(l);
+    }
+#else
+    for (; j0 < n; j0++) { p[j0] = expf(p[j0] - mx); sum += p[j0]; }
+#endif
+    return sum;
+}
+
+/* p[j] = fp16(p[j] * a): probabilities as they meet the fp16 V cache */
+static void scale_round_f16(float *p, int n, float a) {
+    int j = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+    const __m256 va = _mm256_set1_ps(a);
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(p + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(p + j), va), _MM_FROUND_TO_NEAREST_INT)));
+#endif
+    for (; j < n; j++) p[j] = round_f16(p[j] * a);
+}
+
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 static void split_range(int n, int ith, int nth, int *lo, int *hi) {
@@ -581,49 +646,44 @@ static void rope_kv_worker(void *p, int ith, int nth) {
     }
 }
 
-/* out[0..8) = sum over j < n of p[j] * V_j[off .. off+8), with the terms of positions j = l
- * (mod 8) summed in lane l in order and the lanes reduced as hsum8: the summation order of
- * llama.cpp's f16 GEMM for the same product. */
-static void attend_v8(const kv_pool *kv, const kv_seq *s, int layer, int off, int kv_dim, const float *p, int n, float *out) {
+/* out[0..w) = sum over j < n of p[j] * V_j[off .. off+w), w <= 64 a multiple of 8: each output
+ * summed over j in order (fused multiply-adds), all w sums held in registers while the V rows
+ * stream by once, contiguously. */
+static void attend_v(const kv_pool *kv, const kv_seq *s, int layer, int off, int kv_dim, const float *p, int n,
+                     int w, float *out) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    __m256 P0 = _mm256_setzero_ps(), P1 = P0, P2 = P0, P3 = P0, P4 = P0, P5 = P0, P6 = P0, P7 = P0;
-#define VROW(k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vb + (size_t)(k) * kv_dim)))
-    int j0 = 0;
-    for (; j0 + KV_BLOCK <= n; j0 += KV_BLOCK) {
-        const kv_elem *vb = kv_v(kv, s->blocks[j0 / KV_BLOCK], layer) + off;
-        const float *pj = p + j0;
-        for (int k = 0; k < KV_BLOCK; k += 8) {
-            P0 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 0]), VROW(k + 0), P0);
-            P1 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 1]), VROW(k + 1), P1);
-            P2 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 2]), VROW(k + 2), P2);
-            P3 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 3]), VROW(k + 3), P3);
-            P4 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 4]), VROW(k + 4), P4);
-            P5 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 5]), VROW(k + 5), P5);
-            P6 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 6]), VROW(k + 6), P6);
-            P7 = _mm256_fmadd_ps(_mm256_set1_ps(pj[k + 7]), VROW(k + 7), P7);
+    if (w == 64) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int j0 = 0; j0 < n; j0 += KV_BLOCK) {
+            const kv_elem *vb = kv_v(kv, s->blocks[j0 / KV_BLOCK], layer) + off;
+            const int m = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
+            for (int k = 0; k < m; k++) {
+                const kv_elem *v = vb + (size_t)k * kv_dim;
+                const __m256 pj = _mm256_set1_ps(p[j0 + k]);
+#define VC(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8 * (i))))
+                a0 = _mm256_fmadd_ps(pj, VC(0), a0);
+                a1 = _mm256_fmadd_ps(pj, VC(1), a1);
+                a2 = _mm256_fmadd_ps(pj, VC(2), a2);
+                a3 = _mm256_fmadd_ps(pj, VC(3), a3);
+                a4 = _mm256_fmadd_ps(pj, VC(4), a4);
+                a5 = _mm256_fmadd_ps(pj, VC(5), a5);
+                a6 = _mm256_fmadd_ps(pj, VC(6), a6);
+                a7 = _mm256_fmadd_ps(pj, VC(7), a7);
+#undef VC
+            }
         }
-    }
-    __m256 P[8] = { P0, P1, P2, P3, P4, P5, P6, P7 };
-    if (j0 < n) {
-        const kv_elem *vb = kv_v(kv, s->blocks[j0 / KV_BLOCK], layer) + off;
-        for (int k = 0; j0 + k < n; k++) P[k % 8] = _mm256_fmadd_ps(_mm256_set1_ps(p[j0 + k]), VROW(k), P[k % 8]);
-    }
-#undef VROW
-    const __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(P[0], P[4]), _mm256_add_ps(P[2], P[6])),
-                                   _mm256_add_ps(_mm256_add_ps(P[1], P[5]), _mm256_add_ps(P[3], P[7])));
-    _mm256_storeu_ps(out, r);
-#else
-    float l[8][8] = {{0}};
-    for (int j = 0; j < n; j++) {
-        const kv_elem *v = kv_v(kv, s->blocks[j / KV_BLOCK], layer) + (size_t)(j % KV_BLOCK) * kv_dim + off;
-        for (int d = 0; d < 8; d++) l[j % 8][d] = fmaf(p[j], fp16_to_fp32(v[d]), l[j % 8][d]);
-    }
-    for (int d = 0; d < 8; d++) {
-        float x[8];
-        for (int k = 0; k < 8; k++) x[k] = l[k][d];
-        out[d] = hsum8(x);
+        _mm256_storeu_ps(out + 0, a0); _mm256_storeu_ps(out + 8, a1);
+        _mm256_storeu_ps(out + 16, a2); _mm256_storeu_ps(out + 24, a3);
+        _mm256_storeu_ps(out + 32, a4); _mm256_storeu_ps(out + 40, a5);
+        _mm256_storeu_ps(out + 48, a6); _mm256_storeu_ps(out + 56, a7);
+        return;
     }
 #endif
+    for (int d = 0; d < w; d++) out[d] = 0;
+    for (int j = 0; j < n; j++) {
+        const kv_elem *v = kv_v(kv, s->blocks[j / KV_BLOCK], layer) + (size_t)(j % KV_BLOCK) * kv_dim + off;
+        for (int d = 0; d < w; d++) out[d] = fmaf(p[j], fp16_to_fp32(v[d]), out[d]);
+    }
 }
 
 /* Causal attention for one (token, KV head) item at a time: the query heads sharing that KV
@@ -664,23 +724,15 @@ static void attention_worker(void *p, int ith, int nth) {
             float *sh = sc + (size_t)h * ctx->max_ctx;
             float mx = -INFINITY;
             for (int j = 0; j < n; j++) if (sh[j] > mx) mx = sh[j];
-            double sum = 0;
-            int j0 = 0;
-            for (; j0 + 8 <= n; j0 += 8) {
-                float l[8];
-                for (int k = 0; k < 8; k++) l[k] = sh[j0 + k] = expf(sh[j0 + k] - mx);
-                sum += (double)hsum8(l);
-            }
-            for (; j0 < n; j0++) { sh[j0] = expf(sh[j0] - mx); sum += sh[j0]; }
-            inv[h] = (float)(1.0 / sum);
+            inv[h] = (float)(1.0 / softmax_exp(sh, n, mx));
         }
-        /* out[d] = sum_j p_j v_j[d], summed in 8 lanes by j mod 8 and reduced in hsum8's order;
-         * the 8 lane sums of 8 output values stay in registers while the rows stream by. */
+        /* out = sum_j p_j v_j */
         for (int h = 0; h < G; h++) {
             float *ph = sc + (size_t)h * ctx->max_ctx;
-            for (int j = 0; j < n; j++) ph[j] = round_f16(ph[j] * inv[h]);
+            scale_round_f16(ph, n, inv[h]);
             float *out = ctx->att + (size_t)t * q_dim + (size_t)(g * G + h) * hd;
-            for (int d0 = 0; d0 < hd; d0 += 8) attend_v8(f->kv, s, f->layer, g * hd + d0, kv_dim, ph, n, out + d0);
+            for (int d0 = 0; d0 < hd; d0 += 64)
+                attend_v(f->kv, s, f->layer, g * hd + d0, kv_dim, ph, n, hd - d0 < 64 ? hd - d0 : 64, out + d0);
         }
     }
 }
