@@ -273,7 +273,10 @@ static int cmd_tokenize(int argc, char **argv) {
     const char *model = default_model_path();
     for (int i = 0; i < argc; i++) {
         if ((!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) && i + 1 < argc) model = argv[++i];
-        else { fprintf(stderr, "pcache tokenize: unknown argument '%s'\n", argv[i]); return 2; }
+        else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            printf("usage: pcache tokenize [-m MODEL] < text  (prints the token ids as a JSON array)\n");
+            return 0;
+        } else { fprintf(stderr, "pcache tokenize: unknown argument '%s'\n", argv[i]); return 2; }
     }
     char err[512];
     gguf_file *f;
