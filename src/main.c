@@ -23,8 +23,11 @@ static void usage(FILE *out) {
             "usage: pcache <command> [options]\n"
             "  run [-m MODEL] [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n"
             "      [--repeat-penalty R] [--chat] [--system TEXT] [--ignore-eos] [-t THREADS]\n"
-            "      [--kv-mem SIZE] [--cache-ttl T] [--no-cache] [--prompts FILE] [-f FILE | PROMPT]\n"
+            "      [--kv-mem SIZE] [--cache-ttl T] [--no-cache] [--stop STR]... [--prompts FILE]\n"
+            "      [-f FILE | PROMPT]\n"
             "      Streams the completion to stdout, timings to stderr. --temp 0 is greedy.\n"
+            "      Generation ends at an end-of-generation token, after -n tokens, or at a --stop\n"
+            "      string (not printed).\n"
             "      --prompts FILE runs one prompt per line (a JSON string, or an object with\n"
             "      \"prompt\" or \"messages\") in one process, sharing the prompt cache, and prints\n"
             "      one JSON line per prompt: prompt_tokens, cached_tokens, ttft_ms, text.\n"
@@ -42,6 +45,8 @@ typedef struct {
     size_t kv_mem;
     double ttl;
     const char *prompt, *prompt_file, *prompts_file;
+    const char *stop[8];
+    int n_stop;
 } run_opts;
 
 static int need(int i, int argc, const char *flag) {
@@ -93,6 +98,11 @@ static int parse_run_opts(int argc, char **argv, run_opts *o) {
             if (parse_duration(argv[++i], &o->ttl)) { fprintf(stderr, "pcache: bad --cache-ttl '%s'\n", argv[i]); return -1; }
         } else if (!strcmp(a, "-f") || !strcmp(a, "--file")) { if (need(i, argc, a)) return -1; o->prompt_file = argv[++i]; }
         else if (!strcmp(a, "--prompts")) { if (need(i, argc, a)) return -1; o->prompts_file = argv[++i]; }
+        else if (!strcmp(a, "--stop")) {
+            if (need(i, argc, a)) return -1;
+            if (o->n_stop == 8) { fprintf(stderr, "pcache: at most 8 --stop strings\n"); return -1; }
+            o->stop[o->n_stop++] = argv[++i];
+        }
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
         else if (a[0] == '-' && a[1]) { fprintf(stderr, "pcache: unknown option '%s'\n", a); return -1; }
         else if (!o->prompt) o->prompt = a;
@@ -159,6 +169,7 @@ static int run_one(engine *e, const run_opts *o, const char *prompt, bool echo, 
     st->echo = echo;
     engine_request r = { .prompt = ids, .n_prompt = n, .sp = o->sp, .max_tokens = o->n_predict,
                          .ignore_eos = o->ignore_eos, .no_cache = o->no_cache,
+                         .stop = o->stop, .n_stop = o->n_stop,
                          .on_text = on_text, .on_done = on_done, .user = st };
     if (engine_submit(e, &r, err, sizeof err) < 0) { fprintf(stderr, "pcache: %s\n", err); free(ids); return -1; }
     free(ids);

@@ -95,3 +95,11 @@ def test_bad_options():
     assert r.returncode == 2 and b"--kv-mem" in r.stderr
     r = pcache("frobnicate")
     assert r.returncode == 2
+
+
+def test_stop_string_ends_generation():
+    full, _ = run_text("--temp", "0", "-n", "30", "1, 2, 3, 4, 5,")
+    assert " 9" in full
+    cut, err = run_text("--temp", "0", "-n", "30", "--stop", " 9", "1, 2, 3, 4, 5,")
+    assert cut.rstrip("\n") == full[:full.index(" 9")]
+    assert int(TIMINGS.search(err).group(4)) < int(TIMINGS.search(run_text("--temp", "0", "-n", "30", "1, 2, 3, 4, 5,")[1]).group(4))
