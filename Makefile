@@ -54,8 +54,8 @@ $(MODEL):
 # The test suite: everything built with AddressSanitizer + UndefinedBehaviorSanitizer.
 SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 test: deps model
-	$(MAKE) BUILD=build/asan SAN="$(SANFLAGS)" OPT=-O1 test-c test-py
 	$(MAKE) fuzz FUZZ_SECONDS=20
+	$(MAKE) BUILD=build/asan SAN="$(SANFLAGS)" OPT=-O1 test-c test-py
 
 # Short coverage-guided fuzzing runs of the parsers (libFuzzer, ASan+UBSan).
 FUZZ_SECONDS ?= 60
