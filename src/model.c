@@ -699,16 +699,20 @@ static void attention_worker(void *p, int ith, int nth) {
     const int hd = c->head_dim, G = c->n_head / c->n_head_kv;
     const int q_dim = c->n_head * hd, kv_dim = c->n_head_kv * hd;
     const float scale = 1.0f / sqrtf((float)hd);
+    /* Work items: (token, KV head); with too few of those to keep every thread busy (decode),
+     * (token, KV head, query head), at the price of reading K/V rows once per head. */
+    const int per_group = f->b->n * c->n_head_kv >= 4 * nth ? 1 : G;
     int lo, hi;
-    split_range(f->b->n * c->n_head_kv, ith, nth, &lo, &hi);
+    split_range(f->b->n * c->n_head_kv * per_group, ith, nth, &lo, &hi);
     float *ws = ctx->attn_ws + (size_t)ith * ctx->attn_ws_floats;
     float *qr = ws;                            /* [G][hd]   queries rounded to fp16 */
     float *sc = qr + (size_t)G * hd;           /* [G][max_ctx] scores, then probabilities */
     for (int it = lo; it < hi; it++) {
-        const int t = it / c->n_head_kv, g = it % c->n_head_kv;
+        const int t = it / (c->n_head_kv * per_group), g = it / per_group % c->n_head_kv;
+        const int h0 = per_group == 1 ? 0 : it % per_group, h1 = per_group == 1 ? G : h0 + 1;
         const kv_seq *s = f->b->seqs[t];
         const int n = f->b->pos[t] + 1;
-        for (int h = 0; h < G; h++) {
+        for (int h = h0; h < h1; h++) {
             const float *qh = ctx->q + (size_t)t * q_dim + (size_t)(g * G + h) * hd;
             for (int d = 0; d < hd; d++) qr[h * hd + d] = round_f16(qh[d]);
         }
@@ -716,18 +720,18 @@ static void attention_worker(void *p, int ith, int nth) {
         for (int j0 = 0; j0 < n; j0 += 8) {
             const kv_elem *kb = kv_k(f->kv, s->blocks[j0 / KV_BLOCK], f->layer) + (size_t)(j0 % KV_BLOCK) * kv_dim + g * hd;
             const int m = n - j0 < 8 ? n - j0 : 8;
-            for (int h = 0; h < G; h++) scores8(qr + h * hd, kb, (size_t)kv_dim, m, hd, scale, sc + (size_t)h * ctx->max_ctx + j0);
+            for (int h = h0; h < h1; h++) scores8(qr + h * hd, kb, (size_t)kv_dim, m, hd, scale, sc + (size_t)h * ctx->max_ctx + j0);
         }
         /* softmax per head */
         float inv[64];
-        for (int h = 0; h < G; h++) {
+        for (int h = h0; h < h1; h++) {
             float *sh = sc + (size_t)h * ctx->max_ctx;
             float mx = -INFINITY;
             for (int j = 0; j < n; j++) if (sh[j] > mx) mx = sh[j];
             inv[h] = (float)(1.0 / softmax_exp(sh, n, mx));
         }
         /* out = sum_j p_j v_j */
-        for (int h = 0; h < G; h++) {
+        for (int h = h0; h < h1; h++) {
             float *ph = sc + (size_t)h * ctx->max_ctx;
             scale_round_f16(ph, n, inv[h]);
             float *out = ctx->att + (size_t)t * q_dim + (size_t)(g * G + h) * hd;
