@@ -188,6 +188,33 @@ def test_anthropic_cache_control_accounting(server, model):
     assert m.usage.cache_creation.ephemeral_1h_input_tokens > 0
 
 
+def test_anthropic_stream_message_start_has_cache_split(server, model):
+    """message_start reports the prompt's real cache split, as Anthropic's does."""
+    import json as _json
+    body = {"model": model, "max_tokens": 4, "temperature": 0, "stream": True,
+            "system": [{"type": "text", "text": "(stream run) " + LONG_SYSTEM, "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "What do you catalogue?"}]}
+
+    def start_usage():
+        r = post(server, "/v1/messages", body, headers={"x-api-key": KEY}, stream=True)
+        assert r.status_code == 200
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                ev = _json.loads(line[6:])
+                if ev["type"] == "message_start":
+                    r.close()
+                    return ev["message"]["usage"]
+        raise AssertionError("no message_start")
+
+    first = start_usage()
+    assert first["cache_creation_input_tokens"] > 0
+    assert first["cache_read_input_tokens"] < 10          # at most the chat template's opening
+    second = start_usage()
+    assert second["cache_read_input_tokens"] >= first["cache_creation_input_tokens"]
+    assert second["cache_creation_input_tokens"] == 0
+    assert second["input_tokens"] < first["input_tokens"] + first["cache_creation_input_tokens"]
+
+
 def test_anthropic_too_many_breakpoints(server, model):
     cc = {"type": "ephemeral"}
     body = {"model": model, "max_tokens": 4, "system": [{"type": "text", "text": f"s{i}", "cache_control": cc} for i in range(5)],
