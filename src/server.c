@@ -939,7 +939,7 @@ int server_main(int argc, char **argv) {
     if (!s) return 1;
     s->keys = calloc((size_t)argc + 1, sizeof *s->keys);
     s->key_ns = calloc((size_t)argc + 1, sizeof *s->key_ns);
-    if (!s->keys || !s->key_ns) return 1;
+    if (!s->keys || !s->key_ns) { free(s->keys); free(s->key_ns); free(s); return 1; }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;

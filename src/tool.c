@@ -211,7 +211,8 @@ static int cmd_detokenize(int argc, char **argv) {
             const char *p = tokenizer_piece(t, ids[i], false, &pl);
             if (pl == 0) { /* control token: print as-is, after what is pending */
                 char tail[32];
-                fwrite(tail, 1, detok_flush(&st, tail, sizeof tail), stdout);
+                size_t k = detok_flush(&st, tail, sizeof tail);
+                fwrite(tail, 1, k, stdout);
                 p = tokenizer_piece(t, ids[i], true, &pl);
                 fwrite(p, 1, pl, stdout);
                 continue;
@@ -226,7 +227,8 @@ static int cmd_detokenize(int argc, char **argv) {
         free(buf);
     }
     char tail[32];
-    fwrite(tail, 1, detok_flush(&st, tail, sizeof tail), stdout);
+    size_t k = detok_flush(&st, tail, sizeof tail);
+    fwrite(tail, 1, k, stdout);
     free(ids);
     tokenizer_free(t);
     gguf_close(f);
