@@ -32,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+from sse import sse_chunks
 import time
 import urllib.request
 
@@ -306,14 +308,7 @@ def stream_ttft(port, body, timeout=600):
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
     first, text = None, []
-    for raw in resp:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            break
-        ch = json.loads(data)
+    for ch in sse_chunks(resp):
         choices = ch.get("choices") or []
         piece = "".join(x.get("text") or "" for x in choices)
         # the first chunk with text; or, if the model stops at once (EOS), the final chunk

@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cache import fmt, free_port, sized_text, stop, wait_http  # noqa: E402
+from sse import sse_chunks  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,14 +83,7 @@ def one_request(port, system, question, max_tokens, include_usage, timeout, mode
             rec["error"] = f"HTTP {resp.status}: {resp.read()[:300]!r}"
             return rec
         usage = None
-        for raw in resp:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            ch = json.loads(data)
+        for ch in sse_chunks(resp):
             if ch.get("usage"):
                 usage = ch["usage"]
             choices = ch.get("choices") or []
