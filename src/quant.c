@@ -756,6 +756,16 @@ AI int32_t hsum_i32_8(__m256i x) {
     return _mm_cvtsi128_si32(r);
 }
 
+/* Two adjacent fp16 values (a block's d and m, or d and s) to float with one load and one
+ * conversion: the same values as two F16() calls, at half the instructions in the hot loop. */
+AI void f16_pair(const uint16_t *p, float *a, float *b) {
+    uint32_t bits;
+    memcpy(&bits, p, sizeof bits);
+    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
+    *a = _mm_cvtss_f32(v);
+    *b = _mm_cvtss_f32(_mm_movehdup_ps(v));
+}
+
 /* A weight block unpacked for the integer dot: quants as bytes, scale, and min (Q4_1/Q5_1). */
 typedef struct { __m256i q; float d, m; } wblock;
 
@@ -785,15 +795,13 @@ AI wblock legacy_unpack(ggml_type T, const uint8_t *row, int64_t ib) {
     }
     case GGML_TYPE_Q4_1: {
         const block_q4_1 *x = (const block_q4_1 *)row + ib;
-        wb.d = F16(x->d);
-        wb.m = F16(x->m);
+        f16_pair(&x->d, &wb.d, &wb.m);
         wb.q = bytes_from_nibbles_32(x->qs);
         break;
     }
     case GGML_TYPE_Q5_1: {
         const block_q5_1 *x = (const block_q5_1 *)row + ib;
-        wb.d = F16(x->d);
-        wb.m = F16(x->m);
+        f16_pair(&x->d, &wb.d, &wb.m);
         __m256i qx = bytes_from_nibbles_32(x->qs);
         wb.q = _mm256_or_si256(qx, _mm256_and_si256(bytes_from_bits_32(x->qh), _mm256_set1_epi8(0x10)));
         break;
@@ -817,8 +825,7 @@ AI void legacy_act(ggml_type T, const void *a, int64_t ib, __m256i *qy, float *d
     if (T == GGML_TYPE_Q4_1 || T == GGML_TYPE_Q5_1) {
         const block_q8_1 *y = (const block_q8_1 *)a + ib;
         *qy = _mm256_loadu_si256((const __m256i *)y->qs);
-        *dy = F16(y->d);
-        *sy = F16(y->s);
+        f16_pair(&y->d, dy, sy);
     } else {
         const block_q8_0 *y = (const block_q8_0 *)a + ib;
         *qy = _mm256_loadu_si256((const __m256i *)y->qs);
