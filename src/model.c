@@ -244,7 +244,7 @@ model_ctx *model_ctx_create(const model *m, int max_tokens, int max_ctx, int n_t
     for (int i = 0; i < 3; i++) ctx->xq[i] = aligned_alloc(64, T * ctx->xq_stride);
     ctx->rope = xcalloc(T * (size_t)c->rope_dim, sizeof(float));
     int G = c->n_head / c->n_head_kv;
-    ctx->attn_ws_floats = (size_t)G * c->head_dim * 10 + (size_t)9 * c->head_dim + (size_t)G * max_ctx + 16;
+    ctx->attn_ws_floats = (size_t)G * c->head_dim + (size_t)G * max_ctx; /* qr + sc, see attention_worker */
     ctx->attn_ws = xcalloc((size_t)n_threads * ctx->attn_ws_floats, sizeof(float));
     ctx->out_rows = xcalloc(T, sizeof(int32_t));
     if (!ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->att || !ctx->gate || !ctx->up ||
