@@ -27,7 +27,9 @@ typedef struct {
     bool rope_neox;   /* rotate (x[i], x[i+d/2]) instead of (x[2i], x[2i+1]) */
 } model_config;
 
-typedef struct { ggml_type type; int64_t cols, rows; const void *data; size_t row_bytes; } mat;
+/* A weight matrix [rows][cols]. x4: data is in quant's x4 layout (rows interleaved by four,
+ * repacked at load time), else one row after another as in the file. */
+typedef struct { ggml_type type; int64_t cols, rows; const void *data; size_t row_bytes; bool x4; } mat;
 
 typedef struct {
     const float *attn_norm, *ffn_norm;
@@ -42,6 +44,8 @@ typedef struct model {
     mat tok_embd, output;
     const float *output_norm;
     model_layer *layers;
+    void *x4_buf;        /* owned: the repacked matrices, NULL if none */
+    size_t x4_size;
     char name[128];
 } model;
 

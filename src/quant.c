@@ -917,6 +917,99 @@ static bool legacy_kernels(ggml_type t, rows_fn *r1, rows_fn *r4) {
     }
 }
 
+/* ---- x4: four rows interleaved block by block (see quant_repack_x4) ----
+ * A group block holds block ib of 4 consecutive rows: their fp16 scales side by side (d0..d3,
+ * then m0..m3 for Q4_1), then the quants: Q8_0 row by row (4 x 32 bytes); Q4_0/Q4_1 as two
+ * 32-byte pairs where byte j holds element j of the even row in its low nibble and of the odd
+ * row in its high nibble. One load then gives two rows' quants in element order, one
+ * conversion gives four scales, and a matmul reads its weights as one sequential stream.
+ * Each (row, activation) accumulator takes exactly the steps legacy_tile takes (same products,
+ * same lanes, same order), so x4 results equal vec_dot's bit for bit. */
+AI __m256i x4_nib_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0xF)); }
+AI __m256i x4_nib_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0xF)); }
+
+AI void x4_tile(ggml_type T, int C, const uint8_t *g, size_t gb, const uint8_t *a, size_t as, int64_t nb,
+                float *out, size_t os) {
+    const bool q81 = (T == GGML_TYPE_Q4_1);
+    __m256 acc[4][2];
+    __m128 summ[2];
+#pragma GCC unroll 2
+    for (int c = 0; c < C; c++) {
+        summ[c] = _mm_setzero_ps();
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) acc[r][c] = _mm256_setzero_ps();
+    }
+    for (int64_t ib = 0; ib < nb; ib++, g += gb) {
+        __m256i qy[2];
+        float dy[2], sy[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < C; c++) legacy_act(T, a + (size_t)c * as, ib, &qy[c], &dy[c], &sy[c]);
+        __m256 dd;
+        __m128 m4 = _mm_setzero_ps();
+        __m256i q[4];
+        if (q81) {
+            const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
+            dd = _mm256_permute2f128_ps(dm, dm, 0x00);
+            m4 = _mm256_extractf128_ps(dm, 1);
+        } else {
+            const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)g));
+            dd = _mm256_set_m128(d4, d4);
+        }
+        if (T == GGML_TYPE_Q8_0) {
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) q[r] = _mm256_loadu_si256((const __m256i *)(g + 8 + 32 * r));
+        } else {
+            const uint8_t *qs = g + (q81 ? 16 : 8);
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)qs);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(qs + 32));
+            q[0] = x4_nib_lo(v0); q[1] = x4_nib_hi(v0); q[2] = x4_nib_lo(v1); q[3] = x4_nib_hi(v1);
+            if (T == GGML_TYPE_Q4_0)
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) q[r] = _mm256_sub_epi8(q[r], _mm256_set1_epi8(8));
+        }
+#pragma GCC unroll 2
+        for (int c = 0; c < C; c++) {
+            const __m256 ddc = _mm256_mul_ps(dd, _mm256_set1_ps(dy[c])); /* = d_r * dy, lane r */
+            if (q81) summ[c] = _mm_add_ps(summ[c], _mm_mul_ps(m4, _mm_set1_ps(sy[c])));
+            __m256 d[4];
+            d[0] = _mm256_shuffle_ps(ddc, ddc, 0x00);
+            d[1] = _mm256_shuffle_ps(ddc, ddc, 0x55);
+            d[2] = _mm256_shuffle_ps(ddc, ddc, 0xAA);
+            d[3] = _mm256_shuffle_ps(ddc, ddc, 0xFF);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+                acc[r][c] = _mm256_fmadd_ps(d[r], q81 ? sum_us8_pairs_float(q[r], qy[c]) : sum_i8_pairs_float(q[r], qy[c]),
+                                            acc[r][c]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int c = 0; c < C; c++) {
+        float sm[4];
+        _mm_storeu_ps(sm, summ[c]);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) out[(size_t)c * os + r] = hsum_float_8(acc[r][c]) + sm[r];
+    }
+}
+
+typedef void (*x4_fn)(const uint8_t *g, size_t gb, const uint8_t *a, size_t as, int64_t nb, float *out, size_t os);
+#define X4_KERNELS(T, name)                                                                           \
+    static void name##_x4c1(const uint8_t *g, size_t gb, const uint8_t *a, size_t as, int64_t nb,     \
+                            float *out, size_t os) { x4_tile(T, 1, g, gb, a, as, nb, out, os); }       \
+    static void name##_x4c2(const uint8_t *g, size_t gb, const uint8_t *a, size_t as, int64_t nb,     \
+                            float *out, size_t os) { x4_tile(T, 2, g, gb, a, as, nb, out, os); }
+X4_KERNELS(GGML_TYPE_Q4_0, dot_q4_0)
+X4_KERNELS(GGML_TYPE_Q4_1, dot_q4_1)
+X4_KERNELS(GGML_TYPE_Q8_0, dot_q8_0)
+
+static bool x4_kernels(ggml_type t, x4_fn *c1, x4_fn *c2) {
+    switch (t) {
+    case GGML_TYPE_Q4_0: *c1 = dot_q4_0_x4c1; *c2 = dot_q4_0_x4c2; return true;
+    case GGML_TYPE_Q4_1: *c1 = dot_q4_1_x4c1; *c2 = dot_q4_1_x4c2; return true;
+    case GGML_TYPE_Q8_0: *c1 = dot_q8_0_x4c1; *c2 = dot_q8_0_x4c2; return true;
+    default: return false;
+    }
+}
+
 /* Float weights: 8-lane partial sums in 4 accumulators, then a scalar tail. */
 AI __m256 load8_as_f32(ggml_type T, const void *x, int64_t i) {
     if (T == GGML_TYPE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
@@ -1113,6 +1206,86 @@ void vec_dot_tile(ggml_type t, const void *w, size_t w_stride, int nw, const voi
     }
 #endif
     for (; c < na; c++) vec_dot_n(t, wb, w_stride, nw, ab + (size_t)c * a_stride, out + (size_t)c * out_stride, n);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* x4: interleaved rows                                                                      */
+
+bool quant_x4_supported(ggml_type t) {
+#ifdef QUANT_AVX2
+    return t == GGML_TYPE_Q4_0 || t == GGML_TYPE_Q4_1 || t == GGML_TYPE_Q8_0;
+#else
+    (void)t;
+    return false; /* the layout only pays with the SIMD kernels; scalar builds keep rows */
+#endif
+}
+
+/* element j (0..31) of a Q4 block's 16 quant bytes */
+static inline uint8_t q4_elem(const uint8_t *qs, int j) { return j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4; }
+
+int quant_repack_x4(ggml_type t, const void *src, void *dst, int64_t rows, int64_t n) {
+    const size_t rs = quant_x4_supported(t) ? ggml_row_size(t, n) : 0;
+    if (rs == 0 || rows <= 0 || rows % 4 != 0 || !src || !dst) return -1;
+    const int64_t nb = n / 32;
+    const size_t bb = ggml_type_get(t)->type_size; /* one row's block */
+    for (int64_t g = 0; g < rows / 4; g++) {
+        const uint8_t *rows4 = (const uint8_t *)src + (size_t)g * 4 * rs;
+        uint8_t *o = (uint8_t *)dst + (size_t)g * 4 * rs;
+        for (int64_t ib = 0; ib < nb; ib++, o += 4 * bb) {
+            const uint8_t *blk[4];
+            for (int r = 0; r < 4; r++) blk[r] = rows4 + (size_t)r * rs + (size_t)ib * bb;
+            /* every type here starts its block with the fp16 d (Q4_1: then m) */
+            for (int r = 0; r < 4; r++) memcpy(o + 2 * r, blk[r], 2);
+            if (t == GGML_TYPE_Q8_0) {
+                for (int r = 0; r < 4; r++) memcpy(o + 8 + 32 * r, blk[r] + 2, 32);
+                continue;
+            }
+            const size_t qoff = t == GGML_TYPE_Q4_1 ? 4 : 2; /* offset of qs in a row block */
+            uint8_t *q = o + (t == GGML_TYPE_Q4_1 ? 16 : 8);
+            if (t == GGML_TYPE_Q4_1)
+                for (int r = 0; r < 4; r++) memcpy(o + 8 + 2 * r, blk[r] + 2, 2);
+            for (int p = 0; p < 2; p++)
+                for (int j = 0; j < 32; j++)
+                    q[32 * p + j] = (uint8_t)(q4_elem(blk[2 * p] + qoff, j) | q4_elem(blk[2 * p + 1] + qoff, j) << 4);
+        }
+    }
+    return 0;
+}
+
+void vec_dot_tile_x4(ggml_type t, const void *w, int r0, int nw, const void *a, size_t a_stride, int na,
+                     float *out, size_t out_stride, int64_t n) {
+    if (nw <= 0 || na <= 0 || !out || r0 < 0) return;
+#ifdef QUANT_AVX2
+    x4_fn c1, c2;
+    const size_t rs = ggml_row_size(t, n);
+    if (quant_x4_supported(t) && x4_kernels(t, &c1, &c2) && rs) {
+        const int64_t nb = n / 32;
+        const size_t gb = 4 * ggml_type_get(t)->type_size;
+        const uint8_t *ab = a;
+        for (int c = 0; c < na;) {
+            const int cc = na - c >= 2 ? 2 : 1;
+            for (int g = r0 / 4; g * 4 < r0 + nw; g++) {
+                const uint8_t *gp = (const uint8_t *)w + (size_t)g * 4 * rs;
+                const uint8_t *ap = ab + (size_t)c * a_stride;
+                const int lo = g * 4;
+                if (lo >= r0 && lo + 4 <= r0 + nw) { /* whole group inside the range */
+                    (cc == 2 ? c2 : c1)(gp, gb, ap, a_stride, nb, out + (size_t)c * out_stride + (lo - r0), out_stride);
+                    continue;
+                }
+                float tmp[2 * 4];
+                (cc == 2 ? c2 : c1)(gp, gb, ap, a_stride, nb, tmp, 4);
+                for (int k = 0; k < cc; k++)
+                    for (int r = lo; r < lo + 4; r++)
+                        if (r >= r0 && r < r0 + nw) out[(size_t)(c + k) * out_stride + (r - r0)] = tmp[k * 4 + (r - lo)];
+            }
+            c += cc;
+        }
+        return;
+    }
+#endif
+    (void)w; (void)a; (void)a_stride; (void)t; (void)n;
+    for (int c = 0; c < na; c++)
+        for (int r = 0; r < nw; r++) out[(size_t)c * out_stride + r] = NAN; /* not packable here */
 }
 
 /* ---------------------------------------------------------------------------------------- */

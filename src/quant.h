@@ -77,4 +77,15 @@ int quant_fill_random(ggml_type t, void *dst, int64_t n, uint64_t seed);
  * rows x activations reuse each unpacked weight block (batched prefill). */
 void vec_dot_tile(ggml_type t, const void *w, size_t w_stride, int nw, const void *a, size_t a_stride,
                   int na, float *out, size_t out_stride, int64_t n);
+/* x4 layout: a matrix of rows (a multiple of 4) of type t stored as groups of 4 rows
+ * interleaved block by block, in the same bytes as the row layout (group g starts where row
+ * 4g did). Q4_0, Q4_1 and Q8_0 in SIMD builds; quant_x4_supported says. */
+bool quant_x4_supported(ggml_type t);
+/* Repacks rows x n elements from row layout (src) into x4 layout (dst, same size, not
+ * overlapping). Returns -1 for an unsupported type, rows not a multiple of 4 or bad n. */
+int quant_repack_x4(ggml_type t, const void *src, void *dst, int64_t rows, int64_t n);
+/* vec_dot_tile over rows [r0, r0+nw) of an x4 matrix w (its base, not row r0):
+ * out[c * out_stride + (r - r0)] equals vec_dot of the original row r, bit for bit. */
+void vec_dot_tile_x4(ggml_type t, const void *w, int r0, int nw, const void *a, size_t a_stride, int na,
+                     float *out, size_t out_stride, int64_t n);
 #endif

@@ -329,6 +329,17 @@ static int cmd_bench_dot(int argc, char **argv) {
     long long mat_iters = iters / rows > 0 ? iters / rows : 1;
     for (long long i = 0; i < mat_iters; i++) { vec_dot_n(t, w, rs, rows, a, out, n); sink += out[0]; }
     double t2 = now_ns();
+    double tx = 0;
+    if (quant_x4_supported(t) && rows % 4 == 0) {
+        uint8_t *wx = malloc(rs * (size_t)rows);
+        if (wx && quant_repack_x4(t, w, wx, rows, n) == 0) {
+            double x0 = now_ns();
+            for (long long i = 0; i < mat_iters; i++) { vec_dot_tile_x4(t, wx, 0, rows, a, as, 1, out, (size_t)rows, n); sink += out[0]; }
+            tx = now_ns() - x0;
+        }
+        free(wx);
+    }
+    t2 = now_ns();
     long long ref_iters = iters / 8 > 0 ? iters / 8 : 1;
     for (long long i = 0; i < ref_iters; i++) sink += vec_dot_ref(t, w, a, n);
     double t3 = now_ns();
@@ -339,6 +350,9 @@ static int cmd_bench_dot(int argc, char **argv) {
     printf("vec_dot (hot row):     %8.1f ns/dot\n", (t1 - t0) / (double)iters);
     printf("vec_dot_n (%d rows): %8.1f ns/dot  (%.2f GB/s of weights)\n", rows,
            (t2 - t1) / ((double)mat_iters * rows), (double)rs * rows * mat_iters / (t2 - t1));
+    if (tx > 0)
+        printf("vec_dot_tile_x4 (%d):%8.1f ns/dot  (%.2f GB/s of weights)\n", rows, tx / ((double)mat_iters * rows),
+               (double)rs * rows * mat_iters / tx);
     printf("vec_dot_ref:           %8.1f ns/dot\n", (t3 - t2) / (double)ref_iters);
     printf("quantize_row_act:      %8.1f ns/row\n", (q1 - q0) / (double)ref_iters);
     (void)sink;

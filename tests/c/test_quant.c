@@ -620,6 +620,55 @@ START_TEST(test_vec_dot_tile_bit_exact) {
 }
 END_TEST
 
+/* The x4 layout (four rows interleaved, what the model runs its matmuls on) gives exactly
+ * vec_dot's results for every row range, aligned to groups or not, and every number of
+ * activations; repacking rejects what it cannot pack. */
+START_TEST(test_vec_dot_tile_x4_bit_exact) {
+    static const ggml_type X4[] = {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0};
+    static const int RANGES[][2] = {{0, 16}, {0, 4}, {4, 8}, {1, 3}, {2, 13}, {5, 1}, {12, 4}, {3, 10}};
+    static const int NAS[] = {1, 2, 3, 5};
+    for (int ti = 0; ti < 3; ti++) {
+        const ggml_type t = X4[ti], vdt = quant_vec_dot_type(t);
+        if (!quant_x4_supported(t)) {
+            ck_assert_int_eq(quant_repack_x4(t, "", (char[1]){0}, 4, 32), -1);
+            continue;
+        }
+        for (int li = 0; li < 3; li++) {
+            const int64_t n = LENS[li + 1];
+            const size_t rs = ggml_row_size(t, n), as = ggml_row_size(vdt, n) + 32;
+            uint8_t *w = xmalloc(rs * 16), *wx = xmalloc(rs * 16), *a = xmalloc(as * 5);
+            float *xf = xmalloc(n * sizeof(float));
+            for (int r = 0; r < 16; r++) quant_fill_random(t, w + r * rs, n, (uint64_t)(r * 13 + li + 7));
+            for (int c = 0; c < 5; c++) make_act(t, a + c * as, xf, n, 777 + (uint64_t)c, true);
+            ck_assert_int_eq(quant_repack_x4(t, w, wx, 16, n), 0);
+            ck_assert_msg(memcmp(w, wx, rs * 16) != 0, "repacking changed nothing");
+            ck_assert_int_eq(quant_repack_x4(t, w, wx, 6, n), -1);           /* rows % 4 */
+            ck_assert_int_eq(quant_repack_x4(t, w, wx, 4, n + 1), -1);       /* partial block */
+            ck_assert_int_eq(quant_repack_x4(GGML_TYPE_Q4_K, w, wx, 4, 256), -1);
+            for (size_t k = 0; k < sizeof RANGES / sizeof RANGES[0]; k++)
+                for (size_t m = 0; m < sizeof NAS / sizeof NAS[0]; m++) {
+                    const int r0 = RANGES[k][0], nw = RANGES[k][1];
+                    float out[5 * 16];
+                    for (int i = 0; i < 5 * 16; i++) out[i] = -12345.0f;
+                    vec_dot_tile_x4(t, wx, r0, nw, a, as, NAS[m], out, 16, n);
+                    for (int c = 0; c < 5; c++)
+                        for (int r = 0; r < 16; r++) {
+                            if (c >= NAS[m] || r >= nw) { /* nothing outside the range is written */
+                                ck_assert(out[c * 16 + r] == -12345.0f);
+                                continue;
+                            }
+                            const float one = vec_dot(t, w + (r0 + r) * rs, a + c * as, n);
+                            ck_assert_msg(bits(out[c * 16 + r]) == bits(one), "%s n=%ld rows [%d,+%d) na=%d (%d,%d): %.9g vs %.9g",
+                                          ggml_type_get(t)->name, (long)n, r0, nw, NAS[m], r, c,
+                                          (double)out[c * 16 + r], (double)one);
+                        }
+                }
+            free(w); free(wx); free(a); free(xf);
+        }
+    }
+}
+END_TEST
+
 /* K-quant SIMD kernels reduce each super-block to exact integers and then take the same float
  * steps as the reference, so they must agree bit for bit (with any compiler's contraction). */
 START_TEST(test_vec_dot_kquants_bit_exact_with_ref) {
@@ -679,6 +728,7 @@ int main(void) {
     tcase_add_test(tc, test_vec_dot_extremes);
     tcase_add_test(tc, test_vec_dot_n_bit_exact);
     tcase_add_test(tc, test_vec_dot_tile_bit_exact);
+    tcase_add_test(tc, test_vec_dot_tile_x4_bit_exact);
     tcase_add_test(tc, test_vec_dot_kquants_bit_exact_with_ref);
     tcase_add_test(tc, test_vec_dot_deterministic);
     suite_add_tcase(s, tc);
