@@ -5,7 +5,8 @@
  * rows across threads, each thread walking its rows in tiles of MM_TILE rows against every
  * token (a tile of a weight matrix stays in L1 while the quantized activations stream from
  * L2); attention splits (token, head) pairs. A matmul group shares one quantized input across
- * several matrices (Q,K,V and gate,up), saving a hand-over per matrix.
+ * several matrices (Q,K,V and gate,up), saving a hand-over per matrix. Matrices of the x4
+ * types are repacked at load (repack_weights) so that those tiles read one sequential stream.
  */
 #include "model.h"
 #include "quant.h"
