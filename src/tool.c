@@ -360,6 +360,46 @@ static int cmd_bench_dot(int argc, char **argv) {
     return 0;
 }
 
+/* Read bandwidth of this machine: T threads (the engine's pool) each sum their half of an
+ * MB-megabyte buffer, REPS times; the decode roofline in the README comes from this. */
+typedef struct { const uint64_t *buf; size_t n; uint64_t sum[64]; } bw_job;
+
+static void bw_worker(void *p, int ith, int nth) {
+    bw_job *j = p;
+    size_t lo = j->n * (size_t)ith / (size_t)nth, hi = j->n * (size_t)(ith + 1) / (size_t)nth;
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    for (size_t i = lo; i + 4 <= hi; i += 4) { a += j->buf[i]; b += j->buf[i + 1]; c += j->buf[i + 2]; d += j->buf[i + 3]; }
+    j->sum[ith % 64] = a + b + c + d;
+}
+
+static int cmd_bench_bw(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: pcache-tool bench-bw MB THREADS [REPS]\n"); return 2; }
+    long mb = atol(argv[0]), reps = argc > 2 ? atol(argv[2]) : 10;
+    int threads = atoi(argv[1]);
+    if (mb <= 0 || mb > 65536 || threads < 1 || threads > 64 || reps <= 0) {
+        fprintf(stderr, "bench-bw: bad MB %s, THREADS %s or REPS\n", argv[0], argv[1]);
+        return 2;
+    }
+    bw_job j = { .n = (size_t)mb << 17 }; /* 8-byte words */
+    uint64_t *buf = malloc(j.n * sizeof *buf);
+    threadpool *tp = tp_create(threads);
+    if (!buf || !tp) { fprintf(stderr, "bench-bw: out of memory\n"); free(buf); tp_free(tp); return 1; }
+    for (size_t i = 0; i < j.n; i++) buf[i] = i;
+    j.buf = buf;
+    tp_run(tp, bw_worker, &j); /* warm-up */
+    double t0 = now_ns();
+    for (long r = 0; r < reps; r++) tp_run(tp, bw_worker, &j);
+    double t1 = now_ns();
+    uint64_t sink = 0;
+    for (int i = 0; i < 64; i++) sink += j.sum[i];
+    printf("read %ld MB x %ld with %d threads: %.2f GB/s\n", mb, reps, threads,
+           (double)j.n * 8 * (double)reps / (t1 - t0));
+    if (sink == 1) printf(" \n"); /* keeps the sums live */
+    tp_free(tp);
+    free(buf);
+    return 0;
+}
+
 typedef struct { const char *name; int (*fn)(int argc, char **argv); const char *help; } subcommand;
 
 static const subcommand commands[] = {
@@ -369,6 +409,7 @@ static const subcommand commands[] = {
     { "detokenize", cmd_detokenize, "MODEL [--special] < ids.json : text (streaming detokenizer)" },
     { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
     { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
+    { "bench-bw", cmd_bench_bw, "MB THREADS [REPS] : read bandwidth over an MB-megabyte buffer" },
     { "bench-dot", cmd_bench_dot, "TYPE N ITERS [ROWS] : ns per vec_dot / vec_dot_n / vec_dot_ref" },
 };
 
