@@ -161,7 +161,6 @@ static int repack_weights(model *m, char *err, size_t errlen) {
     }
     free(ms);
     m->x4_buf = buf;
-    m->x4_size = size;
     return 0;
 }
 

@@ -45,7 +45,6 @@ typedef struct model {
     const float *output_norm;
     model_layer *layers;
     void *x4_buf;        /* owned: the repacked matrices, NULL if none */
-    size_t x4_size;
     char name[128];
 } model;
 

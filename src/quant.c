@@ -1258,15 +1258,14 @@ void vec_dot_tile_x4(ggml_type t, const void *w, int r0, int nw, const void *a, 
 #ifdef QUANT_AVX2
     x4_fn c1, c2;
     const size_t rs = ggml_row_size(t, n);
-    if (quant_x4_supported(t) && x4_kernels(t, &c1, &c2) && rs) {
+    if (x4_kernels(t, &c1, &c2) && rs) {
         const int64_t nb = n / 32;
         const size_t gb = 4 * ggml_type_get(t)->type_size;
-        const uint8_t *ab = a;
         for (int c = 0; c < na;) {
             const int cc = na - c >= 2 ? 2 : 1;
+            const uint8_t *ap = (const uint8_t *)a + (size_t)c * a_stride;
             for (int g = r0 / 4; g * 4 < r0 + nw; g++) {
                 const uint8_t *gp = (const uint8_t *)w + (size_t)g * 4 * rs;
-                const uint8_t *ap = ab + (size_t)c * a_stride;
                 const int lo = g * 4;
                 if (lo >= r0 && lo + 4 <= r0 + nw) { /* whole group inside the range */
                     (cc == 2 ? c2 : c1)(gp, gb, ap, a_stride, nb, out + (size_t)c * out_stride + (lo - r0), out_stride);
