@@ -42,6 +42,23 @@ typedef struct engine_usage {
 
 typedef enum { FINISH_NONE = 0, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR } finish_reason;
 
+/* Log-probabilities of one sampled token: log-softmax of the logits the sampler saw (the
+ * model's logits plus logit_bias and the repetition/presence/frequency penalties, before
+ * temperature, top-k/p and min-p, which only choose among them), as OpenAI reports them. */
+#define ENGINE_MAX_TOP_LOGPROBS 20
+typedef struct engine_logprob {
+    int32_t token;
+    float logprob;
+} engine_logprob;
+typedef struct engine_token_info {
+    int32_t token;
+    float logprob;
+    int n_top;                                  /* = the request's top_logprobs */
+    engine_logprob top[ENGINE_MAX_TOP_LOGPROBS]; /* best first, ties by lower id */
+} engine_token_info;
+
+typedef struct engine_logit_bias { int32_t token; float bias; } engine_logit_bias;
+
 #define ENGINE_MAX_BREAKPOINTS 4
 typedef struct engine_request {
     const char *ns;                       /* cache namespace (tenant); NULL = "" */
@@ -55,6 +72,10 @@ typedef struct engine_request {
     int n_stop;
     bool ignore_eos;
     bool no_cache;                        /* neither read nor write the prefix cache */
+    const engine_logit_bias *logit_bias;  /* added to the logits before sampling (copied) */
+    int n_logit_bias;
+    int logprobs;                         /* < 0: off; else on_token gets logprobs with the
+                                             top `logprobs` (<= ENGINE_MAX_TOP_LOGPROBS) */
     float *prompt_logits;                 /* optional: gets the last prompt position's logits */
     /* Streamed output: called with each complete UTF-8 text delta (never splits a character,
      * holds back text that may be the start of a stop string). */
@@ -63,6 +84,9 @@ typedef struct engine_request {
      * its text), with usage so far: prompt, cached and cache-written tokens, TTFT. */
     void (*on_start)(void *user, const engine_usage *u);
     void (*on_done)(void *user, finish_reason why, const engine_usage *u, const char *err);
+    /* Optional, with logprobs >= 0: called for each generated token that becomes output (not
+     * for an end-of-generation token), before the text it completes is passed to on_text. */
+    void (*on_token)(void *user, const engine_token_info *ti);
     void *user;
 } engine_request;
 
@@ -70,6 +94,8 @@ typedef struct engine_stats {
     uint64_t requests, prompt_tokens, cached_tokens, completion_tokens, evictions;
     int kv_blocks_used, kv_blocks_free, kv_blocks_total;
     int active_seqs;
+    int queued_seqs;               /* waiting for KV blocks or a batch slot (preempted ones too) */
+    uint64_t preemptions;          /* running sequences sent back to the queue for KV blocks */
     /* prefix cache */
     uint64_t cache_lookups, cache_hits, cache_tokens_saved;
     int cache_entries;
@@ -84,8 +110,14 @@ const gguf_file *engine_gguf(const engine *e);
 int engine_n_ctx(const engine *e);
 const char *engine_model_name(const engine *e);
 
-/* Queues a request (everything is copied). Returns its id (>= 0) or -1 with err (e.g. prompt
- * longer than the context). */
+/* Queues a request (everything is copied). Returns its id (>= 0) or -1 with err when it can
+ * never run: its prompt (+ max_tokens, when given) is longer than the context or needs more KV
+ * blocks than the whole pool has. Admission is first come, first served, as KV blocks allow:
+ * a queued request waits (cache entries are evicted first); when a running sequence needs a
+ * block and none can be freed, the youngest running sequence is preempted: its KV goes into
+ * the prefix cache, its blocks are released and it is requeued, to resume where it stopped
+ * (the same tokens as an uninterrupted run). A sequence without max_tokens that outgrows the
+ * whole pool ends with FINISH_LENGTH. */
 int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen);
 /* Ends a request early (client went away): on_done(FINISH_ABORT) is called and its blocks are
  * released at the next step. */
