@@ -21,7 +21,7 @@ TEST_SRC := $(wildcard tests/c/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null)
 
-.PHONY: all deps model test test-c test-py run serve bench fuzz clean asan
+.PHONY: all deps model test test-c test-py run serve bench fuzz clean distclean asan
 all: $(BUILD)/pcache $(BUILD)/pcache-tool
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h)
@@ -42,10 +42,21 @@ $(BUILD)/tests/%: tests/c/%.c $(BUILD)/libpcache.a $(wildcard tests/c/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -Itests/c -o $@ $< $(BUILD)/libpcache.a $(CHECK_LIBS) $(LDLIBS)
 
-deps: .deps-stamp
-.deps-stamp: scripts/install-deps.sh requirements-dev.txt
-	bash scripts/install-deps.sh
-	@touch $@
+# Set-up, one level per job (scripts/install-deps.sh): serving needs only the build packages;
+# the tests add Check, the fuzzer runtime, Python packages and the llama.cpp oracle (pinned
+# kernels, .deps/llama-oracle); the benchmarks add the llama.cpp peer (native, .deps/llama-peer).
+deps: .deps/serve.stamp
+.deps/serve.stamp: scripts/install-deps.sh
+	bash scripts/install-deps.sh serve
+	@mkdir -p .deps && touch $@
+.deps/test.stamp: scripts/install-deps.sh scripts/install-llama.sh requirements-test.txt
+	bash scripts/install-deps.sh test
+	@mkdir -p .deps && touch $@
+.deps/bench.stamp: scripts/install-deps.sh scripts/install-llama.sh requirements-test.txt requirements-bench.txt
+	bash scripts/install-deps.sh bench
+	@mkdir -p .deps && touch $@
+ORACLE_PY := $(CURDIR)/.deps/llama-oracle
+PEER_PY   := $(CURDIR)/.deps/llama-peer
 
 model: $(MODEL)
 $(MODEL):
@@ -53,7 +64,7 @@ $(MODEL):
 
 # The test suite: everything built with AddressSanitizer + UndefinedBehaviorSanitizer.
 SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-test: deps model
+test: .deps/test.stamp model
 	$(MAKE) fuzz FUZZ_SECONDS=20
 	$(MAKE) BUILD=build/asan SAN="$(SANFLAGS)" OPT=-O1 test-c test-py
 
@@ -67,7 +78,8 @@ test-c: $(TEST_BIN) $(BUILD)/pcache $(BUILD)/pcache-tool
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_FORK=no ASAN_OPTIONS=detect_leaks=1 $$t; done
 
 test-py: $(BUILD)/pcache $(BUILD)/pcache-tool
-	PCACHE_BUILD=$(BUILD) PCACHE_MODEL=$(MODEL) python3 -m pytest -q tests/py
+	PYTHONPATH=$(ORACLE_PY) PCACHE_ORACLE=$(ORACLE_PY) PCACHE_BUILD=$(BUILD) PCACHE_MODEL=$(MODEL) \
+	  python3 -m pytest -q tests/py
 
 serve: deps model all
 	$(BUILD)/pcache serve -m $(MODEL) --host 127.0.0.1 --port 8080
@@ -75,12 +87,15 @@ serve: deps model all
 run: deps model all
 	$(BUILD)/pcache run --chat -n 64 "What is prompt caching, in one sentence?"
 
-bench: deps model
+bench: .deps/bench.stamp model
 	$(MAKE) all
-	python3 bench/bench.py --model $(MODEL) --pcache $(BUILD)/pcache
+	PYTHONPATH=$(PEER_PY) python3 bench/bench.py --model $(MODEL) --pcache $(BUILD)/pcache
 	-$(MAKE) $(BUILD)/tests/test_prefix
-	python3 bench/bench_cache.py --model $(MODEL) --pcache $(BUILD)/pcache
-	python3 bench/bench_server.py --model $(MODEL) --pcache $(BUILD)/pcache
+	PYTHONPATH=$(PEER_PY) python3 bench/bench_cache.py --model $(MODEL) --pcache $(BUILD)/pcache
+	PYTHONPATH=$(PEER_PY) python3 bench/bench_server.py --model $(MODEL) --pcache $(BUILD)/pcache
 
 clean:
 	rm -rf build
+
+distclean: clean
+	rm -rf .deps

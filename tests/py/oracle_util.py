@@ -24,6 +24,45 @@ def need_binary(path: str) -> str:
     return path
 
 
+# The llama.cpp the tests compare against: scripts/install-llama.sh builds it with pinned
+# kernels (AVX2/FMA/F16C, no AVX-512/AVX-VNNI/AMX) so that what it computes is the same on
+# every x86-64 host; a native build rounds differently on an AVX-512 CPU (issue 12). The
+# Makefile puts it on PYTHONPATH and names it in PCACHE_ORACLE.
+ORACLE_DIR = os.environ.get("PCACHE_ORACLE", "")
+HOST_DEPENDENT = ("AVX512", "AVX_VNNI", "AMX")
+
+
+def oracle_flags(system_info: str) -> dict:
+    """'CPU : SSE3 = 1 | AVX2 = 1 | ...' -> {'SSE3': 1, 'AVX2': 1, ...}"""
+    flags = {}
+    for part in system_info.replace(":", "|").split("|"):
+        k, eq, v = part.partition("=")
+        if eq and v.strip().isdigit():
+            flags[k.strip()] = int(v.strip())
+    return flags
+
+
+def llama_oracle():
+    """llama_cpp, the pinned oracle build. Missing or built with host-dependent kernels is a
+    failure, never a skip: the comparison would silently move with the CPU."""
+    try:
+        import llama_cpp
+    except Exception as e:
+        pytest.fail(f"llama_cpp not importable ({e}); `make test` builds the oracle into "
+                    ".deps/llama-oracle (scripts/install-llama.sh oracle)", pytrace=False)
+    where = os.path.dirname(os.path.abspath(llama_cpp.__file__))
+    if ORACLE_DIR and not where.startswith(os.path.abspath(ORACLE_DIR)):
+        pytest.fail(f"llama_cpp comes from {where}, not the pinned oracle in {ORACLE_DIR}",
+                    pytrace=False)
+    info = llama_cpp.llama_print_system_info().decode()
+    flags = oracle_flags(info)
+    if not flags.get("AVX2") or any(flags.get(k) for k in flags
+                                    if k.startswith(HOST_DEPENDENT)):
+        pytest.fail(f"llama_cpp at {where} is not the pinned AVX2 oracle: {info.strip()}",
+                    pytrace=False)
+    return llama_cpp
+
+
 def need_model(path: str = MODEL) -> str:
     if not os.path.exists(path):
         pytest.fail(f"model {path} missing (run `make model`)", pytrace=False)

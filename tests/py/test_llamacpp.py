@@ -14,7 +14,7 @@ end-of-generation token.
 import numpy as np
 import pytest
 
-from oracle_util import need_model, tool_generate, top2_gap
+from oracle_util import llama_oracle, need_model, tool_generate, top2_gap
 from reference import ReferenceModel, gguf_tokenizer
 
 N_GEN = 64
@@ -41,10 +41,7 @@ MIN_IDENTICAL = 5   # the issue's bar: at least 5 prompts whose greedy outputs a
 
 @pytest.fixture(scope="module")
 def llm():
-    try:
-        import llama_cpp
-    except Exception as e:  # pragma: no cover
-        pytest.skip(f"llama_cpp (llama-cpp-python) not importable: {e}")
+    llama_cpp = llama_oracle()
     return llama_cpp.Llama(need_model(), n_threads=2, n_threads_batch=2, n_ctx=512,
                            verbose=False)
 

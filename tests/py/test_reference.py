@@ -21,8 +21,8 @@ Hence:
 import numpy as np
 import pytest
 
-from oracle_util import (logit_stats, need_model, pcache_tokenize, tool_logits, top2_gap,
-                         write_synth_model, write_truncated_model)
+from oracle_util import (llama_oracle, logit_stats, need_model, pcache_tokenize, tool_logits,
+                         top2_gap, write_synth_model, write_truncated_model)
 from reference import ReferenceModel, gguf_tokenizer
 
 PROMPTS = [
@@ -55,14 +55,6 @@ def ref():
 @pytest.fixture(scope="module")
 def tok():
     return gguf_tokenizer(need_model())
-
-
-def llama_cpp_or_skip():
-    try:
-        import llama_cpp
-    except Exception as e:  # pragma: no cover - depends on the environment
-        pytest.skip(f"llama_cpp (llama-cpp-python) not importable: {e}")
-    return llama_cpp
 
 
 def assert_same_argmax(ref_logits, got, what, tie=NEAR_TIE):
@@ -100,7 +92,7 @@ def test_reference_vs_llama_cpp_synthetic_f32(tmp_path, arch, head_dim):
     head_dim != n_embd/n_head, tied output. Measured: f32 KV: rel <= 8e-7; fp16 KV: rel
     <= 1.2e-4 (rounding to fp16 flips a last fp16 bit here and there, like the 8-bit flips of the
     module note, but 8 bits finer)."""
-    llama_cpp = llama_cpp_or_skip()
+    llama_cpp = llama_oracle()
     path = str(tmp_path / f"{arch}.gguf")
     hp = write_synth_model(path, arch, head_dim=head_dim, seed=3)
     ids = list(np.random.default_rng(1).integers(0, hp["n_vocab"], 20))
@@ -121,7 +113,7 @@ def test_reference_vs_llama_cpp_real_model(ref, tok):
     (its vectorised silu/exp and summation orders are not ours; see the module note).
     Measured over these prompts: max abs diff 0.5-0.73 (rel 1.7-3.3%), KL <= 0.015; argmax
     equal. For scale, act_quant on vs off in the reference itself differs by ~0.6."""
-    llama_cpp = llama_cpp_or_skip()
+    llama_cpp = llama_oracle()
     llm = llama_cpp.Llama(need_model(), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
     for text in PROMPTS[:5]:
         ids = tok.encode(text).ids
