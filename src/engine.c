@@ -1,12 +1,18 @@
 /* engine: see engine.h. One step of the scheduler:
  *   1. expire cache entries past their TTL; drop cancelled requests;
- *   2. admit queued requests while there is room: look up the longest cached prefix of the
- *      prompt (at most n_prompt-1 tokens, so the last prompt token is always computed and
- *      yields the first logits), take references to its blocks;
+ *   2. admit queued requests first come, first served, while there is room: look up the
+ *      longest cached prefix of the prompt (at most n_prompt-1 tokens, so the last prompt
+ *      token is always computed and yields the first logits), take references to its blocks
+ *      and reserve the blocks the rest of the prompt needs (evicting cache entries, never
+ *      another sequence's blocks); a request that does not fit waits, and so does everyone
+ *      behind it;
  *   3. build one batch: a decode token for every generating sequence first, then prefill
  *      chunks from prompts still being read, up to max_batch_tokens;
- *   4. make the KV positions writable (copy on write of a shared partial block), run the
- *      model, and for each sequence that finished its prompt, insert the prompt into the
+ *   4. make the KV positions writable (copy on write of a shared partial block); a decoding
+ *      sequence that needs a block when none can be freed preempts the youngest running
+ *      sequence (its KV goes into the prefix cache, its blocks back to the pool, and it is
+ *      requeued with everything it generated: resuming prefills prompt + output, mostly from
+ *      the cache, and continues exactly where it stopped); run the model, and for each sequence that finished its prompt, insert the prompt into the
  *      prefix cache (explicit breakpoints with their TTL, then the whole prompt automatically)
  *      and sample its first token; generating sequences sample their next token;
  *   5. finish sequences on EOS / stop string / max tokens, insert prompt+output into the cache
@@ -34,6 +40,12 @@ typedef struct seq {
     int32_t *tokens;         /* prompt then generated */
     int n_tokens, cap_tokens;
     int n_prompt;
+    int n_fill;              /* prefill up to here, then sample: n_prompt, or n_tokens on resume */
+    bool prompt_cached;      /* the prompt went into the prefix cache (cache_prompt ran) */
+    bool admitted;           /* admitted once: usage.cached_tokens is final */
+    uint64_t tried_epoch;    /* release epoch of the last failed admission (see admit) */
+    engine_logit_bias *bias;
+    int n_bias;
     kv_seq kv;               /* positions [0, kv.n_tokens) are computed */
     seq_phase phase;
     bool cancelled;
@@ -68,6 +80,9 @@ struct engine {
     sample_cand *cand;
     engine_stats st;
     double last_expire;
+    uint64_t release_epoch;  /* bumped whenever a sequence gives blocks back */
+    int32_t *lp_id;          /* logprobs scratch */
+    float *lp_val;
 };
 
 static double mono_now(void *ctx) {
@@ -109,7 +124,10 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     e->b_owner = calloc((size_t)max_tokens, sizeof(seq *));
     e->logits = malloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float));
     e->cand = malloc((size_t)c->n_vocab * sizeof(sample_cand));
-    if (!e->px || !e->tp || !e->mctx || !e->b_tok || !e->b_pos || !e->b_seq || !e->b_logits || !e->b_owner ||
+    e->lp_id = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(int32_t));
+    e->lp_val = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(float));
+    e->release_epoch = 1;
+    if (!e->lp_id || !e->lp_val || !e->px || !e->tp || !e->mctx || !e->b_tok || !e->b_pos || !e->b_seq || !e->b_logits || !e->b_owner ||
         !e->logits || !e->cand) {
         snprintf(err, errlen, "engine: out of memory");
         goto fail;
@@ -129,6 +147,7 @@ static void seq_free(engine *e, seq *s) {
     free(s->ns);
     free(s->tokens);
     free(s->pending);
+    free(s->bias);
     free(s);
 }
 
@@ -141,7 +160,7 @@ void engine_free(engine *e) {
     if (e->tp) tp_free(e->tp);
     model_ctx_free(e->mctx);
     free(e->b_tok); free(e->b_pos); free(e->b_seq); free(e->b_logits); free(e->b_owner);
-    free(e->logits); free(e->cand);
+    free(e->logits); free(e->cand); free(e->lp_id); free(e->lp_val);
     tokenizer_free(e->tok);
     model_free(e->m);
     free(e);
@@ -152,12 +171,38 @@ const gguf_file *engine_gguf(const engine *e) { return e->m->f; }
 int engine_n_ctx(const engine *e) { return e->n_ctx; }
 const char *engine_model_name(const engine *e) { return e->m->name; }
 
+static int blocks_for(int n_tokens) { return (n_tokens + KV_BLOCK - 1) / KV_BLOCK; }
+
 int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen) {
     if (r->n_prompt <= 0) { snprintf(err, errlen, "empty prompt"); return -1; }
     if (r->n_prompt >= e->n_ctx) {
         snprintf(err, errlen, "prompt is %d tokens, the context holds %d", r->n_prompt, e->n_ctx);
         return -1;
     }
+    if (r->max_tokens > 0 && (int64_t)r->n_prompt + r->max_tokens > e->n_ctx) {
+        snprintf(err, errlen, "prompt (%d tokens) + max_tokens (%d) exceeds the context of %d tokens",
+                 r->n_prompt, r->max_tokens, e->n_ctx);
+        return -1;
+    }
+    /* The KV of the whole sequence must fit the pool when nothing else holds it; without
+     * max_tokens the prompt and one generated token must (generation then ends at the pool). */
+    int64_t need_tok = (int64_t)r->n_prompt + (r->max_tokens > 0 ? r->max_tokens : 1);
+    if (blocks_for((int)need_tok) > e->kv.n_blocks) {
+        snprintf(err, errlen, "the request needs KV for %lld tokens (prompt %d%s), the KV pool holds "
+                 "%d tokens: raise --kv-mem", (long long)need_tok, r->n_prompt,
+                 r->max_tokens > 0 ? " + max_tokens" : " + 1", e->kv.n_blocks * KV_BLOCK);
+        return -1;
+    }
+    if (r->n_logit_bias < 0 || (r->n_logit_bias > 0 && !r->logit_bias)) {
+        snprintf(err, errlen, "bad logit_bias");
+        return -1;
+    }
+    for (int i = 0; i < r->n_logit_bias; i++)
+        if (r->logit_bias[i].token < 0 || r->logit_bias[i].token >= e->m->c.n_vocab) {
+            snprintf(err, errlen, "logit_bias: token id %d out of range (vocabulary of %d)",
+                     r->logit_bias[i].token, e->m->c.n_vocab);
+            return -1;
+        }
     for (int i = 0; i < r->n_prompt; i++)
         if (r->prompt[i] < 0 || r->prompt[i] >= e->m->c.n_vocab) {
             snprintf(err, errlen, "token id %d out of range", r->prompt[i]);
@@ -174,7 +219,12 @@ int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen) 
     s->cap_tokens = r->n_prompt + 64;
     s->tokens = malloc((size_t)s->cap_tokens * sizeof(int32_t));
     s->stop = r->n_stop > 0 ? calloc((size_t)r->n_stop, sizeof(char *)) : NULL;
-    bool ok = s->ns && s->tokens && (r->n_stop <= 0 || s->stop);
+    if (r->n_logit_bias > 0) {
+        s->bias = malloc((size_t)r->n_logit_bias * sizeof *s->bias);
+        if (s->bias) memcpy(s->bias, r->logit_bias, (size_t)r->n_logit_bias * sizeof *s->bias);
+        s->n_bias = r->n_logit_bias;
+    }
+    bool ok = s->ns && s->tokens && (r->n_stop <= 0 || s->stop) && (r->n_logit_bias <= 0 || s->bias);
     for (int i = 0; ok && i < r->n_stop; i++) ok = (s->stop[i] = strdup(r->stop[i])) != NULL;
     if (!ok || e->n_seqs == e->cap_seqs) {
         int cap = e->cap_seqs ? 2 * e->cap_seqs : 16;
@@ -191,8 +241,11 @@ int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen) 
     s->r.ns = s->ns;
     s->r.stop = (const char *const *)s->stop;
     s->r.prompt = NULL;
+    s->r.logit_bias = NULL;
+    if (s->r.logprobs > ENGINE_MAX_TOP_LOGPROBS) s->r.logprobs = ENGINE_MAX_TOP_LOGPROBS;
+    if (s->r.logprobs < 0) s->r.logprobs = 0;
     memcpy(s->tokens, r->prompt, (size_t)r->n_prompt * sizeof(int32_t));
-    s->n_tokens = s->n_prompt = r->n_prompt;
+    s->n_tokens = s->n_prompt = s->n_fill = r->n_prompt;
     s->id = e->next_id++;
     s->phase = SEQ_QUEUED;
     s->t_submit = now_s(e);
@@ -209,9 +262,11 @@ void engine_cancel(engine *e, int id) {
         if (e->seqs[i]->id == id) e->seqs[i]->cancelled = true;
 }
 
+static bool running(const seq *s) { return s->phase == SEQ_PREFILL || s->phase == SEQ_DECODE; }
+
 static int n_active(const engine *e) {
     int n = 0;
-    for (int i = 0; i < e->n_seqs; i++) n += e->seqs[i]->phase == SEQ_PREFILL || e->seqs[i]->phase == SEQ_DECODE;
+    for (int i = 0; i < e->n_seqs; i++) n += running(e->seqs[i]);
     return n;
 }
 
@@ -282,6 +337,7 @@ static void finish(engine *e, seq *s, finish_reason why, const char *errmsg) {
     if (!s->r.no_cache && e->o.cache_enabled && s->kv.n_tokens > s->n_prompt && why != FINISH_ERROR)
         prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
     kv_seq_release(&e->kv, &s->kv);
+    e->release_epoch++;
     s->phase = SEQ_DONE;
     s->finish = why;
     e->st.completion_tokens += (uint64_t)s->n_gen;
@@ -303,7 +359,17 @@ static bool push_token(seq *s, int32_t t) {
 /* Samples from logits, appends the token, streams text; finishes the sequence if done. */
 static void take_token(engine *e, seq *s, float *logits) {
     int n_vocab = e->m->c.n_vocab;
-    int32_t t = sample_token(logits, n_vocab, &s->r.sp, &s->rng, s->tokens, s->n_tokens, e->cand);
+    for (int i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
+    sample_penalize(logits, n_vocab, &s->r.sp, s->tokens, s->n_tokens);
+    engine_token_info ti;
+    if (s->r.on_token) {
+        /* before sample_pick: the top-N pass uses e->cand as scratch too */
+        ti.n_top = s->r.logprobs;
+        ti.logprob = 0;
+        sample_logprobs(logits, n_vocab, 0, ti.n_top, e->lp_id, e->lp_val, e->cand);
+        for (int i = 0; i < ti.n_top; i++) { ti.top[i].token = e->lp_id[i]; ti.top[i].logprob = e->lp_val[i]; }
+    }
+    int32_t t = sample_pick(logits, n_vocab, &s->r.sp, &s->rng, e->cand);
     if (s->n_gen == 0) {
         s->t_first = now_s(e);
         s->u.ttft_s = s->t_first - s->t_submit;
@@ -312,6 +378,11 @@ static void take_token(engine *e, seq *s, float *logits) {
     if (!s->r.ignore_eos && tokenizer_is_eog(e->tok, t)) { finish(e, s, FINISH_STOP, NULL); return; }
     if (!push_token(s, t)) { finish(e, s, FINISH_ERROR, "out of memory"); return; }
     s->n_gen++;
+    if (s->r.on_token) {
+        ti.token = t;
+        ti.logprob = sample_logprobs(logits, n_vocab, t, 0, NULL, NULL, e->cand);
+        s->r.on_token(s->r.user, &ti);
+    }
     char buf[256];
     size_t n = detok_feed(e->tok, &s->detok, t, buf, sizeof buf);
     if (!pending_append(s, buf, n)) { finish(e, s, FINISH_ERROR, "out of memory"); return; }
@@ -321,20 +392,89 @@ static void take_token(engine *e, seq *s, float *logits) {
     s->phase = SEQ_DECODE;
 }
 
-static void admit(engine *e, seq *s, double now) {
+/* Blocks a sequence must get before positions [kv.n_tokens, n_total) can be written: new ones
+ * and copies of shared ones. */
+static int blocks_to_write(const engine *e, const seq *s, int n_total) {
+    const kv_seq *q = &s->kv;
+    int n = blocks_for(n_total) - q->n_blocks;
+    if (n < 0) n = 0;
+    for (int i = q->n_tokens / KV_BLOCK; i < q->n_blocks; i++) n += e->kv.refcnt[q->blocks[i]] > 1;
+    return n;
+}
+
+/* Blocks the pool could hand out now: free ones and those only the prefix cache holds. */
+static int blocks_obtainable(const engine *e) {
+    prefix_stats ps;
+    prefix_get_stats(e->px, &ps);
+    return e->kv.n_free + ps.blocks_index_only;
+}
+
+/* Tries to start a queued sequence: takes its cached prefix and reserves the blocks for the
+ * rest of what it has to prefill (n_fill tokens: the prompt, or prompt + output when it was
+ * preempted), keeping `headroom` blocks free for the running sequences' decode steps. On
+ * failure nothing is held and false is returned; it is only tried again once some sequence
+ * released blocks (release_epoch), so a waiting request costs no lookups while nothing moves. */
+static bool admit(engine *e, seq *s, double now, int headroom) {
+    if (s->tried_epoch == e->release_epoch && blocks_obtainable(e) < blocks_for(s->n_fill) + headroom)
+        return false;
     int m = 0;
     if (!s->r.no_cache && e->o.cache_enabled) {
-        m = prefix_match(e->px, s->ns, s->tokens, s->n_prompt - 1, now, &s->kv);
+        m = prefix_match(e->px, s->ns, s->tokens, s->n_fill - 1, now, &s->kv);
         if (m < 0) m = 0;
     }
-    s->u.cached_tokens = m;
-    e->st.cached_tokens += (uint64_t)m;
+    int need = blocks_to_write(e, s, s->n_fill) + headroom;
+    if (e->kv.n_free < need) prefix_evict(e->px, need - e->kv.n_free, now);
+    if (e->kv.n_free < need || kv_seq_prepare(&e->kv, &s->kv, s->n_fill) != 0) {
+        kv_seq_release(&e->kv, &s->kv);
+        s->tried_epoch = e->release_epoch;
+        return false;
+    }
+    if (!s->admitted) {
+        s->admitted = true;
+        s->u.cached_tokens = m;
+        e->st.cached_tokens += (uint64_t)m;
+    }
     s->phase = SEQ_PREFILL;
+    return true;
+}
+
+/* Sends a running sequence back to the queue: its computed KV goes into the prefix cache (so
+ * resuming is mostly a lookup), its blocks go back to the pool, and it keeps its tokens,
+ * sampler state and pending text, so that it continues exactly where it stopped. */
+static void preempt(engine *e, seq *s, double now) {
+    if (!s->r.no_cache && e->o.cache_enabled && s->kv.n_tokens > 0)
+        prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    kv_seq_release(&e->kv, &s->kv);
+    e->release_epoch++;
+    s->n_fill = s->n_tokens;
+    s->phase = SEQ_QUEUED;
+    s->tried_epoch = e->release_epoch;   /* not back in the same step it left */
+    e->st.preemptions++;
+}
+
+/* Makes room for s to write positions up to n_total: prepare evicts cache entries itself;
+ * when that is not enough, preempts the youngest running sequence (s itself when it is the
+ * youngest). Returns 0 when s can go on, 1 when s was preempted, and 2 when s is alone and
+ * the whole pool is not enough (it has to end). */
+static int make_room(engine *e, seq *s, int n_total, double now) {
+    for (;;) {
+        if (kv_seq_prepare(&e->kv, &s->kv, n_total) == 0) return 0;
+        seq *victim = NULL;
+        for (int i = e->n_seqs - 1; i >= 0 && !victim; i--)
+            if (running(e->seqs[i])) victim = e->seqs[i];
+        if (victim == s) {
+            if (n_active(e) == 1) return 2;
+            preempt(e, s, now);
+            return 1;
+        }
+        preempt(e, victim, now);
+    }
 }
 
 /* The prompt is fully in the KV: cache it (breakpoints first: they are what the caller asked
  * for, with their own TTL; then the automatic entry for the whole prompt). */
 static void cache_prompt(engine *e, seq *s, double now) {
+    s->prompt_cached = true;
     if (s->r.no_cache || !e->o.cache_enabled) return;
     for (int i = 0; i < s->r.n_breakpoints; i++) {
         int pos = s->r.breakpoints[i].pos;
@@ -370,46 +510,57 @@ int engine_step(engine *e) {
         if (s->cancelled && s->phase != SEQ_DONE) finish(e, s, FINISH_ABORT, NULL);
     }
     compact(e);
+    /* Admission, first come first served: stop at the first request that does not fit. The
+     * headroom (1% of the pool, at least a block) keeps running sequences' next decode
+     * blocks from being taken by newcomers, which would only preempt them right back. */
     int active = n_active(e);
-    for (int i = 0; i < e->n_seqs && active < e->o.max_seqs; i++)
-        if (e->seqs[i]->phase == SEQ_QUEUED) { admit(e, e->seqs[i], now); active++; }
+    int headroom = e->kv.n_blocks / 100 > 1 ? e->kv.n_blocks / 100 : 1;
+    for (int i = 0; i < e->n_seqs && active < e->o.max_seqs; i++) {
+        seq *s = e->seqs[i];
+        if (s->phase != SEQ_QUEUED) continue;
+        if (!admit(e, s, now, active > 0 ? headroom : 0)) break;
+        active++;
+    }
 
-    /* Build the batch. */
+    /* Build the batch: decode tokens (oldest first, each may need a block), then prefill
+     * chunks (their blocks were reserved at admission). */
     int n = 0, budget = e->o.max_batch_tokens;
-    bool progressed = false;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < e->n_seqs; i++) {
             seq *s = e->seqs[i];
             int start = s->kv.n_tokens, count;
             if (pass == 0 && s->phase == SEQ_DECODE) count = 1;
             else if (pass == 1 && s->phase == SEQ_PREFILL) {
-                count = s->n_prompt - start;
+                count = s->n_fill - start;
                 if (count > budget) count = budget;
                 if (count <= 0) continue;
             } else continue;
-            if (kv_seq_prepare(&e->kv, &s->kv, start + count) != 0) continue; /* retry next step */
+            int room = pass == 0 ? make_room(e, s, start + count, now)
+                                 : kv_seq_prepare(&e->kv, &s->kv, start + count) ? 1 : 0;
+            if (room == 1) continue;      /* preempted (or, for prefill, retried next step) */
+            if (room == 2) { finish(e, s, FINISH_LENGTH, NULL); continue; }
             for (int k = 0; k < count; k++) {
                 e->b_tok[n] = s->tokens[start + k];
                 e->b_pos[n] = start + k;
                 e->b_seq[n] = &s->kv;
                 e->b_owner[n] = s;
-                bool last = s->phase == SEQ_DECODE || start + k == s->n_prompt - 1;
+                bool last = s->phase == SEQ_DECODE || start + k == s->n_fill - 1;
                 e->b_logits[n] = last;
                 n++;
             }
             if (s->phase == SEQ_PREFILL) budget -= count;
-            progressed = true;
         }
     }
-    if (!progressed) {
-        /* Nothing could get KV blocks: fail the newest active request so others can go on. */
-        for (int i = e->n_seqs - 1; i >= 0; i--) {
-            seq *s = e->seqs[i];
-            if (s->phase == SEQ_PREFILL || s->phase == SEQ_DECODE) {
-                finish(e, s, FINISH_ERROR, "KV cache memory exhausted (raise --kv-mem)");
-                break;
-            }
-        }
+    if (n == 0) {
+        /* Nothing could run. With admission reserving blocks this only happens when the one
+         * queued request cannot get blocks with nothing else running (memory allocation
+         * failed): fail it rather than spin. */
+        if (n_active(e) == 0)
+            for (int i = 0; i < e->n_seqs; i++)
+                if (e->seqs[i]->phase == SEQ_QUEUED && e->seqs[i]->tried_epoch == e->release_epoch) {
+                    finish(e, e->seqs[i], FINISH_ERROR, "KV cache memory exhausted (raise --kv-mem)");
+                    break;
+                }
         compact(e);
         return e->n_seqs;
     }
@@ -431,7 +582,7 @@ int engine_step(engine *e) {
         s->kv.n_tokens = e->b_pos[j - 1] + 1;
         if (e->b_logits[j - 1]) {
             float *lg = e->logits + (size_t)out++ * e->m->c.n_vocab;
-            if (s->phase == SEQ_PREFILL) {
+            if (s->phase == SEQ_PREFILL && !s->prompt_cached) {
                 s->u.prefill_s = now - s->t_submit;
                 cache_prompt(e, s, now);
                 if (s->r.prompt_logits) memcpy(s->r.prompt_logits, lg, (size_t)e->m->c.n_vocab * sizeof(float));
@@ -450,6 +601,8 @@ void engine_get_stats(const engine *e, engine_stats *s) {
     s->kv_blocks_used = kv_blocks_used(&e->kv);
     s->kv_blocks_free = e->kv.n_blocks - s->kv_blocks_used;
     s->active_seqs = n_active(e);
+    s->queued_seqs = 0;
+    for (int i = 0; i < e->n_seqs; i++) s->queued_seqs += e->seqs[i]->phase == SEQ_QUEUED;
     prefix_stats ps;
     prefix_get_stats(e->px, &ps);
     s->evictions = ps.evictions;

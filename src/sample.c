@@ -102,9 +102,40 @@ static void apply_penalties(float *logits, int n_vocab, const sample_params *sp,
     free(cnt);
 }
 
+void sample_penalize(float *logits, int n_vocab, const sample_params *sp, const int32_t *history,
+                     int n_history) {
+    apply_penalties(logits, n_vocab, sp, history, n_history);
+}
+
 int32_t sample_token(float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
                      const int32_t *history, int n_history, sample_cand *c) {
     apply_penalties(logits, n_vocab, sp, history, n_history);
+    return sample_pick(logits, n_vocab, sp, rng, c);
+}
+
+float sample_logprobs(const float *logits, int n_vocab, int32_t chosen, int n_top, int32_t *top_id,
+                      float *top_lp, sample_cand *c) {
+    float mx = logits[0];
+    for (int i = 1; i < n_vocab; i++)
+        if (logits[i] > mx) mx = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - mx);
+    double lse = mx + log(sum);
+    if (n_top > n_vocab) n_top = n_vocab;
+    if (n_top > 0) {
+        for (int i = 0; i < n_vocab; i++) { c[i].logit = logits[i]; c[i].id = i; }
+        if (n_top < n_vocab) select_top(c, n_vocab, n_top);
+        qsort(c, (size_t)n_top, sizeof *c, cand_cmp);
+        for (int i = 0; i < n_top; i++) {
+            top_id[i] = c[i].id;
+            top_lp[i] = (float)((double)c[i].logit - lse);
+        }
+    }
+    return (float)((double)logits[chosen] - lse);
+}
+
+int32_t sample_pick(const float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
+                    sample_cand *c) {
     if (sp->temperature <= 0 || sp->top_k == 1) {
         int32_t best = 0;
         for (int i = 1; i < n_vocab; i++)

@@ -31,4 +31,17 @@ double sample_rng_uniform(sample_rng *r);  /* [0,1) */
 typedef struct { float logit; int32_t id; } sample_cand;
 int32_t sample_token(float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
                      const int32_t *history, int n_history, sample_cand *scratch);
+/* sample_token in two halves, for callers that look at the logits in between (logprobs):
+ * sample_penalize applies the repetition / presence / frequency penalties in place;
+ * sample_pick does the rest of the chain (top-k, temperature, top-p, min-p, draw). */
+void sample_penalize(float *logits, int n_vocab, const sample_params *sp, const int32_t *history,
+                     int n_history);
+int32_t sample_pick(const float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
+                    sample_cand *scratch);
+
+/* Log-softmax of logits at `chosen` (returned), and the n_top (<= n_vocab) most likely tokens
+ * with their log-probabilities, best first, ties by lower id, into top_id/top_lp. The sum runs
+ * in double over the whole vocabulary. scratch: n_vocab entries. */
+float sample_logprobs(const float *logits, int n_vocab, int32_t chosen, int n_top, int32_t *top_id,
+                      float *top_lp, sample_cand *scratch);
 #endif

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 #include "engine.h"
+#include "kv.h"
 #include "util.h"
 
 static double fake_now;
@@ -214,6 +215,172 @@ START_TEST(memory_pressure) {
 }
 END_TEST
 
+/* ---- admission, preemption, logprobs (issue 8) ---- */
+
+static engine_request greedy_req(const int32_t *ids, int n, int max_tokens, result *r) {
+    engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = max_tokens, .ignore_eos = true,
+                         .on_text = on_text, .on_done = on_done, .user = r };
+    sample_params_default(&q.sp);
+    q.sp.temperature = 0;
+    return q;
+}
+
+/* A pool that holds two of these sequences, not five: requests queue, running ones are
+ * preempted when their decode needs blocks, and every text (greedy and seeded sampling) is
+ * the one the request gives alone. */
+START_TEST(preemption_is_transparent) {
+    fake_now = 1;
+    enum { NQ = 5, GEN = 40 };
+    engine *e = make_engine(10 * 368640u, 64, true);   /* 10 blocks = 160 tokens */
+    ck_assert_ptr_nonnull(e);
+    const char *qs[NQ] = { "The capital of France is Paris, and the capital of Italy is",
+                           "def fibonacci(n):\n    if n < 2:\n        return n\n",
+                           "Once upon a time, in a small village by the sea, there lived",
+                           "1, 2, 3, 5, 8, 13, 21, 34, 55, 89,",
+                           "<|im_start|>user\nWrite a haiku about autumn.<|im_end|>\n<|im_start|>assistant\n" };
+    result alone[NQ], together[NQ];
+    int32_t *ids[NQ];
+    int n[NQ];
+    char err[256];
+    for (int i = 0; i < NQ; i++) {
+        n[i] = encode(e, qs[i], &ids[i]);
+        ck_assert_int_le(n[i] + GEN, 160);
+        engine *solo = make_engine(64u << 20, 512, false);
+        memset(&alone[i], 0, sizeof alone[i]);
+        engine_request q = greedy_req(ids[i], n[i], GEN, &alone[i]);
+        if (i == 2) { q.sp.temperature = 0.9f; q.sp.seed = 1234; }   /* one seeded sampler */
+        ck_assert_int_ge(engine_submit(solo, &q, err, sizeof err), 0);
+        while (!alone[i].done) engine_step(solo);
+        ck_assert_int_eq(alone[i].why, FINISH_LENGTH);
+        engine_free(solo);
+    }
+    memset(together, 0, sizeof together);
+    for (int i = 0; i < NQ; i++) {
+        engine_request q = greedy_req(ids[i], n[i], GEN, &together[i]);
+        if (i == 2) { q.sp.temperature = 0.9f; q.sp.seed = 1234; }
+        ck_assert_int_ge(engine_submit(e, &q, err, sizeof err), 0);
+    }
+    engine_stats st;
+    int max_queued = 0;
+    for (int guard = 0; guard < 5000 && engine_step(e) > 0; guard++) {
+        engine_get_stats(e, &st);
+        if (st.queued_seqs > max_queued) max_queued = st.queued_seqs;
+        ck_assert_int_le(st.kv_blocks_used, st.kv_blocks_total);
+    }
+    for (int i = 0; i < NQ; i++) {
+        ck_assert_msg(together[i].done, "request %d never finished", i);
+        ck_assert_int_eq(together[i].why, FINISH_LENGTH);
+        ck_assert_int_eq(together[i].u.completion_tokens, GEN);
+        ck_assert_msg(strcmp(together[i].text, alone[i].text) == 0, "request %d: '%s' vs alone '%s'", i,
+                      together[i].text, alone[i].text);
+        free(ids[i]);
+    }
+    engine_get_stats(e, &st);
+    ck_assert_int_gt(st.preemptions, 0);
+    ck_assert_int_gt(max_queued, 0);
+    ck_assert_int_eq(st.active_seqs, 0);
+    ck_assert_int_eq(st.queued_seqs, 0);
+    engine_free(e);
+}
+END_TEST
+
+/* What can never fit is refused at submit; what has no max_tokens ends at the pool. */
+START_TEST(pool_limits) {
+    fake_now = 1;
+    engine *e = make_engine(10 * 368640u, 64, true);   /* 160 tokens */
+    ck_assert_ptr_nonnull(e);
+    int32_t *ids;
+    int n = encode(e, PROMPT, &ids);
+    ck_assert_int_lt(n, 100);
+    result r;
+    memset(&r, 0, sizeof r);
+    char err[256] = "";
+    engine_request q = greedy_req(ids, n, 200, &r);
+    ck_assert_int_eq(engine_submit(e, &q, err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "--kv-mem"), "%s", err);
+    q.max_tokens = 8192;   /* beyond the context (8192) too */
+    ck_assert_int_eq(engine_submit(e, &q, err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "context"), "%s", err);
+    q.max_tokens = 0;      /* no limit: runs until the pool is full */
+    ck_assert_int_ge(engine_submit(e, &q, err, sizeof err), 0);
+    for (int guard = 0; guard < 1000 && !r.done; guard++) engine_step(e);
+    ck_assert(r.done);
+    ck_assert_int_eq(r.why, FINISH_LENGTH);
+    ck_assert_int_ge(n + r.u.completion_tokens, 160 - KV_BLOCK);
+    ck_assert_int_le(n + r.u.completion_tokens, 160 + 1);
+    free(ids);
+    engine_free(e);
+}
+END_TEST
+
+typedef struct { engine_token_info ti[64]; int n; } lp_log;
+static void on_token(void *user, const engine_token_info *ti) {
+    lp_log *l = user;
+    if (l->n < 64) l->ti[l->n++] = *ti;
+}
+typedef struct { result r; lp_log lp; } lp_result;
+static void lp_on_text(void *u, const char *t, size_t n) { on_text(&((lp_result *)u)->r, t, n); }
+static void lp_on_done(void *u, finish_reason w, const engine_usage *us, const char *err) {
+    on_done(&((lp_result *)u)->r, w, us, err);
+}
+static void lp_on_token(void *u, const engine_token_info *ti) { on_token(&((lp_result *)u)->lp, ti); }
+
+/* logprobs are log-softmax of the logits the sampler saw; logit_bias moves the choice. */
+START_TEST(logprobs_and_logit_bias) {
+    engine *e = make_engine(64u << 20, 512, true);
+    ck_assert_ptr_nonnull(e);
+    int32_t *ids;
+    int n = encode(e, PROMPT, &ids);
+    int nv = 49152;
+    float *lg = malloc(sizeof(float) * nv);
+    lp_result a;
+    memset(&a, 0, sizeof a);
+    engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = 6, .logprobs = 5, .prompt_logits = lg,
+                         .on_text = lp_on_text, .on_done = lp_on_done, .on_token = lp_on_token, .user = &a };
+    sample_params_default(&q.sp);
+    q.sp.temperature = 0;
+    char err[256];
+    ck_assert_int_ge(engine_submit(e, &q, err, sizeof err), 0);
+    while (!a.r.done) engine_step(e);
+    ck_assert_int_eq(a.lp.n, a.r.u.completion_tokens);
+    ck_assert_int_gt(a.lp.n, 0);
+    /* first token against the prompt logits, in double */
+    double mx = lg[0], sum = 0;
+    for (int i = 1; i < nv; i++) if (lg[i] > mx) mx = lg[i];
+    for (int i = 0; i < nv; i++) sum += exp((double)lg[i] - mx);
+    const engine_token_info *t0 = &a.lp.ti[0];
+    ck_assert_int_eq(t0->n_top, 5);
+    ck_assert_int_eq(t0->top[0].token, t0->token);           /* greedy: the best one */
+    ck_assert(fabs(t0->logprob - ((double)lg[t0->token] - mx - log(sum))) < 1e-5);
+    for (int k = 0; k < 5; k++) {
+        ck_assert(fabs(t0->top[k].logprob - ((double)lg[t0->top[k].token] - mx - log(sum))) < 1e-5);
+        if (k) ck_assert(t0->top[k].logprob <= t0->top[k - 1].logprob);
+    }
+    for (int i = 0; i < a.lp.n; i++) ck_assert(a.lp.ti[i].logprob <= 0);
+    /* bias the runner-up by +100: it is chosen, with logprob ~0 */
+    int32_t second = t0->top[1].token;
+    engine_logit_bias b = { second, 100 };
+    lp_result c;
+    memset(&c, 0, sizeof c);
+    q.user = &c;
+    q.logit_bias = &b;
+    q.n_logit_bias = 1;
+    q.max_tokens = 1;
+    q.prompt_logits = NULL;
+    ck_assert_int_ge(engine_submit(e, &q, err, sizeof err), 0);
+    while (!c.r.done) engine_step(e);
+    ck_assert_int_eq(c.lp.n, 1);
+    ck_assert_int_eq(c.lp.ti[0].token, second);
+    ck_assert(c.lp.ti[0].logprob > -1e-3f);
+    engine_logit_bias bad = { nv, 1 };
+    q.logit_bias = &bad;
+    ck_assert_int_eq(engine_submit(e, &q, err, sizeof err), -1);
+    free(lg);
+    free(ids);
+    engine_free(e);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("engine");
     TCase *tc = tcase_create("engine");
@@ -222,6 +389,9 @@ int main(void) {
     tcase_add_test(tc, batching_is_transparent);
     tcase_add_test(tc, namespaces_ttl_and_accounting);
     tcase_add_test(tc, memory_pressure);
+    tcase_add_test(tc, preemption_is_transparent);
+    tcase_add_test(tc, pool_limits);
+    tcase_add_test(tc, logprobs_and_logit_bias);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
