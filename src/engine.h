@@ -53,7 +53,7 @@ typedef struct engine_logprob {
 typedef struct engine_token_info {
     int32_t token;
     float logprob;
-    int n_top;                                  /* = the request's top_logprobs */
+    int n_top;                                  /* = the request's logprobs */
     engine_logprob top[ENGINE_MAX_TOP_LOGPROBS]; /* best first, ties by lower id */
 } engine_token_info;
 
@@ -74,8 +74,8 @@ typedef struct engine_request {
     bool no_cache;                        /* neither read nor write the prefix cache */
     const engine_logit_bias *logit_bias;  /* added to the logits before sampling (copied) */
     int n_logit_bias;
-    int logprobs;                         /* < 0: off; else on_token gets logprobs with the
-                                             top `logprobs` (<= ENGINE_MAX_TOP_LOGPROBS) */
+    int logprobs;                         /* with on_token: how many top alternatives each
+                                             token's info lists (0 .. ENGINE_MAX_TOP_LOGPROBS) */
     float *prompt_logits;                 /* optional: gets the last prompt position's logits */
     /* Streamed output: called with each complete UTF-8 text delta (never splits a character,
      * holds back text that may be the start of a stop string). */
@@ -84,8 +84,9 @@ typedef struct engine_request {
      * its text), with usage so far: prompt, cached and cache-written tokens, TTFT. */
     void (*on_start)(void *user, const engine_usage *u);
     void (*on_done)(void *user, finish_reason why, const engine_usage *u, const char *err);
-    /* Optional, with logprobs >= 0: called for each generated token that becomes output (not
-     * for an end-of-generation token), before the text it completes is passed to on_text. */
+    /* Optional: called with the log-probabilities of each generated token that becomes output
+     * (not for an end-of-generation token), before the text it completes is passed to on_text.
+     * Costs a pass over the vocabulary per token; NULL when logprobs are not wanted. */
     void (*on_token)(void *user, const engine_token_info *ti);
     void *user;
 } engine_request;
