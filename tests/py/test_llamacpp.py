@@ -103,3 +103,18 @@ def test_enough_prompts_identical(outcomes):
     same = [p for p, (_, ours, theirs) in outcomes.items() if ours == theirs]
     print(f"identical greedy continuations: {len(same)} of {len(outcomes)}")
     assert len(same) >= MIN_IDENTICAL, f"only {len(same)} of {len(outcomes)} prompts identical"
+
+
+def test_oracle_build_is_pinned():
+    """The guard that keeps the comparison host-independent: a native build on an AVX-512 CPU
+    reports AVX512 = 1 and is refused; the installed oracle reports AVX2 and none of them."""
+    from oracle_util import HOST_DEPENDENT, oracle_flags
+    native = "CPU : SSE3 = 1 | AVX = 1 | AVX_VNNI = 0 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | " \
+             "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 |"
+    f = oracle_flags(native)
+    assert f["AVX2"] == 1 and f["AVX512"] == 1 and f["AVX512_BF16"] == 1
+    assert any(f.get(k) for k in f if k.startswith(HOST_DEPENDENT))
+    llama_cpp = llama_oracle()
+    f = oracle_flags(llama_cpp.llama_print_system_info().decode())
+    assert f.get("AVX2") == 1 and f.get("FMA") == 1 and f.get("F16C") == 1
+    assert not any(f.get(k) for k in f if k.startswith(HOST_DEPENDENT))
