@@ -135,7 +135,12 @@ def main():
     try:
         import llama_cpp
     except Exception as e:
-        raise SystemExit(f"llama_cpp (pip install llama-cpp-python) is needed: {e}")
+        raise SystemExit(f"llama_cpp is needed: `make bench` builds the peer into .deps/llama-peer "
+                         f"(scripts/install-llama.sh peer): {e}")
+    # The peer is llama.cpp at its best on this host (a native build), not the tests' oracle,
+    # whose kernels are pinned to AVX2 so that test outcomes do not move with the CPU.
+    peer_build = llama_cpp.llama_print_system_info().decode().strip()
+    print(f"llama.cpp peer: {os.path.dirname(llama_cpp.__file__)}: {peer_build}", file=sys.stderr)
 
     llm = llama_cpp.Llama(a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=1024,
                           n_batch=512, verbose=False)
@@ -170,7 +175,8 @@ def main():
     ratio = {k: med["pcache"][k] / med["llama.cpp"][k] for k in ("prefill_tps", "decode_tps")}
     summary = dict(model=a.model, threads=a.threads, runs=a.runs, prompt_tokens=N_PROMPT,
                    decode_tokens=N_DECODE, median=med, ratio_pcache_over_llamacpp=ratio,
-                   llama_cpp_version=getattr(llama_cpp, "__version__", "?"), raw=results)
+                   llama_cpp_version=getattr(llama_cpp, "__version__", "?"),
+                   llama_cpp_build=peer_build, raw=results)
     with open(a.out, "w") as f:
         json.dump(summary, f, indent=2)
 
