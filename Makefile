@@ -21,7 +21,7 @@ TEST_SRC := $(wildcard tests/c/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null)
 
-.PHONY: all deps model test test-c test-py run serve bench fuzz clean distclean asan
+.PHONY: all deps model test test-c test-py run serve bench soak fuzz clean distclean asan
 all: $(BUILD)/pcache $(BUILD)/pcache-tool
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h)
@@ -81,10 +81,13 @@ test-py: $(BUILD)/pcache $(BUILD)/pcache-tool
 	PYTHONPATH=$(ORACLE_PY) PCACHE_ORACLE=$(ORACLE_PY) PCACHE_BUILD=$(BUILD) PCACHE_MODEL=$(MODEL) \
 	  python3 -m pytest -q tests/py
 
-serve: deps model all
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+serve: deps model
+	$(MAKE) -j$(NPROC) all
 	$(BUILD)/pcache serve -m $(MODEL) --host 127.0.0.1 --port 8080
 
-run: deps model all
+run: deps model
+	$(MAKE) -j$(NPROC) all
 	$(BUILD)/pcache run --chat -n 64 "What is prompt caching, in one sentence?"
 
 bench: .deps/bench.stamp model
@@ -93,6 +96,12 @@ bench: .deps/bench.stamp model
 	-$(MAKE) $(BUILD)/tests/test_prefix
 	PYTHONPATH=$(PEER_PY) python3 bench/bench_cache.py --model $(MODEL) --pcache $(BUILD)/pcache
 	PYTHONPATH=$(PEER_PY) python3 bench/bench_server.py --model $(MODEL) --pcache $(BUILD)/pcache
+
+# The server under load (bench/soak.py): 64 clients, a quarter-size KV pool, disconnects.
+SOAK_SECONDS ?= 600
+soak: .deps/test.stamp model
+	$(MAKE) -j$(NPROC) all
+	python3 bench/soak.py --pcache $(BUILD)/pcache --model $(MODEL) --duration $(SOAK_SECONDS)
 
 clean:
 	rm -rf build
