@@ -19,6 +19,14 @@ static char *tmpl(void *ctx, const chat_msg *m, int n, bool gen) {
     return s;
 }
 
+/* Stand-in token texts, one of them part of a UTF-8 character. */
+static const char *piece(void *ctx, int32_t id, size_t *len) {
+    (void)ctx;
+    static const char *p[] = { "out", "\xe2\x82", "\xac", "", "\"q\\" };
+    *len = strlen(p[(uint32_t)id % 5]);
+    return p[(uint32_t)id % 5];
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     api_kind kind = (api_kind)(data[0] % 4);
@@ -50,8 +58,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         free(prompt);
     }
     engine_usage u = { .prompt_tokens = 10, .cached_tokens = 3, .cache_write_5m = 2, .completion_tokens = 4, .stop_matched = r.n_stop ? 1 : 0 };
+    engine_token_info lps[3];
+    memset(lps, 0, sizeof lps);
+    for (int i = 0; i < 3; i++) {
+        lps[i].token = i + (size > 1 ? data[1] : 0);
+        lps[i].logprob = -(float)i;
+        lps[i].n_top = r.logprobs > 0 ? r.logprobs : 0;
+        for (int k = 0; k < lps[i].n_top; k++) { lps[i].top[k].token = k; lps[i].top[k].logprob = -(float)k; }
+    }
     api_result res = { .id = "id", .created = 1, .model = "m", .text = "out\xe2\x82\xac", .text_len = 6, .why = FINISH_STOP,
-                       .stop_matched = u.stop_matched, .usage = &u };
+                       .stop_matched = u.stop_matched, .usage = &u, .lps = lps, .n_lps = 3, .tok_text = piece };
+    if (r.logprobs > ENGINE_MAX_TOP_LOGPROBS) abort();
+    for (int i = 0; i < r.n_logit_bias; i++)
+        if (r.logit_bias[i].token < 0 || !(r.logit_bias[i].bias >= -100 && r.logit_bias[i].bias <= 100)) abort();
     free(api_format_response(&r, &res));
     free(api_format_stream_start(&r, &res, 10));
     free(api_format_stream_delta(&r, &res, "d", 1));

@@ -33,6 +33,7 @@ void api_error_set(api_error *e, int status, const char *type, const char *param
     va_end(ap);
 }
 
+#include <stdint.h>
 #define BAD(param, ...) do { api_error_set(err, 400, "invalid_request_error", param, NULL, __VA_ARGS__); goto fail; } while (0)
 
 char *api_format_error(bool anthropic, const api_error *e) {
@@ -123,6 +124,168 @@ static int get_string(const cJSON *o, const char *key, const char **out, api_err
     }
     *out = v->valuestring;
     return 1;
+}
+
+/* Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above U+10FFFF. Returns
+ * the offset of the first bad byte, or len when all is well. */
+static size_t utf8_bad_at(const unsigned char *s, size_t len) {
+    size_t i = 0;
+    while (i < len) {
+        unsigned c = s[i];
+        if (c < 0x80) { i++; continue; }
+        size_t n;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c >= 0xC2 && c <= 0xDF) n = 1;
+        else if (c == 0xE0) { n = 2; lo = 0xA0; }
+        else if (c >= 0xE1 && c <= 0xEC) n = 2;
+        else if (c == 0xED) { n = 2; hi = 0x9F; }            /* U+D800..DFFF are not characters */
+        else if (c >= 0xEE && c <= 0xEF) n = 2;
+        else if (c == 0xF0) { n = 3; lo = 0x90; }
+        else if (c >= 0xF1 && c <= 0xF3) n = 3;
+        else if (c == 0xF4) { n = 3; hi = 0x8F; }            /* <= U+10FFFF */
+        else return i;
+        if (i + n >= len) return i;                          /* truncated sequence */
+        if (s[i + 1] < lo || s[i + 1] > hi) return i;
+        for (size_t k = 2; k <= n; k++)
+            if (s[i + k] < 0x80 || s[i + k] > 0xBF) return i;
+        i += n + 1;
+    }
+    return len;
+}
+
+/* A parameter pcache does not implement: 400 naming it. */
+static int refuse(api_error *err, const char *param, const char *what) {
+    api_error_set(err, 400, "invalid_request_error", param, "unsupported_parameter",
+                  "%s: %s is not supported by pcache", param, what);
+    return -1;
+}
+
+static bool present(const cJSON *o, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return v && !cJSON_IsNull(v);
+}
+
+static int parse_cache_salt(const cJSON *root, api_request *r, api_error *err) {
+    const char *s = NULL;
+    if (get_string(root, "cache_salt", &s, err) < 0) return -1;
+    if (!s) return 0;
+    if (strlen(s) > API_MAX_CACHE_SALT) {
+        api_error_set(err, 400, "invalid_request_error", "cache_salt", "invalid_value",
+                      "cache_salt: at most %d bytes", API_MAX_CACHE_SALT);
+        return -1;
+    }
+    if (!(r->cache_salt = strdup(s))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+    return 0;
+}
+
+/* logit_bias: {"token id": bias in [-100, 100], ...} */
+static int parse_logit_bias(const cJSON *root, api_request *r, api_error *err) {
+    const cJSON *lb = cJSON_GetObjectItemCaseSensitive(root, "logit_bias");
+    if (!lb || cJSON_IsNull(lb)) return 0;
+    if (!cJSON_IsObject(lb)) {
+        api_error_set(err, 400, "invalid_request_error", "logit_bias", "invalid_type", "logit_bias: expected an object mapping token ids to numbers");
+        return -1;
+    }
+    int n = cJSON_GetArraySize(lb);
+    if (n > API_MAX_LOGIT_BIAS) {
+        api_error_set(err, 400, "invalid_request_error", "logit_bias", "invalid_value", "logit_bias: at most %d entries", API_MAX_LOGIT_BIAS);
+        return -1;
+    }
+    if (n == 0) return 0;
+    if (!(r->logit_bias = calloc((size_t)n, sizeof *r->logit_bias))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+    const cJSON *e;
+    cJSON_ArrayForEach(e, lb) {
+        const char *k = e->string;
+        char *end = NULL;
+        long long id = k && *k >= '0' && *k <= '9' ? strtoll(k, &end, 10) : -1;
+        if (id < 0 || id > INT32_MAX || !end || *end) {
+            api_error_set(err, 400, "invalid_request_error", "logit_bias", "invalid_value", "logit_bias: key '%.40s' is not a token id", k ? k : "");
+            return -1;
+        }
+        if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble) || e->valuedouble < -100 || e->valuedouble > 100) {
+            api_error_set(err, 400, "invalid_request_error", "logit_bias", "invalid_value", "logit_bias: the bias of token %lld must be a number in [-100, 100]", id);
+            return -1;
+        }
+        r->logit_bias[r->n_logit_bias].token = (int32_t)id;
+        r->logit_bias[r->n_logit_bias].bias = (float)e->valuedouble;
+        r->n_logit_bias++;
+    }
+    return 0;
+}
+
+/* What OpenAI offers and pcache does not do yet. */
+static int openai_refusals(const cJSON *root, const api_request *r, api_error *err) {
+    long long ll;
+    int k;
+    bool b = false;
+    if ((k = get_int(root, "best_of", 1, 1e9, &ll, err)) < 0) return -1;
+    if (k && ll > 1) return refuse(err, "best_of", "best_of > 1");
+    if (get_bool(root, "echo", &b, err) < 0) return -1;
+    if (b) return refuse(err, "echo", "echo");
+    const char *sfx = NULL;
+    if (get_string(root, "suffix", &sfx, err) < 0) return -1;
+    if (sfx && *sfx) return refuse(err, "suffix", "suffix (fill-in-the-middle)");
+    const cJSON *rf = cJSON_GetObjectItemCaseSensitive(root, "response_format");
+    if (rf && !cJSON_IsNull(rf)) {
+        const char *t = NULL;
+        if (!cJSON_IsObject(rf) || get_string(rf, "type", &t, err) < 0 || !t) {
+            api_error_set(err, 400, "invalid_request_error", "response_format", "invalid_type", "response_format: expected an object with a type");
+            return -1;
+        }
+        if (strcmp(t, "text")) return refuse(err, "response_format", "response_format other than text (structured outputs)");
+    }
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
+    if (tc && !cJSON_IsNull(tc)) {
+        if (cJSON_IsObject(tc)) return refuse(err, "tool_choice", "tool_choice naming a function (tool calls)");
+        if (!cJSON_IsString(tc)) {
+            api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_type", "tool_choice: expected a string or an object");
+            return -1;
+        }
+        if (!strcmp(tc->valuestring, "required")) return refuse(err, "tool_choice", "tool_choice \"required\" (tool calls)");
+        if (strcmp(tc->valuestring, "auto") && strcmp(tc->valuestring, "none")) {
+            api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_value", "tool_choice: expected none, auto, required or a function");
+            return -1;
+        }
+    }
+    const cJSON *fc = cJSON_GetObjectItemCaseSensitive(root, "function_call");
+    if (fc && !cJSON_IsNull(fc) && !(cJSON_IsString(fc) && (!strcmp(fc->valuestring, "none") || !strcmp(fc->valuestring, "auto"))))
+        return refuse(err, "function_call", "function_call forcing a function (tool calls)");
+    if (present(root, "audio")) return refuse(err, "audio", "audio output");
+    const cJSON *mod = cJSON_GetObjectItemCaseSensitive(root, "modalities");
+    if (mod && !cJSON_IsNull(mod)) {
+        if (!cJSON_IsArray(mod)) {
+            api_error_set(err, 400, "invalid_request_error", "modalities", "invalid_type", "modalities: expected an array");
+            return -1;
+        }
+        const cJSON *x;
+        cJSON_ArrayForEach(x, mod)
+            if (!cJSON_IsString(x) || strcmp(x->valuestring, "text")) return refuse(err, "modalities", "an output modality other than text");
+    }
+    if (present(root, "prediction")) return refuse(err, "prediction", "prediction (predicted outputs)");
+    if (present(root, "web_search_options")) return refuse(err, "web_search_options", "web search");
+    (void)r;
+    return 0;
+}
+
+static int anthropic_refusals(const cJSON *root, api_error *err) {
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
+    if (tc && !cJSON_IsNull(tc)) {
+        const char *t = NULL;
+        if (!cJSON_IsObject(tc) || get_string(tc, "type", &t, err) < 0 || !t) {
+            api_error_set(err, 400, "invalid_request_error", "tool_choice", NULL, "tool_choice: expected an object with a type");
+            return -1;
+        }
+        if (!strcmp(t, "any") || !strcmp(t, "tool")) return refuse(err, "tool_choice", "tool_choice forcing a tool call");
+    }
+    const cJSON *th = cJSON_GetObjectItemCaseSensitive(root, "thinking");
+    if (th && !cJSON_IsNull(th)) {
+        const char *t = NULL;
+        if (!cJSON_IsObject(th) || get_string(th, "type", &t, err) < 0) return -1;
+        if (t && !strcmp(t, "enabled")) return refuse(err, "thinking", "extended thinking");
+    }
+    const cJSON *mcp = cJSON_GetObjectItemCaseSensitive(root, "mcp_servers");
+    if (cJSON_IsArray(mcp) && cJSON_GetArraySize(mcp) > 0) return refuse(err, "mcp_servers", "MCP servers");
+    return 0;
 }
 
 static int add_stop(api_request *r, const char *s, int max, const char *param, api_error *err) {
@@ -276,7 +439,22 @@ static int parse_openai(const cJSON *root, api_request *r, api_error *err) {
     s = NULL;
     if (get_string(root, "prompt_cache_key", &s, err) < 0) return -1;
     if (s && !(r->cache_key = strdup(s))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
-    return 0;
+    if (r->kind == API_OPENAI_CHAT) {
+        bool lp = false;
+        if (get_bool(root, "logprobs", &lp, err) < 0) return -1;
+        if ((k = get_int(root, "top_logprobs", 0, ENGINE_MAX_TOP_LOGPROBS, &ll, err)) < 0) return -1;
+        if (k && !lp) {
+            api_error_set(err, 400, "invalid_request_error", "top_logprobs", "invalid_value", "top_logprobs: requires logprobs to be true");
+            return -1;
+        }
+        r->logprobs = lp ? (k ? (int)ll : 0) : -1;
+    } else {
+        if ((k = get_int(root, "logprobs", 0, 5, &ll, err)) < 0) return -1;
+        r->logprobs = k ? (int)ll : -1;
+    }
+    if (parse_logit_bias(root, r, err) < 0) return -1;
+    if (get_bool(root, "ignore_eos", &r->ignore_eos, err) < 0) return -1;
+    return openai_refusals(root, r, err);
 }
 
 /* ---------------------------------------------------------------- Anthropic */
@@ -508,7 +686,7 @@ static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
             if (add_stop(r, x->valuestring, API_MAX_STOP, "stop_sequences", err) < 0) return -1;
         }
     }
-    return 0;
+    return anthropic_refusals(root, err);
 }
 
 /* ---------------------------------------------------------------- entry points */
@@ -520,13 +698,17 @@ void api_request_free(api_request *r) {
     free(r->prompt);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     free(r->cache_key);
+    free(r->logit_bias);
+    free(r->cache_salt);
     memset(r, 0, sizeof *r);
+    r->logprobs = -1;
 }
 
 int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err) {
     memset(out, 0, sizeof *out);
     out->kind = kind;
     out->max_tokens = -1;
+    out->logprobs = -1;
     sample_params_default(&out->sp);
     cJSON *root = NULL;
     const char *end = NULL;
@@ -537,6 +719,8 @@ int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api
         goto fail;
     }
     if (memchr(body, 0, len)) BAD(NULL, "request body is not valid JSON (NUL byte)");
+    size_t bad = utf8_bad_at((const unsigned char *)body, len);
+    if (bad < len) BAD(NULL, "request body is not valid UTF-8 (byte %zu)", bad);
     root = cJSON_ParseWithLengthOpts(body, len, &end, false);
     if (!root) BAD(NULL, "request body is not valid JSON (error near byte %zu)", end && end >= body ? (size_t)(end - body) : (size_t)0);
     for (const char *p = end; p && p < body + len; p++)
@@ -550,6 +734,7 @@ int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api
     }
     if (!(out->model = strdup(model))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); goto fail; }
     if ((api_is_anthropic(kind) ? parse_anthropic(root, out, err) : parse_openai(root, out, err)) < 0) goto fail;
+    if (parse_cache_salt(root, out, err) < 0) goto fail;
     cJSON_Delete(root);
     return 0;
 fail:
@@ -761,6 +946,96 @@ static cJSON *str_n(const char *s, size_t n) {
     return v;
 }
 
+/* ---- logprobs ---- */
+/* A token's text as a JSON string: its bytes where they are valid UTF-8, U+FFFD for each byte
+ * that is not (a token may hold part of a character); the exact bytes go in "bytes". */
+static cJSON *token_string(const char *p, size_t n) {
+    sbuf b = {0};
+    size_t i = 0;
+    while (i < n) {
+        size_t bad = utf8_bad_at((const unsigned char *)p + i, n - i);
+        sb_add(&b, p + i, bad);
+        i += bad;
+        if (i < n) { sb_str(&b, "\xEF\xBF\xBD"); i++; }
+    }
+    char *t = sb_take(&b);
+    cJSON *v = cJSON_CreateString(t ? t : "");
+    free(t);
+    return v;
+}
+
+static cJSON *token_bytes(const char *p, size_t n) {
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber((unsigned char)p[i]));
+    return a;
+}
+
+static const char *tok_piece(const api_result *res, int32_t id, size_t *len) {
+    *len = 0;
+    const char *p = res->tok_text ? res->tok_text(res->tok_ctx, id, len) : NULL;
+    if (!p) *len = 0;
+    return p ? p : "";
+}
+
+/* Chat: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": null} */
+static cJSON *chat_logprobs(const api_result *res) {
+    cJSON *o = cJSON_CreateObject(), *content = cJSON_AddArrayToObject(o, "content");
+    for (int i = 0; i < res->n_lps; i++) {
+        const engine_token_info *t = &res->lps[i];
+        size_t n;
+        const char *p = tok_piece(res, t->token, &n);
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddItemToObject(e, "token", token_string(p, n));
+        cJSON_AddNumberToObject(e, "logprob", t->logprob);
+        cJSON_AddItemToObject(e, "bytes", token_bytes(p, n));
+        cJSON *top = cJSON_AddArrayToObject(e, "top_logprobs");
+        for (int k = 0; k < t->n_top && k < ENGINE_MAX_TOP_LOGPROBS; k++) {
+            const char *q = tok_piece(res, t->top[k].token, &n);
+            cJSON *x = cJSON_CreateObject();
+            cJSON_AddItemToObject(x, "token", token_string(q, n));
+            cJSON_AddNumberToObject(x, "logprob", t->top[k].logprob);
+            cJSON_AddItemToObject(x, "bytes", token_bytes(q, n));
+            cJSON_AddItemToArray(top, x);
+        }
+        cJSON_AddItemToArray(content, e);
+    }
+    cJSON_AddNullToObject(o, "refusal");
+    return o;
+}
+
+/* Completions (legacy): {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset} */
+static cJSON *completion_logprobs(const api_result *res) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *toks = cJSON_AddArrayToObject(o, "tokens"), *lps = cJSON_AddArrayToObject(o, "token_logprobs");
+    cJSON *tops = cJSON_AddArrayToObject(o, "top_logprobs"), *offs = cJSON_AddArrayToObject(o, "text_offset");
+    size_t off = res->text_offset0;
+    for (int i = 0; i < res->n_lps; i++) {
+        const engine_token_info *t = &res->lps[i];
+        size_t n;
+        const char *p = tok_piece(res, t->token, &n);
+        cJSON_AddItemToArray(toks, token_string(p, n));
+        cJSON_AddItemToArray(lps, cJSON_CreateNumber(t->logprob));
+        cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)off));
+        off += n;
+        cJSON *d = cJSON_CreateObject();
+        for (int k = 0; k < t->n_top && k < ENGINE_MAX_TOP_LOGPROBS; k++) {
+            size_t m;
+            const char *q = tok_piece(res, t->top[k].token, &m);
+            cJSON *key = token_string(q, m);
+            if (!cJSON_GetObjectItemCaseSensitive(d, key->valuestring))   /* two ids, one text */
+                cJSON_AddNumberToObject(d, key->valuestring, t->top[k].logprob);
+            cJSON_Delete(key);
+        }
+        cJSON_AddItemToArray(tops, d);
+    }
+    return o;
+}
+
+static void add_logprobs(cJSON *choice, const api_request *r, const api_result *res, bool with) {
+    if (!with || r->logprobs < 0) { cJSON_AddNullToObject(choice, "logprobs"); return; }
+    cJSON_AddItemToObject(choice, "logprobs", r->kind == API_OPENAI_CHAT ? chat_logprobs(res) : completion_logprobs(res));
+}
+
 static char *print_free(cJSON *o) {
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
@@ -821,7 +1096,7 @@ char *api_format_response(const api_request *r, const api_result *res) {
         cJSON_AddItemToObject(c, "text", str_n(res->text, res->text_len));
         cJSON_AddNumberToObject(c, "index", 0);
     }
-    cJSON_AddNullToObject(c, "logprobs");
+    add_logprobs(c, r, res, true);
     cJSON_AddStringToObject(c, "finish_reason", api_openai_finish(res->why));
     cJSON_AddItemToArray(choices, c);
     cJSON_AddItemToObject(o, "usage", usage_openai(u));
@@ -831,7 +1106,7 @@ char *api_format_response(const api_request *r, const api_result *res) {
 
 /* One OpenAI stream chunk; delta_text NULL -> no content; finish NULL -> null. */
 static cJSON *openai_chunk(const api_request *r, const api_result *res, bool role, const char *text,
-                           size_t len, const char *finish) {
+                           size_t len, const char *finish, bool with_lp) {
     bool chat = r->kind == API_OPENAI_CHAT;
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "id", res->id);
@@ -850,7 +1125,7 @@ static cJSON *openai_chunk(const api_request *r, const api_result *res, bool rol
         cJSON_AddItemToObject(c, "text", str_n(text ? text : "", text ? len : 0));
         cJSON_AddNumberToObject(c, "index", 0);
     }
-    cJSON_AddNullToObject(c, "logprobs");
+    add_logprobs(c, r, res, with_lp);
     if (finish) cJSON_AddStringToObject(c, "finish_reason", finish); else cJSON_AddNullToObject(c, "finish_reason");
     cJSON_AddItemToArray(choices, c);
     if (r->include_usage) cJSON_AddNullToObject(o, "usage");
@@ -894,7 +1169,7 @@ char *api_format_stream_start(const api_request *r, const api_result *res, int n
         cJSON_AddStringToObject(o, "type", "ping");
         sse_event(&b, "ping", o);
     } else if (r->kind == API_OPENAI_CHAT) {
-        sse_data(&b, openai_chunk(r, res, true, "", 0, NULL));
+        sse_data(&b, openai_chunk(r, res, true, "", 0, NULL, false));
     } else {
         sb_add(&b, "", 0); /* completions: no preamble chunk */
     }
@@ -912,7 +1187,7 @@ char *api_format_stream_delta(const api_request *r, const api_result *res, const
         cJSON_AddItemToObject(d, "text", str_n(text, len));
         sse_event(&b, "content_block_delta", o);
     } else {
-        sse_data(&b, openai_chunk(r, res, false, text, len, NULL));
+        sse_data(&b, openai_chunk(r, res, false, text, len, NULL, true));
     }
     return sb_take(&b);
 }
@@ -941,7 +1216,7 @@ char *api_format_stream_end(const api_request *r, const api_result *res) {
         cJSON_AddStringToObject(o, "type", "message_stop");
         sse_event(&b, "message_stop", o);
     } else {
-        sse_data(&b, openai_chunk(r, res, false, r->kind == API_OPENAI_CHAT ? NULL : "", 0, api_openai_finish(res->why)));
+        sse_data(&b, openai_chunk(r, res, false, r->kind == API_OPENAI_CHAT ? NULL : "", 0, api_openai_finish(res->why), false));
         if (r->include_usage) {
             cJSON *o = cJSON_CreateObject();
             bool chat = r->kind == API_OPENAI_CHAT;

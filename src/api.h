@@ -69,10 +69,26 @@ typedef struct api_request {
     bool include_usage;       /* OpenAI stream_options.include_usage */
     char *cache_key;          /* OpenAI prompt_cache_key (a routing hint; see server.c) */
     int n_breakpoints;        /* Anthropic cache_control blocks */
+    /* Log-probabilities: -1 = off; else how many top alternatives each token lists. Chat:
+     * logprobs true + top_logprobs (0..20); completions: logprobs (0..5). */
+    int logprobs;
+    engine_logit_bias *logit_bias; /* OpenAI logit_bias: token id -> bias in [-100, 100]. Ids are
+                                      checked against the vocabulary by the engine (a 400). */
+    int n_logit_bias;
+    char *cache_salt;         /* any API: splits the caller's cache namespace (vLLM's name) */
+    bool ignore_eos;          /* extension (llama.cpp, vLLM): generate past end-of-generation */
 } api_request;
+#define API_MAX_LOGIT_BIAS 1024
+#define API_MAX_CACHE_SALT 256
 
 /* Parses a request body. On failure returns -1 with *err filled (status 400 for malformed JSON
- * or wrong types); *out is then empty. On success the caller frees with api_request_free. */
+ * or wrong types); *out is then empty. On success the caller frees with api_request_free.
+ * Every parameter is honoured or refused: a body that is not valid UTF-8 is a 400, and so is
+ * any feature pcache does not implement yet, naming the parameter (OpenAI: n > 1, best_of > 1,
+ * echo, suffix, response_format other than text, tool_choice "required" or a named function,
+ * functions with a function_call, audio, modalities other than text, prediction,
+ * web_search_options; Anthropic: tool_choice "any" or "tool", thinking enabled, mcp_servers).
+ * Unknown fields are ignored (newer SDKs send fields older servers do not know). */
 int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err);
 void api_request_free(api_request *r);
 
@@ -106,6 +122,14 @@ typedef struct api_result {
     finish_reason why;
     int stop_matched;
     const engine_usage *usage;
+    /* With logprobs: the tokens this response (or this stream delta) covers, their text as
+     * tok_text gives it (raw bytes, may be part of a UTF-8 character), and for completions the
+     * byte offset of lps[0] in the whole generated text (text_offset). */
+    const engine_token_info *lps;
+    int n_lps;
+    size_t text_offset0;
+    const char *(*tok_text)(void *ctx, int32_t id, size_t *len);
+    void *tok_ctx;
 } api_result;
 
 /* Non-streamed response bodies (JSON). */

@@ -24,11 +24,22 @@
  * - Model names: a request may name the served model by its GGUF general.name, its file name
  *   (with or without .gguf), or "default"; any other name is 404 model_not_found. Strictness
  *   catches clients pointed at the wrong server; "default" is the escape hatch for SDK callers.
- * - Namespaces: each API key is its own cache namespace ("k" + FNV-1a-64 of the key, so keys are
- *   not kept in the cache index); no --api-key means no auth and one namespace "". OpenAI's
+ * - Namespaces (tenant isolation by default): the cache namespace is derived from the presented
+ *   credential (x-api-key, or the Authorization bearer token), hashed ("k" + FNV-1a-64, so keys
+ *   are not kept in the cache index), whether or not --api-key is configured; requests without
+ *   a credential share the namespace "". A request's `cache_salt` (vLLM's name) splits its
+ *   namespace further ("s" + hash of namespace and salt). Why by default: a shared prompt cache
+ *   is a timing side channel (a hit answers faster, so one client can test whether another
+ *   sent a prompt; Gu et al. 2025, "Auditing Prompt Caching in Language Model APIs"). OpenAI's
  *   prompt_cache_key is a routing hint in OpenAI (it does not isolate caches), and this is one
- *   process, so it is accepted and ignored: making it a sub-namespace would only lower hit rates
- *   for a tenant's own requests without adding isolation that the key already gives.
+ *   process, so it is accepted and ignored.
+ * - Load: requests wait in a first-come-first-served queue for KV blocks and batch slots (the
+ *   engine preempts and resumes sequences rather than failing them); at most --max-queue wait,
+ *   beyond that 429 (OpenAI) / 529 overloaded_error (Anthropic) with Retry-After.
+ * - Shutdown: SIGTERM/SIGINT starts draining: generation requests get 503, /health answers 503,
+ *   in-flight requests run to completion for up to --drain-timeout seconds; what is left then
+ *   ends with an error event on its stream (a 503 when not streamed). A second signal stops at
+ *   once.
  * - Anthropic streaming: message_start is sent once the prompt is in the KV (the engine's
  *   on_start), so it carries the real input / cache_creation / cache_read split, as
  *   Anthropic's does; message_delta repeats the final numbers with output_tokens.
@@ -74,6 +85,7 @@ typedef struct metrics {
     uint64_t prompt_tokens, hit_tokens, miss_tokens, completion_tokens, cache_write_tokens;
     engine_stats es;      /* snapshot taken by the engine thread */
     int active;
+    uint64_t queue_full;
 } metrics;
 
 typedef struct server server;
@@ -99,6 +111,11 @@ typedef struct job {
     finish_reason why;
     engine_usage usage;
     bool started;         /* on_start seen: usage holds the prompt's cache split */
+    bool waiting;         /* counted in server.waiting */
+    engine_token_info *lps; /* logprobs of the generated tokens, under mu */
+    int n_lps, cap_lps;
+    int lps_sent;         /* connection thread: streamed so far */
+    size_t lp_off;        /* connection thread: bytes of those tokens' text */
     char errmsg[256];
     bool submit_failed;
     /* identity */
@@ -129,7 +146,10 @@ struct server {
     pthread_cond_t q_cv;
     job *pending, *pending_tail, *cancels;
     bool stopping;
+    atomic_bool draining;
     pthread_t eng_thread;
+    int max_queue;
+    atomic_int waiting;       /* jobs handed to the engine thread whose prompt has not started */
     /* ids */
     uint64_t id_seed;
     atomic_uint_fast64_t id_ctr;
@@ -152,6 +172,15 @@ void server_key_namespace(const char *key, char out[18]) {
     uint64_t h = 1469598103934665603ull;
     for (const unsigned char *p = (const unsigned char *)key; *p; p++) { h ^= *p; h *= 1099511628211ull; }
     snprintf(out, 18, "k%016llx", (unsigned long long)h);
+}
+
+/* A namespace split by a request's cache_salt: "s" + FNV-1a-64 over namespace, 0x1f, salt. */
+static void salted_namespace(const char *ns, const char *salt, char out[18]) {
+    uint64_t h = 1469598103934665603ull;
+    for (const unsigned char *p = (const unsigned char *)ns; *p; p++) { h ^= *p; h *= 1099511628211ull; }
+    h ^= 0x1f; h *= 1099511628211ull;
+    for (const unsigned char *p = (const unsigned char *)salt; *p; p++) { h ^= *p; h *= 1099511628211ull; }
+    snprintf(out, 18, "s%016llx", (unsigned long long)h);
 }
 
 static uint64_t mix64(uint64_t x) {
@@ -194,6 +223,7 @@ static void job_release(job *j) {
     free(j->prompt);
     free(j->text);
     free(j->pend);
+    free(j->lps);
     free(j);
 }
 
@@ -215,9 +245,33 @@ static void on_text(void *user, const char *text, size_t len) {
     pthread_mutex_unlock(&j->mu);
 }
 
+static void on_token(void *user, const engine_token_info *ti) {
+    job *j = user;
+    pthread_mutex_lock(&j->mu);
+    if (j->n_lps == j->cap_lps) {
+        int c = j->cap_lps ? 2 * j->cap_lps : 16;
+        engine_token_info *p = realloc(j->lps, (size_t)c * sizeof *p);
+        if (p) { j->lps = p; j->cap_lps = c; }
+    }
+    if (j->n_lps < j->cap_lps) j->lps[j->n_lps++] = *ti;
+    pthread_mutex_unlock(&j->mu);
+}
+
+static const char *token_text(void *ctx, int32_t id, size_t *len) {
+    return tokenizer_piece((const tokenizer *)ctx, id, true, len);
+}
+
+/* The job's prompt started (or it ended): it no longer counts against --max-queue. Under mu. */
+static void job_unwait(job *j) {
+    if (!j->waiting) return;
+    j->waiting = false;
+    atomic_fetch_sub(&j->srv->waiting, 1);
+}
+
 static void on_start(void *user, const engine_usage *u) {
     job *j = user;
     pthread_mutex_lock(&j->mu);
+    job_unwait(j);
     j->usage = *u;
     j->started = true;
     pthread_cond_broadcast(&j->cv);
@@ -226,6 +280,7 @@ static void on_start(void *user, const engine_usage *u) {
 
 static void job_finish(job *j, finish_reason why, const engine_usage *u, const char *err) {
     pthread_mutex_lock(&j->mu);
+    job_unwait(j);
     j->state = JOB_DONE;
     j->why = why;
     if (u) j->usage = *u;
@@ -412,6 +467,32 @@ static enum MHD_Result reply_err(server *s, struct MHD_Connection *c, int ep, bo
     return reply_error(s, c, ep, anthropic, &e);
 }
 
+/* An error with a Retry-After header (429/529 queue full, 503 draining). */
+static enum MHD_Result reply_retry(server *s, struct MHD_Connection *c, int ep, bool anthropic, int status,
+                                   const char *type, const char *code, int retry_s, const char *fmt, ...)
+    __attribute__((format(printf, 9, 10)));
+static enum MHD_Result reply_retry(server *s, struct MHD_Connection *c, int ep, bool anthropic, int status,
+                                   const char *type, const char *code, int retry_s, const char *fmt, ...) {
+    api_error e;
+    api_error_set(&e, status, type, NULL, code, "%s", "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    va_end(ap);
+    char *body = api_format_error(anthropic, &e);
+    if (!body) return MHD_NO;
+    struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!r) { free(body); return MHD_NO; }
+    char ra[16];
+    snprintf(ra, sizeof ra, "%d", retry_s);
+    MHD_add_response_header(r, "Content-Type", "application/json");
+    MHD_add_response_header(r, "Retry-After", ra);
+    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
+    MHD_destroy_response(r);
+    metrics_request(s, ep, status);
+    return ret;
+}
+
 static const char *anth_type(int status) {
     switch (status) {
     case 401: return "authentication_error";
@@ -496,6 +577,12 @@ static char *format_metrics(server *s) {
     ob_printf(&b, "# HELP pcache_kv_blocks_total KV blocks in the pool.\n# TYPE pcache_kv_blocks_total gauge\npcache_kv_blocks_total %d\n", m.es.kv_blocks_total);
     ob_printf(&b, "# HELP pcache_active_requests Requests being served.\n# TYPE pcache_active_requests gauge\npcache_active_requests %d\n", m.active);
     ob_printf(&b, "# HELP pcache_active_sequences Sequences in the engine.\n# TYPE pcache_active_sequences gauge\npcache_active_sequences %d\n", m.es.active_seqs);
+    ob_printf(&b, "# HELP pcache_queue_depth Requests waiting for their prompt to start (KV blocks or a batch slot).\n# TYPE pcache_queue_depth gauge\npcache_queue_depth %d\n", atomic_load(&s->waiting));
+    ob_printf(&b, "# HELP pcache_queued_sequences Sequences queued in the engine, preempted ones included.\n# TYPE pcache_queued_sequences gauge\npcache_queued_sequences %d\n", m.es.queued_seqs);
+    ob_printf(&b, "# HELP pcache_preemptions_total Running sequences sent back to the queue for KV blocks.\n# TYPE pcache_preemptions_total counter\npcache_preemptions_total %llu\n", (unsigned long long)m.es.preemptions);
+    ob_printf(&b, "# HELP pcache_queue_rejections_total Requests refused because the queue was full.\n# TYPE pcache_queue_rejections_total counter\npcache_queue_rejections_total %llu\n", (unsigned long long)m.queue_full);
+    ob_printf(&b, "# HELP pcache_draining 1 while the server drains for shutdown.\n# TYPE pcache_draining gauge\npcache_draining %d\n", atomic_load(&s->draining) ? 1 : 0);
+
     return b.p ? b.p : strdup("");
 }
 
@@ -512,6 +599,10 @@ static void job_result(job *j, api_result *res) {
     res->stop_matched = j->usage.stop_matched;
 #endif
     res->usage = &j->usage;
+    res->lps = j->lps;
+    res->n_lps = j->n_lps;
+    res->tok_text = token_text;
+    res->tok_ctx = (void *)j->srv->tok;
 }
 
 static char *stream_error_event(job *j, const char *msg) {
@@ -568,11 +659,22 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
             }
             job_result(j, &res);
             if (j->text_len > j->sent) {
+                res.lps = j->lps + j->lps_sent;        /* the tokens since the last delta */
+                res.n_lps = j->n_lps - j->lps_sent;
+                res.text_offset0 = j->lp_off;
+                for (int i = 0; i < res.n_lps; i++) {
+                    size_t pl = 0;
+                    tokenizer_piece(j->srv->tok, res.lps[i].token, true, &pl);
+                    j->lp_off += pl;
+                }
+                j->lps_sent = j->n_lps;
                 j->pend = api_format_stream_delta(&j->req, &res, j->text + j->sent, j->text_len - j->sent);
                 j->sent = j->text_len;
             } else {
                 if (j->why == FINISH_ERROR || j->why == FINISH_ABORT) {
-                    char *ev = stream_error_event(j, j->errmsg[0] ? j->errmsg : "generation failed");
+                    char *ev = stream_error_event(j, j->errmsg[0] ? j->errmsg
+                                                     : atomic_load(&j->srv->draining) ? "server is shutting down"
+                                                                                      : "generation failed");
                     char *end = api_is_anthropic(j->req.kind) ? NULL : strdup("data: [DONE]\n\n");
                     size_t a = ev ? strlen(ev) : 0, b = end ? strlen(end) : 0;
                     j->pend = malloc(a + b + 1);
@@ -696,8 +798,16 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         }
         free(ends);
     }
-    snprintf(j->ns, sizeof j->ns, "%s", cs->ns);
+    if (j->req.cache_salt) salted_namespace(cs->ns, j->req.cache_salt, j->ns);
+    else snprintf(j->ns, sizeof j->ns, "%s", cs->ns);
     er->ns = j->ns;
+    er->logit_bias = j->req.logit_bias;
+    er->n_logit_bias = j->req.n_logit_bias;
+    er->ignore_eos = j->req.ignore_eos;
+    if (j->req.logprobs >= 0) {
+        er->on_token = on_token;
+        er->logprobs = j->req.logprobs;
+    }
     er->prompt = j->prompt;
     er->n_prompt = n;
     er->sp = j->req.sp;
@@ -718,11 +828,24 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
 
     /* Hand it to the engine thread. */
     pthread_mutex_lock(&s->q_mu);
-    if (s->stopping) {
+    if (s->stopping || atomic_load(&s->draining)) {
         pthread_mutex_unlock(&s->q_mu);
-        ret = reply_err(s, c, cs->ep, anth, 503, anth ? "overloaded_error" : "server_error", NULL, "server is shutting down");
+        ret = reply_retry(s, c, cs->ep, anth, 503, anth ? "overloaded_error" : "server_error", NULL, 5,
+                          "server is shutting down");
         goto out;
     }
+    if (atomic_load(&s->waiting) >= s->max_queue) {
+        pthread_mutex_unlock(&s->q_mu);
+        pthread_mutex_lock(&s->m.mu);
+        s->m.queue_full++;
+        pthread_mutex_unlock(&s->m.mu);
+        if (anth) ret = reply_retry(s, c, cs->ep, true, 529, "overloaded_error", NULL, 1, "Overloaded: %d requests are waiting (--max-queue)", s->max_queue);
+        else ret = reply_retry(s, c, cs->ep, false, 429, "rate_limit_error", "rate_limit_exceeded", 1,
+                               "The server is at capacity: %d requests are waiting (--max-queue). Retry shortly.", s->max_queue);
+        goto out;
+    }
+    atomic_fetch_add(&s->waiting, 1);
+    j->waiting = true;
     j->refs++; /* engine's */
     j->next = NULL;
     if (s->pending_tail) s->pending_tail->next = j; else s->pending = j;
@@ -748,7 +871,9 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     pthread_mutex_unlock(&j->mu);
     if (queued) { job_cancel(s, j); ret = MHD_NO; goto out; }
     if (rejected) {
-        ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", anth ? NULL : "context_length_exceeded", "%s", msg);
+        const char *code = anth ? NULL : strstr(msg, "--kv-mem") ? "kv_cache_exceeded"
+                                       : strstr(msg, "context") ? "context_length_exceeded" : NULL;
+        ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", code, "%s", msg);
         goto out;
     }
     unsigned long long to = 3600;
@@ -773,6 +898,11 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     }
     pthread_mutex_unlock(&j->mu);
     if (gone) { job_cancel(s, j); ret = MHD_NO; goto out; }
+    if (j->why == FINISH_ABORT && (s->stopping || atomic_load(&s->draining))) {
+        ret = reply_retry(s, c, cs->ep, anth, 503, anth ? "overloaded_error" : "server_error", NULL, 5,
+                          "server is shutting down");
+        goto out;
+    }
     if (j->why == FINISH_ERROR || j->why == FINISH_ABORT) {
         ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "%s", j->errmsg[0] ? j->errmsg : "generation failed");
         goto out;
@@ -802,10 +932,14 @@ static int route(const char *url, bool *anthropic) {
 /* The caller's namespace, or -1 when keys are required and this one is missing or wrong. */
 static int authorize(server *s, struct MHD_Connection *c, char ns[18]) {
     ns[0] = 0;
-    if (s->n_keys == 0) return 0;
     const char *k = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "x-api-key");
     const char *a = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
     if (!k && a && !strncasecmp(a, "Bearer ", 7)) { k = a + 7; while (*k == ' ') k++; }
+    if (k && !*k) k = NULL;
+    if (s->n_keys == 0) {               /* no auth, but each credential is its own tenant */
+        if (k) server_key_namespace(k, ns);
+        return 0;
+    }
     if (!k) return -1;
     int found = -1;
     for (int i = 0; i < s->n_keys; i++) if (key_eq(k, s->keys[i])) found = i;
@@ -838,7 +972,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             api_error_set(&e, 401, "invalid_request_error", NULL, "invalid_api_key", "Incorrect API key provided.");
             return reply_error(s, c, ep, false, &e);
         }
-        if (ep == EP_HEALTH) return reply(s, c, ep, 200, "application/json", strdup("{\"status\":\"ok\"}"));
+        if (ep == EP_HEALTH)
+            return atomic_load(&s->draining) ? reply(s, c, ep, 503, "application/json", strdup("{\"status\":\"draining\"}"))
+                                             : reply(s, c, ep, 200, "application/json", strdup("{\"status\":\"ok\"}"));
         if (ep == EP_METRICS) return reply(s, c, ep, 200, "text/plain; version=0.0.4", format_metrics(s));
         if (ep == EP_MODELS) {
             if (!strncmp(url, "/v1/models/", 11)) {
@@ -913,6 +1049,20 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 }
 
 /* ------------------------------------------------------------------------------ main */
+static double now_mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Generation requests whose connection is still open. */
+static int in_flight(server *s) {
+    pthread_mutex_lock(&s->m.mu);
+    int n = s->m.active;
+    pthread_mutex_unlock(&s->m.mu);
+    return n;
+}
+
 static void usage(FILE *f) {
     fprintf(f,
             "usage: pcache serve [options]\n"
@@ -926,7 +1076,9 @@ static void usage(FILE *f) {
             "  --parallel N          concurrent sequences (default 64)\n"
             "  --batch N             tokens per engine step (default 512)\n"
             "  -t, --threads N       compute threads (default: all cores)\n"
-            "  --timeout S           drop clients idle for S seconds while sending a request (default 30)\n");
+            "  --timeout S           drop clients idle for S seconds while sending a request (default 30)\n"
+            "  --max-queue N         requests that may wait for their prompt to start; beyond, 429/529 (default 256)\n"
+            "  --drain-timeout S     on SIGTERM/SIGINT, let in-flight requests finish for up to S seconds (default 30)\n");
 }
 
 int server_main(int argc, char **argv) {
@@ -934,6 +1086,8 @@ int server_main(int argc, char **argv) {
     const char *host = "127.0.0.1";
     long port = 8080;
     unsigned timeout = 30;
+    double drain_s = 30;
+    int max_queue = 256;
     eo.model_path = default_model_path();
     server *s = calloc(1, sizeof *s);
     if (!s) return 1;
@@ -956,11 +1110,14 @@ int server_main(int argc, char **argv) {
         else if (!strcmp(a, "--batch")) { NEED(); eo.max_batch_tokens = atoi(v); if (eo.max_batch_tokens < 1) { fprintf(stderr, "pcache serve: bad --batch %s\n", v); return 2; } }
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { NEED(); eo.n_threads = atoi(v); if (eo.n_threads < 1) { fprintf(stderr, "pcache serve: bad --threads %s\n", v); return 2; } }
         else if (!strcmp(a, "--timeout")) { NEED(); long t = atol(v); if (t < 1 || t > 86400) { fprintf(stderr, "pcache serve: bad --timeout %s\n", v); return 2; } timeout = (unsigned)t; }
+        else if (!strcmp(a, "--max-queue")) { NEED(); char *e; long q = strtol(v, &e, 10); if (*e || q < 0 || q > 1000000) { fprintf(stderr, "pcache serve: bad --max-queue %s\n", v); return 2; } max_queue = (int)q; }
+        else if (!strcmp(a, "--drain-timeout")) { NEED(); if (parse_duration(v, &drain_s) < 0 || drain_s < 0) { fprintf(stderr, "pcache serve: bad --drain-timeout %s\n", v); return 2; } }
         else { fprintf(stderr, "pcache serve: unknown option %s\n", a); usage(stderr); return 2; }
 #undef NEED
     }
     for (int i = 0; i < s->n_keys; i++) server_key_namespace(s->keys[i], s->key_ns[i]);
     s->timeout_s = timeout;
+    s->max_queue = max_queue;
 
     /* Signals: handled by sigwait in this thread; every other thread inherits the block. */
     sigset_t sigs;
@@ -1031,13 +1188,31 @@ int server_main(int argc, char **argv) {
 
     int sig = 0;
     sigwait(&sigs, &sig);
-    fprintf(stderr, "pcache serve: signal %d, shutting down\n", sig);
-    MHD_quiesce_daemon(d);
+    /* Drain: new generation requests get 503 and /health says so; in-flight ones finish (or
+     * a second signal, or the drain timeout, ends them). */
+    atomic_store(&s->draining, true);
+    fprintf(stderr, "pcache serve: signal %d, draining (up to %.0f s; again to stop now)\n", sig, drain_s);
+    fflush(stderr);
+    double t0 = now_mono();
+    bool forced = false;
+    while (!forced && in_flight(s) > 0 && now_mono() - t0 < drain_s) {
+        struct timespec ts = { 0, 50 * 1000000L };
+        if (sigtimedwait(&sigs, NULL, &ts) > 0) forced = true;
+    }
+    int left = in_flight(s);
+    fprintf(stderr, "pcache serve: %s, %d request(s) still running are ended\n",
+            forced ? "second signal" : left ? "drain timeout" : "drained", left);
     pthread_mutex_lock(&s->q_mu);
     s->stopping = true;
     pthread_cond_signal(&s->q_cv);
     pthread_mutex_unlock(&s->q_mu);
     pthread_join(s->eng_thread, NULL);
+    /* let the ended streams send their error event */
+    for (double t1 = now_mono(); in_flight(s) > 0 && now_mono() - t1 < 2;) {
+        struct timespec ts = { 0, 20 * 1000000L };
+        nanosleep(&ts, NULL);
+    }
+    MHD_quiesce_daemon(d);
     MHD_stop_daemon(d);
     engine_free(s->eng);
     pthread_mutex_destroy(&s->q_mu);

@@ -1,6 +1,7 @@
 /* test_api: request parsing, breakpoint mapping and response formatting of src/api.c. */
 #include "api.h"
 #include <check.h>
+#include <math.h>
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -408,6 +409,189 @@ START_TEST(error_shapes) {
 }
 END_TEST
 
+/* ---- issue 8: every parameter honoured or refused ---- */
+START_TEST(params_honoured) {
+    api_request r;
+    api_error e;
+    const char *b = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,"
+                    "\"top_logprobs\":7,\"logit_bias\":{\"12\":-100,\"7\":2.5},\"cache_salt\":\"abc\","
+                    "\"ignore_eos\":true,\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
+                    "\"tool_choice\":\"auto\",\"response_format\":{\"type\":\"text\"},\"n\":1}";
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, b, &r, &e), 0);
+    ck_assert_int_eq(r.logprobs, 7);
+    ck_assert_int_eq(r.n_logit_bias, 2);
+    ck_assert(r.logit_bias[0].token == 12 && r.logit_bias[0].bias == -100.0f);
+    ck_assert(r.logit_bias[1].token == 7 && r.logit_bias[1].bias == 2.5f);
+    ck_assert_str_eq(r.cache_salt, "abc");
+    ck_assert(r.ignore_eos);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &r, &e), 0);
+    ck_assert_int_eq(r.logprobs, -1);
+    ck_assert_int_eq(r.n_logit_bias, 0);
+    ck_assert_ptr_null(r.cache_salt);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true}", &r, &e), 0);
+    ck_assert_int_eq(r.logprobs, 0);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":\"x\",\"logprobs\":3}", &r, &e), 0);
+    ck_assert_int_eq(r.logprobs, 3);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":3,\"cache_salt\":\"t\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                                                   "\"tool_choice\":{\"type\":\"auto\"},\"thinking\":{\"type\":\"disabled\"}}", &r, &e), 0);
+    ck_assert_str_eq(r.cache_salt, "t");
+    ck_assert_int_eq(r.logprobs, -1);
+    api_request_free(&r);
+}
+END_TEST
+
+#define CHAT_X "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+#define COMP_X "{\"model\":\"m\",\"prompt\":\"x\","
+#define ANTH_X "{\"model\":\"m\",\"max_tokens\":3,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+START_TEST(params_refused) {
+    struct { api_kind k; const char *body, *param; } cases[] = {
+        { API_OPENAI_CHAT, CHAT_X "\"n\":3}", "n" },
+        { API_OPENAI_CHAT, CHAT_X "\"top_logprobs\":2}", "top_logprobs" },
+        { API_OPENAI_CHAT, CHAT_X "\"logprobs\":true,\"top_logprobs\":21}", "top_logprobs" },
+        { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":{\"-1\":2}}", "logit_bias" },
+        { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":{\"x\":2}}", "logit_bias" },
+        { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":{\"5\":101}}", "logit_bias" },
+        { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":{\"5\":\"1\"}}", "logit_bias" },
+        { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":[1]}", "logit_bias" },
+        { API_OPENAI_CHAT, CHAT_X "\"response_format\":{\"type\":\"json_object\"}}", "response_format" },
+        { API_OPENAI_CHAT, CHAT_X "\"tool_choice\":\"required\"}", "tool_choice" },
+        { API_OPENAI_CHAT, CHAT_X "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"f\"}}}", "tool_choice" },
+        { API_OPENAI_CHAT, CHAT_X "\"function_call\":{\"name\":\"f\"}}", "function_call" },
+        { API_OPENAI_CHAT, CHAT_X "\"audio\":{\"voice\":\"x\"}}", "audio" },
+        { API_OPENAI_CHAT, CHAT_X "\"modalities\":[\"audio\"]}", "modalities" },
+        { API_OPENAI_CHAT, CHAT_X "\"prediction\":{\"type\":\"content\"}}", "prediction" },
+        { API_OPENAI_CHAT, CHAT_X "\"web_search_options\":{}}", "web_search_options" },
+        { API_OPENAI_CHAT, CHAT_X "\"cache_salt\":5}", "cache_salt" },
+        { API_OPENAI_COMPLETION, COMP_X "\"best_of\":2}", "best_of" },
+        { API_OPENAI_COMPLETION, COMP_X "\"echo\":true}", "echo" },
+        { API_OPENAI_COMPLETION, COMP_X "\"suffix\":\"y\"}", "suffix" },
+        { API_OPENAI_COMPLETION, COMP_X "\"logprobs\":6}", "logprobs" },
+        { API_ANTHROPIC_MESSAGES, ANTH_X "\"tool_choice\":{\"type\":\"any\"}}", "tool_choice" },
+        { API_ANTHROPIC_MESSAGES, ANTH_X "\"tool_choice\":{\"type\":\"tool\",\"name\":\"f\"}}", "tool_choice" },
+        { API_ANTHROPIC_MESSAGES, ANTH_X "\"thinking\":{\"type\":\"enabled\",\"budget_tokens\":1024}}", "thinking" },
+        { API_ANTHROPIC_MESSAGES, ANTH_X "\"mcp_servers\":[{\"url\":\"x\"}]}", "mcp_servers" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        api_request r;
+        api_error e;
+        ck_assert_msg(parse(cases[i].k, cases[i].body, &r, &e) < 0, "accepted: %s", cases[i].body);
+        ck_assert_int_eq(e.status, 400);
+        ck_assert_msg(!strcmp(e.param, cases[i].param) || strstr(e.message, cases[i].param), "param '%s' / '%s' for %s", e.param, e.message, cases[i].body);
+        api_request_free(&r);
+    }
+    char salt[300];
+    memset(salt, 'a', sizeof salt - 1);
+    salt[sizeof salt - 1] = 0;
+    char body[512];
+    snprintf(body, sizeof body, CHAT_X "\"cache_salt\":\"%s\"}", salt);
+    expect_bad(API_OPENAI_CHAT, body, 400, "cache_salt");
+}
+END_TEST
+
+START_TEST(utf8_strict) {
+    const char *bad[] = { "\xe9", "\xc0\xaf", "\xe0\x80\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "\xe2\x82",
+                          "\xf0\x9f\x98", "\x80", "\xff", "\xf8\x88\x80\x80\x80" };
+    const char *good[] = { "caf\xc3\xa9", "\xe2\x98\x83", "\xf0\x9f\x98\x80", "\xef\xbf\xbd", "\xf4\x8f\xbf\xbf", "\xed\x9f\xbf" };
+    char body[256];
+    api_request r;
+    api_error e;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(body, sizeof body, COMP_X "\"stop\":\"%s\"}", bad[i]);
+        ck_assert_msg(parse(API_OPENAI_COMPLETION, body, &r, &e) < 0, "accepted bad UTF-8 #%zu", i);
+        ck_assert(strstr(e.message, "UTF-8"));
+        api_request_free(&r);
+    }
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        snprintf(body, sizeof body, COMP_X "\"stop\":\"%s\"}", good[i]);
+        ck_assert_msg(parse(API_OPENAI_COMPLETION, body, &r, &e) == 0, "refused good UTF-8 #%zu: %s", i, e.message);
+        api_request_free(&r);
+    }
+    /* a lone surrogate escape: cJSON refuses it */
+    ck_assert(parse(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":\"\\ud800\"}", &r, &e) < 0);
+    api_request_free(&r);
+}
+END_TEST
+
+static const char *fake_piece(void *ctx, int32_t id, size_t *len) {
+    (void)ctx;
+    static const char *p[] = { "Hello", " wor", "ld", "\xe2\x82", "\xac" };   /* a euro sign split */
+    *len = strlen(p[id % 5]);
+    return p[id % 5];
+}
+
+START_TEST(logprobs_shapes) {
+    engine_token_info t[5];
+    memset(t, 0, sizeof t);
+    for (int i = 0; i < 5; i++) {
+        t[i].token = i;
+        t[i].logprob = -0.5f * (float)i;
+        t[i].n_top = 2;
+        t[i].top[0].token = i; t[i].top[0].logprob = t[i].logprob;
+        t[i].top[1].token = (i + 1) % 5; t[i].top[1].logprob = t[i].logprob - 1;
+    }
+    engine_usage u = { .prompt_tokens = 3, .completion_tokens = 5 };
+    api_result res = { .id = "x", .model = "m", .text = "Hello world\xe2\x82\xac", .text_len = 14, .why = FINISH_LENGTH,
+                       .usage = &u, .lps = t, .n_lps = 5, .tok_text = fake_piece };
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"logprobs\":true,\"top_logprobs\":2}", &r, &e), 0);
+    char *js = api_format_response(&r, &res);
+    cJSON *o = cJSON_Parse(js);
+    ck_assert_ptr_nonnull(o);
+    cJSON *content = cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), "logprobs"), "content");
+    ck_assert_int_eq(cJSON_GetArraySize(content), 5);
+    cJSON *e1 = cJSON_GetArrayItem(content, 1);
+    ck_assert_str_eq(cJSON_GetObjectItem(e1, "token")->valuestring, " wor");
+    ck_assert(fabs(cJSON_GetObjectItem(e1, "logprob")->valuedouble + 0.5) < 1e-6);
+    ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(e1, "bytes")), 4);
+    ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(e1, "top_logprobs")), 2);
+    cJSON *e3 = cJSON_GetArrayItem(content, 3);                 /* partial character */
+    ck_assert_str_eq(cJSON_GetObjectItem(e3, "token")->valuestring, "\xef\xbf\xbd\xef\xbf\xbd");
+    ck_assert_int_eq(cJSON_GetArrayItem(cJSON_GetObjectItem(e3, "bytes"), 0)->valueint, 0xe2);
+    cJSON_Delete(o);
+    free(js);
+    /* streamed: a delta carries its tokens */
+    res.n_lps = 2;
+    js = api_format_stream_delta(&r, &res, "Hello wor", 9);
+    ck_assert(strstr(js, "\"logprobs\":{\"content\":[{\"token\":\"Hello\""));
+    free(js);
+    js = api_format_stream_end(&r, &res);
+    ck_assert(strstr(js, "\"logprobs\":null"));
+    free(js);
+    api_request_free(&r);
+    /* completions */
+    ck_assert_int_eq(parse(API_OPENAI_COMPLETION, COMP_X "\"logprobs\":2}", &r, &e), 0);
+    res.n_lps = 5;
+    js = api_format_response(&r, &res);
+    o = cJSON_Parse(js);
+    cJSON *lp = cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), "logprobs");
+    ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(lp, "tokens")), 5);
+    ck_assert_int_eq(cJSON_GetArrayItem(cJSON_GetObjectItem(lp, "text_offset"), 2)->valueint, 9);
+    ck_assert_int_eq(cJSON_GetArrayItem(cJSON_GetObjectItem(lp, "text_offset"), 4)->valueint, 13);
+    ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetArrayItem(cJSON_GetObjectItem(lp, "top_logprobs"), 0)), 2);
+    ck_assert(fabs(cJSON_GetArrayItem(cJSON_GetObjectItem(lp, "token_logprobs"), 2)->valuedouble + 1.0) < 1e-6);
+    cJSON_Delete(o);
+    free(js);
+    res.lps = t + 2;
+    res.n_lps = 1;
+    res.text_offset0 = 9;
+    js = api_format_stream_delta(&r, &res, "ld", 2);
+    ck_assert(strstr(js, "\"text_offset\":[9]"));
+    free(js);
+    api_request_free(&r);
+    /* off: null, as before */
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"max_tokens\":2}", &r, &e), 0);
+    js = api_format_response(&r, &res);
+    ck_assert(strstr(js, "\"logprobs\":null"));
+    free(js);
+    api_request_free(&r);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("api");
     TCase *tc = tcase_create("api");
@@ -421,6 +605,10 @@ int main(void) {
     tcase_add_test(tc, usage_shapes);
     tcase_add_test(tc, response_shapes);
     tcase_add_test(tc, error_shapes);
+    tcase_add_test(tc, params_honoured);
+    tcase_add_test(tc, params_refused);
+    tcase_add_test(tc, utf8_strict);
+    tcase_add_test(tc, logprobs_shapes);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

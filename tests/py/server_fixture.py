@@ -32,20 +32,22 @@ class Server:
             return ""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def launch(log_dir, extra_args=(), keys=KEYS, env_extra=None):
+    """Starts `pcache serve` on a free loopback port and waits for /health. Returns a Server."""
     exe = os.path.join(BUILD, "pcache")
     if not os.path.exists(exe):
-        pytest.skip(f"{exe} not built")
+        pytest.fail(f"{exe} not built", pytrace=False)
     if not os.path.exists(MODEL):
-        pytest.skip(f"{MODEL} missing")
+        pytest.fail(f"{MODEL} missing (run `make model`)", pytrace=False)
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    args = [exe, "serve", "-m", MODEL, "--port", str(port), "--timeout", str(IDLE_TIMEOUT), "--kv-mem", "256M"]
-    for k in KEYS:
+    log_path = os.path.join(str(log_dir), f"serve-{port}.log")
+    args = [exe, "serve", "-m", MODEL, "--port", str(port), "--timeout", str(IDLE_TIMEOUT)]
+    args += list(extra_args)
+    for k in keys:
         args += ["--api-key", k]
     env = dict(os.environ)
     env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
+    env.update(env_extra or {})
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(port, proc, log_path)
@@ -63,12 +65,23 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail("server did not become healthy:\n" + srv.log())
         time.sleep(0.2)
-    yield srv
-    proc.terminate()
+    return srv
+
+
+def stop(srv, timeout=60):
+    """SIGTERM, wait; the server must exit 0 (sanitizer reports end in a non-zero exit)."""
+    if srv.proc.poll() is None:
+        srv.proc.terminate()
     try:
-        proc.wait(timeout=30)
+        srv.proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    # The server must not have crashed while serving (sanitizer reports end in a non-zero exit).
-    assert proc.returncode == 0, f"server exit status {proc.returncode}:\n{srv.log()}"
+        srv.proc.kill()
+        srv.proc.wait()
+    assert srv.proc.returncode == 0, f"server exit status {srv.proc.returncode}:\n{srv.log()}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = launch(tmp_path_factory.mktemp("server"), ["--kv-mem", "256M"])
+    yield srv
+    stop(srv)
