@@ -15,6 +15,7 @@
 #include "api.h"
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -721,6 +722,14 @@ int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api
     if (memchr(body, 0, len)) BAD(NULL, "request body is not valid JSON (NUL byte)");
     size_t bad = utf8_bad_at((const unsigned char *)body, len);
     if (bad < len) BAD(NULL, "request body is not valid UTF-8 (byte %zu)", bad);
+    /* \u0000 would become a NUL that silently cuts a C string short (two different salts or
+     * stop strings could end up equal): refused. An escape is one preceded by an odd number of
+     * backslashes. */
+    for (const char *q = body; (q = memmem(q, (size_t)(body + len - q), "u0000", 5)) != NULL; q += 5) {
+        size_t at = (size_t)(q - body), nb = 0;
+        while (nb < at && body[at - nb - 1] == '\\') nb++;
+        if (nb % 2 == 1) BAD(NULL, "request body: \\u0000 (NUL) is not allowed in strings");
+    }
     root = cJSON_ParseWithLengthOpts(body, len, &end, false);
     if (!root) BAD(NULL, "request body is not valid JSON (error near byte %zu)", end && end >= body ? (size_t)(end - body) : (size_t)0);
     for (const char *p = end; p && p < body + len; p++)
@@ -970,6 +979,9 @@ static cJSON *token_bytes(const char *p, size_t n) {
     return a;
 }
 
+/* A logprob as JSON: -inf (or NaN) has no JSON number; OpenAI reports -9999 for such. */
+static double lp_json(float x) { return isfinite(x) && x > -9999.0f ? (double)x : -9999.0; }
+
 static const char *tok_piece(const api_result *res, int32_t id, size_t *len) {
     *len = 0;
     const char *p = res->tok_text ? res->tok_text(res->tok_ctx, id, len) : NULL;
@@ -986,14 +998,14 @@ static cJSON *chat_logprobs(const api_result *res) {
         const char *p = tok_piece(res, t->token, &n);
         cJSON *e = cJSON_CreateObject();
         cJSON_AddItemToObject(e, "token", token_string(p, n));
-        cJSON_AddNumberToObject(e, "logprob", t->logprob);
+        cJSON_AddNumberToObject(e, "logprob", lp_json(t->logprob));
         cJSON_AddItemToObject(e, "bytes", token_bytes(p, n));
         cJSON *top = cJSON_AddArrayToObject(e, "top_logprobs");
         for (int k = 0; k < t->n_top && k < ENGINE_MAX_TOP_LOGPROBS; k++) {
             const char *q = tok_piece(res, t->top[k].token, &n);
             cJSON *x = cJSON_CreateObject();
             cJSON_AddItemToObject(x, "token", token_string(q, n));
-            cJSON_AddNumberToObject(x, "logprob", t->top[k].logprob);
+            cJSON_AddNumberToObject(x, "logprob", lp_json(t->top[k].logprob));
             cJSON_AddItemToObject(x, "bytes", token_bytes(q, n));
             cJSON_AddItemToArray(top, x);
         }
@@ -1014,7 +1026,7 @@ static cJSON *completion_logprobs(const api_result *res) {
         size_t n;
         const char *p = tok_piece(res, t->token, &n);
         cJSON_AddItemToArray(toks, token_string(p, n));
-        cJSON_AddItemToArray(lps, cJSON_CreateNumber(t->logprob));
+        cJSON_AddItemToArray(lps, cJSON_CreateNumber(lp_json(t->logprob)));
         cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)off));
         off += n;
         cJSON *d = cJSON_CreateObject();
@@ -1023,7 +1035,7 @@ static cJSON *completion_logprobs(const api_result *res) {
             const char *q = tok_piece(res, t->top[k].token, &m);
             cJSON *key = token_string(q, m);
             if (!cJSON_GetObjectItemCaseSensitive(d, key->valuestring))   /* two ids, one text */
-                cJSON_AddNumberToObject(d, key->valuestring, t->top[k].logprob);
+                cJSON_AddNumberToObject(d, key->valuestring, lp_json(t->top[k].logprob));
             cJSON_Delete(key);
         }
         cJSON_AddItemToArray(tops, d);

@@ -611,4 +611,5 @@ void engine_get_stats(const engine *e, engine_stats *s) {
     s->cache_tokens_saved = ps.tokens_saved;
     s->cache_entries = ps.entries;
     s->cache_tokens = ps.cached_tokens;
+    s->cache_blocks = ps.blocks_held;
 }

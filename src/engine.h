@@ -101,6 +101,7 @@ typedef struct engine_stats {
     uint64_t cache_lookups, cache_hits, cache_tokens_saved;
     int cache_entries;
     int64_t cache_tokens;          /* tokens held in the index */
+    int cache_blocks;              /* distinct KV blocks the index holds */
 } engine_stats;
 
 typedef struct engine engine;

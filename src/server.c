@@ -573,6 +573,7 @@ static char *format_metrics(server *s) {
     ob_printf(&b, "# HELP pcache_completion_tokens_total Generated tokens.\n# TYPE pcache_completion_tokens_total counter\npcache_completion_tokens_total %llu\n", (unsigned long long)m.completion_tokens);
     ob_printf(&b, "# HELP pcache_cache_evictions_total Cache entries evicted.\n# TYPE pcache_cache_evictions_total counter\npcache_cache_evictions_total %llu\n", (unsigned long long)m.es.evictions);
     ob_printf(&b, "# HELP pcache_kv_blocks_used KV blocks in use.\n# TYPE pcache_kv_blocks_used gauge\npcache_kv_blocks_used %d\n", m.es.kv_blocks_used);
+    ob_printf(&b, "# HELP pcache_cache_blocks KV blocks held by the prompt cache (when idle, every used block is one).\n# TYPE pcache_cache_blocks gauge\npcache_cache_blocks %d\n", m.es.cache_blocks);
     ob_printf(&b, "# HELP pcache_kv_blocks_free KV blocks free.\n# TYPE pcache_kv_blocks_free gauge\npcache_kv_blocks_free %d\n", m.es.kv_blocks_free);
     ob_printf(&b, "# HELP pcache_kv_blocks_total KV blocks in the pool.\n# TYPE pcache_kv_blocks_total gauge\npcache_kv_blocks_total %d\n", m.es.kv_blocks_total);
     ob_printf(&b, "# HELP pcache_active_requests Requests being served.\n# TYPE pcache_active_requests gauge\npcache_active_requests %d\n", m.active);

@@ -510,6 +510,12 @@ START_TEST(utf8_strict) {
         ck_assert_msg(parse(API_OPENAI_COMPLETION, body, &r, &e) == 0, "refused good UTF-8 #%zu: %s", i, e.message);
         api_request_free(&r);
     }
+    /* \u0000 would cut a C string short: refused; an escaped backslash before u0000 is text */
+    ck_assert(parse(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":\"a\\u0000b\"}", &r, &e) < 0);
+    api_request_free(&r);
+    ck_assert(parse(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":\"a\\\\u0000b\"}", &r, &e) == 0);
+    ck_assert_str_eq(r.prompt, "a\\u0000b");
+    api_request_free(&r);
     /* a lone surrogate escape: cJSON refuses it */
     ck_assert(parse(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":\"\\ud800\"}", &r, &e) < 0);
     api_request_free(&r);

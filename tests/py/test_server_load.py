@@ -59,16 +59,16 @@ def logdir(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ queueing
 def test_requests_wait_for_memory_instead_of_failing(logdir):
-    """Six concurrent ~400-token prompts, a pool that holds one of them at a time (plus change):
+    """Six concurrent ~200-token prompts, a pool that holds one of them at a time (plus change):
     six 200s, each output what the request gives alone."""
-    srv = launch(logdir, ["--kv-mem", kv_mem(36)], keys=[])
+    srv = launch(logdir, ["--kv-mem", kv_mem(20)], keys=[])
     try:
-        prompts = [doc(i, 400) for i in range(6)]
+        prompts = [doc(i, 200) for i in range(6)]
         with cf.ThreadPoolExecutor(6) as ex:
             rs = list(ex.map(lambda p: completion(srv, p, 16), prompts))
         assert [r.status_code for r in rs] == [200] * 6, [r.text[:300] for r in rs]
         for r in rs:
-            assert r.json()["usage"]["prompt_tokens"] > 300
+            assert 180 < r.json()["usage"]["prompt_tokens"] <= 304   # two never fit together
         for p, r in zip(prompts, rs):
             alone = completion(srv, p, 16)
             assert alone.status_code == 200
@@ -166,7 +166,7 @@ def test_full_queue_gets_429_and_529(logdir):
 def test_tenants_are_isolated_without_configured_keys(logdir):
     srv = launch(logdir, ["--kv-mem", "64M"], keys=[])
     try:
-        p = doc(3, 300)
+        p = doc(3, 150)
 
         def cached(key=None, **extra):
             r = completion(srv, p, 1, key=key, **extra)
@@ -174,11 +174,11 @@ def test_tenants_are_isolated_without_configured_keys(logdir):
             return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
         assert cached("alice") == 0
-        assert cached("alice") > 250                      # the same credential hits
+        assert cached("alice") > 120                      # the same credential hits
         assert cached("mallory") == 0                     # another one does not
         assert cached() == 0                              # nor no credential at all
         assert cached("alice", cache_salt="s1") == 0      # a salt splits a tenant
-        assert cached("alice", cache_salt="s1") > 250
+        assert cached("alice", cache_salt="s1") > 120
         assert cached("alice", cache_salt="s2") == 0
         r = post(srv, "/v1/messages", {"model": "default", "max_tokens": 1,
                                        "messages": [{"role": "user", "content": p}]},
