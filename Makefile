@@ -8,25 +8,45 @@ OPT      ?= -O2
 ARCHFLAGS ?= -march=native
 PKGS     := libcjson libmicrohttpd libpcre2-8
 CFLAGS   ?= $(OPT) -g
+# EXTRA_CFLAGS / EXTRA_LDFLAGS: libraries unpacked outside /usr (scripts/gpu-machine.sh).
+PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lmicrohttpd -lpcre2-8)
 CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Wshadow -fno-math-errno \
-            -fno-strict-aliasing -pthread $(ARCHFLAGS) $(SAN) -Isrc \
+            -fno-strict-aliasing -pthread $(ARCHFLAGS) $(SAN) -Isrc $(EXTRA_CFLAGS) \
             $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS   += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -pthread
-LDFLAGS  += $(SAN)
+LDLIBS   += $(PKG_LIBS) -lm -pthread
+LDFLAGS  += $(SAN) $(EXTRA_LDFLAGS)
 MODEL    ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 
+# The CUDA backend (src/cuda/*.cu) is built when nvcc is found; `make CUDA=0` skips it and
+# links src/gpu_none.c instead. The CUDA runtime is linked statically, so the binary runs (on the
+# CPU) where there is no GPU or driver. sm_90a machine code for Hopper, PTX for other GPUs.
+NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA     ?= $(if $(NVCC),1,0)
+CUDA_ARCH ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=compute_80
+ifeq ($(CUDA),1)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+GPU_OBJ  := $(patsubst src/cuda/%.cu,$(BUILD)/obj/cuda/%.o,$(wildcard src/cuda/*.cu))
+LIB_SRC  := $(filter-out src/main.c src/tool.c src/gpu_none.c,$(wildcard src/*.c))
+LDLIBS   += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
+else
+GPU_OBJ  :=
 LIB_SRC  := $(filter-out src/main.c src/tool.c,$(wildcard src/*.c))
-LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o)
+endif
+LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o) $(GPU_OBJ)
 TEST_SRC := $(wildcard tests/c/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null)
 
-.PHONY: all deps model test test-c test-py run serve bench soak fuzz clean distclean asan
+.PHONY: all deps model test test-c test-py test-gpu run serve bench soak fuzz clean distclean asan
 all: $(BUILD)/pcache $(BUILD)/pcache-tool
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/cuda/%.o: src/cuda/%.cu $(wildcard src/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Isrc -Xcompiler -fno-strict-aliasing -c $< -o $@
 
 $(BUILD)/libpcache.a: $(LIB_OBJ)
 	@rm -f $@
@@ -107,6 +127,15 @@ soak: .deps/test.stamp model
 	$(MAKE) -j$(NPROC) all
 	python3 bench/soak.py --pcache $(BUILD)/pcache --model $(MODEL) --duration $(SOAK_SECONDS) \
 	  --drain-timeout 900 --request-timeout 1200 --out $(SOAK_OUT)
+
+# The GPU suite, on a machine with an NVIDIA GPU (README: GPU): the CUDA backend against the CPU
+# backend, kernel by kernel and end to end, and its cache transparency. Needs numpy, gguf and
+# pytest in python3 (scripts/gpu-machine.sh carries them to a machine without a registry).
+$(BUILD)/tests/gpu_engine_check: tests/gpu/gpu_engine_check.c $(BUILD)/libpcache.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libpcache.a $(LDLIBS)
+test-gpu: all $(BUILD)/tests/gpu_engine_check
+	PCACHE_BUILD=$(BUILD) python3 -m pytest -q tests/gpu
 
 clean:
 	rm -rf build

@@ -19,6 +19,7 @@
  *      so multi-turn chats find their history, and release their blocks.
  */
 #include "engine.h"
+#include "gpu.h"
 #include "kv.h"
 #include "model.h"
 #include "prefix.h"
@@ -66,7 +67,8 @@ struct engine {
     kv_pool kv;
     prefix_index *px;
     threadpool *tp;
-    model_ctx *mctx;
+    model_ctx *mctx;         /* CPU backend */
+    gpu_backend *gpu;        /* CUDA backend, or NULL */
     int n_ctx;
     seq **seqs;              /* queued and active, in submission order */
     int n_seqs, cap_seqs;
@@ -99,6 +101,7 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     engine *e = calloc(1, sizeof *e);
     if (!e) { snprintf(err, errlen, "engine: out of memory"); return -1; }
     e->o = *o;
+    const size_t kv_mem_asked = o->kv_mem_bytes;
     if (!e->o.kv_mem_bytes) e->o.kv_mem_bytes = (size_t)512 << 20;
     if (e->o.cache_ttl_s <= 0) e->o.cache_ttl_s = 300;
     if (e->o.n_threads <= 0) {
@@ -108,15 +111,32 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     if (e->o.max_batch_tokens <= 0) e->o.max_batch_tokens = 512;
     if (e->o.max_seqs <= 0) e->o.max_seqs = 64;
     if (!e->o.clock) e->o.clock = mono_now;
-    if (model_load(&e->m, o->model_path, err, errlen)) goto fail;
+    const char *dev = o->device ? o->device : "auto";
+    if (strcmp(dev, "cpu") && strcmp(dev, "cuda") && strcmp(dev, "auto")) {
+        snprintf(err, errlen, "unknown device '%s' (cpu, cuda or auto)", dev);
+        goto fail;
+    }
+    char why[200] = "";
+    bool want_gpu = !strcmp(dev, "cuda") || (!strcmp(dev, "auto") && gpu_available(why, sizeof why));
+    if (!strcmp(dev, "cuda") && !gpu_available(why, sizeof why)) {
+        snprintf(err, errlen, "--device cuda: %s", why);
+        goto fail;
+    }
+    /* The GPU backend reads the file's row layout; the CPU repacks for its kernels. */
+    if (model_load_ex(&e->m, o->model_path, !want_gpu, err, errlen)) goto fail;
     if (tokenizer_load(&e->tok, e->m->f, err, errlen)) goto fail;
     e->n_ctx = e->m->c.n_ctx_train;
     const model_config *c = &e->m->c;
-    if (kv_pool_init(&e->kv, c->n_layer, c->n_head_kv * c->head_dim, e->o.kv_mem_bytes, err, errlen)) goto fail;
-    e->px = prefix_create(&e->kv);
-    e->tp = tp_create(e->o.n_threads);
     int max_tokens = e->o.max_batch_tokens + e->o.max_seqs;
-    e->mctx = model_ctx_create(e->m, max_tokens, e->n_ctx, e->o.n_threads);
+    if (want_gpu) {
+        int nb = 0;
+        if (gpu_create(&e->gpu, e->m, max_tokens, e->n_ctx, kv_mem_asked, &nb, err, errlen)) goto fail;
+        if (kv_pool_init_external(&e->kv, c->n_layer, c->n_head_kv * c->head_dim, nb, gpu_copy_block, e->gpu, err, errlen))
+            goto fail;
+    } else if (kv_pool_init(&e->kv, c->n_layer, c->n_head_kv * c->head_dim, e->o.kv_mem_bytes, err, errlen)) goto fail;
+    e->px = prefix_create(&e->kv);
+    e->tp = tp_create(want_gpu ? 1 : e->o.n_threads);
+    e->mctx = want_gpu ? NULL : model_ctx_create(e->m, max_tokens, e->n_ctx, e->o.n_threads);
     e->b_tok = calloc((size_t)max_tokens, sizeof(int32_t));
     e->b_pos = calloc((size_t)max_tokens, sizeof(int32_t));
     e->b_seq = calloc((size_t)max_tokens, sizeof(kv_seq *));
@@ -127,7 +147,7 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     e->lp_id = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(int32_t));
     e->lp_val = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(float));
     e->release_epoch = 1;
-    if (!e->lp_id || !e->lp_val || !e->px || !e->tp || !e->mctx || !e->b_tok || !e->b_pos || !e->b_seq || !e->b_logits || !e->b_owner ||
+    if (!e->lp_id || !e->lp_val || !e->px || !e->tp || (!e->mctx && !e->gpu) || !e->b_tok || !e->b_pos || !e->b_seq || !e->b_logits || !e->b_owner ||
         !e->logits || !e->cand) {
         snprintf(err, errlen, "engine: out of memory");
         goto fail;
@@ -159,6 +179,7 @@ void engine_free(engine *e) {
     kv_pool_free(&e->kv);
     if (e->tp) tp_free(e->tp);
     model_ctx_free(e->mctx);
+    gpu_free(e->gpu);
     free(e->b_tok); free(e->b_pos); free(e->b_seq); free(e->b_logits); free(e->b_owner);
     free(e->logits); free(e->cand); free(e->lp_id); free(e->lp_val);
     tokenizer_free(e->tok);
@@ -566,7 +587,9 @@ int engine_step(engine *e) {
     }
     model_batch b = { .n = n, .tokens = e->b_tok, .pos = e->b_pos, .seqs = e->b_seq, .want_logits = e->b_logits };
     char err[256];
-    if (model_forward(e->m, e->mctx, e->tp, &e->kv, &b, e->logits, err, sizeof err) != 0) {
+    int frc = e->gpu ? gpu_forward(e->gpu, &e->kv, &b, e->logits, err, sizeof err)
+                     : model_forward(e->m, e->mctx, e->tp, &e->kv, &b, e->logits, err, sizeof err);
+    if (frc != 0) {
         for (int i = 0; i < n; i++)
             if (e->b_owner[i]->phase != SEQ_DONE) finish(e, e->b_owner[i], FINISH_ERROR, err);
         compact(e);
@@ -612,4 +635,10 @@ void engine_get_stats(const engine *e, engine_stats *s) {
     s->cache_entries = ps.entries;
     s->cache_tokens = ps.cached_tokens;
     s->cache_blocks = ps.blocks_held;
+}
+
+const char *engine_device(const engine *e, struct gpu_mem *mem) {
+    if (!e->gpu) return "cpu";
+    if (mem) gpu_get_mem(e->gpu, mem);
+    return "cuda";
 }

@@ -23,6 +23,7 @@ typedef struct engine_opts {
     int n_threads;               /* 0 = number of cores */
     int max_batch_tokens;        /* prefill chunk / tokens per step; 0 = 512 */
     int max_seqs;                /* concurrent sequences; 0 = 64 */
+    const char *device;          /* "cpu", "cuda" or "auto" (NULL): the GPU when one is usable */
     double (*clock)(void *ctx);  /* seconds; NULL = CLOCK_MONOTONIC. Tests drive their own. */
     void *clock_ctx;
 } engine_opts;
@@ -128,4 +129,7 @@ void engine_cancel(engine *e, int id);
  * still active afterwards. */
 int engine_step(engine *e);
 void engine_get_stats(const engine *e, engine_stats *s);
+/* "cpu" or "cuda" (the backend in use); with cuda, *mem (if not NULL) gets its memory by use. */
+struct gpu_mem;
+const char *engine_device(const engine *e, struct gpu_mem *mem);
 #endif

@@ -66,6 +66,32 @@ int kv_pool_init(kv_pool *p, int n_layer, int kv_dim, size_t mem_bytes, char *er
     return 0;
 }
 
+int kv_pool_init_external(kv_pool *p, int n_layer, int kv_dim, int n_blocks,
+                          void (*copy_block)(void *ctx, int32_t dst, int32_t src, int n_slots), void *ctx,
+                          char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    if (n_layer <= 0 || kv_dim <= 0 || n_blocks < 2 || !copy_block) {
+        snprintf(err, errlen, "kv: bad external pool (n_layer %d, kv_dim %d, %d blocks)", n_layer, kv_dim, n_blocks);
+        return -1;
+    }
+    p->n_layer = n_layer;
+    p->kv_dim = kv_dim;
+    p->block_floats = (size_t)n_layer * 2 * KV_BLOCK * (size_t)kv_dim;
+    p->n_blocks = n_blocks;
+    p->copy_block = copy_block;
+    p->copy_ctx = ctx;
+    p->refcnt = calloc((size_t)n_blocks, sizeof *p->refcnt);
+    p->free_list = malloc((size_t)n_blocks * sizeof *p->free_list);
+    if (!p->refcnt || !p->free_list) {
+        kv_pool_free(p);
+        snprintf(err, errlen, "kv: out of memory for %d block records", n_blocks);
+        return -1;
+    }
+    for (int i = 0; i < n_blocks; i++) p->free_list[i] = n_blocks - 1 - i;
+    p->n_free = n_blocks;
+    return 0;
+}
+
 void kv_pool_free(kv_pool *p) {
     free(p->data);
     free(p->refcnt);
@@ -101,6 +127,7 @@ int kv_blocks_used(const kv_pool *p) { return p->n_blocks - p->n_free; }
 /* Copies the first n_slots slots of every layer's K and V from block src to block dst. */
 static void copy_block(kv_pool *p, int32_t dst, int32_t src, int n_slots) {
     if (n_slots <= 0) return;
+    if (p->copy_block) { p->copy_block(p->copy_ctx, dst, src, n_slots); return; }
     size_t bytes = (size_t)n_slots * (size_t)p->kv_dim * sizeof(kv_elem);
     for (int l = 0; l < p->n_layer; l++) {
         memcpy(kv_k(p, dst, l), kv_k(p, src, l), bytes);

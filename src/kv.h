@@ -31,6 +31,10 @@ typedef struct kv_pool {
      * (e.g. evict prefix-index entries) and return how many it freed. */
     int (*reclaim)(void *ctx, int n_needed);
     void *reclaim_ctx;
+    /* External storage (a GPU backend's device memory): data is NULL here, and copy on write
+     * calls copy_block(ctx, dst, src, n_slots) instead of copying host memory. */
+    void (*copy_block)(void *ctx, int32_t dst, int32_t src, int n_slots);
+    void *copy_ctx;
 } kv_pool;
 
 static inline kv_elem *kv_k(const kv_pool *p, int32_t block, int layer) {
@@ -48,6 +52,14 @@ typedef struct kv_seq {
 } kv_seq;
 
 int kv_pool_init(kv_pool *p, int n_layer, int kv_dim, size_t mem_bytes, char *err, size_t errlen);
+/* The same bookkeeping over n_blocks blocks stored elsewhere (see copy_block). */
+int kv_pool_init_external(kv_pool *p, int n_layer, int kv_dim, int n_blocks,
+                          void (*copy_block)(void *ctx, int32_t dst, int32_t src, int n_slots), void *ctx,
+                          char *err, size_t errlen);
+/* Bytes of one block: n_layer * 2 * KV_BLOCK * kv_dim fp16 values. */
+static inline size_t kv_block_bytes(int n_layer, int kv_dim) {
+    return (size_t)n_layer * 2 * KV_BLOCK * (size_t)kv_dim * sizeof(kv_elem);
+}
 void kv_pool_free(kv_pool *p);
 int32_t kv_block_alloc(kv_pool *p);       /* refcnt 1, or -1 when none can be had */
 void kv_block_ref(kv_pool *p, int32_t b);

@@ -24,6 +24,7 @@ static void usage(FILE *out) {
             "  run [-m MODEL] [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n"
             "      [--repeat-penalty R] [--chat] [--system TEXT] [--ignore-eos] [-t THREADS]\n"
             "      [--kv-mem SIZE] [--cache-ttl T] [--no-cache] [--stop STR]... [--prompts FILE]\n"
+            "      [--device cpu|cuda|auto]\n"
             "      [-f FILE | PROMPT]\n"
             "      Streams the completion to stdout, timings to stderr. --temp 0 is greedy.\n"
             "      Generation ends at an end-of-generation token, after -n tokens, or at a --stop\n"
@@ -43,6 +44,7 @@ typedef struct {
     const char *system;
     int threads;
     size_t kv_mem;
+    const char *device;   /* cpu, cuda, auto (NULL) */
     double ttl;
     const char *prompt, *prompt_file, *prompts_file;
     const char *stop[8];
@@ -89,6 +91,14 @@ static int parse_run_opts(int argc, char **argv, run_opts *o) {
         else if (!strcmp(a, "--system")) { if (need(i, argc, a)) return -1; o->system = argv[++i]; o->chat = true; }
         else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = true;
         else if (!strcmp(a, "--no-cache")) o->no_cache = true;
+        else if (!strcmp(a, "--device")) {
+            if (need(i, argc, a)) return -1;
+            o->device = argv[++i];
+            if (strcmp(o->device, "cpu") && strcmp(o->device, "cuda") && strcmp(o->device, "auto")) {
+                fprintf(stderr, "pcache: bad --device '%s' (cpu, cuda or auto)\n", o->device);
+                return -1;
+            }
+        }
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) o->quiet = true;
         else if (!strcmp(a, "--kv-mem")) {
             if (need(i, argc, a)) return -1;
@@ -188,7 +198,7 @@ static int cmd_run(int argc, char **argv) {
     } else if (o.prompt) text = strdup(o.prompt);
     if (!text && !o.prompts_file) { usage(stderr); return 2; }
     engine_opts eo = { .model_path = o.model, .kv_mem_bytes = o.kv_mem, .cache_ttl_s = o.ttl,
-                       .cache_enabled = !o.no_cache, .n_threads = o.threads };
+                       .cache_enabled = !o.no_cache, .n_threads = o.threads, .device = o.device };
     engine *e;
     char err[512];
     if (engine_create(&e, &eo, err, sizeof err)) { fprintf(stderr, "pcache: %s\n", err); free(text); return 1; }

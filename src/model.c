@@ -165,6 +165,10 @@ static int repack_weights(model *m, char *err, size_t errlen) {
 }
 
 int model_load(model **out, const char *path, char *err, size_t errlen) {
+    return model_load_ex(out, path, true, err, errlen);
+}
+
+int model_load_ex(model **out, const char *path, bool repack, char *err, size_t errlen) {
     *out = NULL;
     model *m = calloc(1, sizeof *m);
     if (!m) { snprintf(err, errlen, "model: out of memory"); return -1; }
@@ -241,7 +245,7 @@ int model_load(model **out, const char *path, char *err, size_t errlen) {
             goto fail;
 #undef NAME
     }
-    if (repack_weights(m, err, errlen) != 0) goto fail;
+    if (repack && repack_weights(m, err, errlen) != 0) goto fail;
     gguf_str gname;
     if (gguf_get_str(f, "general.name", &gname) == GGUF_OK)
         snprintf(m->name, sizeof m->name, "%.*s", (int)(gname.len < 127 ? gname.len : 127), gname.ptr);

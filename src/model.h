@@ -49,6 +49,8 @@ typedef struct model {
 } model;
 
 int model_load(model **out, const char *path, char *err, size_t errlen);
+/* repack = false keeps every matrix in the file's row layout (a GPU backend reads them so). */
+int model_load_ex(model **out, const char *path, bool repack, char *err, size_t errlen);
 void model_free(model *m);
 
 /* Scratch memory for batches of up to max_tokens tokens; one per engine. */

@@ -48,6 +48,7 @@
 #include "server.h"
 #include "api.h"
 #include "engine.h"
+#include "gpu.h"
 #include "util.h"
 #include <cjson/cJSON.h>
 #include <microhttpd.h>
@@ -86,6 +87,8 @@ typedef struct metrics {
     engine_stats es;      /* snapshot taken by the engine thread */
     int active;
     uint64_t queue_full;
+    bool gpu;
+    gpu_mem gm;
 } metrics;
 
 typedef struct server server;
@@ -432,8 +435,19 @@ static void *engine_main(void *arg) {
         if (!running) active = 0;
         engine_stats es;
         engine_get_stats(s->eng, &es);
+        gpu_mem gm;
+        bool gpu = strcmp(engine_device(s->eng, NULL), "cuda") == 0;
+        if (gpu) {   /* the driver's free/total: once a second is plenty */
+            static double last_gm;
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            double t = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+            if (t - last_gm < 1.0) gpu = false;
+            else { last_gm = t; engine_device(s->eng, &gm); }
+        }
         pthread_mutex_lock(&s->m.mu);
         s->m.es = es;
+        if (gpu) { s->m.gpu = true; s->m.gm = gm; }
         pthread_mutex_unlock(&s->m.mu);
     }
 }
@@ -582,6 +596,12 @@ static char *format_metrics(server *s) {
     ob_printf(&b, "# HELP pcache_queued_sequences Sequences queued in the engine, preempted ones included.\n# TYPE pcache_queued_sequences gauge\npcache_queued_sequences %d\n", m.es.queued_seqs);
     ob_printf(&b, "# HELP pcache_preemptions_total Running sequences sent back to the queue for KV blocks.\n# TYPE pcache_preemptions_total counter\npcache_preemptions_total %llu\n", (unsigned long long)m.es.preemptions);
     ob_printf(&b, "# HELP pcache_queue_rejections_total Requests refused because the queue was full.\n# TYPE pcache_queue_rejections_total counter\npcache_queue_rejections_total %llu\n", (unsigned long long)m.queue_full);
+    if (m.gpu) {
+        ob_printf(&b, "# HELP pcache_gpu_memory_bytes GPU memory by use (weights, kv, scratch; free and total from the driver).\n# TYPE pcache_gpu_memory_bytes gauge\n");
+        ob_printf(&b, "pcache_gpu_memory_bytes{use=\"weights\"} %zu\npcache_gpu_memory_bytes{use=\"kv\"} %zu\npcache_gpu_memory_bytes{use=\"scratch\"} %zu\n"
+                      "pcache_gpu_memory_bytes{use=\"free\"} %zu\npcache_gpu_memory_bytes{use=\"total\"} %zu\n",
+                  m.gm.weights, m.gm.kv, m.gm.scratch, m.gm.free, m.gm.total);
+    }
     ob_printf(&b, "# HELP pcache_draining 1 while the server drains for shutdown.\n# TYPE pcache_draining gauge\npcache_draining %d\n", atomic_load(&s->draining) ? 1 : 0);
 
     return b.p ? b.p : strdup("");
@@ -1073,6 +1093,8 @@ static void usage(FILE *f) {
             "  --kv-mem SIZE         KV cache budget, e.g. 512M, 2G (default 512M)\n"
             "  --cache-ttl T         lifetime of automatic cache entries, e.g. 300, 5m, 1h (default 5m)\n"
             "  --no-cache            disable prefix reuse\n"
+            "  --device D            cpu, cuda or auto (default: the GPU when one is usable)\n"
+            "  --kv-mem on cuda      default: the GPU memory free after weights and scratch, less 512 MiB\n"
             "  --api-key KEY         require this key (repeatable; each key is its own cache namespace)\n"
             "  --parallel N          concurrent sequences (default 64)\n"
             "  --batch N             tokens per engine step (default 512)\n"
@@ -1106,6 +1128,7 @@ int server_main(int argc, char **argv) {
         else if (!strcmp(a, "--kv-mem")) { NEED(); if (parse_size(v, &eo.kv_mem_bytes) < 0) { fprintf(stderr, "pcache serve: bad --kv-mem %s\n", v); return 2; } }
         else if (!strcmp(a, "--cache-ttl")) { NEED(); if (parse_duration(v, &eo.cache_ttl_s) < 0) { fprintf(stderr, "pcache serve: bad --cache-ttl %s\n", v); return 2; } }
         else if (!strcmp(a, "--no-cache")) eo.cache_enabled = false;
+        else if (!strcmp(a, "--device")) { NEED(); if (strcmp(v, "cpu") && strcmp(v, "cuda") && strcmp(v, "auto")) { fprintf(stderr, "pcache serve: bad --device %s (cpu, cuda or auto)\n", v); return 2; } eo.device = v; }
         else if (!strcmp(a, "--api-key")) { NEED(); if (!*v) { fprintf(stderr, "pcache serve: empty --api-key\n"); return 2; } s->keys[s->n_keys++] = (char *)v; }
         else if (!strcmp(a, "--parallel")) { NEED(); eo.max_seqs = atoi(v); if (eo.max_seqs < 1) { fprintf(stderr, "pcache serve: bad --parallel %s\n", v); return 2; } }
         else if (!strcmp(a, "--batch")) { NEED(); eo.max_batch_tokens = atoi(v); if (eo.max_batch_tokens < 1) { fprintf(stderr, "pcache serve: bad --batch %s\n", v); return 2; } }
@@ -1183,8 +1206,8 @@ int server_main(int argc, char **argv) {
     }
     freeaddrinfo(ai);
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
-    fprintf(stderr, "pcache serve: %s (ctx %d) listening on http://%s:%u%s\n", s->model_id, s->n_ctx, host,
-            di ? di->port : (unsigned)port, s->n_keys ? " (API keys required)" : "");
+    fprintf(stderr, "pcache serve: %s (ctx %d, %s) listening on http://%s:%u%s\n", s->model_id, s->n_ctx,
+            engine_device(s->eng, NULL), host, di ? di->port : (unsigned)port, s->n_keys ? " (API keys required)" : "");
     fflush(stderr);
 
     int sig = 0;

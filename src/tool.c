@@ -2,6 +2,7 @@
  * Each subcommand is one function in the table below. */
 #include "engine.h"
 #include "gguf.h"
+#include "gpu.h"
 #include "kv.h"
 #include "model.h"
 #include "quant.h"
@@ -9,6 +10,7 @@
 #include "tokenizer.h"
 #include "util.h"
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,13 +42,29 @@ typedef struct {
     kv_seq seq;
     model_ctx *ctx;
     threadpool *tp;
+    gpu_backend *gpu;    /* PCACHE_DEVICE=cuda: the CUDA backend instead of model_forward */
 } solo;
+
+static bool want_cuda(void) {
+    const char *d = getenv("PCACHE_DEVICE");
+    return d && !strcmp(d, "cuda");
+}
 
 static int solo_open(solo *s, const char *path, int n_ctx, int n_threads) {
     char err[512];
     memset(s, 0, sizeof *s);
-    if (model_load(&s->m, path, err, sizeof err)) { fprintf(stderr, "%s\n", err); return -1; }
+    if (model_load_ex(&s->m, path, !want_cuda(), err, sizeof err)) { fprintf(stderr, "%s\n", err); return -1; }
     const model_config *c = &s->m->c;
+    if (want_cuda()) {
+        int nb = 0;
+        size_t mem = kv_block_bytes(c->n_layer, c->n_head_kv * c->head_dim) * (size_t)((n_ctx + KV_BLOCK - 1) / KV_BLOCK + 2);
+        if (gpu_create(&s->gpu, s->m, n_ctx, n_ctx, mem, &nb, err, sizeof err) ||
+            kv_pool_init_external(&s->kv, c->n_layer, c->n_head_kv * c->head_dim, nb, gpu_copy_block, s->gpu, err, sizeof err)) {
+            fprintf(stderr, "%s\n", err);
+            return -1;
+        }
+        return 0;
+    }
     size_t block_bytes = (size_t)c->n_layer * 2 * KV_BLOCK * c->n_head_kv * c->head_dim * sizeof(float);
     size_t mem = block_bytes * (size_t)((n_ctx + KV_BLOCK - 1) / KV_BLOCK + 2);
     if (kv_pool_init(&s->kv, c->n_layer, c->n_head_kv * c->head_dim, mem, err, sizeof err)) {
@@ -64,6 +82,7 @@ static void solo_close(solo *s) {
     kv_pool_free(&s->kv);
     model_ctx_free(s->ctx);
     if (s->tp) tp_free(s->tp);
+    gpu_free(s->gpu);
     model_free(s->m);
 }
 
@@ -77,11 +96,62 @@ static int solo_eval(solo *s, const int32_t *tokens, int n, bool all, float *log
     bool *want = malloc((size_t)n * sizeof *want);
     for (int i = 0; i < n; i++) { pos[i] = start + i; seqs[i] = &s->seq; want[i] = all || i == n - 1; }
     model_batch b = { .n = n, .tokens = tokens, .pos = pos, .seqs = seqs, .want_logits = want };
-    int rc = model_forward(s->m, s->ctx, s->tp, &s->kv, &b, logits, err, sizeof err);
+    int rc = s->gpu ? gpu_forward(s->gpu, &s->kv, &b, logits, err, sizeof err)
+                    : model_forward(s->m, s->ctx, s->tp, &s->kv, &b, logits, err, sizeof err);
     if (rc) fprintf(stderr, "%s\n", err);
     else s->seq.n_tokens = start + n;
     free(pos); free(seqs); free(want);
     return rc;
+}
+
+static float f16_round(float x) { return fp16_to_fp32(fp32_to_fp16(x)); }
+
+/* gpu-matmul TYPE ROWS COLS N WFILE: the CUDA backend's matmul on the weights in WFILE (ROWS rows
+ * of TYPE) and N random activation rows, against a double-precision reference on the same
+ * fp16-rounded operands. Prints JSON: the largest relative error (|y - ref| / max|ref|), and
+ * whether every row equals the same row computed alone (batch invariance). */
+static int cmd_gpu_matmul(int argc, char **argv) {
+    if (argc < 5) { fprintf(stderr, "usage: pcache-tool gpu-matmul TYPE ROWS COLS N WFILE\n"); return 2; }
+    int type = -1;
+    for (int t = 0; t < 64; t++) {
+        const ggml_type_info *ti = ggml_type_get((ggml_type)t);
+        if (ti && !strcmp(ti->name, argv[0])) type = t;
+    }
+    int rows = atoi(argv[1]), cols = atoi(argv[2]), n = atoi(argv[3]);
+    if (type < 0 || rows <= 0 || cols <= 0 || n <= 0) { fprintf(stderr, "gpu-matmul: bad arguments\n"); return 2; }
+    size_t rb = ggml_row_size((ggml_type)type, cols), len = 0;
+    char *w = read_file(argv[4], &len);
+    if (!w || len != rb * (size_t)rows) { fprintf(stderr, "gpu-matmul: %s holds %zu bytes, expected %zu\n", argv[4], len, rb * rows); free(w); return 1; }
+    float *x = malloc(sizeof(float) * (size_t)n * cols), *y = malloc(sizeof(float) * (size_t)n * rows);
+    float *y1 = malloc(sizeof(float) * rows), *wr = malloc(sizeof(float) * cols), *bias = malloc(sizeof(float) * rows);
+    uint64_t st = 12345;
+    for (size_t i = 0; i < (size_t)n * cols; i++) {
+        st = st * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = ((float)(st >> 40) / (float)(1 << 24) - 0.5f) * 4.0f;
+    }
+    for (int r = 0; r < rows; r++) bias[r] = 0.01f * (float)(r % 7);
+    char err[256];
+    if (gpu_test_matmul((ggml_type)type, w, rows, cols, x, n, bias, y, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+    double max_err = 0, max_ref = 0;
+    for (int r = 0; r < rows; r++) {
+        dequantize_row((ggml_type)type, w + (size_t)r * rb, wr, cols);
+        for (int t = 0; t < n; t++) {
+            double acc = bias[r];
+            for (int k = 0; k < cols; k++) acc += (double)f16_round(wr[k]) * f16_round(x[(size_t)t * cols + k]);
+            double e = fabs(acc - y[(size_t)t * rows + r]);
+            if (e > max_err) max_err = e;
+            if (fabs(acc) > max_ref) max_ref = fabs(acc);
+        }
+    }
+    bool invariant = true;
+    for (int t = 0; t < n && invariant; t += (n > 8 ? n / 5 : 1)) {
+        if (gpu_test_matmul((ggml_type)type, w, rows, cols, x + (size_t)t * cols, 1, bias, y1, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+        invariant = memcmp(y1, y + (size_t)t * rows, sizeof(float) * rows) == 0;
+    }
+    printf("{\"rel_err\": %.3g, \"max_ref\": %.4g, \"batch_invariant\": %s}\n", max_ref > 0 ? max_err / max_ref : max_err, max_ref,
+           invariant ? "true" : "false");
+    free(w); free(x); free(y); free(y1); free(wr); free(bias);
+    return 0;
 }
 
 static int cmd_logits(int argc, char **argv) {
@@ -401,6 +471,7 @@ static int cmd_bench_bw(int argc, char **argv) {
 typedef struct { const char *name; int (*fn)(int argc, char **argv); const char *help; } subcommand;
 
 static const subcommand commands[] = {
+    { "gpu-matmul", cmd_gpu_matmul, "TYPE ROWS COLS N WFILE : the CUDA matmul against a double reference (JSON)" },
     { "logits", cmd_logits, "MODEL [--all] < ids.json : raw float32 logits of the last (or every) position" },
     { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },

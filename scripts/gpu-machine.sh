@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# For a GPU machine that reaches no package registry (this project's lent H100): carries the
+# build libraries (Debian's libcjson, libmicrohttpd, PCRE2) and the GPU suite's Python packages
+# (gguf, pytest) there as files, in the ignored folder .gpu/.
+#   bash scripts/gpu-machine.sh prepare      here: download them into .gpu/
+#   source scripts/gpu-machine.sh setup      there: unpack into .gpu/root and /tmp/site, export
+#                                            what `make CUDA=1` and the tests need
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+case ${1:-} in
+prepare)
+  mkdir -p "$here/.gpu/debs" "$here/.gpu/whl"
+  mkdir -p "$here/.git/info"
+  grep -qx '/.gpu/' "$here/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$here/.git/info/exclude"
+  (cd "$here/.gpu/debs" && apt-get download libcjson-dev libcjson1 libmicrohttpd-dev libmicrohttpd12 \
+     libpcre2-dev libpcre2-8-0 libgnutls30 libnettle8 libhogweed6 libp11-kit0 libtasn1-6 libidn2-0 \
+     libunistring2 libgmp10 libffi8 >/dev/null)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$here/.gpu/whl" \
+    gguf==0.17.1 pytest iniconfig pluggy packaging pyyaml tqdm
+  du -sh "$here/.gpu" ;;
+setup)
+  root="$here/.gpu/root"
+  mkdir -p "$root"
+  have_tls=0; ldconfig -p | grep -q 'libgnutls.so.30' && have_tls=1
+  for f in "$here"/.gpu/debs/*.deb; do
+    case $(basename "$f") in   # libmicrohttpd's TLS stack: only where the system lacks it
+      libgnutls30*|libnettle*|libhogweed*|libp11*|libtasn1*|libidn2*|libunistring*|libgmp*|libffi*)
+        [ $have_tls = 1 ] && continue ;;
+    esac
+    dpkg -x "$f" "$root"
+  done
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$here"/.gpu/whl/*.whl 2>&1 | grep -v WARNING || true
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export GPU_MAKE_ARGS="EXTRA_CFLAGS=-I$root/usr/include EXTRA_LDFLAGS=-L$root/usr/lib/x86_64-linux-gnu"
+  set +euo pipefail ;;
+*) echo "usage: $0 prepare | source $0 setup" >&2; exit 2 ;;
+esac
