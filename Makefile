@@ -37,7 +37,7 @@ TEST_SRC := $(wildcard tests/c/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null)
 
-.PHONY: all deps model test test-c test-py test-gpu run serve bench soak fuzz clean distclean asan
+.PHONY: all deps model test test-c test-py test-gpu bench-gpu run serve bench soak fuzz clean distclean asan
 all: $(BUILD)/pcache $(BUILD)/pcache-tool
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h)
@@ -136,6 +136,10 @@ $(BUILD)/tests/gpu_engine_check: tests/gpu/gpu_engine_check.c $(BUILD)/libpcache
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libpcache.a $(LDLIBS)
 test-gpu: all $(BUILD)/tests/gpu_engine_check
 	PCACHE_BUILD=$(BUILD) python3 -m pytest -q tests/gpu
+
+# GPU benchmark against llama.cpp's CUDA build, on the GPU machine (two stages: bench/bench_gpu.sh).
+bench-gpu:
+	bash bench/bench_gpu.sh 1 && bash bench/bench_gpu.sh 2
 
 clean:
 	rm -rf build

@@ -154,6 +154,103 @@ static int cmd_gpu_matmul(int argc, char **argv) {
     return 0;
 }
 
+/* ---- bench-engine: the engine's speed on one model (bench/bench_gpu.sh drives it) ---- */
+typedef struct { int done; engine_usage u; double t_done; } bres;
+static double mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+static void b_done(void *user, finish_reason why, const engine_usage *u, const char *err) {
+    bres *r = user;
+    (void)why;
+    r->done = 1;
+    r->u = *u;
+    r->t_done = mono();
+    if (err) fprintf(stderr, "bench: %s\n", err);
+}
+static void b_submit(engine *e, const int32_t *ids, int n, int gen, bres *r) {
+    memset(r, 0, sizeof *r);
+    engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = gen, .ignore_eos = true, .on_done = b_done, .user = r };
+    sample_params_default(&q.sp);
+    q.sp.temperature = 0;
+    char err[256];
+    if (engine_submit(e, &q, err, sizeof err) < 0) { fprintf(stderr, "bench: %s\n", err); exit(1); }
+}
+static void b_wait(engine *e, bres *r, int n) {
+    for (;;) {
+        int all = 1;
+        for (int i = 0; i < n; i++) all &= r[i].done;
+        if (all) return;
+        engine_step(e);
+    }
+}
+static int cmp_dbl(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }
+static double median3(double *v, int n) { qsort(v, (size_t)n, sizeof *v, cmp_dbl); return v[n / 2]; }
+
+/* bench-engine MODEL [DEVICE]: JSON with prefill tok/s at 512 and 8192 tokens (cold), decode tok/s
+ * at batch 1 (128 tokens) and aggregate over 32 streams (128 + 128 each), and the prompt time of
+ * 8000 cached + 192 new tokens. Medians of 3. Random token ids (1000..30000). */
+static int cmd_bench_engine(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool bench-engine MODEL [cpu|cuda|auto]\n"); return 2; }
+    engine_opts o = { .model_path = argv[0], .cache_enabled = true, .device = argc > 1 ? argv[1] : "auto",
+                      .max_batch_tokens = 2048 };
+    engine *e;
+    char err[512];
+    double t0 = mono();
+    if (engine_create(&e, &o, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+    double load_s = mono() - t0;
+    enum { MAXN = 8192 + 256 };
+    int32_t *ids = malloc(sizeof(int32_t) * MAXN * 2);
+    uint64_t st = 7;
+    for (int i = 0; i < MAXN * 2; i++) { st = st * 6364136223846793005ull + 1; ids[i] = 1000 + (int32_t)((st >> 33) % 29000); }
+    bres r[32];
+    double v[3], pp512, pp8192, tg1, tg32, cached_ms;
+    const int L = engine_n_ctx(e) > 8193 ? 8192 : engine_n_ctx(e) - 2, C = L - 192;   /* long prompt, cached part */
+    b_submit(e, ids + 5000, 64, 4, r); b_wait(e, r, 1);                     /* warm-up */
+    for (int k = 0; k < 3; k++) { b_submit(e, ids + 100 * k + 1, 512, 1, r); b_wait(e, r, 1); v[k] = 512 / r[0].u.prefill_s; }
+    pp512 = median3(v, 3);
+    for (int k = 0; k < 3; k++) { b_submit(e, ids + 7 * k + MAXN, L, 1, r); b_wait(e, r, 1); v[k] = L / r[0].u.prefill_s; }
+    pp8192 = median3(v, 3);
+    for (int k = 0; k < 3; k++) {
+        b_submit(e, ids + 900 + 31 * k, 16, 129, r); b_wait(e, r, 1);
+        v[k] = 128 / r[0].u.decode_s;
+    }
+    tg1 = median3(v, 3);
+    for (int k = 0; k < 3; k++) {
+        for (int i = 0; i < 32; i++) b_submit(e, ids + 2000 + 50 * i + 3 * k, 128, 128, &r[i]);
+        b_wait(e, r, 32);
+        /* every token after each stream's first, over the time from the first first-token to the last end */
+        double start = 1e300, end = 0, toks = 0;
+        for (int i = 0; i < 32; i++) {
+            double first = r[i].t_done - r[i].u.decode_s;
+            if (first < start) start = first;
+            if (r[i].t_done > end) end = r[i].t_done;
+            toks += r[i].u.completion_tokens - 1;
+        }
+        v[k] = toks / (end - start);
+    }
+    tg32 = median3(v, 3);
+    for (int k = 0; k < 3; k++) {
+        int32_t *p = ids + 11 * k;
+        b_submit(e, p, L, 1, r); b_wait(e, r, 1);                          /* cold: caches it */
+        int32_t *q = malloc(sizeof(int32_t) * L);
+        memcpy(q, p, sizeof(int32_t) * C);
+        for (int i = C; i < L; i++) q[i] = 1000 + (i * 7 + k) % 29000;
+        b_submit(e, q, L, 1, r); b_wait(e, r, 1);
+        if (r[0].u.cached_tokens != C) fprintf(stderr, "bench: cached %d, expected %d\n", r[0].u.cached_tokens, C);
+        v[k] = r[0].u.ttft_s * 1000;
+        free(q);
+    }
+    cached_ms = median3(v, 3);
+    printf("{\"model\": \"%s\", \"device\": \"%s\", \"load_s\": %.2f, \"pp512\": %.1f, \"pp8192\": %.1f, \"tg1\": %.1f, "
+           "\"tg32_aggregate\": %.1f, \"cached_new192_ms\": %.2f, \"long\": %d}\n",
+           argv[0], engine_device(e, NULL), load_s, pp512, pp8192, tg1, tg32, cached_ms, L);
+    free(ids);
+    engine_free(e);
+    return 0;
+}
+
 static int cmd_logits(int argc, char **argv) {
     if (argc < 1) { fprintf(stderr, "usage: pcache-tool logits MODEL [--all] < ids.json\n"); return 2; }
     bool all = argc > 1 && !strcmp(argv[1], "--all");
@@ -472,6 +569,7 @@ typedef struct { const char *name; int (*fn)(int argc, char **argv); const char 
 
 static const subcommand commands[] = {
     { "gpu-matmul", cmd_gpu_matmul, "TYPE ROWS COLS N WFILE : the CUDA matmul against a double reference (JSON)" },
+    { "bench-engine", cmd_bench_engine, "MODEL [cpu|cuda|auto] : prefill, decode (1 and 32 streams), cached-prefix TTFT (JSON)" },
     { "logits", cmd_logits, "MODEL [--all] < ids.json : raw float32 logits of the last (or every) position" },
     { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },
