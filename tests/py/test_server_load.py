@@ -68,7 +68,8 @@ def test_requests_wait_for_memory_instead_of_failing(logdir):
             rs = list(ex.map(lambda p: completion(srv, p, 16), prompts))
         assert [r.status_code for r in rs] == [200] * 6, [r.text[:300] for r in rs]
         for r in rs:
-            assert 180 < r.json()["usage"]["prompt_tokens"] <= 304   # two never fit together
+            # 145..304 prompt tokens + 16 new need 11..20 blocks of 16: two never fit in 20
+            assert 144 < r.json()["usage"]["prompt_tokens"] <= 304
         for p, r in zip(prompts, rs):
             alone = completion(srv, p, 16)
             assert alone.status_code == 200
