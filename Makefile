@@ -137,6 +137,11 @@ $(BUILD)/tests/gpu_engine_check: tests/gpu/gpu_engine_check.c $(BUILD)/libpcache
 test-gpu: all $(BUILD)/tests/gpu_engine_check
 	PCACHE_BUILD=$(BUILD) python3 -m pytest -q tests/gpu
 
+# What batch invariance costs: the backend's matmul against cuBLAS (bench only; links cuBLAS).
+$(BUILD)/gpu_gemm: bench/gpu_gemm.cu $(BUILD)/libpcache.a
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Isrc -c $< -o $(BUILD)/obj/gpu_gemm.o
+	$(CC) $(LDFLAGS) -o $@ $(BUILD)/obj/gpu_gemm.o $(BUILD)/libpcache.a $(LDLIBS) -lcublas -Wl,-rpath,$(CUDA_HOME)/lib64
+
 # GPU benchmark against llama.cpp's CUDA build, on the GPU machine (two stages: bench/bench_gpu.sh).
 bench-gpu:
 	bash bench/bench_gpu.sh 1 && bash bench/bench_gpu.sh 2

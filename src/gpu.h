@@ -50,4 +50,8 @@ void gpu_get_mem(const gpu_backend *g, gpu_mem *out);
  * in any GGUF type (rows of ggml_row_size(type, cols) bytes). Returns 0 or -1 with err. */
 int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols, const float *x, int n, const float *bias,
                     float *y, char *err, size_t errlen);
+
+/* For benchmarks: the fastest of reps runs of the backend's matmul on constant fp16 operands, M x K
+ * weights by N tokens, in milliseconds. Returns 0 or -1 with err. */
+int gpu_bench_matmul(int M, int K, int N, int reps, double *ms, char *err, size_t errlen);
 #endif

@@ -148,9 +148,28 @@ static int cmd_gpu_matmul(int argc, char **argv) {
         if (gpu_test_matmul((ggml_type)type, w, rows, cols, x + (size_t)t * cols, 1, bias, y1, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
         invariant = memcmp(y1, y + (size_t)t * rows, sizeof(float) * rows) == 0;
     }
-    printf("{\"rel_err\": %.3g, \"max_ref\": %.4g, \"batch_invariant\": %s}\n", max_ref > 0 ? max_err / max_ref : max_err, max_ref,
-           invariant ? "true" : "false");
+    uint64_t h = 1469598103934665603ull;   /* FNV-1a of y's bits: equal across kernel shapes (PCACHE_MM) */
+    for (size_t i = 0; i < sizeof(float) * (size_t)n * rows; i++) h = (h ^ ((const unsigned char *)y)[i]) * 1099511628211ull;
+    printf("{\"rel_err\": %.3g, \"max_ref\": %.4g, \"batch_invariant\": %s, \"bits\": \"%016llx\"}\n",
+           max_ref > 0 ? max_err / max_ref : max_err, max_ref, invariant ? "true" : "false", (unsigned long long)h);
     free(w); free(x); free(y); free(y1); free(wr); free(bias);
+    return 0;
+}
+
+/* gpu-bench-matmul M K N...: the CUDA matmul's time and TFLOP/s for M x K weights and each N (JSON
+ * lines). bench/gpu_gemm.cu sets it beside cuBLAS. */
+static int cmd_gpu_bench_matmul(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: pcache-tool gpu-bench-matmul M K N...\n"); return 2; }
+    int M = atoi(argv[0]), K = atoi(argv[1]);
+    for (int i = 2; i < argc; i++) {
+        int N = atoi(argv[i]);
+        double ms;
+        char err[256];
+        if (M <= 0 || K <= 0 || N <= 0) { fprintf(stderr, "gpu-bench-matmul: bad sizes\n"); return 2; }
+        if (gpu_bench_matmul(M, K, N, 20, &ms, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+        printf("{\"M\": %d, \"K\": %d, \"N\": %d, \"ms\": %.4f, \"tflops\": %.1f, \"weight_gbs\": %.0f}\n", M, K, N, ms,
+               2.0 * M * K * N / (ms * 1e-3) / 1e12, (double)M * K * 2 / (ms * 1e-3) / 1e9);
+    }
     return 0;
 }
 
@@ -569,6 +588,7 @@ typedef struct { const char *name; int (*fn)(int argc, char **argv); const char 
 
 static const subcommand commands[] = {
     { "gpu-matmul", cmd_gpu_matmul, "TYPE ROWS COLS N WFILE : the CUDA matmul against a double reference (JSON)" },
+    { "gpu-bench-matmul", cmd_gpu_bench_matmul, "M K N... : the CUDA matmul's ms and TFLOP/s (JSON lines)" },
     { "bench-engine", cmd_bench_engine, "MODEL [cpu|cuda|auto] : prefill, decode (1 and 32 streams), cached-prefix TTFT (JSON)" },
     { "logits", cmd_logits, "MODEL [--all] < ids.json : raw float32 logits of the last (or every) position" },
     { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },

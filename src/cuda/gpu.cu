@@ -44,17 +44,135 @@ using namespace nvcuda;
     } while (0)
 
 /* ------------------------------------------------------------------------------ kernels */
-#define MM_BM 64     /* output features per block */
-#define MM_BN 64     /* tokens per block */
-#define MM_BK 32     /* k per stage */
+/* PTX wrappers: asynchronous 16-byte copies to shared memory (zero-filled when !pred), ldmatrix,
+ * and the m16n8k16 fp16 MMA with fp32 accumulators. */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void ldsm_x4(unsigned *r, const void *p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x2(unsigned *r, const void *p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned *r, const void *p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void mma16816(float *c, const unsigned *a, const unsigned *b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(unsigned *)&h;
+}
+
+/* Y[n][ldy] (+)= X[n][K] . W[M][K]^T + bias, W and X fp16 (rows 16-byte aligned, K % 8 == 0),
+ * Y fp32. A block computes a BM (features) x BN (tokens) tile with WM x WN warps; k advances in
+ * BK-wide stages through an ST-deep cp.async pipeline.
+ *
+ * Every configuration accumulates each output in one fp32 register by m16n8k16 MMAs at
+ * k = 0, 16, 32, ... in ascending order (zero-filled past K, which adds exact zeros), and an
+ * MMA's output element depends only on its own row and column. So an output's bits do not
+ * depend on the tile shape, on where its row or token sits in the tile, or on how many tokens
+ * are in the batch: the host picks the shape from the batch size freely. */
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+__global__ void __launch_bounds__(WM *WN * 32) k_mm(const __half *__restrict__ W, const __half *__restrict__ X,
+                                                    float *__restrict__ Y, int M, int N, int K, int ldx, int ldy,
+                                                    const float *__restrict__ bias, int accumulate) {
+    constexpr int NTH = WM * WN * 32, LD = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
+    constexpr int CPR = BK / 8;   /* 16-byte chunks per staged row */
+    static_assert(FM >= 1 && FN >= 1 && TM % 16 == 0 && TN % 8 == 0 && BK % 16 == 0, "tile shape");
+    extern __shared__ __align__(16) unsigned char mm_smem[];
+    __half *As = (__half *)mm_smem, *Bs = As + ST * BM * LD;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp / WN) * TM, wn = (warp % WN) * TN;
+    float acc[FM][FN][4];
+#pragma unroll
+    for (int i = 0; i < FM; i++)
+#pragma unroll
+        for (int j = 0; j < FN; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+    const int KT = (K + BK - 1) / BK;
+    auto load = [&](int slot, int kt) {
+        const int k0 = kt * BK;
+        __half *as = As + slot * BM * LD, *bs = Bs + slot * BN * LD;
+#pragma unroll 4
+        for (int i = tid; i < BM * CPR; i += NTH) {
+            const int r = i / CPR, c = (i % CPR) * 8, gm = m0 + r, gk = k0 + c;
+            const bool ok = gm < M && gk < K;
+            cp_async16(as + r * LD + c, ok ? W + (size_t)gm * K + gk : W, ok);
+        }
+#pragma unroll 4
+        for (int i = tid; i < BN * CPR; i += NTH) {
+            const int r = i / CPR, c = (i % CPR) * 8, gn = n0 + r, gk = k0 + c;
+            const bool ok = gn < N && gk < K;
+            cp_async16(bs + r * LD + c, ok ? X + (size_t)gn * ldx + gk : X, ok);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (s < KT) load(s, s);
+        cp_commit();
+    }
+    for (int kt = 0; kt < KT; kt++) {
+        cp_wait<ST - 2>();
+        __syncthreads();
+        if (kt + ST - 1 < KT) load((kt + ST - 1) % ST, kt + ST - 1);
+        cp_commit();
+        const __half *as = As + (kt % ST) * BM * LD, *bs = Bs + (kt % ST) * BN * LD;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned a[FM][4], b[FN][2];
+#pragma unroll
+            for (int i = 0; i < FM; i++) ldsm_x4(a[i], as + (wm + 16 * i + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+#pragma unroll
+            for (int j = 0; j < FN; j++) ldsm_x2(b[j], bs + (wn + 8 * j + (lane & 7)) * LD + kk + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int i = 0; i < FM; i++)
+#pragma unroll
+                for (int j = 0; j < FN; j++) mma16816(acc[i][j], a[i], b[j]);
+        }
+    }
+    cp_wait<0>();
+#pragma unroll
+    for (int i = 0; i < FM; i++)
+#pragma unroll
+        for (int j = 0; j < FN; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int gm = m0 + wm + 16 * i + (lane >> 2) + (e >> 1) * 8;
+                const int gn = n0 + wn + 8 * j + 2 * (lane & 3) + (e & 1);
+                if (gm >= M || gn >= N) continue;
+                float v = acc[i][j][e];
+                if (bias) v += bias[gm];
+                float *y = Y + (size_t)gn * ldy + gm;
+                *y = accumulate ? *y + v : v;
+            }
+}
+
+/* The fallback for matrices whose rows are not 16-byte aligned (K % 8 != 0; no real model):
+ * 64x64 tiles through wmma with elementwise staging. Chosen per matrix, never per batch. */
+#define MM_BM 64
+#define MM_BN 64
+#define MM_BK 32
 #define MM_LDA (MM_BK + 8)
 #define MM_LDC (MM_BN + 4)
-
-/* Y[n][ldy] (+)= X[n][K] . W[M][K]^T + bias: W and X fp16, Y fp32. 4 warps, each a 32x32 patch
- * (2x2 fragments of 16x16) of the 64x64 tile. */
-__global__ void __launch_bounds__(128) k_matmul(const __half *__restrict__ W, const __half *__restrict__ X,
-                                                float *__restrict__ Y, int M, int N, int K, int ldx, int ldy,
-                                                const float *__restrict__ bias, int accumulate) {
+__global__ void __launch_bounds__(128) k_matmul_any(const __half *__restrict__ W, const __half *__restrict__ X,
+                                                    float *__restrict__ Y, int M, int N, int K, int ldx, int ldy,
+                                                    const float *__restrict__ bias, int accumulate) {
     __shared__ __align__(32) __half As[MM_BM * MM_LDA];
     __shared__ __align__(32) __half Bs[MM_BN * MM_LDA];
     __shared__ __align__(32) float Cs[MM_BM * MM_LDC];
@@ -65,7 +183,6 @@ __global__ void __launch_bounds__(128) k_matmul(const __half *__restrict__ W, co
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
     for (int k0 = 0; k0 < K; k0 += MM_BK) {
-        /* stage 64 rows x 32 k of W and of X (zero outside) */
         for (int i = tid; i < MM_BM * MM_BK; i += 128) {
             int r = i / MM_BK, c = i % MM_BK;
             int gm = m0 + r, gk = k0 + c;
@@ -89,7 +206,7 @@ __global__ void __launch_bounds__(128) k_matmul(const __half *__restrict__ W, co
             wmma::store_matrix_sync(Cs + (wm + 16 * i) * MM_LDC + wn + 16 * j, acc[i][j], MM_LDC, wmma::mem_row_major);
     __syncthreads();
     for (int i = tid; i < MM_BM * MM_BN; i += 128) {
-        int n = i / MM_BM, m = i % MM_BM;   /* consecutive threads: consecutive outputs of a token */
+        int n = i / MM_BM, m = i % MM_BM;
         int gm = m0 + m, gn = n0 + n;
         if (gm >= M || gn >= N) continue;
         float v = Cs[m * MM_LDC + n];
@@ -131,16 +248,17 @@ __global__ void k_rmsnorm(const float *__restrict__ x, const int *__restrict__ r
     for (int k = threadIdx.x; k < d; k += blockDim.x) out[(size_t)i * d + k] = __float2half(xr[k] * inv * w[k]);
 }
 
-/* Per token: q/k RMSNorm (qwen3), RoPE (angles from the host, as the CPU computes them), and
- * K/V written as fp16 into the token's slot of its sequence's block. One warp per head. */
-__global__ void k_rope_kv(float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
-                          const float *__restrict__ rope, const float *__restrict__ qn, const float *__restrict__ kn,
-                          __half *__restrict__ kv, const int *__restrict__ slot_block, const int *__restrict__ pos,
-                          int n_head, int n_head_kv, int hd, int rope_dim, int neox, float eps, size_t block_elems,
-                          int layer) {
+/* Per token: q/k RMSNorm (qwen3), RoPE (angles from the host, as the CPU computes them), Q out as
+ * fp16 (the attention's operand), K/V written as fp16 into the token's slot of its sequence's
+ * block. qkv holds each token's q | k | v (row stride ld). One warp per head. */
+__global__ void k_rope_kv(const float *__restrict__ qkv, int ld, __half *__restrict__ qh, const float *__restrict__ rope,
+                          const float *__restrict__ qn, const float *__restrict__ kn, __half *__restrict__ kv,
+                          const int *__restrict__ slot_block, const int *__restrict__ pos, int n_head, int n_head_kv,
+                          int hd, int rope_dim, int neox, float eps, size_t block_elems, int layer) {
     const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
     const int q_dim = n_head * hd, kv_dim = n_head_kv * hd;
     const float *r = rope + (size_t)t * rope_dim;
+    const float *q = qkv + (size_t)t * ld, *k = q + q_dim, *v = k + kv_dim;
     const int half_ = rope_dim / 2;
     const size_t blk = (size_t)slot_block[t];
     const int slot = pos[t] % 16;
@@ -150,7 +268,7 @@ __global__ void k_rope_kv(float *__restrict__ q, const float *__restrict__ k, co
     float *h = hs + warp * hd;
     for (int hh = warp; hh < n_head + n_head_kv; hh += nw) {
         const bool isq = hh < n_head;
-        const float *src = isq ? q + (size_t)t * q_dim + hh * hd : k + (size_t)t * kv_dim + (hh - n_head) * hd;
+        const float *src = isq ? q + hh * hd : k + (hh - n_head) * hd;
         const float *nw_ = isq ? qn : kn;
         for (int d = lane; d < hd; d += 32) h[d] = src[d];
         __syncwarp();
@@ -172,23 +290,188 @@ __global__ void k_rope_kv(float *__restrict__ q, const float *__restrict__ k, co
         }
         __syncwarp();
         if (isq) {
-            for (int d = lane; d < hd; d += 32) q[(size_t)t * q_dim + hh * hd + d] = h[d];
+            for (int d = lane; d < hd; d += 32) qh[(size_t)t * q_dim + hh * hd + d] = __float2half(h[d]);
         } else {
             const int g = hh - n_head;
             for (int d = lane; d < hd; d += 32) {
                 kd[g * hd + d] = __float2half(h[d]);
-                vd[g * hd + d] = __float2half(v[(size_t)t * kv_dim + g * hd + d]);
+                vd[g * hd + d] = __float2half(v[g * hd + d]);
             }
         }
         __syncwarp();
     }
 }
 
-/* Causal attention: one warp per (token, query head), positions [0, pos] walked 32 at a time
- * (lane j scores position j0 + j against q; online softmax; each lane accumulates hd/32 output
- * dimensions). Output fp16 (the next matmul's input). */
+/* Causal attention over paged KV on the tensor cores (flash-attention style), head dims 64 and
+ * 128. A block takes one query tile (up to 64 / G consecutive tokens of one sequence, G = query
+ * heads per KV head) and one KV head: its 64 rows are (token, query head of the group) pairs,
+ * 16 per warp. Keys go in tiles of 64 from position 0 (cp.async, double-buffered, gathered from
+ * the block table); per tile S = Q K^T (m16n8k16), the causal mask per row (key <= the row's
+ * position), an online softmax in base 2, O += P V with P as fp16. Output fp16.
+ *
+ * Batch invariance: a row's arithmetic depends only on its own query, its position and the
+ * keys; key tiles always start at multiples of 64 from 0, and a tile past a row's position
+ * (present because another row of the block reaches further) is masked to exact no-ops
+ * (p = 0, rescale by exp2(0) = 1). So a token's output is the same in a prefill tile of 64, as
+ * the one decode token of its sequence, or next to any other tokens. */
+#define FA_ROWS 64
+#define FA_KT 64
+template <int HD>
+__global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, const __half *__restrict__ kv,
+                                               const int *__restrict__ bt, const int *__restrict__ bt_off,
+                                               const int *__restrict__ pos, const int2 *__restrict__ tiles,
+                                               __half *__restrict__ out, int n_head, int n_head_kv, size_t block_elems,
+                                               int layer, float scale_log2) {
+    constexpr int LD = HD + 8, KS = HD / 16, DN = HD / 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    __half *Qs = (__half *)fa_smem;                 /* FA_ROWS x LD */
+    __half *Ks = Qs + FA_ROWS * LD;                 /* 2 x FA_KT x LD */
+    __half *Vs = Ks + 2 * FA_KT * LD;               /* 2 x FA_KT x LD */
+    __shared__ int spos[FA_ROWS];
+    const int2 tile = tiles[blockIdx.x];
+    const int g = blockIdx.y, G = n_head / n_head_kv;
+    const int t0 = tile.x, nq = tile.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int q_dim = n_head * HD, kv_dim = n_head_kv * HD;
+    const int nrows = nq * G;
+    if (tid < FA_ROWS) spos[tid] = tid < nrows ? pos[t0 + tid / G] : 0;   /* padding rows see key 0 only */
+    /* Q rows */
+    for (int i = tid; i < FA_ROWS * (HD / 8); i += 128) {
+        const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+        const bool ok = r < nrows;
+        const __half *src = ok ? qh + (size_t)(t0 + r / G) * q_dim + (size_t)(g * G + r % G) * HD + c : qh;
+        cp_async16(Qs + r * LD + c, src, ok);
+    }
+    const int *tab = bt + bt_off[t0];
+    const int n_keys = pos[t0 + nq - 1] + 1;        /* a sequence's tokens come in position order */
+    const int n_tiles = (n_keys + FA_KT - 1) / FA_KT;
+    const size_t koff = (size_t)(layer * 2 + 0) * 16 * kv_dim + (size_t)g * HD;
+    const size_t voff = (size_t)(layer * 2 + 1) * 16 * kv_dim + (size_t)g * HD;
+    auto load_kv = [&](int slot, int kt) {
+        __half *ks = Ks + slot * FA_KT * LD, *vs = Vs + slot * FA_KT * LD;
+        for (int i = tid; i < FA_KT * (HD / 8); i += 128) {
+            const int j = i / (HD / 8), c = (i % (HD / 8)) * 8, key = kt * FA_KT + j;
+            const bool ok = key < n_keys;
+            const __half *base = ok ? kv + (size_t)tab[key / 16] * block_elems + (size_t)(key % 16) * kv_dim + c : kv;
+            cp_async16(ks + j * LD + c, ok ? base + koff : kv, ok);
+            cp_async16(vs + j * LD + c, ok ? base + voff : kv, ok);
+        }
+    };
+    load_kv(0, 0);
+    cp_commit();
+    const int wr = warp * 16;                       /* the warp's first row */
+    const bool active = wr < nrows;
+    const int r_lo = wr + (lane >> 2), r_hi = r_lo + 8;
+    unsigned qa[KS][4];
+    float o[DN][4];
+#pragma unroll
+    for (int i = 0; i < DN; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+    int p_lo = 0, p_hi = 0;
+    for (int kt = 0; kt < n_tiles; kt++) {
+        if (kt + 1 < n_tiles) load_kv((kt + 1) & 1, kt + 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        if (kt == 0) {
+            p_lo = spos[r_lo];
+            p_hi = spos[r_hi];
+            if (active) {
+#pragma unroll
+                for (int ks = 0; ks < KS; ks++) ldsm_x4(qa[ks], Qs + (wr + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
+            }
+        }
+        if (active) {
+            const __half *ks_ = Ks + (kt & 1) * FA_KT * LD, *vs_ = Vs + (kt & 1) * FA_KT * LD;
+            float s[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++)
+#pragma unroll
+                for (int jj = 0; jj < 4; jj++) {
+                    unsigned b[4];
+                    ldsm_x4(b, ks_ + (16 * jj + (lane & 7) + ((lane >> 4) << 3)) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+                    mma16816(s[2 * jj], qa[ks], b);
+                    mma16816(s[2 * jj + 1], qa[ks], b + 2);
+                }
+            /* mask, scale (log2 domain), row maxima */
+            float mx_lo = m_lo, mx_hi = m_hi;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = kt * FA_KT + 8 * j + 2 * (lane & 3) + (e & 1);
+                    const int lim = e < 2 ? p_lo : p_hi;
+                    const float v = key <= lim ? s[j][e] * scale_log2 : -INFINITY;
+                    s[j][e] = v;
+                    if (e < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
+                }
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+            const float c_lo = exp2f(m_lo - mx_lo), c_hi = exp2f(m_hi - mx_hi);   /* m = -inf at first: 0 */
+            m_lo = mx_lo;
+            m_hi = mx_hi;
+            float sum_lo = 0.0f, sum_hi = 0.0f;
+            unsigned pa[4][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float e0 = exp2f(s[j][0] - mx_lo), e1 = exp2f(s[j][1] - mx_lo);
+                const float e2 = exp2f(s[j][2] - mx_hi), e3 = exp2f(s[j][3] - mx_hi);
+                sum_lo += e0 + e1;
+                sum_hi += e2 + e3;
+                pa[j >> 1][(j & 1) * 2 + 0] = pack_half2(e0, e1);
+                pa[j >> 1][(j & 1) * 2 + 1] = pack_half2(e2, e3);
+            }
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            l_lo = l_lo * c_lo + sum_lo;
+            l_hi = l_hi * c_hi + sum_hi;
+#pragma unroll
+            for (int d = 0; d < DN; d++) {
+                o[d][0] *= c_lo;
+                o[d][1] *= c_lo;
+                o[d][2] *= c_hi;
+                o[d][3] *= c_hi;
+            }
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                for (int dd = 0; dd < DN / 2; dd++) {
+                    unsigned b[4];
+                    ldsm_x4_t(b, vs_ + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * dd + (lane >> 4) * 8);
+                    mma16816(o[2 * dd], pa[kk], b);
+                    mma16816(o[2 * dd + 1], pa[kk], b + 2);
+                }
+        }
+        __syncthreads();   /* the buffer just read is the next prefetch's target */
+    }
+    cp_wait<0>();
+    if (!active) return;
+    const float i_lo = 1.0f / l_lo, i_hi = 1.0f / l_hi;
+#pragma unroll
+    for (int d = 0; d < DN; d++) {
+        const int col = 8 * d + 2 * (lane & 3);
+        if (r_lo < nrows) {
+            __half2 *dst = (__half2 *)(out + (size_t)(t0 + r_lo / G) * q_dim + (size_t)(g * G + r_lo % G) * HD + col);
+            *dst = __floats2half2_rn(o[d][0] * i_lo, o[d][1] * i_lo);
+        }
+        if (r_hi < nrows) {
+            __half2 *dst = (__half2 *)(out + (size_t)(t0 + r_hi / G) * q_dim + (size_t)(g * G + r_hi % G) * HD + col);
+            *dst = __floats2half2_rn(o[d][2] * i_hi, o[d][3] * i_hi);
+        }
+    }
+}
+
+/* Attention for other head dims (multiples of 32 up to 256): one warp per (token, query head),
+ * positions [0, pos] walked 32 at a time (lane j scores position j0 + j; online softmax; each
+ * lane accumulates hd/32 output dimensions). Chosen per model, never per batch. */
 #define ATT_MAX_HD 256
-__global__ void k_attention(const float *__restrict__ q, const __half *__restrict__ kv, const int *__restrict__ bt,
+__global__ void k_attention(const __half *__restrict__ q, const __half *__restrict__ kv, const int *__restrict__ bt,
                             const int *__restrict__ bt_off, const int *__restrict__ pos, __half *__restrict__ out,
                             int n_head, int n_head_kv, int hd, size_t block_elems, int layer, float scale) {
     const int t = blockIdx.x, h = blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -196,7 +479,7 @@ __global__ void k_attention(const float *__restrict__ q, const __half *__restric
     const int G = n_head / n_head_kv, g = h / G, kv_dim = n_head_kv * hd, q_dim = n_head * hd;
     extern __shared__ float qs_all[];
     float *qs = qs_all + (threadIdx.x / 32) * hd;
-    for (int d = lane; d < hd; d += 32) qs[d] = q[(size_t)t * q_dim + h * hd + d];
+    for (int d = lane; d < hd; d += 32) qs[d] = __half2float(q[(size_t)t * q_dim + h * hd + d]);
     __syncwarp();
     const int *tab = bt + bt_off[t];
     const int n = pos[t] + 1;
@@ -241,11 +524,12 @@ __global__ void k_attention(const float *__restrict__ q, const __half *__restric
     for (int i = 0; i < nd; i++) out[(size_t)t * q_dim + h * hd + lane + 32 * i] = __float2half(acc[i] * inv);
 }
 
-/* act = fp16(silu(gate) * up) */
-__global__ void k_swiglu(const float *__restrict__ gate, const float *__restrict__ up, __half *__restrict__ act, size_t n) {
+/* act = fp16(silu(gate) * up), gate and up side by side in each token's row of gu */
+__global__ void k_swiglu(const float *__restrict__ gu, __half *__restrict__ act, int ff, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        act[i] = __float2half(g / (1.0f + expf(-g)) * up[i]);
+        const size_t t = i / ff, c = i % ff;
+        const float g = gu[t * 2 * ff + c], u = gu[t * 2 * ff + ff + c];
+        act[i] = __float2half(g / (1.0f + expf(-g)) * u);
     }
 }
 
@@ -259,8 +543,8 @@ __global__ void k_copy_block(__half *kv, size_t block_elems, int dst, int src) {
 /* ------------------------------------------------------------------------------ host side */
 typedef struct { __half *w; const float *bias; int rows, cols; } dmat;
 typedef struct {
-    float *attn_norm, *ffn_norm, *bq, *bk, *bv, *q_norm, *k_norm;
-    dmat wq, wk, wv, wo, gate, up, down;
+    float *attn_norm, *ffn_norm, *bqkv, *q_norm, *k_norm;
+    dmat wqkv, wo, gu, down;   /* q|k|v and gate|up stacked: one matmul each */
 } dlayer;
 
 struct gpu_backend {
@@ -272,13 +556,13 @@ struct gpu_backend {
     float *output_norm;
     dlayer *layers;
     /* scratch */
-    float *x, *q, *k, *v, *gate, *up, *logits, *rope;
-    __half *xh, *att, *act;
-    int *tok, *pos, *slot_block, *bt, *bt_off, *out_rows;
+    float *x, *qkv, *gu, *logits, *rope;
+    __half *xh, *qh, *att, *act;
     int bt_cap;
-    /* host staging */
-    int *h_tok, *h_pos, *h_slot_block, *h_bt, *h_bt_off, *h_out_rows;
-    float *h_rope;
+    void *d_stage, *h_stage;   /* per-step inputs (stage_at's layout), device and pinned host */
+    size_t stage_bytes;
+    int use_graphs, n_graphs;
+    struct { int n; cudaGraphExec_t exec; } graphs[64];
     cudaStream_t st;
     size_t mem_weights, mem_kv, mem_scratch;
     char device[128];
@@ -324,25 +608,32 @@ static uint16_t f32_to_f16_bits(float f) {
     return u;
 }
 
-/* A matrix (rows of ggml_row_size(type, cols) bytes) to fp16 on the device. */
-static int upload_mat(gpu_backend *g, dmat *d, ggml_type type, const void *data, int rows, int cols, char *err,
-                      size_t errlen) {
+/* Matrices stacked row-wise (each rows of ggml_row_size(type, cols) bytes, all with the same
+ * cols) to one fp16 matrix on the device. */
+static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const void *const *datas, const int *rows_of,
+                        int n_parts, int cols, char *err, size_t errlen) {
     float *row = (float *)malloc((size_t)cols * sizeof(float));
     const size_t chunk_rows = (size_t)1 << 12;
     uint16_t *buf = (uint16_t *)malloc(chunk_rows * (size_t)cols * sizeof(uint16_t));
-    const size_t rb = ggml_row_size(type, cols);
+    int rows = 0;
+    for (int p = 0; p < n_parts; p++) rows += rows_of[p];
     d->rows = rows;
     d->cols = cols;
     d->bias = NULL;
+    size_t done = 0;
     if (!row || !buf) { free(row); free(buf); snprintf(err, errlen, "cuda: out of host memory"); return -1; }
     CK(dalloc(g, (void **)&d->w, (size_t)rows * cols * sizeof(__half), &g->mem_weights), "weights");
-    for (size_t r0 = 0; r0 < (size_t)rows; r0 += chunk_rows) {
-        size_t nr = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
-        for (size_t r = 0; r < nr; r++) {
-            dequantize_row(type, (const uint8_t *)data + (r0 + r) * rb, row, cols);
-            for (int c = 0; c < cols; c++) buf[r * cols + c] = f32_to_f16_bits(row[c]);
+    for (int p = 0; p < n_parts; p++) {
+        const size_t rb = ggml_row_size(types[p], cols);
+        for (size_t r0 = 0; r0 < (size_t)rows_of[p]; r0 += chunk_rows) {
+            size_t nr = rows_of[p] - r0 < chunk_rows ? rows_of[p] - r0 : chunk_rows;
+            for (size_t r = 0; r < nr; r++) {
+                dequantize_row(types[p], (const uint8_t *)datas[p] + (r0 + r) * rb, row, cols);
+                for (int c = 0; c < cols; c++) buf[r * cols + c] = f32_to_f16_bits(row[c]);
+            }
+            CK(cudaMemcpy(d->w + done * cols, buf, nr * cols * sizeof(uint16_t), cudaMemcpyHostToDevice), "weights upload");
+            done += nr;
         }
-        CK(cudaMemcpy(d->w + r0 * cols, buf, nr * cols * sizeof(uint16_t), cudaMemcpyHostToDevice), "weights upload");
     }
     free(row);
     free(buf);
@@ -351,6 +642,11 @@ fail:
     free(row);
     free(buf);
     return -1;
+}
+
+static int upload_mat(gpu_backend *g, dmat *d, ggml_type type, const void *data, int rows, int cols, char *err,
+                      size_t errlen) {
+    return upload_stack(g, d, &type, &data, &rows, 1, cols, err, errlen);
 }
 
 static int upload_vec(gpu_backend *g, float **d, const float *h, size_t n, char *err, size_t errlen) {
@@ -363,19 +659,116 @@ fail:
     return -1;
 }
 
+static int upload_model_mats(gpu_backend *g, dmat *d, const mat *const *ms, int n, char *err, size_t errlen) {
+    ggml_type types[4];
+    const void *datas[4];
+    int rows[4];
+    for (int i = 0; i < n; i++) {
+        if (ms[i]->x4) { snprintf(err, errlen, "cuda: model was loaded with repacked (x4) weights"); return -1; }
+        if (ms[i]->cols != ms[0]->cols) { snprintf(err, errlen, "cuda: stacked matrices differ in width"); return -1; }
+        types[i] = ms[i]->type;
+        datas[i] = ms[i]->data;
+        rows[i] = (int)ms[i]->rows;
+    }
+    return upload_stack(g, d, types, datas, rows, n, (int)ms[0]->cols, err, errlen);
+}
 static int upload_model_mat(gpu_backend *g, dmat *d, const mat *m, char *err, size_t errlen) {
-    if (m->x4) { snprintf(err, errlen, "cuda: model was loaded with repacked (x4) weights"); return -1; }
-    return upload_mat(g, d, m->type, m->data, (int)m->rows, (int)m->cols, err, errlen);
+    return upload_model_mats(g, d, &m, 1, err, errlen);
+}
+
+/* ------------------------------------------------------------------------------ launches */
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+static void mm_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
+    constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
+    dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN);
+    k_mm<BM, BN, BK, WM, WN, ST><<<grid, WM * WN * 32, smem, st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias,
+                                                                   accumulate);
+}
+template <int BM, int BN, int BK, int WM, int WN, int ST> static cudaError_t mm_setup() {
+    constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
+    return cudaFuncSetAttribute(k_mm<BM, BN, BK, WM, WN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+}
+/* The tile shapes (any may take any batch: they give the same bits, see k_mm). */
+#define MM_LARGE 128, 128, 32, 2, 4, 4
+#define MM_WIDE 64, 128, 32, 2, 4, 4
+#define MM_S8 32, 8, 128, 2, 1, 5
+#define MM_S32 32, 32, 128, 2, 1, 5
+#define MM_S64 32, 64, 128, 2, 1, 4
+
+static int g_n_sms;
+static int n_sms_init(void) {
+    int &n = g_n_sms;
+    if (!n) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+        if (n <= 0) n = 100;
+    }
+    return n;
+}
+static int n_sms(void) { return g_n_sms ? g_n_sms : n_sms_init(); }
+
+static cudaError_t kernels_setup() {
+    static int done;
+    if (done) return cudaSuccess;
+    cudaError_t e;
+    if ((e = mm_setup<MM_LARGE>()) || (e = mm_setup<MM_WIDE>()) || (e = mm_setup<MM_S8>()) || (e = mm_setup<MM_S32>()) ||
+        (e = mm_setup<MM_S64>()))
+        return e;
+    (void)n_sms_init();
+    if ((e = cudaFuncSetAttribute(k_flash<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (64 + 8) * 2)) ||
+        (e = cudaFuncSetAttribute(k_flash<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (128 + 8) * 2)))
+        return e;
+    done = 1;
+    return cudaSuccess;
+}
+
+
+
+/* y (+)= x . W^T (+ bias). The shape is picked from the batch size and the grid's fill; every
+ * shape gives the same bits (k_mm). PCACHE_MM=any|large|wide|s8|s32|s64 forces one, for the tests
+ * that check exactly that and for A/B runs. */
+static int mm_forced(void) {
+    static int f = -1;
+    if (f < 0) {
+        const char *v = getenv("PCACHE_MM");
+        const char *names[] = { "any", "large", "wide", "s8", "s32", "s64" };
+        f = 0;
+        for (int i = 0; v && i < 6; i++)
+            if (!strcmp(v, names[i])) f = i + 1;
+    }
+    return f;
+}
+static void matmul_on(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
+    int f = mm_forced();
+    if (f == 1 || w->cols % 8 || ldx % 8 || ((uintptr_t)x & 15) || ((uintptr_t)w->w & 15)) {
+        dim3 grid((w->rows + MM_BM - 1) / MM_BM, (n + MM_BN - 1) / MM_BN);
+        k_matmul_any<<<grid, 128, 0, st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias, accumulate);
+        return;
+    }
+    if (!f) {
+        if (n <= 8) f = 4;
+        else if (n <= 32) f = 5;
+        else if (n <= 64) f = 6;
+        else f = (size_t)((w->rows + 127) / 128) * ((n + 127) / 128) >= (size_t)2 * n_sms() ? 2 : 3;
+    }
+    switch (f) {
+    case 2: mm_launch<MM_LARGE>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    case 3: mm_launch<MM_WIDE>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    case 4: mm_launch<MM_S8>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    case 5: mm_launch<MM_S32>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    default: mm_launch<MM_S64>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    }
 }
 
 extern "C" void gpu_free(gpu_backend *g) {
     if (!g) return;
+    for (int i = 0; i < g->n_graphs; i++) cudaGraphExecDestroy(g->graphs[i].exec);
     for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
     free(g->allocs);
     if (g->st) cudaStreamDestroy(g->st);
     free(g->layers);
-    free(g->h_tok); free(g->h_pos); free(g->h_slot_block); free(g->h_bt); free(g->h_bt_off); free(g->h_out_rows);
-    free(g->h_rope);
+    if (g->h_stage) cudaFreeHost(g->h_stage);
     free(g);
 }
 
@@ -383,8 +776,9 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
                           int *n_blocks, char *err, size_t errlen) {
     *out = NULL;
     const model_config *c = &m->c;
-    if (c->head_dim % 32 != 0 || c->head_dim > ATT_MAX_HD) {
-        snprintf(err, errlen, "cuda: head dim %d not supported (a multiple of 32 up to %d)", c->head_dim, ATT_MAX_HD);
+    if (c->head_dim % 32 != 0 || c->head_dim > ATT_MAX_HD || c->n_head % c->n_head_kv || c->n_head / c->n_head_kv > FA_ROWS) {
+        snprintf(err, errlen, "cuda: head dim %d with %d/%d heads not supported (head dims: multiples of 32 up to %d)",
+                 c->head_dim, c->n_head, c->n_head_kv, ATT_MAX_HD);
         return -1;
     }
     char why[160];
@@ -394,7 +788,8 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
     g->c = *c;
     g->max_tokens = max_tokens;
     g->max_ctx = max_ctx;
-    const int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    g->use_graphs = !(getenv("PCACHE_NO_GRAPHS") && *getenv("PCACHE_NO_GRAPHS") && strcmp(getenv("PCACHE_NO_GRAPHS"), "0"));
+    const int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim, qkv_dim = q_dim + 2 * kv_dim;
     const int wide = c->n_ff > q_dim ? (c->n_ff > c->n_embd ? c->n_ff : c->n_embd) : (q_dim > c->n_embd ? q_dim : c->n_embd);
     const size_t T = (size_t)max_tokens;
     const int max_blocks = (max_ctx + 15) / 16;
@@ -405,6 +800,7 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         CK(cudaGetDeviceProperties(&prop, 0), "device properties");
         snprintf(g->device, sizeof g->device, "%s", prop.name);
         CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
+        CK(kernels_setup(), "kernel attributes");
     }
     /* weights */
     CK(cudaMemGetInfo(&free_b, &total_b), "memory info");
@@ -418,31 +814,37 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
                      free_b >> 20, total_b >> 20);
             goto fail;
         }
-        if (m->f && (m->f->size >> 30) >= 1) fprintf(stderr, "pcache: uploading %s of weights to %s ...\n", "the model", g->device);
+        const bool big = m->f && (m->f->size >> 30) >= 1;
+        if (big) fprintf(stderr, "pcache: uploading about %zu MiB of weights (fp16) to %s\n", w_est >> 20, g->device);
         if (upload_model_mat(g, &g->tok_embd, &m->tok_embd, err, errlen)) goto fail;
         if (m->output.data == m->tok_embd.data) g->output = g->tok_embd;
         else if (upload_model_mat(g, &g->output, &m->output, err, errlen)) goto fail;
         if (upload_vec(g, &g->output_norm, m->output_norm, c->n_embd, err, errlen)) goto fail;
+        float *hb = (float *)calloc((size_t)qkv_dim, sizeof(float));
+        if (!hb) { snprintf(err, errlen, "cuda: out of memory"); goto fail; }
         for (int l = 0; l < c->n_layer; l++) {
             const model_layer *L = &m->layers[l];
             dlayer *D = &g->layers[l];
-            if (upload_vec(g, &D->attn_norm, L->attn_norm, c->n_embd, err, errlen) ||
-                upload_vec(g, &D->ffn_norm, L->ffn_norm, c->n_embd, err, errlen) ||
-                upload_vec(g, &D->bq, L->bq, q_dim, err, errlen) || upload_vec(g, &D->bk, L->bk, kv_dim, err, errlen) ||
-                upload_vec(g, &D->bv, L->bv, kv_dim, err, errlen) ||
-                upload_vec(g, &D->q_norm, L->q_norm, c->head_dim, err, errlen) ||
-                upload_vec(g, &D->k_norm, L->k_norm, c->head_dim, err, errlen) ||
-                upload_model_mat(g, &D->wq, &L->wq, err, errlen) || upload_model_mat(g, &D->wk, &L->wk, err, errlen) ||
-                upload_model_mat(g, &D->wv, &L->wv, err, errlen) || upload_model_mat(g, &D->wo, &L->wo, err, errlen) ||
-                upload_model_mat(g, &D->gate, &L->w_gate, err, errlen) ||
-                upload_model_mat(g, &D->up, &L->w_up, err, errlen) || upload_model_mat(g, &D->down, &L->w_down, err, errlen))
-                goto fail;
-            D->wq.bias = D->bq;
-            D->wk.bias = D->bk;
-            D->wv.bias = D->bv;
-            if (m->f && (m->f->size >> 30) >= 1 && (l + 1) % 8 == 0)
-                fprintf(stderr, "pcache: layer %d/%d on the GPU\n", l + 1, c->n_layer);
+            const mat *qkv[3] = { &L->wq, &L->wk, &L->wv }, *gu[2] = { &L->w_gate, &L->w_up };
+            int bad = upload_vec(g, &D->attn_norm, L->attn_norm, c->n_embd, err, errlen) ||
+                      upload_vec(g, &D->ffn_norm, L->ffn_norm, c->n_embd, err, errlen) ||
+                      upload_vec(g, &D->q_norm, L->q_norm, c->head_dim, err, errlen) ||
+                      upload_vec(g, &D->k_norm, L->k_norm, c->head_dim, err, errlen) ||
+                      upload_model_mats(g, &D->wqkv, qkv, 3, err, errlen) || upload_model_mat(g, &D->wo, &L->wo, err, errlen) ||
+                      upload_model_mats(g, &D->gu, gu, 2, err, errlen) || upload_model_mat(g, &D->down, &L->w_down, err, errlen);
+            if (!bad && (L->bq || L->bk || L->bv)) {
+                memset(hb, 0, (size_t)qkv_dim * sizeof(float));
+                if (L->bq) memcpy(hb, L->bq, (size_t)q_dim * sizeof(float));
+                if (L->bk) memcpy(hb + q_dim, L->bk, (size_t)kv_dim * sizeof(float));
+                if (L->bv) memcpy(hb + q_dim + kv_dim, L->bv, (size_t)kv_dim * sizeof(float));
+                bad = upload_vec(g, &D->bqkv, hb, (size_t)qkv_dim, err, errlen);
+                D->wqkv.bias = D->bqkv;
+            }
+            if (bad) { free(hb); goto fail; }
+            if (big && ((l + 1) % 4 == 0 || l + 1 == c->n_layer))
+                fprintf(stderr, "pcache: %d/%d layers on the GPU (%zu MiB)\n", l + 1, c->n_layer, g->mem_weights >> 20);
         }
+        free(hb);
     }
     /* scratch */
     {
@@ -450,35 +852,18 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         void **p;
 #define SCR(ptr, bytes) (p = (void **)&(ptr), dalloc(g, p, (bytes), &g->mem_scratch))
         CK(SCR(g->x, T * c->n_embd * f4), "scratch");
-        CK(SCR(g->q, T * q_dim * f4), "scratch");
-        CK(SCR(g->k, T * kv_dim * f4), "scratch");
-        CK(SCR(g->v, T * kv_dim * f4), "scratch");
-        CK(SCR(g->gate, T * c->n_ff * f4), "scratch");
-        CK(SCR(g->up, T * c->n_ff * f4), "scratch");
+        CK(SCR(g->qkv, T * qkv_dim * f4), "scratch");
+        CK(SCR(g->gu, T * 2 * c->n_ff * f4), "scratch");
         CK(SCR(g->logits, T * c->n_vocab * f4), "scratch");
-        CK(SCR(g->rope, T * c->rope_dim * f4), "scratch");
         CK(SCR(g->xh, T * wide * h2), "scratch");
+        CK(SCR(g->qh, T * q_dim * h2), "scratch");
         CK(SCR(g->att, T * q_dim * h2), "scratch");
         CK(SCR(g->act, T * c->n_ff * h2), "scratch");
-        CK(SCR(g->tok, T * sizeof(int)), "scratch");
-        CK(SCR(g->pos, T * sizeof(int)), "scratch");
-        CK(SCR(g->slot_block, T * sizeof(int)), "scratch");
-        CK(SCR(g->bt_off, T * sizeof(int)), "scratch");
-        CK(SCR(g->out_rows, T * sizeof(int)), "scratch");
         g->bt_cap = (int)T * (max_blocks < 64 ? max_blocks : 64) + max_blocks;
-        CK(SCR(g->bt, (size_t)g->bt_cap * sizeof(int)), "scratch");
+        g->stage_bytes = 16 + T * (5 + 2) * sizeof(int) + T * c->rope_dim * f4 + (size_t)g->bt_cap * sizeof(int);
+        CK(SCR(g->d_stage, g->stage_bytes), "scratch");
 #undef SCR
-        g->h_tok = (int *)malloc(T * sizeof(int));
-        g->h_pos = (int *)malloc(T * sizeof(int));
-        g->h_slot_block = (int *)malloc(T * sizeof(int));
-        g->h_bt_off = (int *)malloc(T * sizeof(int));
-        g->h_out_rows = (int *)malloc(T * sizeof(int));
-        g->h_bt = (int *)malloc((size_t)g->bt_cap * sizeof(int));
-        g->h_rope = (float *)malloc(T * c->rope_dim * f4);
-        if (!g->h_tok || !g->h_pos || !g->h_slot_block || !g->h_bt_off || !g->h_out_rows || !g->h_bt || !g->h_rope) {
-            snprintf(err, errlen, "cuda: out of host memory");
-            goto fail;
-        }
+        CK(cudaMallocHost((void **)&g->h_stage, g->stage_bytes), "pinned staging");
     }
     /* KV pool: what was asked, or what is free minus a margin */
     {
@@ -526,9 +911,67 @@ extern "C" void gpu_get_mem(const gpu_backend *g, gpu_mem *o) {
     snprintf(o->device, sizeof o->device, "%s", g->device);
 }
 
-static void matmul(gpu_backend *g, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
-    dim3 grid((w->rows + MM_BM - 1) / MM_BM, (n + MM_BN - 1) / MM_BN);
-    k_matmul<<<grid, 128, 0, g->st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias, accumulate);
+/* The staging area's layout for a batch of n tokens (the same on host and device, one copy per
+ * step): tok, pos, slot_block, bt_off, out_rows (n ints each), tiles (n int2), RoPE angles
+ * (n * rope_dim floats), then the block tables. Offsets depend on n alone, so a captured graph
+ * for n stays valid. */
+typedef struct { int *tok, *pos, *slot_block, *bt_off, *out_rows; int2 *tiles; float *rope; int *bt; } stage_ptrs;
+static stage_ptrs stage_at(void *base, int n, int rope_dim) {
+    stage_ptrs s;
+    int *ip = (int *)base;
+    s.tok = ip;
+    s.pos = ip + n;
+    s.slot_block = ip + 2 * n;
+    s.bt_off = ip + 3 * n;
+    s.out_rows = ip + 4 * n;
+    s.tiles = (int2 *)(ip + 5 * n + (n & 1));   /* 8-byte aligned */
+    s.rope = (float *)(s.tiles + n);
+    s.bt = (int *)(s.rope + (size_t)n * rope_dim);
+    return s;
+}
+
+/* The kernels of one forward pass (captured into a graph for decode steps). */
+static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_tiles, int n_out) {
+    const model_config *c = &g->c;
+    cudaStream_t st = g->st;
+    const int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim, qkv_dim = q_dim + 2 * kv_dim;
+    const int hd = c->head_dim;
+    const float scale = 1.0f / sqrtf((float)hd);
+    k_embed<<<n, 256, 0, st>>>(g->tok_embd.w, d->tok, g->x, c->n_embd);
+    for (int l = 0; l < c->n_layer; l++) {
+        const dlayer *D = &g->layers[l];
+        k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->attn_norm, g->xh, c->n_embd, c->rms_eps);
+        matmul_on(st, &D->wqkv, g->xh, c->n_embd, n, g->qkv, qkv_dim, 0);
+        k_rope_kv<<<n, 256, 8 * hd * sizeof(float), st>>>(g->qkv, qkv_dim, g->qh, d->rope, D->q_norm, D->k_norm, g->kv,
+                                                           d->slot_block, d->pos, c->n_head, c->n_head_kv, hd, c->rope_dim,
+                                                           c->rope_neox, c->rms_eps, g->block_elems, l);
+        if (hd == 64 || hd == 128) {
+            dim3 fg(n_tiles, c->n_head_kv);
+            const size_t smem = (size_t)(FA_ROWS + 4 * FA_KT) * (hd + 8) * sizeof(__half);
+            const float sl2 = scale * 1.4426950408889634f;
+            if (hd == 64)
+                k_flash<64><<<fg, 128, smem, st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
+                                                   c->n_head_kv, g->block_elems, l, sl2);
+            else
+                k_flash<128><<<fg, 128, smem, st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
+                                                    c->n_head_kv, g->block_elems, l, sl2);
+        } else {
+            const int hpb = 4;
+            dim3 ag(n, (c->n_head + hpb - 1) / hpb);
+            k_attention<<<ag, 32 * hpb, hpb * hd * sizeof(float), st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, g->att,
+                                                                       c->n_head, c->n_head_kv, hd, g->block_elems, l, scale);
+        }
+        matmul_on(st, &D->wo, g->att, q_dim, n, g->x, c->n_embd, 1);
+        k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->ffn_norm, g->xh, c->n_embd, c->rms_eps);
+        matmul_on(st, &D->gu, g->xh, c->n_embd, n, g->gu, 2 * c->n_ff, 0);
+        const size_t ne = (size_t)n * c->n_ff;
+        k_swiglu<<<(unsigned)((ne + 255) / 256 < 8192 ? (ne + 255) / 256 : 8192), 256, 0, st>>>(g->gu, g->act, c->n_ff, ne);
+        matmul_on(st, &D->down, g->act, c->n_ff, n, g->x, c->n_embd, 1);
+    }
+    if (n_out) {
+        k_rmsnorm<<<n_out, 256, 0, st>>>(g->x, d->out_rows, g->output_norm, g->xh, c->n_embd, c->rms_eps);
+        matmul_on(st, &g->output, g->xh, c->n_embd, n_out, g->logits, c->n_vocab, 0);
+    }
 }
 
 extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *logits_out, char *err,
@@ -537,80 +980,72 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
     const int n = b->n;
     if (n <= 0 || n > g->max_tokens) { snprintf(err, errlen, "cuda: batch of %d tokens (max %d)", n, g->max_tokens); return -1; }
     if (kv->n_blocks > g->n_blocks) { snprintf(err, errlen, "cuda: KV pool mismatch"); return -1; }
-    const int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
-    /* host side: token ids, positions, RoPE angles (as the CPU computes them), block tables */
-    int nbt = 0, n_out = 0;
+    const int G = c->n_head / c->n_head_kv, qt = FA_ROWS / G;
+    stage_ptrs h = stage_at(g->h_stage, n, c->rope_dim), d = stage_at(g->d_stage, n, c->rope_dim);
+    const int bt_room = (int)((g->stage_bytes - (size_t)((char *)h.bt - (char *)g->h_stage)) / sizeof(int));
+    /* host side: token ids, positions, RoPE angles (as the CPU computes them), block tables,
+     * attention tiles (runs of one sequence's tokens, qt at most) */
+    int nbt = 0, n_out = 0, n_tiles = 0;
     const int half_ = c->rope_dim / 2;
     const float theta_scale = powf(c->rope_base, -2.0f / (float)c->rope_dim);
     for (int t = 0; t < n; t++) {
         const kv_seq *s = b->seqs[t];
         if (b->tokens[t] < 0 || b->tokens[t] >= c->n_vocab || b->pos[t] < 0 || b->pos[t] >= g->max_ctx ||
-            b->pos[t] / 16 >= s->n_blocks) {
+            b->pos[t] / 16 >= s->n_blocks || (t > 0 && b->seqs[t - 1] == s && b->pos[t] != b->pos[t - 1] + 1)) {
             snprintf(err, errlen, "cuda: bad batch entry %d (token %d, position %d)", t, b->tokens[t], b->pos[t]);
             return -1;
         }
-        g->h_tok[t] = b->tokens[t];
-        g->h_pos[t] = b->pos[t];
-        g->h_slot_block[t] = s->blocks[b->pos[t] / 16];
+        h.tok[t] = b->tokens[t];
+        h.pos[t] = b->pos[t];
+        h.slot_block[t] = s->blocks[b->pos[t] / 16];
         /* one copy of each sequence's table (tokens of a sequence are contiguous in a batch) */
-        if (t > 0 && b->seqs[t - 1] == s) g->h_bt_off[t] = g->h_bt_off[t - 1];
-        else {
-            const int need = b->pos[t] / 16 + 1;
+        if (t > 0 && b->seqs[t - 1] == s) {
+            h.bt_off[t] = h.bt_off[t - 1];
+            if (h.tiles[n_tiles - 1].y < qt && h.tiles[n_tiles - 1].x + h.tiles[n_tiles - 1].y == t) h.tiles[n_tiles - 1].y++;
+            else h.tiles[n_tiles++] = make_int2(t, 1);
+        } else {
             int last = t;
             while (last + 1 < n && b->seqs[last + 1] == s) last++;
-            const int need_all = b->pos[last] / 16 + 1 > need ? b->pos[last] / 16 + 1 : need;
-            if (nbt + need_all > g->bt_cap) { snprintf(err, errlen, "cuda: block tables exceed the scratch"); return -1; }
-            g->h_bt_off[t] = nbt;
-            memcpy(g->h_bt + nbt, s->blocks, (size_t)need_all * sizeof(int));
-            nbt += need_all;
+            const int need = b->pos[last] / 16 + 1;
+            if (nbt + need > bt_room) { snprintf(err, errlen, "cuda: block tables exceed the scratch"); return -1; }
+            h.bt_off[t] = nbt;
+            memcpy(h.bt + nbt, s->blocks, (size_t)need * sizeof(int));
+            nbt += need;
+            h.tiles[n_tiles++] = make_int2(t, 1);
         }
         float theta = (float)b->pos[t];
-        float *r = g->h_rope + (size_t)t * c->rope_dim;
+        float *r = h.rope + (size_t)t * c->rope_dim;
         for (int i = 0; i < half_; i++) {
             r[2 * i] = cosf(theta);
             r[2 * i + 1] = sinf(theta);
             theta *= theta_scale;
         }
-        if (b->want_logits && b->want_logits[t]) g->h_out_rows[n_out++] = t;
+        if (b->want_logits && b->want_logits[t]) h.out_rows[n_out++] = t;
     }
     cudaStream_t st = g->st;
-#define UP(d, h, bytes) CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, st), "upload")
-    UP(g->tok, g->h_tok, n * sizeof(int));
-    UP(g->pos, g->h_pos, n * sizeof(int));
-    UP(g->slot_block, g->h_slot_block, n * sizeof(int));
-    UP(g->bt_off, g->h_bt_off, n * sizeof(int));
-    UP(g->bt, g->h_bt, nbt * sizeof(int));
-    UP(g->rope, g->h_rope, (size_t)n * c->rope_dim * sizeof(float));
-    if (n_out) UP(g->out_rows, g->h_out_rows, n_out * sizeof(int));
-#undef UP
+    CK(cudaMemcpyAsync(g->d_stage, g->h_stage, (size_t)((char *)(h.bt + nbt) - (char *)g->h_stage), cudaMemcpyHostToDevice, st),
+       "upload");
     {
-        k_embed<<<n, 256, 0, st>>>(g->tok_embd.w, g->tok, g->x, c->n_embd);
-        const float scale = 1.0f / sqrtf((float)c->head_dim);
-        const int heads_per_block = 4;
-        for (int l = 0; l < c->n_layer; l++) {
-            const dlayer *D = &g->layers[l];
-            k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->attn_norm, g->xh, c->n_embd, c->rms_eps);
-            matmul(g, &D->wq, g->xh, c->n_embd, n, g->q, q_dim, 0);
-            matmul(g, &D->wk, g->xh, c->n_embd, n, g->k, kv_dim, 0);
-            matmul(g, &D->wv, g->xh, c->n_embd, n, g->v, kv_dim, 0);
-            k_rope_kv<<<n, 256, 8 * c->head_dim * sizeof(float), st>>>(
-                g->q, g->k, g->v, g->rope, D->q_norm, D->k_norm, g->kv, g->slot_block, g->pos, c->n_head, c->n_head_kv,
-                c->head_dim, c->rope_dim, c->rope_neox, c->rms_eps, g->block_elems, l);
-            dim3 ag(n, (c->n_head + heads_per_block - 1) / heads_per_block);
-            k_attention<<<ag, 32 * heads_per_block, heads_per_block * c->head_dim * sizeof(float), st>>>(
-                g->q, g->kv, g->bt, g->bt_off, g->pos, g->att, c->n_head, c->n_head_kv, c->head_dim, g->block_elems, l, scale);
-            matmul(g, &D->wo, g->att, q_dim, n, g->x, c->n_embd, 1);
-            k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->ffn_norm, g->xh, c->n_embd, c->rms_eps);
-            matmul(g, &D->gate, g->xh, c->n_embd, n, g->gate, c->n_ff, 0);
-            matmul(g, &D->up, g->xh, c->n_embd, n, g->up, c->n_ff, 0);
-            size_t ne = (size_t)n * c->n_ff;
-            k_swiglu<<<(unsigned)((ne + 255) / 256 < 4096 ? (ne + 255) / 256 : 4096), 256, 0, st>>>(g->gate, g->up, g->act, ne);
-            matmul(g, &D->down, g->act, c->n_ff, n, g->x, c->n_embd, 1);
+        /* decode steps (one token per sequence, every one wanting logits) replay a graph per n */
+        const bool decode = g->use_graphs && n_tiles == n && n_out == n && n <= 256;
+        cudaGraphExec_t exec = NULL;
+        if (decode) {
+            for (int i = 0; i < g->n_graphs; i++)
+                if (g->graphs[i].n == n) exec = g->graphs[i].exec;
+            if (!exec && g->n_graphs < (int)(sizeof g->graphs / sizeof *g->graphs)) {
+                cudaGraph_t graph;
+                CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "graph capture");
+                forward_kernels(g, &d, n, n_tiles, n_out);
+                CK(cudaStreamEndCapture(st, &graph), "graph capture");
+                cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+                cudaGraphDestroy(graph);
+                CK(e, "graph instantiate");
+                g->graphs[g->n_graphs].n = n;
+                g->graphs[g->n_graphs++].exec = exec;
+            }
         }
-        if (n_out) {
-            k_rmsnorm<<<n_out, 256, 0, st>>>(g->x, g->out_rows, g->output_norm, g->xh, c->n_embd, c->rms_eps);
-            matmul(g, &g->output, g->xh, c->n_embd, n_out, g->logits, c->n_vocab, 0);
-        }
+        if (exec) CK(cudaGraphLaunch(exec, st), "graph launch");
+        else forward_kernels(g, &d, n, n_tiles, n_out);
         CK(cudaGetLastError(), "kernel launch");
         if (n_out)
             CK(cudaMemcpyAsync(logits_out, g->logits, (size_t)n_out * c->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, st),
@@ -634,6 +1069,7 @@ extern "C" int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols
     char why[160];
     if (!hx) { snprintf(err, errlen, "out of memory"); return -1; }
     if (!gpu_available(why, sizeof why)) { snprintf(err, errlen, "cuda: %s", why); free(hx); return -1; }
+    CK(kernels_setup(), "kernel attributes");
     CK(cudaStreamCreate(&g.st), "stream");
     if (upload_mat(&g, &d, type, w, rows, cols, err, errlen)) goto fail;
     for (size_t i = 0; i < (size_t)n * cols; i++) hx[i] = f32_to_f16_bits(x[i]);
@@ -645,7 +1081,7 @@ extern "C" int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols
         CK(cudaMemcpy(db, bias, (size_t)rows * sizeof(float), cudaMemcpyHostToDevice), "bias upload");
         d.bias = db;
     }
-    matmul(&g, &d, dx, cols, n, dy, rows, 0);
+    matmul_on(g.st, &d, dx, cols, n, dy, rows, 0);
     CK(cudaGetLastError(), "matmul launch");
     CK(cudaStreamSynchronize(g.st), "matmul");
     CK(cudaMemcpy(y, dy, (size_t)n * rows * sizeof(float), cudaMemcpyDeviceToHost), "y download");
@@ -655,5 +1091,45 @@ fail:
     free(g.allocs);
     if (g.st) cudaStreamDestroy(g.st);
     free(hx);
+    return rc;
+}
+
+/* For bench/gpu_gemm: times the backend's matmul on random fp16 operands (M x K weights, N
+ * tokens): median ms of reps launches. */
+extern "C" int gpu_bench_matmul(int M, int K, int N, int reps, double *ms_out, char *err, size_t errlen) {
+    gpu_backend g;
+    memset(&g, 0, sizeof g);
+    dmat d = { NULL, NULL, M, K };
+    __half *dx = NULL;
+    float *dy = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    int rc = -1;
+    double best = 1e30;
+    CK(kernels_setup(), "kernel attributes");
+    CK(cudaStreamCreate(&g.st), "stream");
+    CK(dalloc(&g, (void **)&d.w, (size_t)M * K * sizeof(__half), NULL), "w");
+    CK(dalloc(&g, (void **)&dx, (size_t)N * K * sizeof(__half), NULL), "x");
+    CK(dalloc(&g, (void **)&dy, (size_t)N * M * sizeof(float), NULL), "y");
+    CK(cudaMemset(d.w, 0x33, (size_t)M * K * sizeof(__half)), "w");
+    CK(cudaMemset(dx, 0x31, (size_t)N * K * sizeof(__half)), "x");
+    CK(cudaEventCreate(&e0), "event");
+    CK(cudaEventCreate(&e1), "event");
+    for (int r = 0; r < reps + 1; r++) {
+        float ms;
+        CK(cudaEventRecord(e0, g.st), "event");
+        matmul_on(g.st, &d, dx, K, N, dy, M, 0);
+        CK(cudaEventRecord(e1, g.st), "event");
+        CK(cudaEventSynchronize(e1), "matmul");
+        CK(cudaEventElapsedTime(&ms, e0, e1), "event");
+        if (r > 0 && ms < best) best = ms;
+    }
+    *ms_out = best;
+    rc = 0;
+fail:
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    for (int i = 0; i < g.n_allocs; i++) cudaFree(g.allocs[i]);
+    free(g.allocs);
+    if (g.st) cudaStreamDestroy(g.st);
     return rc;
 }

@@ -82,7 +82,7 @@ MATMUL_CASES = [(t, rows, cols) for t in ("F32", "F16", "BF16", "Q4_0", "Q4_1", 
 
 
 @pytest.mark.parametrize("qtype,rows,cols", MATMUL_CASES)
-@pytest.mark.parametrize("n", [1, 67])
+@pytest.mark.parametrize("n", [1, 67, 300])
 def test_matmul_every_type(tmp_path, qtype, rows, cols, n):
     rng = np.random.default_rng(rows * 1000 + cols)
     w = tmp_path / "w.bin"
@@ -92,6 +92,26 @@ def test_matmul_every_type(tmp_path, qtype, rows, cols, n):
     assert r["max_ref"] > 0
     assert r["rel_err"] < 1e-5, r
     assert r["batch_invariant"], r
+
+
+SHAPES = ["large", "wide", "s8", "s32", "s64", "any"]
+
+
+@pytest.mark.parametrize("rows,cols,n", [(130, 576, 67), (77, 96, 5), (300, 1024, 40), (64, 4104, 130)])
+def test_matmul_shapes_give_the_same_bits(tmp_path, rows, cols, n):
+    """Every tile shape the backend may pick for a batch (and the fallback kernel) gives the same
+    bits: batch invariance does not rest on one shape being used for every batch size."""
+    rng = np.random.default_rng(rows + cols + n)
+    w = tmp_path / "w.bin"
+    w.write_bytes(raw_weights("F16", rows, cols, rng))
+    bits = {}
+    for shape in SHAPES:
+        r = json.loads(run([TOOL, "gpu-matmul", "F16", str(rows), str(cols), str(n), str(w)],
+                           env_extra={"PCACHE_MM": shape}))
+        assert r["rel_err"] < 1e-5 and r["batch_invariant"], (shape, r)
+        bits[shape] = r["bits"]
+    print(rows, cols, n, bits)
+    assert len(set(bits.values())) == 1, bits
 
 
 # ------------------------------------------------------------------------------ whole models
