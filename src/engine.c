@@ -69,6 +69,8 @@ struct engine {
     threadpool *tp;
     model_ctx *mctx;         /* CPU backend */
     gpu_backend *gpu;        /* CUDA backend, or NULL */
+    long prof_steps;         /* steps that ran a batch, and their time (PCACHE_PROFILE prints it) */
+    double prof_step_s, prof_fwd_s;
     int n_ctx;
     seq **seqs;              /* queued and active, in submission order */
     int n_seqs, cap_seqs;
@@ -142,7 +144,9 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     e->b_seq = calloc((size_t)max_tokens, sizeof(kv_seq *));
     e->b_logits = calloc((size_t)max_tokens, sizeof(bool));
     e->b_owner = calloc((size_t)max_tokens, sizeof(seq *));
-    e->logits = malloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float));
+    /* on the GPU, page-locked: the logits come down every step */
+    e->logits = e->gpu ? gpu_host_alloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float))
+                       : malloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float));
     e->cand = malloc((size_t)c->n_vocab * sizeof(sample_cand));
     e->lp_id = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(int32_t));
     e->lp_val = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(float));
@@ -179,9 +183,15 @@ void engine_free(engine *e) {
     kv_pool_free(&e->kv);
     if (e->tp) tp_free(e->tp);
     model_ctx_free(e->mctx);
+    if (e->gpu) gpu_host_free(e->logits);
+    else free(e->logits);
+    if (e->prof_steps && getenv("PCACHE_PROFILE"))
+        fprintf(stderr, "engine: %ld steps, %.3f ms a step, of which forward %.3f ms, sampling and the rest %.3f ms\n",
+                e->prof_steps, 1e3 * e->prof_step_s / e->prof_steps, 1e3 * e->prof_fwd_s / e->prof_steps,
+                1e3 * (e->prof_step_s - e->prof_fwd_s) / e->prof_steps);
     gpu_free(e->gpu);
     free(e->b_tok); free(e->b_pos); free(e->b_seq); free(e->b_logits); free(e->b_owner);
-    free(e->logits); free(e->cand); free(e->lp_id); free(e->lp_val);
+    free(e->cand); free(e->lp_id); free(e->lp_val);
     tokenizer_free(e->tok);
     model_free(e->m);
     free(e);
@@ -521,7 +531,7 @@ static void compact(engine *e) {
 }
 
 int engine_step(engine *e) {
-    double now = now_s(e);
+    double now = now_s(e), t_step = now;
     if (now - e->last_expire > 1.0) {
         prefix_expire(e->px, now);
         e->last_expire = now;
@@ -587,8 +597,10 @@ int engine_step(engine *e) {
     }
     model_batch b = { .n = n, .tokens = e->b_tok, .pos = e->b_pos, .seqs = e->b_seq, .want_logits = e->b_logits };
     char err[256];
+    double t_fwd = now_s(e);
     int frc = e->gpu ? gpu_forward(e->gpu, &e->kv, &b, e->logits, err, sizeof err)
                      : model_forward(e->m, e->mctx, e->tp, &e->kv, &b, e->logits, err, sizeof err);
+    e->prof_fwd_s += now_s(e) - t_fwd;
     if (frc != 0) {
         for (int i = 0; i < n; i++)
             if (e->b_owner[i]->phase != SEQ_DONE) finish(e, e->b_owner[i], FINISH_ERROR, err);
@@ -615,6 +627,8 @@ int engine_step(engine *e) {
         i = j;
     }
     compact(e);
+    e->prof_steps++;
+    e->prof_step_s += now_s(e) - t_step;
     return e->n_seqs;
 }
 

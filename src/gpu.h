@@ -39,6 +39,10 @@ int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *
 /* kv_pool's copy-on-write hook: copies block src's first n_slots slots (every layer, K and V). */
 void gpu_copy_block(void *g, int32_t dst, int32_t src, int n_slots);
 
+/* Page-locked host memory (faster copies from the device); plain malloc without the backend. */
+void *gpu_host_alloc(size_t bytes);
+void gpu_host_free(void *p);
+
 typedef struct gpu_mem {
     size_t weights, kv, scratch;   /* bytes this backend holds, by use */
     size_t free, total;            /* cudaMemGetInfo after creation */

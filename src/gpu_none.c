@@ -2,6 +2,7 @@
  * nvcc): every entry point reports that, and the engine runs on the CPU. */
 #include "gpu.h"
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char *why_not = "pcache was built without the CUDA backend (no nvcc, or make CUDA=0)";
@@ -43,3 +44,6 @@ int gpu_bench_matmul(int M, int K, int N, int reps, double *ms, char *err, size_
     snprintf(err, errlen, "%s", why_not);
     return -1;
 }
+
+void *gpu_host_alloc(size_t bytes) { return malloc(bytes); }
+void gpu_host_free(void *p) { free(p); }

@@ -137,10 +137,19 @@ float sample_logprobs(const float *logits, int n_vocab, int32_t chosen, int n_to
 int32_t sample_pick(const float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
                     sample_cand *c) {
     if (sp->temperature <= 0 || sp->top_k == 1) {
-        int32_t best = 0;
-        for (int i = 1; i < n_vocab; i++)
-            if (logits[i] > logits[best]) best = i;
-        return best;
+        /* the first index of the largest logit: the maximum in eight lanes (vectorizes), then
+         * its first position; the same answer as a scan with a strict > */
+        float m8[8];
+        int i = 0;
+        for (int k = 0; k < 8; k++) m8[k] = -INFINITY;
+        for (; i + 8 <= n_vocab; i += 8)
+            for (int k = 0; k < 8; k++) m8[k] = logits[i + k] > m8[k] ? logits[i + k] : m8[k];
+        float mx = -INFINITY;
+        for (int k = 0; k < 8; k++) mx = m8[k] > mx ? m8[k] : mx;
+        for (; i < n_vocab; i++) mx = logits[i] > mx ? logits[i] : mx;
+        for (i = 0; i < n_vocab; i++)
+            if (logits[i] == mx) return i;
+        return 0;   /* all NaN */
     }
     int n = n_vocab;
     for (int i = 0; i < n; i++) { c[i].logit = logits[i]; c[i].id = i; }

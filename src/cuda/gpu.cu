@@ -691,8 +691,8 @@ template <int BM, int BN, int BK, int WM, int WN, int ST> static cudaError_t mm_
 /* The tile shapes (any may take any batch: they give the same bits, see k_mm). */
 #define MM_LARGE 128, 128, 32, 2, 4, 4
 #define MM_WIDE 64, 128, 32, 2, 4, 4
-#define MM_S8 32, 8, 128, 2, 1, 5
-#define MM_S32 32, 32, 128, 2, 1, 5
+#define MM_S8 32, 8, 128, 2, 1, 8
+#define MM_S32 32, 32, 128, 2, 1, 6
 #define MM_S64 32, 64, 128, 2, 1, 4
 
 static int g_n_sms;
@@ -900,6 +900,21 @@ extern "C" void gpu_copy_block(void *ctx, int32_t dst, int32_t src, int n_slots)
     gpu_backend *g = (gpu_backend *)ctx;
     (void)n_slots;   /* the whole block: copying the unused slots too costs nothing that matters */
     k_copy_block<<<64, 256, 0, g->st>>>(g->kv, g->block_elems, dst, src);
+}
+
+extern "C" void *gpu_host_alloc(size_t bytes) {
+    void *p = NULL;
+    if (cudaMallocHost(&p, bytes) != cudaSuccess) return malloc(bytes);   /* pinned is an optimisation */
+    return p;
+}
+extern "C" void gpu_host_free(void *p) {
+    if (!p) return;
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) == cudaSuccess && a.type == cudaMemoryTypeHost) cudaFreeHost(p);
+    else {
+        cudaGetLastError();
+        free(p);
+    }
 }
 
 extern "C" void gpu_get_mem(const gpu_backend *g, gpu_mem *o) {
