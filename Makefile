@@ -37,7 +37,7 @@ TEST_SRC := $(wildcard tests/c/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null)
 
-.PHONY: all deps model test test-c test-py test-gpu bench-gpu run serve bench soak fuzz clean distclean asan
+.PHONY: all deps model test test-c test-py test-gpu test-gpu-server bench-gpu run serve bench soak fuzz clean distclean asan
 all: $(BUILD)/pcache $(BUILD)/pcache-tool
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h)
@@ -135,7 +135,11 @@ $(BUILD)/tests/gpu_engine_check: tests/gpu/gpu_engine_check.c $(BUILD)/libpcache
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libpcache.a $(LDLIBS)
 test-gpu: all $(BUILD)/tests/gpu_engine_check
-	PCACHE_BUILD=$(BUILD) python3 -m pytest -q tests/gpu
+	PCACHE_BUILD=$(BUILD) PCACHE_MODEL=$(MODEL) python3 -m pytest -q tests/gpu
+# The server suite with the engine on the GPU (needs the model and the clients: README: GPU).
+test-gpu-server: all
+	PCACHE_BUILD=$(BUILD) PCACHE_MODEL=$(MODEL) PCACHE_SERVE_ARGS="--device cuda" PCACHE_DEVICE=cuda \
+	  python3 -m pytest -q tests/py/test_server.py tests/py/test_server_load.py
 
 # What batch invariance costs: the backend's matmul against cuBLAS (bench only; links cuBLAS).
 $(BUILD)/gpu_gemm: bench/gpu_gemm.cu $(BUILD)/libpcache.a

@@ -18,6 +18,10 @@ prepare)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$here/.gpu/whl" \
     gguf==0.17.1 pytest iniconfig pluggy packaging pyyaml tqdm
+  # the server suite's clients (make test-gpu-server), with their dependencies
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$here/.gpu/whl" \
+    requests openai anthropic
   du -sh "$here/.gpu" ;;
 setup)
   root="$here/.gpu/root"

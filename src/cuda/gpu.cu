@@ -163,6 +163,122 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mm(const __half *__restrict__ W
             }
 }
 
+__device__ __forceinline__ void cp_async8(void *smem, const void *gmem, bool pred) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 8 : 0));
+}
+
+/* k_mm for Q4_0 weights read as stored (4.5 bits a weight instead of 16: decode reads 3.5x
+ * fewer bytes). W is split at upload into nibbles Q[M][K/2] (each 32-weight block's 16 bytes as
+ * in the file) and scales D[M][ldd] (fp16). A tile's nibbles and scales arrive by cp.async; each
+ * thread rebuilds the fp16 weights of its MMA fragments as d * (q - 8) rounded to fp16, which is
+ * exactly the value the fp16 copy holds (the CPU's dequantizer rounded to fp16), and the MMAs
+ * run in k_mm's order. So this kernel and k_mm give the same bits; the host picks either. */
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+__global__ void __launch_bounds__(WM *WN * 32) k_mmq4(const uint8_t *__restrict__ Q, const __half *__restrict__ D, int ldd,
+                                                      const __half *__restrict__ X, float *__restrict__ Y, int M, int N,
+                                                      int K, int ldx, int ldy, const float *__restrict__ bias,
+                                                      int accumulate) {
+    constexpr int NTH = WM * WN * 32, LDX = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
+    constexpr int QB = BK / 2 + 16;          /* nibble bytes per staged row (+16: spreads banks) */
+    constexpr int DB = BK / 32;              /* scales per staged row */
+    constexpr int CPQ = BK / 32, CPX = BK / 8;
+    static_assert(BK % 32 == 0 && DB % 4 == 0 && FM >= 1 && FN >= 1, "tile shape");
+    extern __shared__ __align__(16) unsigned char mm_smem[];
+    uint8_t *Qs = mm_smem;                                           /* ST x BM x QB */
+    __half *Ds = (__half *)(Qs + ST * BM * QB);                      /* ST x BM x DB */
+    __half *Bs = Ds + ST * BM * DB;                                  /* ST x BN x LDX */
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp / WN) * TM, wn = (warp % WN) * TN;
+    float acc[FM][FN][4];
+#pragma unroll
+    for (int i = 0; i < FM; i++)
+#pragma unroll
+        for (int j = 0; j < FN; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+    const int KT = (K + BK - 1) / BK;
+    auto load = [&](int slot, int kt) {
+        const int k0 = kt * BK;
+        uint8_t *qs = Qs + slot * BM * QB;
+        __half *ds = Ds + slot * BM * DB, *bs = Bs + slot * BN * LDX;
+        for (int i = tid; i < BM * CPQ; i += NTH) {   /* a 16-byte chunk = one block's nibbles */
+            const int r = i / CPQ, c = i % CPQ, gm = m0 + r, gk = k0 + 32 * c;
+            const bool ok = gm < M && gk < K;
+            cp_async16(qs + r * QB + 16 * c, ok ? Q + (size_t)gm * (K / 2) + gk / 2 : Q, ok);
+        }
+        for (int i = tid; i < BM * (DB / 4); i += NTH) {   /* 8 bytes = 4 scales */
+            const int r = i / (DB / 4), c = (i % (DB / 4)) * 4, gm = m0 + r, gb = k0 / 32 + c;
+            const bool ok = gm < M && gb < ldd;
+            cp_async8(ds + r * DB + c, ok ? D + (size_t)gm * ldd + gb : D, ok);
+        }
+        for (int i = tid; i < BN * CPX; i += NTH) {
+            const int r = i / CPX, c = (i % CPX) * 8, gn = n0 + r, gk = k0 + c;
+            const bool ok = gn < N && gk < K;
+            cp_async16(bs + r * LDX + c, ok ? X + (size_t)gn * ldx + gk : X, ok);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (s < KT) load(s, s);
+        cp_commit();
+    }
+    const int c2 = 2 * (lane & 3);
+    for (int kt = 0; kt < KT; kt++) {
+        cp_wait<ST - 2>();
+        __syncthreads();
+        if (kt + ST - 1 < KT) load((kt + ST - 1) % ST, kt + ST - 1);
+        cp_commit();
+        const uint8_t *qs = Qs + (kt % ST) * BM * QB;
+        const __half *ds = Ds + (kt % ST) * BM * DB, *bs = Bs + (kt % ST) * BN * LDX;
+        const bool tail = kt * BK + BK > K;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            const int blk = kk / 32, shift = (kk & 16) ? 4 : 0;
+            unsigned a[FM][4], b[FN][2];
+#pragma unroll
+            for (int i = 0; i < FM; i++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {   /* rows lane/4 and lane/4 + 8 */
+                    const int r = wm + 16 * i + (lane >> 2) + 8 * h;
+                    const float d = __half2float(ds[r * DB + blk]);
+                    const uint8_t *q = qs + r * QB + 16 * blk + c2;
+                    __half v[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int qv = (q[(e & 1) + (e >> 1) * 8] >> shift) & 15;
+                        v[e] = __float2half_rn((float)(qv - 8) * d);
+                    }
+                    __half2 lo = __halves2half2(v[0], v[1]), hi = __halves2half2(v[2], v[3]);
+                    a[i][h] = *(unsigned *)&lo;
+                    a[i][2 + h] = *(unsigned *)&hi;
+                }
+                if (tail && kt * BK + kk >= K) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0;   /* past K: zeros */
+            }
+#pragma unroll
+            for (int j = 0; j < FN; j++) ldsm_x2(b[j], bs + (wn + 8 * j + (lane & 7)) * LDX + kk + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int i = 0; i < FM; i++)
+#pragma unroll
+                for (int j = 0; j < FN; j++) mma16816(acc[i][j], a[i], b[j]);
+        }
+    }
+    cp_wait<0>();
+#pragma unroll
+    for (int i = 0; i < FM; i++)
+#pragma unroll
+        for (int j = 0; j < FN; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int gm = m0 + wm + 16 * i + (lane >> 2) + (e >> 1) * 8;
+                const int gn = n0 + wn + 8 * j + 2 * (lane & 3) + (e & 1);
+                if (gm >= M || gn >= N) continue;
+                float v = acc[i][j][e];
+                if (bias) v += bias[gm];
+                float *y = Y + (size_t)gn * ldy + gm;
+                *y = accumulate ? *y + v : v;
+            }
+}
+
 /* The fallback for matrices whose rows are not 16-byte aligned (K % 8 != 0; no real model):
  * 64x64 tiles through wmma with elementwise staging. Chosen per matrix, never per batch. */
 #define MM_BM 64
@@ -541,7 +657,14 @@ __global__ void k_copy_block(__half *kv, size_t block_elems, int dst, int src) {
 }
 
 /* ------------------------------------------------------------------------------ host side */
-typedef struct { __half *w; const float *bias; int rows, cols; } dmat;
+typedef struct {
+    __half *w;                /* fp16 [rows][cols] */
+    const float *bias;
+    int rows, cols;
+    uint8_t *q4;              /* Q4_0 weights also kept as stored (k_mmq4): nibbles [rows][cols/2], */
+    __half *q4d;              /* scales [rows][q4ldd]; NULL for other types */
+    int q4ldd;
+} dmat;
 typedef struct {
     float *attn_norm, *ffn_norm, *bqkv, *q_norm, *k_norm;
     dmat wqkv, wo, gu, down;   /* q|k|v and gate|up stacked: one matmul each */
@@ -617,9 +740,9 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
     uint16_t *buf = (uint16_t *)malloc(chunk_rows * (size_t)cols * sizeof(uint16_t));
     int rows = 0;
     for (int p = 0; p < n_parts; p++) rows += rows_of[p];
+    memset(d, 0, sizeof *d);
     d->rows = rows;
     d->cols = cols;
-    d->bias = NULL;
     size_t done = 0;
     if (!row || !buf) { free(row); free(buf); snprintf(err, errlen, "cuda: out of host memory"); return -1; }
     CK(dalloc(g, (void **)&d->w, (size_t)rows * cols * sizeof(__half), &g->mem_weights), "weights");
@@ -637,6 +760,35 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
     }
     free(row);
     free(buf);
+    row = NULL;
+    buf = NULL;
+    {   /* Q4_0 throughout: keep the blocks too, for decode (k_mmq4) */
+        bool all_q4 = cols % 32 == 0;
+        for (int p = 0; p < n_parts; p++) all_q4 = all_q4 && types[p] == GGML_TYPE_Q4_0;
+        if (all_q4 && !getenv("PCACHE_NO_Q4")) {
+            const int nb = cols / 32, ldd = (nb + 3) / 4 * 4;
+            uint8_t *hq = (uint8_t *)malloc((size_t)rows * cols / 2);
+            uint16_t *hd = (uint16_t *)calloc((size_t)rows * ldd, 2);
+            if (!hq || !hd) { free(hq); free(hd); snprintf(err, errlen, "cuda: out of host memory"); return -1; }
+            size_t r = 0;
+            for (int p = 0; p < n_parts; p++)
+                for (int pr = 0; pr < rows_of[p]; pr++, r++) {
+                    const uint8_t *src = (const uint8_t *)datas[p] + (size_t)pr * (nb * 18);
+                    for (int bi = 0; bi < nb; bi++) {
+                        memcpy(&hd[r * ldd + bi], src + 18 * bi, 2);
+                        memcpy(&hq[r * (cols / 2) + 16 * bi], src + 18 * bi + 2, 16);
+                    }
+                }
+            d->q4ldd = ldd;
+            cudaError_t e1 = dalloc(g, (void **)&d->q4, (size_t)rows * cols / 2, &g->mem_weights);
+            cudaError_t e2 = e1 ? e1 : dalloc(g, (void **)&d->q4d, (size_t)rows * ldd * 2, &g->mem_weights);
+            if (!e2) e2 = cudaMemcpy(d->q4, hq, (size_t)rows * cols / 2, cudaMemcpyHostToDevice);
+            if (!e2) e2 = cudaMemcpy(d->q4d, hd, (size_t)rows * ldd * 2, cudaMemcpyHostToDevice);
+            free(hq);
+            free(hd);
+            if (e2) { snprintf(err, errlen, "cuda: Q4_0 blocks: %s", cudaGetErrorString(e2)); return -1; }
+        }
+    }
     return 0;
 fail:
     free(row);
@@ -688,6 +840,22 @@ template <int BM, int BN, int BK, int WM, int WN, int ST> static cudaError_t mm_
     constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
     return cudaFuncSetAttribute(k_mm<BM, BN, BK, WM, WN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 }
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+static constexpr size_t mmq4_smem() { return (size_t)ST * (BM * (BK / 2 + 16) + BM * (BK / 32) * 2 + BN * (BK + 8) * 2); }
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+static void mmq4_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
+    dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN);
+    k_mmq4<BM, BN, BK, WM, WN, ST><<<grid, WM * WN * 32, mmq4_smem<BM, BN, BK, WM, WN, ST>(), st>>>(
+        w->q4, w->q4d, w->q4ldd, x, y, w->rows, n, w->cols, ldx, ldy, w->bias, accumulate);
+}
+template <int BM, int BN, int BK, int WM, int WN, int ST> static cudaError_t mmq4_setup() {
+    return cudaFuncSetAttribute(k_mmq4<BM, BN, BK, WM, WN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)mmq4_smem<BM, BN, BK, WM, WN, ST>());
+}
+#define MMQ_S8 32, 8, 128, 2, 1, 8
+#define MMQ_S32 32, 32, 128, 2, 1, 6
+#define MMQ_S64 32, 64, 128, 2, 1, 4
+
 /* The tile shapes (any may take any batch: they give the same bits, see k_mm). */
 #define MM_LARGE 128, 128, 32, 2, 4, 4
 #define MM_WIDE 64, 128, 32, 2, 4, 4
@@ -713,7 +881,8 @@ static cudaError_t kernels_setup() {
     if (done) return cudaSuccess;
     cudaError_t e;
     if ((e = mm_setup<MM_LARGE>()) || (e = mm_setup<MM_WIDE>()) || (e = mm_setup<MM_S8>()) || (e = mm_setup<MM_S32>()) ||
-        (e = mm_setup<MM_S64>()))
+        (e = mm_setup<MM_S64>()) || (e = mmq4_setup<MMQ_S8>()) || (e = mmq4_setup<MMQ_S32>()) ||
+        (e = mmq4_setup<MMQ_S64>()))
         return e;
     (void)n_sms_init();
     if ((e = cudaFuncSetAttribute(k_flash<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (64 + 8) * 2)) ||
@@ -726,15 +895,15 @@ static cudaError_t kernels_setup() {
 
 
 /* y (+)= x . W^T (+ bias). The shape is picked from the batch size and the grid's fill; every
- * shape gives the same bits (k_mm). PCACHE_MM=any|large|wide|s8|s32|s64 forces one, for the tests
+ * shape gives the same bits (k_mm). PCACHE_MM=any|large|wide|s8|s32|s64|q8|q32|q64 forces one (q*: Q4_0 only), for the tests
  * that check exactly that and for A/B runs. */
 static int mm_forced(void) {
     static int f = -1;
     if (f < 0) {
         const char *v = getenv("PCACHE_MM");
-        const char *names[] = { "any", "large", "wide", "s8", "s32", "s64" };
+        const char *names[] = { "any", "large", "wide", "s8", "s32", "s64", "q8", "q32", "q64" };
         f = 0;
-        for (int i = 0; v && i < 6; i++)
+        for (int i = 0; v && i < 9; i++)
             if (!strcmp(v, names[i])) f = i + 1;
     }
     return f;
@@ -746,6 +915,8 @@ static void matmul_on(cudaStream_t st, const dmat *w, const __half *x, int ldx, 
         k_matmul_any<<<grid, 128, 0, st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias, accumulate);
         return;
     }
+    if (f >= 7 && !w->q4) f = 0;
+    if (!f && w->q4 && n <= 64) f = n <= 8 ? 7 : n <= 32 ? 8 : 9;   /* decode reads the blocks */
     if (!f) {
         if (n <= 8) f = 4;
         else if (n <= 32) f = 5;
@@ -757,6 +928,9 @@ static void matmul_on(cudaStream_t st, const dmat *w, const __half *x, int ldx, 
     case 3: mm_launch<MM_WIDE>(st, w, x, ldx, n, y, ldy, accumulate); break;
     case 4: mm_launch<MM_S8>(st, w, x, ldx, n, y, ldy, accumulate); break;
     case 5: mm_launch<MM_S32>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    case 7: mmq4_launch<MMQ_S8>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    case 8: mmq4_launch<MMQ_S32>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    case 9: mmq4_launch<MMQ_S64>(st, w, x, ldx, n, y, ldy, accumulate); break;
     default: mm_launch<MM_S64>(st, w, x, ldx, n, y, ldy, accumulate); break;
     }
 }

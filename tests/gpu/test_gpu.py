@@ -95,22 +95,26 @@ def test_matmul_every_type(tmp_path, qtype, rows, cols, n):
 
 
 SHAPES = ["large", "wide", "s8", "s32", "s64", "any"]
+Q4_SHAPES = ["q8", "q32", "q64"]   # Q4_0 blocks read as stored (decode)
 
 
-@pytest.mark.parametrize("rows,cols,n", [(130, 576, 67), (77, 96, 5), (300, 1024, 40), (64, 4104, 130)])
-def test_matmul_shapes_give_the_same_bits(tmp_path, rows, cols, n):
-    """Every tile shape the backend may pick for a batch (and the fallback kernel) gives the same
-    bits: batch invariance does not rest on one shape being used for every batch size."""
+@pytest.mark.parametrize("qtype,rows,cols,n", [("F16", 130, 576, 67), ("F16", 77, 96, 5), ("F16", 300, 1024, 40),
+                                               ("F16", 64, 4104, 130), ("Q4_0", 130, 576, 67), ("Q4_0", 77, 4096, 9),
+                                               ("Q4_0", 33, 96, 3)])
+def test_matmul_shapes_give_the_same_bits(tmp_path, qtype, rows, cols, n):
+    """Every kernel and tile shape the backend may pick for a batch (and the fallback kernel)
+    gives the same bits: batch invariance does not rest on one shape being used for every batch
+    size, and Q4_0 weights read as stored give what their fp16 copy gives."""
     rng = np.random.default_rng(rows + cols + n)
     w = tmp_path / "w.bin"
-    w.write_bytes(raw_weights("F16", rows, cols, rng))
+    w.write_bytes(raw_weights(qtype, rows, cols, rng))
     bits = {}
-    for shape in SHAPES:
-        r = json.loads(run([TOOL, "gpu-matmul", "F16", str(rows), str(cols), str(n), str(w)],
+    for shape in SHAPES + (Q4_SHAPES if qtype == "Q4_0" else []):
+        r = json.loads(run([TOOL, "gpu-matmul", qtype, str(rows), str(cols), str(n), str(w)],
                            env_extra={"PCACHE_MM": shape}))
         assert r["rel_err"] < 1e-5 and r["batch_invariant"], (shape, r)
         bits[shape] = r["bits"]
-    print(rows, cols, n, bits)
+    print(qtype, rows, cols, n, bits)
     assert len(set(bits.values())) == 1, bits
 
 

@@ -43,6 +43,7 @@ def launch(log_dir, extra_args=(), keys=KEYS, env_extra=None):
     log_path = os.path.join(str(log_dir), f"serve-{port}.log")
     args = [exe, "serve", "-m", MODEL, "--port", str(port), "--timeout", str(IDLE_TIMEOUT)]
     args += list(extra_args)
+    args += os.environ.get("PCACHE_SERVE_ARGS", "").split()   # e.g. "--device cuda" (make test-gpu-server)
     for k in keys:
         args += ["--api-key", k]
     env = dict(os.environ)

@@ -198,7 +198,9 @@ def sse_events(resp):
 
 def test_sigterm_drains_in_flight_requests(logdir):
     srv = launch(logdir, ["--kv-mem", "64M", "--drain-timeout", "60"], keys=[])
-    body = {"model": "default", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 48, "stream": True, **T0}
+    # still generating when SIGTERM lands: 48 tokens take seconds on the CPU, milliseconds on a GPU
+    n = 2000 if "cuda" in os.environ.get("PCACHE_SERVE_ARGS", "") else 48
+    body = {"model": "default", "prompt": "1, 2, 3, 4, 5,", "max_tokens": n, "stream": True, "ignore_eos": True, **T0}
     r = post(srv, "/v1/completions", body, stream=True)
     assert r.status_code == 200
     events = sse_events(r)
