@@ -88,11 +88,13 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
  * MMA's output element depends only on its own row and column. So an output's bits do not
  * depend on the tile shape, on where its row or token sits in the tile, or on how many tokens
  * are in the batch: the host picks the shape from the batch size freely. */
-template <int BM, int BN, int BK, int WM, int WN, int ST>
-__global__ void __launch_bounds__(WM *WN * 32) k_mm(const __half *__restrict__ W, const __half *__restrict__ X,
+template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
+__global__ void __launch_bounds__(WM *WN * 32 * XL) k_mm(const __half *__restrict__ W, const __half *__restrict__ X,
                                                     float *__restrict__ Y, int M, int N, int K, int ldx, int ldy,
                                                     const float *__restrict__ bias, int accumulate) {
-    constexpr int NTH = WM * WN * 32, LD = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
+    /* XL > 1: XL times as many warps load as compute (decode: a block's few compute warps cannot
+     * keep enough loads in flight on their own) */
+    constexpr int NTH = WM * WN * 32 * XL, LD = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
     constexpr int CPR = BK / 8;   /* 16-byte chunks per staged row */
     static_assert(FM >= 1 && FN >= 1 && TM % 16 == 0 && TN % 8 == 0 && BK % 16 == 0, "tile shape");
     extern __shared__ __align__(16) unsigned char mm_smem[];
@@ -133,6 +135,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mm(const __half *__restrict__ W
         if (kt + ST - 1 < KT) load((kt + ST - 1) % ST, kt + ST - 1);
         cp_commit();
         const __half *as = As + (kt % ST) * BM * LD, *bs = Bs + (kt % ST) * BN * LD;
+        if (XL > 1 && warp >= WM * WN) continue;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a[FM][4], b[FN][2];
@@ -147,6 +150,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mm(const __half *__restrict__ W
         }
     }
     cp_wait<0>();
+    if (XL > 1 && warp >= WM * WN) return;
 #pragma unroll
     for (int i = 0; i < FM; i++)
 #pragma unroll
@@ -174,12 +178,12 @@ __device__ __forceinline__ void cp_async8(void *smem, const void *gmem, bool pre
  * thread rebuilds the fp16 weights of its MMA fragments as d * (q - 8) rounded to fp16, which is
  * exactly the value the fp16 copy holds (the CPU's dequantizer rounded to fp16), and the MMAs
  * run in k_mm's order. So this kernel and k_mm give the same bits; the host picks either. */
-template <int BM, int BN, int BK, int WM, int WN, int ST>
-__global__ void __launch_bounds__(WM *WN * 32) k_mmq4(const uint8_t *__restrict__ Q, const __half *__restrict__ D, int ldd,
+template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
+__global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__restrict__ Q, const __half *__restrict__ D, int ldd,
                                                       const __half *__restrict__ X, float *__restrict__ Y, int M, int N,
                                                       int K, int ldx, int ldy, const float *__restrict__ bias,
                                                       int accumulate) {
-    constexpr int NTH = WM * WN * 32, LDX = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
+    constexpr int NTH = WM * WN * 32 * XL, LDX = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
     constexpr int QB = BK / 2 + 16;          /* nibble bytes per staged row (+16: spreads banks) */
     constexpr int DB = BK / 32;              /* scales per staged row */
     constexpr int CPQ = BK / 32, CPX = BK / 8;
@@ -231,38 +235,53 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq4(const uint8_t *__restrict_
         const uint8_t *qs = Qs + (kt % ST) * BM * QB;
         const __half *ds = Ds + (kt % ST) * BM * DB, *bs = Bs + (kt % ST) * BN * LDX;
         const bool tail = kt * BK + BK > K;
+        if (XL > 1 && warp >= WM * WN) continue;
 #pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            const int blk = kk / 32, shift = (kk & 16) ? 4 : 0;
-            unsigned a[FM][4], b[FN][2];
+        for (int blk = 0; blk < BK / 32; blk++) {   /* one 32-weight block: two k-steps of 16 */
+            unsigned a[2][FM][4], b[2][FN][2];
 #pragma unroll
             for (int i = 0; i < FM; i++) {
 #pragma unroll
                 for (int h = 0; h < 2; h++) {   /* rows lane/4 and lane/4 + 8 */
                     const int r = wm + 16 * i + (lane >> 2) + 8 * h;
-                    const float d = __half2float(ds[r * DB + blk]);
+                    const __half dh = ds[r * DB + blk];
+                    const __half2 d2 = __halves2half2(dh, dh);
                     const uint8_t *q = qs + r * QB + 16 * blk + c2;
-                    __half v[4];
+                    const unsigned w01 = *(const unsigned short *)q, w89 = *(const unsigned short *)(q + 8);
+                    /* nibble pairs into the two halves of 0x6400|n (= 1024 + n, exact), minus
+                     * 1032: q - 8 exactly; times d rounded once to fp16: what the CPU's
+                     * dequantizer gives rounded to fp16, since (q - 8) * d is exact in fp32 */
+                    const __half2 k1032 = __floats2half2_rn(1032.0f, 1032.0f);
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int qv = (q[(e & 1) + (e >> 1) * 8] >> shift) & 15;
-                        v[e] = __float2half_rn((float)(qv - 8) * d);
+                    for (int s = 0; s < 2; s++) {   /* low nibbles: k 0..15; high: 16..31 */
+                        const unsigned v01 = s ? w01 >> 4 : w01, v89 = s ? w89 >> 4 : w89;
+                        unsigned x01 = (v01 & 0xFu) | ((v01 & 0xF00u) << 8) | 0x64006400u;
+                        unsigned x89 = (v89 & 0xFu) | ((v89 & 0xF00u) << 8) | 0x64006400u;
+                        __half2 y01 = __hmul2(__hsub2(*(__half2 *)&x01, k1032), d2);
+                        __half2 y89 = __hmul2(__hsub2(*(__half2 *)&x89, k1032), d2);
+                        a[s][i][h] = *(unsigned *)&y01;
+                        a[s][i][2 + h] = *(unsigned *)&y89;
                     }
-                    __half2 lo = __halves2half2(v[0], v[1]), hi = __halves2half2(v[2], v[3]);
-                    a[i][h] = *(unsigned *)&lo;
-                    a[i][2 + h] = *(unsigned *)&hi;
                 }
-                if (tail && kt * BK + kk >= K) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0;   /* past K: zeros */
+#pragma unroll
+                for (int s = 0; s < 2; s++)
+                    if (tail && kt * BK + 32 * blk + 16 * s >= K) a[s][i][0] = a[s][i][1] = a[s][i][2] = a[s][i][3] = 0;
             }
 #pragma unroll
-            for (int j = 0; j < FN; j++) ldsm_x2(b[j], bs + (wn + 8 * j + (lane & 7)) * LDX + kk + ((lane >> 3) & 1) * 8);
+            for (int s = 0; s < 2; s++)
 #pragma unroll
-            for (int i = 0; i < FM; i++)
+                for (int j = 0; j < FN; j++)
+                    ldsm_x2(b[s][j], bs + (wn + 8 * j + (lane & 7)) * LDX + 32 * blk + 16 * s + ((lane >> 3) & 1) * 8);
 #pragma unroll
-                for (int j = 0; j < FN; j++) mma16816(acc[i][j], a[i], b[j]);
+            for (int s = 0; s < 2; s++)
+#pragma unroll
+                for (int i = 0; i < FM; i++)
+#pragma unroll
+                    for (int j = 0; j < FN; j++) mma16816(acc[i][j], a[s][i], b[s][j]);
         }
     }
     cp_wait<0>();
+    if (XL > 1 && warp >= WM * WN) return;
 #pragma unroll
     for (int i = 0; i < FM; i++)
 #pragma unroll
@@ -750,10 +769,13 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
         const size_t rb = ggml_row_size(types[p], cols);
         for (size_t r0 = 0; r0 < (size_t)rows_of[p]; r0 += chunk_rows) {
             size_t nr = rows_of[p] - r0 < chunk_rows ? rows_of[p] - r0 : chunk_rows;
-            for (size_t r = 0; r < nr; r++) {
-                dequantize_row(types[p], (const uint8_t *)datas[p] + (r0 + r) * rb, row, cols);
-                for (int c = 0; c < cols; c++) buf[r * cols + c] = f32_to_f16_bits(row[c]);
-            }
+            if (types[p] == GGML_TYPE_F16)   /* already fp16: the bytes as they are */
+                memcpy(buf, (const uint8_t *)datas[p] + r0 * rb, nr * rb);
+            else
+                for (size_t r = 0; r < nr; r++) {
+                    dequantize_row(types[p], (const uint8_t *)datas[p] + (r0 + r) * rb, row, cols);
+                    for (int c = 0; c < cols; c++) buf[r * cols + c] = f32_to_f16_bits(row[c]);
+                }
             CK(cudaMemcpy(d->w + done * cols, buf, nr * cols * sizeof(uint16_t), cudaMemcpyHostToDevice), "weights upload");
             done += nr;
         }
@@ -829,38 +851,38 @@ static int upload_model_mat(gpu_backend *g, dmat *d, const mat *m, char *err, si
 }
 
 /* ------------------------------------------------------------------------------ launches */
-template <int BM, int BN, int BK, int WM, int WN, int ST>
+template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
 static void mm_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
     constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
     dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN);
-    k_mm<BM, BN, BK, WM, WN, ST><<<grid, WM * WN * 32, smem, st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias,
+    k_mm<BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, smem, st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias,
                                                                    accumulate);
 }
-template <int BM, int BN, int BK, int WM, int WN, int ST> static cudaError_t mm_setup() {
+template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cudaError_t mm_setup() {
     constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
-    return cudaFuncSetAttribute(k_mm<BM, BN, BK, WM, WN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    return cudaFuncSetAttribute(k_mm<BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 }
-template <int BM, int BN, int BK, int WM, int WN, int ST>
+template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
 static constexpr size_t mmq4_smem() { return (size_t)ST * (BM * (BK / 2 + 16) + BM * (BK / 32) * 2 + BN * (BK + 8) * 2); }
-template <int BM, int BN, int BK, int WM, int WN, int ST>
+template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
 static void mmq4_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
     dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN);
-    k_mmq4<BM, BN, BK, WM, WN, ST><<<grid, WM * WN * 32, mmq4_smem<BM, BN, BK, WM, WN, ST>(), st>>>(
+    k_mmq4<BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, mmq4_smem<BM, BN, BK, WM, WN, ST>(), st>>>(
         w->q4, w->q4d, w->q4ldd, x, y, w->rows, n, w->cols, ldx, ldy, w->bias, accumulate);
 }
-template <int BM, int BN, int BK, int WM, int WN, int ST> static cudaError_t mmq4_setup() {
-    return cudaFuncSetAttribute(k_mmq4<BM, BN, BK, WM, WN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cudaError_t mmq4_setup() {
+    return cudaFuncSetAttribute(k_mmq4<BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)mmq4_smem<BM, BN, BK, WM, WN, ST>());
 }
-#define MMQ_S8 32, 8, 128, 2, 1, 8
-#define MMQ_S32 32, 32, 128, 2, 1, 6
+#define MMQ_S8 32, 8, 256, 2, 1, 6, 4
+#define MMQ_S32 32, 32, 128, 2, 1, 6, 2
 #define MMQ_S64 32, 64, 128, 2, 1, 4
 
 /* The tile shapes (any may take any batch: they give the same bits, see k_mm). */
 #define MM_LARGE 128, 128, 32, 2, 4, 4
 #define MM_WIDE 64, 128, 32, 2, 4, 4
-#define MM_S8 32, 8, 128, 2, 1, 8
-#define MM_S32 32, 32, 128, 2, 1, 6
+#define MM_S8 32, 8, 128, 2, 1, 6, 4
+#define MM_S32 32, 32, 128, 2, 1, 6, 2
 #define MM_S64 32, 64, 128, 2, 1, 4
 
 static int g_n_sms;
