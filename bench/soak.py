@@ -70,6 +70,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_cache import english_text, free_port, sized_text, tokenize  # noqa: E402
+from bench_server import pct  # noqa: E402
 
 ENDPOINTS = ("chat", "completions", "messages")
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "messages": "/v1/messages"}
@@ -85,16 +86,6 @@ _TOPICS = ["the lighthouse keeper", "the botanist", "the city council", "the riv
            "the night nurse", "the orchard owner", "the geologists", "the bridge engineer",
            "the librarian", "the beekeeper", "the signalman", "the rescue crew", "the goat",
            "the weather station", "the comet", "the flooded meadow", "the mining tunnel", "the harbour"]
-
-
-def pct(xs, p):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def fmt(x, nd=0):

@@ -453,32 +453,50 @@ static void *engine_main(void *arg) {
 }
 
 /* ------------------------------------------------------------------------------ responses */
-static enum MHD_Result reply(server *s, struct MHD_Connection *c, int ep, int status, const char *ctype, char *body) {
+/* Queues body (freed here; NULL: "{}") with the headers its status calls for, plus Retry-After
+ * when retry_s > 0 (429/529 queue full, 503 draining), and counts the request. */
+static enum MHD_Result reply_ex(server *s, struct MHD_Connection *c, int ep, int status, const char *ctype, char *body,
+                                int retry_s) {
     if (!body) { body = strdup("{}"); if (!body) return MHD_NO; }
     struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
     if (!r) { free(body); return MHD_NO; }
     MHD_add_response_header(r, "Content-Type", ctype);
     if (status == 405) MHD_add_response_header(r, "Allow", ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS ? "GET, HEAD" : "POST");
     if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+    if (retry_s > 0) {
+        char ra[16];
+        snprintf(ra, sizeof ra, "%d", retry_s);
+        MHD_add_response_header(r, "Retry-After", ra);
+    }
     enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
     MHD_destroy_response(r);
     metrics_request(s, ep, status);
     return ret;
 }
 
+static enum MHD_Result reply(server *s, struct MHD_Connection *c, int ep, int status, const char *ctype, char *body) {
+    return reply_ex(s, c, ep, status, ctype, body, 0);
+}
+
 static enum MHD_Result reply_error(server *s, struct MHD_Connection *c, int ep, bool anthropic, const api_error *e) {
     return reply(s, c, ep, e->status, "application/json", api_format_error(anthropic, e));
 }
 
-static enum MHD_Result reply_err(server *s, struct MHD_Connection *c, int ep, bool anthropic, int status,
-                                 const char *type, const char *code, const char *fmt, ...) {
+static enum MHD_Result reply_errv(server *s, struct MHD_Connection *c, int ep, bool anthropic, int status,
+                                  const char *type, const char *code, int retry_s, const char *fmt, va_list ap) {
     api_error e;
     api_error_set(&e, status, type, NULL, code, "%s", "");
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    return reply_ex(s, c, ep, status, "application/json", api_format_error(anthropic, &e), retry_s);
+}
+
+static enum MHD_Result reply_err(server *s, struct MHD_Connection *c, int ep, bool anthropic, int status,
+                                 const char *type, const char *code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    enum MHD_Result ret = reply_errv(s, c, ep, anthropic, status, type, code, 0, fmt, ap);
     va_end(ap);
-    return reply_error(s, c, ep, anthropic, &e);
+    return ret;
 }
 
 /* An error with a Retry-After header (429/529 queue full, 503 draining). */
@@ -487,23 +505,10 @@ static enum MHD_Result reply_retry(server *s, struct MHD_Connection *c, int ep, 
     __attribute__((format(printf, 9, 10)));
 static enum MHD_Result reply_retry(server *s, struct MHD_Connection *c, int ep, bool anthropic, int status,
                                    const char *type, const char *code, int retry_s, const char *fmt, ...) {
-    api_error e;
-    api_error_set(&e, status, type, NULL, code, "%s", "");
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    enum MHD_Result ret = reply_errv(s, c, ep, anthropic, status, type, code, retry_s, fmt, ap);
     va_end(ap);
-    char *body = api_format_error(anthropic, &e);
-    if (!body) return MHD_NO;
-    struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
-    if (!r) { free(body); return MHD_NO; }
-    char ra[16];
-    snprintf(ra, sizeof ra, "%d", retry_s);
-    MHD_add_response_header(r, "Content-Type", "application/json");
-    MHD_add_response_header(r, "Retry-After", ra);
-    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
-    MHD_destroy_response(r);
-    metrics_request(s, ep, status);
     return ret;
 }
 
