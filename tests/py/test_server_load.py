@@ -198,8 +198,9 @@ def sse_events(resp):
 
 def test_sigterm_drains_in_flight_requests(logdir):
     srv = launch(logdir, ["--kv-mem", "64M", "--drain-timeout", "60"], keys=[])
-    # still generating when SIGTERM lands: 48 tokens take seconds on the CPU, milliseconds on a GPU
-    n = 2000 if "cuda" in os.environ.get("PCACHE_SERVE_ARGS", "") else 48
+    # still generating when SIGTERM lands and /health is asked: 200 tokens take seconds on the
+    # CPU (optimized or sanitized, well inside the drain timeout), 2000 as long on a GPU
+    n = 2000 if "cuda" in os.environ.get("PCACHE_SERVE_ARGS", "") else 200
     body = {"model": "default", "prompt": "1, 2, 3, 4, 5,", "max_tokens": n, "stream": True, "ignore_eos": True, **T0}
     r = post(srv, "/v1/completions", body, stream=True)
     assert r.status_code == 200
@@ -207,8 +208,11 @@ def test_sigterm_drains_in_flight_requests(logdir):
     first = json.loads(next(events))
     assert first["choices"][0]["text"] is not None
     srv.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    h = requests.get(srv.base + "/health", timeout=10)
+    for _ in range(50):   # the signal is handled asynchronously: wait for it to take effect
+        h = requests.get(srv.base + "/health", timeout=10)
+        if h.status_code != 200:
+            break
+        time.sleep(0.05)
     assert h.status_code == 503 and h.json()["status"] == "draining"
     n = completion(srv, "Hello", 4)
     assert n.status_code == 503 and n.headers.get("Retry-After")
