@@ -1,22 +1,24 @@
 /* gpu.cu: the CUDA backend (see gpu.h). One forward pass per engine step:
  *
- *   embed -> per layer [RMSNorm -> Q,K,V matmuls (+bias) -> q/k norm, RoPE, K/V into the paged
+ *   embed -> per layer [RMSNorm -> q|k|v matmul (+bias) -> q/k norm, RoPE, K/V into the paged
  *   pool -> attention over the block tables -> output matmul (+= residual) -> RMSNorm ->
- *   gate, up matmuls -> SwiGLU -> down matmul (+= residual)] -> final RMSNorm of the rows whose
- *   logits are wanted -> output matmul -> logits to the host.
+ *   gate|up matmul -> SwiGLU -> down matmul (+= residual)] -> final RMSNorm of the rows whose
+ *   logits are wanted -> output matmul -> logits to the host. Decode steps replay a CUDA graph.
  *
  * Numerics. Weights are fp16 on the device (every GGUF type is dequantized by the CPU backend's
- * own reference dequantizers, then rounded to fp16); activations between kernels are fp32, and
- * enter a matmul as fp16, which meets the weights on the tensor cores with fp32 accumulation.
- * The KV cache is fp16 in the CPU backend's block layout. RMSNorm sums in double, as the CPU.
- * The results are close to the CPU backend's, not equal: the CPU quantizes activations to 8
- * bits before quantized matmuls (as llama.cpp's CPU backend does) and sums in another order.
+ * own reference dequantizers, then rounded to fp16; Q4_0 is also kept as stored, for decode);
+ * activations between kernels are fp32, and enter a matmul as fp16, which meets the weights on
+ * the tensor cores with fp32 accumulation. The KV cache is fp16 in the CPU backend's block
+ * layout. RMSNorm sums in double, as the CPU. The results are close to the CPU backend's, not
+ * equal: the CPU quantizes activations to 8 bits before quantized matmuls (as llama.cpp's CPU
+ * backend does) and sums in another order.
  *
  * Batch invariance. A token's results never depend on what else is in the batch:
- * - matmuls: 64x64 output tiles, each 16x16 fragment accumulated by tensor-core MMAs in one
- *   fixed order along k (ascending 16-wide steps, zero-padded tails); no split-K, and the same
- *   kernel for every batch size, so a row's arithmetic is the same alone or among 512;
- * - attention: one warp per (token, query head) walks the positions in order, 32 at a time;
+ * - matmuls: every kernel and tile shape (k_mm, k_mmq4, k_matmul_any) accumulates each output
+ *   in one fp32 register by MMAs at k = 0, 16, 32, ... in order (zero-padded tails), with no
+ *   split-K, so the host may pick any shape for any batch size (see k_mm);
+ * - attention: each query row walks key tiles of 64 from position 0 (k_flash; k_attention for
+ *   other head dims walks positions in order, 32 at a time);
  * - norms, RoPE, SwiGLU: per token.
  */
 #include <cuda_fp16.h>
