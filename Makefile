@@ -148,7 +148,7 @@ $(BUILD)/gpu_gemm: bench/gpu_gemm.cu $(BUILD)/libpcache.a
 
 # GPU benchmark against llama.cpp's CUDA build, on the GPU machine (two stages: bench/bench_gpu.sh).
 bench-gpu:
-	bash bench/bench_gpu.sh 1 && bash bench/bench_gpu.sh 2
+	bash bench/bench_gpu.sh 1 && bash bench/bench_gpu.sh 2 && bash bench/bench_gpu.sh 3
 
 clean:
 	rm -rf build

@@ -6,7 +6,8 @@
 #   bash bench/bench_gpu.sh 1   builds pcache, starts llama.cpp's build (background), writes the
 #                               F16 models, measures pcache on them
 #   bash bench/bench_gpu.sh 2   waits for llama.cpp, quantizes the Q4 models, measures pcache on
-#                               them, then llama.cpp on all three (llama-bench, batched-bench, server)
+#                               them
+#   bash bench/bench_gpu.sh 3   llama.cpp on all three (llama-bench, batched-bench, server)
 # Expects the gpu-peer folder copied to .peer/ (README: GPU) and scripts/gpu-machine.sh's files.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd); cd "$here"
@@ -35,6 +36,7 @@ case ${1:-1} in
   [ -f l8b-q40.gguf ] || $B/llama-quantize l8b-f16.gguf l8b-q40.gguf Q4_0 16 >/dev/null 2>&1
   cd "$here"
   bench $W/s135-q41.gguf
-  bench $W/l8b-q40.gguf
-  (cd $W && timeout 300 bash "$here/.peer/bench.sh") 2>&1 | tee "$OUT/llamacpp.txt" ;;
+  bench $W/l8b-q40.gguf ;;
+3)
+  (cd $W && timeout 500 bash "$here/.peer/bench.sh") 2>&1 | tee "$OUT/llamacpp.txt" ;;
 esac

@@ -50,10 +50,10 @@ typedef struct gpu_mem {
 } gpu_mem;
 void gpu_get_mem(const gpu_backend *g, gpu_mem *out);
 
-/* For the kernel tests: y[n][rows] = x[n][cols] . W^T (+ bias) with the backend's matmul, W given
- * in any GGUF type (rows of ggml_row_size(type, cols) bytes). Returns 0 or -1 with err. */
+/* For the kernel tests: y[n][rows] = (y0 +) x[n][cols] . W^T (+ bias) with the backend's matmul, W
+ * given in any GGUF type; y0 NULL: no accumulation (rows of ggml_row_size(type, cols) bytes). Returns 0 or -1 with err. */
 int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols, const float *x, int n, const float *bias,
-                    float *y, char *err, size_t errlen);
+                    const float *y0, float *y, char *err, size_t errlen);
 
 /* For benchmarks: the fastest of reps runs of the backend's matmul on constant fp16 operands, M x K
  * weights by N tokens, in milliseconds. Returns 0 or -1 with err. */

@@ -131,8 +131,12 @@ static int cmd_gpu_matmul(int argc, char **argv) {
     }
     for (int r = 0; r < rows; r++) bias[r] = 0.01f * (float)(r % 7);
     char err[256];
-    if (gpu_test_matmul((ggml_type)type, w, rows, cols, x, n, bias, y, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
-    double max_err = 0, max_ref = 0;
+    if (gpu_test_matmul((ggml_type)type, w, rows, cols, x, n, bias, NULL, y, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+    /* the same into y0 (accumulate, as the residual adds): ya = y0 + x . W^T + bias */
+    float *y0 = malloc(sizeof(float) * (size_t)n * rows), *ya = malloc(sizeof(float) * (size_t)n * rows);
+    for (size_t i = 0; i < (size_t)n * rows; i++) y0[i] = (float)((int)(i % 13) - 6) * 0.37f;
+    if (gpu_test_matmul((ggml_type)type, w, rows, cols, x, n, bias, y0, ya, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+    double max_err = 0, max_ref = 0, acc_err = 0;
     for (int r = 0; r < rows; r++) {
         dequantize_row((ggml_type)type, w + (size_t)r * rb, wr, cols);
         for (int t = 0; t < n; t++) {
@@ -140,19 +144,24 @@ static int cmd_gpu_matmul(int argc, char **argv) {
             for (int k = 0; k < cols; k++) acc += (double)f16_round(wr[k]) * f16_round(x[(size_t)t * cols + k]);
             double e = fabs(acc - y[(size_t)t * rows + r]);
             if (e > max_err) max_err = e;
+            e = fabs(acc + y0[(size_t)t * rows + r] - ya[(size_t)t * rows + r]);
+            if (e > acc_err) acc_err = e;
             if (fabs(acc) > max_ref) max_ref = fabs(acc);
         }
     }
     bool invariant = true;
     for (int t = 0; t < n && invariant; t += (n > 8 ? n / 5 : 1)) {
-        if (gpu_test_matmul((ggml_type)type, w, rows, cols, x + (size_t)t * cols, 1, bias, y1, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+        if (gpu_test_matmul((ggml_type)type, w, rows, cols, x + (size_t)t * cols, 1, bias, NULL, y1, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
         invariant = memcmp(y1, y + (size_t)t * rows, sizeof(float) * rows) == 0;
     }
-    uint64_t h = 1469598103934665603ull;   /* FNV-1a of y's bits: equal across kernel shapes (PCACHE_MM) */
+    /* FNV-1a of y's and ya's bits: equal across kernel shapes and splits (PCACHE_MM, PCACHE_SPLIT) */
+    uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < sizeof(float) * (size_t)n * rows; i++) h = (h ^ ((const unsigned char *)y)[i]) * 1099511628211ull;
-    printf("{\"rel_err\": %.3g, \"max_ref\": %.4g, \"batch_invariant\": %s, \"bits\": \"%016llx\"}\n",
-           max_ref > 0 ? max_err / max_ref : max_err, max_ref, invariant ? "true" : "false", (unsigned long long)h);
-    free(w); free(x); free(y); free(y1); free(wr); free(bias);
+    for (size_t i = 0; i < sizeof(float) * (size_t)n * rows; i++) h = (h ^ ((const unsigned char *)ya)[i]) * 1099511628211ull;
+    printf("{\"rel_err\": %.3g, \"acc_rel_err\": %.3g, \"max_ref\": %.4g, \"batch_invariant\": %s, \"bits\": \"%016llx\"}\n",
+           max_ref > 0 ? max_err / max_ref : max_err, max_ref > 0 ? acc_err / max_ref : acc_err, max_ref,
+           invariant ? "true" : "false", (unsigned long long)h);
+    free(w); free(x); free(y); free(y1); free(y0); free(ya); free(wr); free(bias);
     return 0;
 }
 
@@ -207,11 +216,11 @@ static void b_wait(engine *e, bres *r, int n) {
 static int cmp_dbl(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }
 static double median3(double *v, int n) { qsort(v, (size_t)n, sizeof *v, cmp_dbl); return v[n / 2]; }
 
-/* bench-engine MODEL [DEVICE]: JSON with prefill tok/s at 512 and 8192 tokens (cold), decode tok/s
+/* bench-engine MODEL [DEVICE] [decode]: JSON with prefill tok/s at 512 and 8192 tokens (cold), decode tok/s
  * at batch 1 (128 tokens) and aggregate over 32 streams (128 + 128 each), and the prompt time of
  * 8000 cached + 192 new tokens. Medians of 3. Random token ids (1000..30000). */
 static int cmd_bench_engine(int argc, char **argv) {
-    if (argc < 1) { fprintf(stderr, "usage: pcache-tool bench-engine MODEL [cpu|cuda|auto]\n"); return 2; }
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool bench-engine MODEL [cpu|cuda|auto] [decode]\n"); return 2; }
     engine_opts o = { .model_path = argv[0], .cache_enabled = true, .device = argc > 1 ? argv[1] : "auto",
                       .max_batch_tokens = 2048 };
     engine *e;
@@ -224,13 +233,14 @@ static int cmd_bench_engine(int argc, char **argv) {
     uint64_t st = 7;
     for (int i = 0; i < MAXN * 2; i++) { st = st * 6364136223846793005ull + 1; ids[i] = 1000 + (int32_t)((st >> 33) % 29000); }
     bres r[32];
-    double v[3], pp512, pp8192, tg1, tg32, cached_ms;
+    double v[3], pp512 = 0, pp8192 = 0, tg1, tg32, cached_ms = 0;
     const int L = engine_n_ctx(e) > 8193 ? 8192 : engine_n_ctx(e) - 2, C = L - 192;   /* long prompt, cached part */
+    const bool decode_only = argc > 2 && !strcmp(argv[2], "decode");                     /* quick A/B runs */
     b_submit(e, ids + 5000, 64, 4, r); b_wait(e, r, 1);                     /* warm-up */
-    for (int k = 0; k < 3; k++) { b_submit(e, ids + 100 * k + 1, 512, 1, r); b_wait(e, r, 1); v[k] = 512 / r[0].u.prefill_s; }
-    pp512 = median3(v, 3);
-    for (int k = 0; k < 3; k++) { b_submit(e, ids + 7 * k + MAXN, L, 1, r); b_wait(e, r, 1); v[k] = L / r[0].u.prefill_s; }
-    pp8192 = median3(v, 3);
+    for (int k = 0; k < 3 && !decode_only; k++) { b_submit(e, ids + 100 * k + 1, 512, 1, r); b_wait(e, r, 1); v[k] = 512 / r[0].u.prefill_s; }
+    if (!decode_only) pp512 = median3(v, 3);
+    for (int k = 0; k < 3 && !decode_only; k++) { b_submit(e, ids + 7 * k + MAXN, L, 1, r); b_wait(e, r, 1); v[k] = L / r[0].u.prefill_s; }
+    if (!decode_only) pp8192 = median3(v, 3);
     for (int k = 0; k < 3; k++) {
         b_submit(e, ids + 900 + 31 * k, 16, 129, r); b_wait(e, r, 1);
         v[k] = 128 / r[0].u.decode_s;
@@ -250,7 +260,7 @@ static int cmd_bench_engine(int argc, char **argv) {
         v[k] = toks / (end - start);
     }
     tg32 = median3(v, 3);
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < 3 && !decode_only; k++) {
         int32_t *p = ids + 11 * k;
         b_submit(e, p, L, 1, r); b_wait(e, r, 1);                          /* cold: caches it */
         int32_t *q = malloc(sizeof(int32_t) * L);
@@ -261,7 +271,7 @@ static int cmd_bench_engine(int argc, char **argv) {
         v[k] = r[0].u.ttft_s * 1000;
         free(q);
     }
-    cached_ms = median3(v, 3);
+    if (!decode_only) cached_ms = median3(v, 3);
     printf("{\"model\": \"%s\", \"device\": \"%s\", \"load_s\": %.2f, \"pp512\": %.1f, \"pp8192\": %.1f, \"tg1\": %.1f, "
            "\"tg32_aggregate\": %.1f, \"cached_new192_ms\": %.2f, \"long\": %d}\n",
            argv[0], engine_device(e, NULL), load_s, pp512, pp8192, tg1, tg32, cached_ms, L);
@@ -589,7 +599,7 @@ typedef struct { const char *name; int (*fn)(int argc, char **argv); const char 
 static const subcommand commands[] = {
     { "gpu-matmul", cmd_gpu_matmul, "TYPE ROWS COLS N WFILE : the CUDA matmul against a double reference (JSON)" },
     { "gpu-bench-matmul", cmd_gpu_bench_matmul, "M K N... : the CUDA matmul's ms and TFLOP/s (JSON lines)" },
-    { "bench-engine", cmd_bench_engine, "MODEL [cpu|cuda|auto] : prefill, decode (1 and 32 streams), cached-prefix TTFT (JSON)" },
+    { "bench-engine", cmd_bench_engine, "MODEL [cpu|cuda|auto] [decode] : prefill, decode (1 and 32 streams), cached-prefix TTFT (JSON); decode: only those" },
     { "logits", cmd_logits, "MODEL [--all] < ids.json : raw float32 logits of the last (or every) position" },
     { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },

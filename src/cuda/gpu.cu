@@ -14,9 +14,11 @@
  * backend does) and sums in another order.
  *
  * Batch invariance. A token's results never depend on what else is in the batch:
- * - matmuls: every kernel and tile shape (k_mm, k_mmq4, k_matmul_any) accumulates each output
- *   in one fp32 register by MMAs at k = 0, 16, 32, ... in order (zero-padded tails), with no
- *   split-K, so the host may pick any shape for any batch size (see k_mm);
+ * - matmuls: every kernel and tile shape (k_mm, k_mmq4, k_matmul_any) cuts k into chunks whose
+ *   length depends on the matrix alone (mm_kc), accumulates each output's chunk in one fp32
+ *   register by MMAs at k = 0, 16, 32, ... in order (zero-padded tails) and adds the chunks in
+ *   order, in one block or split across blocks, so the host may pick any shape and split for any
+ *   batch size (see k_mm);
  * - attention: each query row walks key tiles of 64 from position 0 (k_flash; k_attention for
  *   other head dims walks positions in order, 32 at a time);
  * - norms, RoPE, SwiGLU: per token.
@@ -81,19 +83,125 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     return *(unsigned *)&h;
 }
 
+/* y += v by the L2's atomic unit, without waiting for it (the k loop goes on). A thread's reds
+ * and stores to one address take effect in its program order. f32 red rounds to nearest and
+ * flushes subnormals to zero, as add_ftz does. */
+__device__ __forceinline__ void red_add(float *y, float v) { asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(y), "f"(v) : "memory"); }
+__device__ __forceinline__ float add_ftz(float a, float b) {
+    float r;
+    asm("add.rn.ftz.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+/* Where a matmul's sums go, and how k is cut (see k_mm). */
+struct mm_out {
+    float *y;
+    int ldy;
+    const float *bias;
+    int accumulate;   /* y += x . W^T instead of y = */
+    int kc;           /* chunk length along k (a multiple of every BK) */
+    float *part;      /* split: chunk z's sums at part[(z * N + token) * M + row]; NULL: no split */
+    int *cnt;         /* split: one ticket counter per output tile, left at 0 */
+};
+
+/* The end of a chunk of k (see k_mm): without a split, the chunk's sums are folded into y in
+ * chunk order, y = ((c0 [+ y]) + c1) + ... (+ bias), each + an add_ftz: the first chunk is stored
+ * (or red-added when accumulating), the others red-added, so no warp waits for y; with a split,
+ * they are stored as this block's partial. acc is zeroed for the next chunk. */
+template <int FM, int FN>
+__device__ __forceinline__ void mm_chunk_end(float (&acc)[FM][FN][4], const mm_out &o, int mw, int nw, int lane, int M,
+                                             int N, bool first, bool last) {
+    /* lane made opaque here: the addresses below are computed at each chunk's end, not hoisted
+     * out of the k loop into registers for the whole kernel */
+    asm volatile("" : "+r"(lane));
+#pragma unroll
+    for (int i = 0; i < FM; i++)
+#pragma unroll
+        for (int j = 0; j < FN; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int gm = mw + 16 * i + (lane >> 2) + (e >> 1) * 8;
+                const int gn = nw + 8 * j + 2 * (lane & 3) + (e & 1);
+                if (gm < M && gn < N) {
+                    if (o.part) {
+                        o.part[((size_t)blockIdx.z * N + gn) * M + gm] = acc[i][j][e];
+                    } else {
+                        float *y = o.y + (size_t)gn * o.ldy + gm;
+                        if (first && !o.accumulate) *y = acc[i][j][e];
+                        else red_add(y, acc[i][j][e]);
+                        if (last && o.bias) red_add(y, o.bias[gm]);
+                    }
+                }
+                acc[i][j][e] = 0.0f;
+            }
+}
+
+/* One chunk, no split (CH false: prefill of a matrix whose k is one chunk): the same additions as
+ * mm_chunk_end, in one pass at the end, with plain loads and stores. */
+template <int FM, int FN>
+__device__ __forceinline__ void mm_store(const float (&acc)[FM][FN][4], const mm_out &o, int mw, int nw, int lane, int M, int N) {
+#pragma unroll
+    for (int i = 0; i < FM; i++)
+#pragma unroll
+        for (int j = 0; j < FN; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int gm = mw + 16 * i + (lane >> 2) + (e >> 1) * 8;
+                const int gn = nw + 8 * j + 2 * (lane & 3) + (e & 1);
+                if (gm >= M || gn >= N) continue;
+                float *y = o.y + (size_t)gn * o.ldy + gm;
+                float v = o.accumulate ? add_ftz(*y, acc[i][j][e]) : acc[i][j][e];
+                if (o.bias) v = add_ftz(v, o.bias[gm]);
+                *y = v;
+            }
+}
+
+/* Split: the last block of a tile to finish (a ticket per tile) folds the partials in chunk
+ * order, the same additions mm_chunk_end makes without a split, and resets the ticket. Every
+ * thread of the block calls it. */
+template <int BM, int BN, int NTH>
+__device__ __forceinline__ void mm_split_finish(const mm_out &o, int m0, int n0, int M, int N) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int t = blockIdx.x + gridDim.x * blockIdx.y;
+        last = atomicAdd(o.cnt + t, 1) == (int)gridDim.z - 1;
+        if (last) o.cnt[t] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < BM * BN; i += NTH) {
+        const int gm = m0 + i % BM, gn = n0 + i / BM;
+        if (gm >= M || gn >= N) continue;
+        float *y = o.y + (size_t)gn * o.ldy + gm;
+        const float *p = o.part + (size_t)gn * M + gm;
+        const size_t zs = (size_t)N * M;
+        float v = o.accumulate ? add_ftz(*y, __ldcg(p)) : __ldcg(p);
+        for (int z = 1; z < (int)gridDim.z; z++) v = add_ftz(v, __ldcg(p + z * zs));
+        if (o.bias) v = add_ftz(v, o.bias[gm]);
+        *y = v;
+    }
+}
+
 /* Y[n][ldy] (+)= X[n][K] . W[M][K]^T + bias, W and X fp16 (rows 16-byte aligned, K % 8 == 0),
  * Y fp32. A block computes a BM (features) x BN (tokens) tile with WM x WN warps; k advances in
  * BK-wide stages through an ST-deep cp.async pipeline.
  *
- * Every configuration accumulates each output in one fp32 register by m16n8k16 MMAs at
- * k = 0, 16, 32, ... in ascending order (zero-filled past K, which adds exact zeros), and an
- * MMA's output element depends only on its own row and column. So an output's bits do not
- * depend on the tile shape, on where its row or token sits in the tile, or on how many tokens
- * are in the batch: the host picks the shape from the batch size freely. */
-template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
-__global__ void __launch_bounds__(WM *WN * 32 * XL) k_mm(const __half *__restrict__ W, const __half *__restrict__ X,
-                                                    float *__restrict__ Y, int M, int N, int K, int ldx, int ldy,
-                                                    const float *__restrict__ bias, int accumulate) {
+ * The arithmetic of one output is fixed whatever the kernel, tile shape or batch: k is cut into
+ * chunks of kc (a constant of the process); within a chunk, one fp32 register accumulates
+ * m16n8k16 MMAs at k = c*kc, c*kc + 16, ... in ascending order (zero-filled past K, which adds
+ * exact zeros), starting from 0; y then takes the first chunk's sum (or adds it, accumulating),
+ * adds each later chunk's sum in chunk order, and the bias last (fp32 adds that flush subnormals,
+ * as the L2's red.add does). An MMA's output element depends only on its own row and column. So an
+ * output's bits do not depend on the tile shape, on where its row or token sits in the tile, on
+ * how many tokens are in the batch, or on whether the chunks ran one after another in one block
+ * or side by side in blocks of their own (the split, gridDim.z = chunks, that gives decode's
+ * skinny matrices enough blocks): the host picks shape and split freely. */
+template <bool CH, int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
+__global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k_mm(const __half *__restrict__ W, const __half *__restrict__ X,
+                                                    int M, int N, int K, int ldx, const mm_out o) {
     /* XL > 1: XL times as many warps load as compute (decode: a block's few compute warps cannot
      * keep enough loads in flight on their own) */
     constexpr int NTH = WM * WN * 32 * XL, LD = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
@@ -109,7 +217,9 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mm(const __half *__restric
     for (int i = 0; i < FM; i++)
 #pragma unroll
         for (int j = 0; j < FN; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
-    const int KT = (K + BK - 1) / BK;
+    /* k-tiles in all and per chunk; a split block runs chunk blockIdx.z only */
+    const int KT = (K + BK - 1) / BK, CT = o.kc / BK;
+    const int kt0 = CH && o.part ? (int)blockIdx.z * CT : 0, kt1 = CH && o.part ? min(KT, kt0 + CT) : KT;
     auto load = [&](int slot, int kt) {
         const int k0 = kt * BK;
         __half *as = As + slot * BM * LD, *bs = Bs + slot * BN * LD;
@@ -128,15 +238,16 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mm(const __half *__restric
     };
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
-        if (s < KT) load(s, s);
+        if (kt0 + s < kt1) load(s, kt0 + s);
         cp_commit();
     }
-    for (int kt = 0; kt < KT; kt++) {
+    for (int kt = kt0; kt < kt1; kt++) {
+        const int slot = (kt - kt0) % ST;
         cp_wait<ST - 2>();
         __syncthreads();
-        if (kt + ST - 1 < KT) load((kt + ST - 1) % ST, kt + ST - 1);
+        if (kt + ST - 1 < kt1) load((slot + ST - 1) % ST, kt + ST - 1);
         cp_commit();
-        const __half *as = As + (kt % ST) * BM * LD, *bs = Bs + (kt % ST) * BN * LD;
+        const __half *as = As + slot * BM * LD, *bs = Bs + slot * BN * LD;
         if (XL > 1 && warp >= WM * WN) continue;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
@@ -150,23 +261,12 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mm(const __half *__restric
 #pragma unroll
                 for (int j = 0; j < FN; j++) mma16816(acc[i][j], a[i], b[j]);
         }
+        if (CH && ((kt + 1) % CT == 0 || kt + 1 == kt1))
+            mm_chunk_end<FM, FN>(acc, o, m0 + wm, n0 + wn, lane, M, N, kt < CT, kt + 1 == KT);
     }
     cp_wait<0>();
-    if (XL > 1 && warp >= WM * WN) return;
-#pragma unroll
-    for (int i = 0; i < FM; i++)
-#pragma unroll
-        for (int j = 0; j < FN; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int gm = m0 + wm + 16 * i + (lane >> 2) + (e >> 1) * 8;
-                const int gn = n0 + wn + 8 * j + 2 * (lane & 3) + (e & 1);
-                if (gm >= M || gn >= N) continue;
-                float v = acc[i][j][e];
-                if (bias) v += bias[gm];
-                float *y = Y + (size_t)gn * ldy + gm;
-                *y = accumulate ? *y + v : v;
-            }
+    if (!CH && warp < WM * WN) mm_store<FM, FN>(acc, o, m0 + wm, n0 + wn, lane, M, N);
+    if (o.part) mm_split_finish<BM, BN, NTH>(o, m0, n0, M, N);
 }
 
 __device__ __forceinline__ void cp_async8(void *smem, const void *gmem, bool pred) {
@@ -182,9 +282,8 @@ __device__ __forceinline__ void cp_async8(void *smem, const void *gmem, bool pre
  * run in k_mm's order. So this kernel and k_mm give the same bits; the host picks either. */
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
 __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__restrict__ Q, const __half *__restrict__ D, int ldd,
-                                                      const __half *__restrict__ X, float *__restrict__ Y, int M, int N,
-                                                      int K, int ldx, int ldy, const float *__restrict__ bias,
-                                                      int accumulate) {
+                                                      const __half *__restrict__ X, int M, int N, int K, int ldx,
+                                                      const mm_out o) {
     constexpr int NTH = WM * WN * 32 * XL, LDX = BK + 8, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
     constexpr int QB = BK / 2 + 16;          /* nibble bytes per staged row (+16: spreads banks) */
     constexpr int DB = BK / 32;              /* scales per staged row */
@@ -202,7 +301,9 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
     for (int i = 0; i < FM; i++)
 #pragma unroll
         for (int j = 0; j < FN; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
-    const int KT = (K + BK - 1) / BK;
+    /* k-tiles in all and per chunk; a split block runs chunk blockIdx.z only */
+    const int KT = (K + BK - 1) / BK, CT = o.kc / BK;
+    const int kt0 = o.part ? (int)blockIdx.z * CT : 0, kt1 = o.part ? min(KT, kt0 + CT) : KT;
     auto load = [&](int slot, int kt) {
         const int k0 = kt * BK;
         uint8_t *qs = Qs + slot * BM * QB;
@@ -225,17 +326,18 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
     };
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
-        if (s < KT) load(s, s);
+        if (kt0 + s < kt1) load(s, kt0 + s);
         cp_commit();
     }
     const int c2 = 2 * (lane & 3);
-    for (int kt = 0; kt < KT; kt++) {
+    for (int kt = kt0; kt < kt1; kt++) {
+        const int slot = (kt - kt0) % ST;
         cp_wait<ST - 2>();
         __syncthreads();
-        if (kt + ST - 1 < KT) load((kt + ST - 1) % ST, kt + ST - 1);
+        if (kt + ST - 1 < kt1) load((slot + ST - 1) % ST, kt + ST - 1);
         cp_commit();
-        const uint8_t *qs = Qs + (kt % ST) * BM * QB;
-        const __half *ds = Ds + (kt % ST) * BM * DB, *bs = Bs + (kt % ST) * BN * LDX;
+        const uint8_t *qs = Qs + slot * BM * QB;
+        const __half *ds = Ds + slot * BM * DB, *bs = Bs + slot * BN * LDX;
         const bool tail = kt * BK + BK > K;
         if (XL > 1 && warp >= WM * WN) continue;
 #pragma unroll
@@ -281,23 +383,10 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
 #pragma unroll
                     for (int j = 0; j < FN; j++) mma16816(acc[i][j], a[s][i], b[s][j]);
         }
+        if ((kt + 1) % CT == 0 || kt + 1 == kt1) mm_chunk_end<FM, FN>(acc, o, m0 + wm, n0 + wn, lane, M, N, kt < CT, kt + 1 == KT);
     }
     cp_wait<0>();
-    if (XL > 1 && warp >= WM * WN) return;
-#pragma unroll
-    for (int i = 0; i < FM; i++)
-#pragma unroll
-        for (int j = 0; j < FN; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int gm = m0 + wm + 16 * i + (lane >> 2) + (e >> 1) * 8;
-                const int gn = n0 + wn + 8 * j + 2 * (lane & 3) + (e & 1);
-                if (gm >= M || gn >= N) continue;
-                float v = acc[i][j][e];
-                if (bias) v += bias[gm];
-                float *y = Y + (size_t)gn * ldy + gm;
-                *y = accumulate ? *y + v : v;
-            }
+    if (o.part) mm_split_finish<BM, BN, NTH>(o, m0, n0, M, N);
 }
 
 /* The fallback for matrices whose rows are not 16-byte aligned (K % 8 != 0; no real model):
@@ -308,8 +397,7 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
 #define MM_LDA (MM_BK + 8)
 #define MM_LDC (MM_BN + 4)
 __global__ void __launch_bounds__(128) k_matmul_any(const __half *__restrict__ W, const __half *__restrict__ X,
-                                                    float *__restrict__ Y, int M, int N, int K, int ldx, int ldy,
-                                                    const float *__restrict__ bias, int accumulate) {
+                                                    int M, int N, int K, int ldx, const mm_out o) {
     __shared__ __align__(32) __half As[MM_BM * MM_LDA];
     __shared__ __align__(32) __half Bs[MM_BN * MM_LDA];
     __shared__ __align__(32) float Cs[MM_BM * MM_LDC];
@@ -337,19 +425,25 @@ __global__ void __launch_bounds__(128) k_matmul_any(const __half *__restrict__ W
                 for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
         __syncthreads();
-    }
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 2; j++)
-            wmma::store_matrix_sync(Cs + (wm + 16 * i) * MM_LDC + wn + 16 * j, acc[i][j], MM_LDC, wmma::mem_row_major);
-    __syncthreads();
-    for (int i = tid; i < MM_BM * MM_BN; i += 128) {
-        int n = i / MM_BM, m = i % MM_BM;
-        int gm = m0 + m, gn = n0 + n;
-        if (gm >= M || gn >= N) continue;
-        float v = Cs[m * MM_LDC + n];
-        if (bias) v += bias[gm];
-        float *y = Y + (size_t)gn * ldy + gm;
-        *y = accumulate ? *y + v : v;
+        if ((k0 + MM_BK) % o.kc && k0 + MM_BK < K) continue;
+        /* the end of a chunk: fold its sums into y as mm_chunk_end does */
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 2; j++) {
+                wmma::store_matrix_sync(Cs + (wm + 16 * i) * MM_LDC + wn + 16 * j, acc[i][j], MM_LDC, wmma::mem_row_major);
+                wmma::fill_fragment(acc[i][j], 0.0f);
+            }
+        __syncthreads();
+        const bool first = k0 < o.kc, last = k0 + MM_BK >= K;
+        for (int i = tid; i < MM_BM * MM_BN; i += 128) {
+            int n = i / MM_BM, m = i % MM_BM;
+            int gm = m0 + m, gn = n0 + n;
+            if (gm >= M || gn >= N) continue;
+            float *y = o.y + (size_t)gn * o.ldy + gm;
+            if (first && !o.accumulate) *y = Cs[m * MM_LDC + n];
+            else red_add(y, Cs[m * MM_LDC + n]);
+            if (last && o.bias) red_add(y, o.bias[gm]);
+        }
+        __syncthreads();
     }
 }
 
@@ -709,6 +803,9 @@ struct gpu_backend {
     struct { int n; cudaGraphExec_t exec; } graphs[64];
     cudaStream_t st;
     size_t mem_weights, mem_kv, mem_scratch;
+    float *part;   /* split matmuls' partial sums (matmul_on) */
+    size_t part_cap;
+    int *cnt, cnt_cap;
     char device[128];
     void **allocs;
     int n_allocs, cap_allocs;
@@ -853,24 +950,29 @@ static int upload_model_mat(gpu_backend *g, dmat *d, const mat *m, char *err, si
 }
 
 /* ------------------------------------------------------------------------------ launches */
+/* chunks: the matrix's chunk count (one: the kernel without chunk ends, CH false); nz: blocks
+ * along z (the split), 1 or chunks */
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
-static void mm_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
+static void mm_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, const mm_out &o, int chunks, int nz) {
     constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
-    dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN);
-    k_mm<BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, smem, st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias,
-                                                                   accumulate);
+    dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN, nz);
+    if (chunks > 1)
+        k_mm<true, BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, smem, st>>>(w->w, x, w->rows, n, w->cols, ldx, o);
+    else
+        k_mm<false, BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, smem, st>>>(w->w, x, w->rows, n, w->cols, ldx, o);
 }
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cudaError_t mm_setup() {
     constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
-    return cudaFuncSetAttribute(k_mm<BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t e = cudaFuncSetAttribute(k_mm<true, BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    return e ? e : cudaFuncSetAttribute(k_mm<false, BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 }
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
 static constexpr size_t mmq4_smem() { return (size_t)ST * (BM * (BK / 2 + 16) + BM * (BK / 32) * 2 + BN * (BK + 8) * 2); }
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
-static void mmq4_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
-    dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN);
+static void mmq4_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, const mm_out &o, int nz) {
+    dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN, nz);
     k_mmq4<BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, mmq4_smem<BM, BN, BK, WM, WN, ST>(), st>>>(
-        w->q4, w->q4d, w->q4ldd, x, y, w->rows, n, w->cols, ldx, ldy, w->bias, accumulate);
+        w->q4, w->q4d, w->q4ldd, x, w->rows, n, w->cols, ldx, o);
 }
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cudaError_t mmq4_setup() {
     return cudaFuncSetAttribute(k_mmq4<BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -918,9 +1020,40 @@ static cudaError_t kernels_setup() {
 
 
 
-/* y (+)= x . W^T (+ bias). The shape is picked from the batch size and the grid's fill; every
- * shape gives the same bits (k_mm). PCACHE_MM=any|large|wide|s8|s32|s64|q8|q32|q64 forces one (q*: Q4_0 only), for the tests
- * that check exactly that and for A/B runs. */
+/* The chunk length along k (mm_out.kc) of a rows x cols matrix: part of every output's
+ * arithmetic, so a function of the matrix alone, never of the batch. A decode batch has one tile
+ * per 32 rows; chunks are cut so that those tiles times the chunks make about 512 blocks (an
+ * 8B model's o: 4 chunks, q|k|v: 3, down: 4; gate|up and the output layer have tiles enough and
+ * stay one chunk), each at least 1024 long, a multiple of 256. Every chunk boundary costs a prefill
+ * an extra pass of red.adds over y, hence few and long chunks. PCACHE_KC=N (a multiple of 256)
+ * makes every matrix's chunks N long, for the tests and A/B runs. */
+static int env_int(const char *name, int dflt) {
+    const char *v = getenv(name);
+    return v && *v ? atoi(v) : dflt;
+}
+static int mm_kc(int rows, int cols) {
+    static int forced = -1, blocks, min_len;
+    if (forced < 0) {
+        const int k = env_int("PCACHE_KC", 0);
+        forced = k >= 256 && k % 256 == 0 ? k : 0;
+        blocks = env_int("PCACHE_KC_BLOCKS", 512);   /* A/B runs of the rule itself */
+        min_len = env_int("PCACHE_KC_MIN", 1024);
+        if (blocks < 1) blocks = 1;
+        if (min_len < 256) min_len = 256;
+    }
+    if (forced) return forced;
+    const int tiles = (rows + 31) / 32, by_fill = (blocks + tiles - 1) / tiles, by_len = (cols + min_len - 1) / min_len;
+    const int nch = by_fill < by_len ? by_fill : by_len;
+    const int kc = (cols + nch - 1) / nch;
+    return (kc + 255) / 256 * 256;
+}
+static size_t mm_chunks(int rows, int cols) { const int kc = mm_kc(rows, cols); return (size_t)((cols + kc - 1) / kc); }
+
+/* y (+)= x . W^T (+ bias). The shape is picked from the batch size and the grid's fill, and a
+ * decode batch (up to 64 tokens) runs the chunks of k side by side (split); every choice gives
+ * the same bits (k_mm). PCACHE_MM=any|large|wide|s8|s32|s64|q8|q32|q64 forces a shape (q*:
+ * Q4_0 only) and PCACHE_SPLIT=0|1 never or always splits, for the tests that check exactly that
+ * and for A/B runs. */
 static int mm_forced(void) {
     static int f = -1;
     if (f < 0) {
@@ -932,11 +1065,21 @@ static int mm_forced(void) {
     }
     return f;
 }
-static void matmul_on(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy, int accumulate) {
+static int split_forced(void) {
+    static int f = -2;
+    if (f == -2) {
+        const char *v = getenv("PCACHE_SPLIT");
+        f = v && *v ? atoi(v) != 0 : -1;
+    }
+    return f;
+}
+static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy,
+                      int accumulate) {
+    mm_out o = { y, ldy, w->bias, accumulate, mm_kc(w->rows, w->cols), NULL, NULL };
     int f = mm_forced();
     if (f == 1 || w->cols % 8 || ldx % 8 || ((uintptr_t)x & 15) || ((uintptr_t)w->w & 15)) {
         dim3 grid((w->rows + MM_BM - 1) / MM_BM, (n + MM_BN - 1) / MM_BN);
-        k_matmul_any<<<grid, 128, 0, st>>>(w->w, x, y, w->rows, n, w->cols, ldx, ldy, w->bias, accumulate);
+        k_matmul_any<<<grid, 128, 0, st>>>(w->w, x, w->rows, n, w->cols, ldx, o);
         return;
     }
     if (f >= 7 && !w->q4) f = 0;
@@ -947,16 +1090,37 @@ static void matmul_on(cudaStream_t st, const dmat *w, const __half *x, int ldx, 
         else if (n <= 64) f = 6;
         else f = (size_t)((w->rows + 127) / 128) * ((n + 127) / 128) >= (size_t)2 * n_sms() ? 2 : 3;
     }
+    /* tile rows x tokens of each shape (f = 2..9) */
+    static const short tbm[10] = { 0, 0, 128, 64, 32, 32, 32, 32, 32, 32 }, tbn[10] = { 0, 0, 128, 128, 8, 32, 64, 8, 32, 64 };
+    const int nz = (w->cols + o.kc - 1) / o.kc;
+    const size_t tiles = (size_t)((w->rows + tbm[f] - 1) / tbm[f]) * ((n + tbn[f] - 1) / tbn[f]);
+    const int sf = split_forced();
+    const bool split = nz > 1 && sf != 0 && g->part && (size_t)nz * n * w->rows <= g->part_cap && tiles <= (size_t)g->cnt_cap &&
+                       (sf == 1 || n <= 64);
+    if (split) { o.part = g->part; o.cnt = g->cnt; }
+    const int z = split ? nz : 1;
     switch (f) {
-    case 2: mm_launch<MM_LARGE>(st, w, x, ldx, n, y, ldy, accumulate); break;
-    case 3: mm_launch<MM_WIDE>(st, w, x, ldx, n, y, ldy, accumulate); break;
-    case 4: mm_launch<MM_S8>(st, w, x, ldx, n, y, ldy, accumulate); break;
-    case 5: mm_launch<MM_S32>(st, w, x, ldx, n, y, ldy, accumulate); break;
-    case 7: mmq4_launch<MMQ_S8>(st, w, x, ldx, n, y, ldy, accumulate); break;
-    case 8: mmq4_launch<MMQ_S32>(st, w, x, ldx, n, y, ldy, accumulate); break;
-    case 9: mmq4_launch<MMQ_S64>(st, w, x, ldx, n, y, ldy, accumulate); break;
-    default: mm_launch<MM_S64>(st, w, x, ldx, n, y, ldy, accumulate); break;
+    case 2: mm_launch<MM_LARGE>(st, w, x, ldx, n, o, nz, z); break;
+    case 3: mm_launch<MM_WIDE>(st, w, x, ldx, n, o, nz, z); break;
+    case 4: mm_launch<MM_S8>(st, w, x, ldx, n, o, nz, z); break;
+    case 5: mm_launch<MM_S32>(st, w, x, ldx, n, o, nz, z); break;
+    case 7: mmq4_launch<MMQ_S8>(st, w, x, ldx, n, o, z); break;
+    case 8: mmq4_launch<MMQ_S32>(st, w, x, ldx, n, o, z); break;
+    case 9: mmq4_launch<MMQ_S64>(st, w, x, ldx, n, o, z); break;
+    default: mm_launch<MM_S64>(st, w, x, ldx, n, o, nz, z); break;
     }
+}
+
+/* The split's workspace: partial sums for n tokens of the matrices that may split (rows x
+ * chunks each), and the tile tickets (zeroed once; each split leaves them at 0). */
+static cudaError_t split_alloc(gpu_backend *g, size_t part_elems, size_t *acct) {
+    cudaError_t e;
+    g->cnt_cap = 1 << 16;
+    if ((e = dalloc(g, (void **)&g->part, part_elems * sizeof(float), acct)) ||
+        (e = dalloc(g, (void **)&g->cnt, (size_t)g->cnt_cap * sizeof(int), acct)))
+        return e;
+    g->part_cap = part_elems;
+    return cudaMemset(g->cnt, 0, (size_t)g->cnt_cap * sizeof(int));
 }
 
 extern "C" void gpu_free(gpu_backend *g) {
@@ -1062,6 +1226,14 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         CK(SCR(g->d_stage, g->stage_bytes), "scratch");
 #undef SCR
         CK(cudaMallocHost((void **)&g->h_stage, g->stage_bytes), "pinned staging");
+        /* split workspace: decode batches (up to 64 tokens) of any layer matrix */
+        size_t pe = 0;
+        const dmat *ws[4] = { &g->layers[0].wqkv, &g->layers[0].wo, &g->layers[0].gu, &g->layers[0].down };
+        for (int i = 0; c->n_layer > 0 && i < 4; i++) {
+            const size_t e = (size_t)ws[i]->rows * mm_chunks(ws[i]->rows, ws[i]->cols);
+            if (e > pe) pe = e;
+        }
+        CK(split_alloc(g, 64 * pe, &g->mem_scratch), "split workspace");
     }
     /* KV pool: what was asked, or what is free minus a margin */
     {
@@ -1154,7 +1326,7 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
     for (int l = 0; l < c->n_layer; l++) {
         const dlayer *D = &g->layers[l];
         k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->attn_norm, g->xh, c->n_embd, c->rms_eps);
-        matmul_on(st, &D->wqkv, g->xh, c->n_embd, n, g->qkv, qkv_dim, 0);
+        matmul_on(g, st, &D->wqkv, g->xh, c->n_embd, n, g->qkv, qkv_dim, 0);
         k_rope_kv<<<n, 256, 8 * hd * sizeof(float), st>>>(g->qkv, qkv_dim, g->qh, d->rope, D->q_norm, D->k_norm, g->kv,
                                                            d->slot_block, d->pos, c->n_head, c->n_head_kv, hd, c->rope_dim,
                                                            c->rope_neox, c->rms_eps, g->block_elems, l);
@@ -1174,16 +1346,16 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
             k_attention<<<ag, 32 * hpb, hpb * hd * sizeof(float), st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, g->att,
                                                                        c->n_head, c->n_head_kv, hd, g->block_elems, l, scale);
         }
-        matmul_on(st, &D->wo, g->att, q_dim, n, g->x, c->n_embd, 1);
+        matmul_on(g, st, &D->wo, g->att, q_dim, n, g->x, c->n_embd, 1);
         k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->ffn_norm, g->xh, c->n_embd, c->rms_eps);
-        matmul_on(st, &D->gu, g->xh, c->n_embd, n, g->gu, 2 * c->n_ff, 0);
+        matmul_on(g, st, &D->gu, g->xh, c->n_embd, n, g->gu, 2 * c->n_ff, 0);
         const size_t ne = (size_t)n * c->n_ff;
         k_swiglu<<<(unsigned)((ne + 255) / 256 < 8192 ? (ne + 255) / 256 : 8192), 256, 0, st>>>(g->gu, g->act, c->n_ff, ne);
-        matmul_on(st, &D->down, g->act, c->n_ff, n, g->x, c->n_embd, 1);
+        matmul_on(g, st, &D->down, g->act, c->n_ff, n, g->x, c->n_embd, 1);
     }
     if (n_out) {
         k_rmsnorm<<<n_out, 256, 0, st>>>(g->x, d->out_rows, g->output_norm, g->xh, c->n_embd, c->rms_eps);
-        matmul_on(st, &g->output, g->xh, c->n_embd, n_out, g->logits, c->n_vocab, 0);
+        matmul_on(g, st, &g->output, g->xh, c->n_embd, n_out, g->logits, c->n_vocab, 0);
     }
 }
 
@@ -1271,7 +1443,7 @@ fail:
 }
 
 extern "C" int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols, const float *x, int n,
-                               const float *bias, float *y, char *err, size_t errlen) {
+                               const float *bias, const float *y0, float *y, char *err, size_t errlen) {
     gpu_backend g;
     memset(&g, 0, sizeof g);
     dmat d;
@@ -1289,12 +1461,14 @@ extern "C" int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols
     CK(dalloc(&g, (void **)&dx, (size_t)n * cols * sizeof(__half), NULL), "x");
     CK(dalloc(&g, (void **)&dy, (size_t)n * rows * sizeof(float), NULL), "y");
     CK(cudaMemcpy(dx, hx, (size_t)n * cols * sizeof(__half), cudaMemcpyHostToDevice), "x upload");
+    if (y0) CK(cudaMemcpy(dy, y0, (size_t)n * rows * sizeof(float), cudaMemcpyHostToDevice), "y upload");
+    CK(split_alloc(&g, (size_t)n * rows * mm_chunks(rows, cols), NULL), "split workspace");
     if (bias) {
         CK(dalloc(&g, (void **)&db, (size_t)rows * sizeof(float), NULL), "bias");
         CK(cudaMemcpy(db, bias, (size_t)rows * sizeof(float), cudaMemcpyHostToDevice), "bias upload");
         d.bias = db;
     }
-    matmul_on(g.st, &d, dx, cols, n, dy, rows, 0);
+    matmul_on(&g, g.st, &d, dx, cols, n, dy, rows, y0 != NULL);
     CK(cudaGetLastError(), "matmul launch");
     CK(cudaStreamSynchronize(g.st), "matmul");
     CK(cudaMemcpy(y, dy, (size_t)n * rows * sizeof(float), cudaMemcpyDeviceToHost), "y download");
@@ -1325,12 +1499,13 @@ extern "C" int gpu_bench_matmul(int M, int K, int N, int reps, double *ms_out, c
     CK(dalloc(&g, (void **)&dy, (size_t)N * M * sizeof(float), NULL), "y");
     CK(cudaMemset(d.w, 0x33, (size_t)M * K * sizeof(__half)), "w");
     CK(cudaMemset(dx, 0x31, (size_t)N * K * sizeof(__half)), "x");
+    CK(split_alloc(&g, (size_t)N * M * mm_chunks(M, K), NULL), "split workspace");
     CK(cudaEventCreate(&e0), "event");
     CK(cudaEventCreate(&e1), "event");
     for (int r = 0; r < reps + 1; r++) {
         float ms;
         CK(cudaEventRecord(e0, g.st), "event");
-        matmul_on(g.st, &d, dx, K, N, dy, M, 0);
+        matmul_on(&g, g.st, &d, dx, K, N, dy, M, 0);
         CK(cudaEventRecord(e1, g.st), "event");
         CK(cudaEventSynchronize(e1), "matmul");
         CK(cudaEventElapsedTime(&ms, e0, e1), "event");

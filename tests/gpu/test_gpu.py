@@ -78,7 +78,8 @@ def raw_weights(qtype, rows, cols, rng):
 MATMUL_CASES = [(t, rows, cols) for t in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
                 for rows, cols in ((77, 96), (130, 576))] + \
                [(t, rows, cols) for t in ("Q4_K", "Q6_K") for rows, cols in ((77, 256), (130, 768))] + \
-               [("F32", 33, 100), ("F16", 65, 13)]   # k not a multiple of 16 or 32: zero-padded tails
+               [("F32", 33, 100), ("F16", 65, 13),   # k not a multiple of 16 or 32: zero-padded tails
+                ("F32", 33, 1100), ("Q4_0", 40, 2080)]   # more than one chunk of k (1024), a short last one
 
 
 @pytest.mark.parametrize("qtype,rows,cols", MATMUL_CASES)
@@ -90,7 +91,7 @@ def test_matmul_every_type(tmp_path, qtype, rows, cols, n):
     r = json.loads(run([TOOL, "gpu-matmul", qtype, str(rows), str(cols), str(n), str(w)]))
     print(qtype, rows, cols, n, r)
     assert r["max_ref"] > 0
-    assert r["rel_err"] < 1e-5, r
+    assert r["rel_err"] < 1e-5 and r["acc_rel_err"] < 1e-5, r
     assert r["batch_invariant"], r
 
 
@@ -99,23 +100,36 @@ Q4_SHAPES = ["q8", "q32", "q64"]   # Q4_0 blocks read as stored (decode)
 
 
 @pytest.mark.parametrize("qtype,rows,cols,n", [("F16", 130, 576, 67), ("F16", 77, 96, 5), ("F16", 300, 1024, 40),
-                                               ("F16", 64, 4104, 130), ("Q4_0", 130, 576, 67), ("Q4_0", 77, 4096, 9),
-                                               ("Q4_0", 33, 96, 3)])
+                                               ("F16", 64, 4104, 130), ("F16", 70, 2056, 7), ("Q4_0", 130, 576, 67),
+                                               ("Q4_0", 77, 4096, 9), ("Q4_0", 33, 96, 3), ("Q4_0", 90, 3104, 40)])
 def test_matmul_shapes_give_the_same_bits(tmp_path, qtype, rows, cols, n):
-    """Every kernel and tile shape the backend may pick for a batch (and the fallback kernel)
-    gives the same bits: batch invariance does not rest on one shape being used for every batch
-    size, and Q4_0 weights read as stored give what their fp16 copy gives."""
+    """Every kernel and tile shape the backend may pick for a batch (and the fallback kernel),
+    with the chunks of k run one after another or side by side (split), gives the same bits, plain
+    and accumulating into y: batch invariance does not rest on one shape being used for every
+    batch size, and Q4_0 weights read as stored give what their fp16 copy gives."""
     rng = np.random.default_rng(rows + cols + n)
     w = tmp_path / "w.bin"
     w.write_bytes(raw_weights(qtype, rows, cols, rng))
     bits = {}
     for shape in SHAPES + (Q4_SHAPES if qtype == "Q4_0" else []):
-        r = json.loads(run([TOOL, "gpu-matmul", qtype, str(rows), str(cols), str(n), str(w)],
-                           env_extra={"PCACHE_MM": shape}))
-        assert r["rel_err"] < 1e-5 and r["batch_invariant"], (shape, r)
-        bits[shape] = r["bits"]
+        for split in ("0", "1"):
+            r = json.loads(run([TOOL, "gpu-matmul", qtype, str(rows), str(cols), str(n), str(w)],
+                               env_extra={"PCACHE_MM": shape, "PCACHE_SPLIT": split}))
+            assert r["rel_err"] < 1e-5 and r["acc_rel_err"] < 1e-5 and r["batch_invariant"], (shape, split, r)
+            bits[shape, split] = r["bits"]
     print(qtype, rows, cols, n, bits)
     assert len(set(bits.values())) == 1, bits
+
+
+def test_chunk_length_changes_the_sums(tmp_path):
+    """The chunk length is part of the arithmetic (so it is fixed per process): a different one
+    gives other bits, which shows the shapes test above compares chunked sums, not one k order."""
+    rng = np.random.default_rng(5)
+    w = tmp_path / "w.bin"
+    w.write_bytes(raw_weights("F16", 64, 4096, rng))
+    bits = {kc: json.loads(run([TOOL, "gpu-matmul", "F16", "64", "4096", "9", str(w)],
+                               env_extra={"PCACHE_KC": kc}))["bits"] for kc in ("256", "1024", "4096")}
+    assert len(set(bits.values())) == 3, bits
 
 
 # ------------------------------------------------------------------------------ whole models
