@@ -6,10 +6,10 @@ CC       ?= gcc
 SAN      ?=
 OPT      ?= -O2
 ARCHFLAGS ?= -march=native
-PKGS     := libcjson libmicrohttpd libpcre2-8
+PKGS     := libcjson libmicrohttpd libpcre2-8 zlib
 CFLAGS   ?= $(OPT) -g
 # EXTRA_CFLAGS / EXTRA_LDFLAGS: libraries unpacked outside /usr (scripts/gpu-machine.sh).
-PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lmicrohttpd -lpcre2-8)
+PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lmicrohttpd -lpcre2-8 -lz)
 CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Wshadow -fno-math-errno \
             -fno-strict-aliasing -pthread $(ARCHFLAGS) $(SAN) -Isrc $(EXTRA_CFLAGS) \
             $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -94,6 +94,7 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	bash scripts/fuzz-gguf.sh $(FUZZ_SECONDS)
 	bash scripts/fuzz-api.sh $(FUZZ_SECONDS)
+	bash scripts/fuzz-kvfile.sh $(FUZZ_SECONDS)
 
 test-c: $(TEST_BIN) $(BUILD)/pcache $(BUILD)/pcache-tool
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_FORK=no ASAN_OPTIONS=detect_leaks=1 $$t; done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what pcache needs on a fresh Debian machine, for one of three jobs:
-#   serve  build packages only (C compiler, libcjson, libmicrohttpd, PCRE2) and pip for the
+#   serve  build packages only (C compiler, libcjson, libmicrohttpd, PCRE2, zlib) and pip for the
 #          model fetch: `make serve` / `make run`
 #   test   + Check, clang's fuzzer runtime, the Python test packages and the llama.cpp oracle
 #          (pinned kernels, .deps/llama-oracle): `make test`
@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # Debian's own python3 refuses pip installs into it (PEP 668); these are the project's tools.
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-APT_PKGS="build-essential pkg-config libcjson-dev libmicrohttpd-dev libpcre2-dev"
+APT_PKGS="build-essential pkg-config libcjson-dev libmicrohttpd-dev libpcre2-dev zlib1g-dev"
 command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1 || APT_PKGS="$APT_PKGS python3-pip"
 case $job in
   serve) ;;
