@@ -1,0 +1,306 @@
+/* kvdisk: see kvdisk.h.
+ *
+ * The table is an open-addressing hash (linear probing, deletion by backward shift) keyed by
+ * chain hash. Eviction scans it for its victim (expired first, then least recently used): a
+ * scan of a few ten thousand entries costs less than the file it deletes. */
+#include "kvdisk.h"
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef struct {
+    uint64_t chain, size;
+    double expiry, last_use;
+    int used;
+} entry;
+
+struct kvdisk {
+    char *path;
+    uint64_t model_fp, max_bytes;
+    uint32_t n_layer, kv_dim;
+    size_t max_record;
+    entry *tab;
+    size_t cap;   /* power of two */
+    kvdisk_stats st;
+    uint8_t *buf; /* one record */
+};
+
+static int fail(char *err, size_t errlen, const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static size_t home(const kvdisk *d, uint64_t chain) { return (size_t)(chain ^ chain >> 29) & (d->cap - 1); }
+
+static entry *find(const kvdisk *d, uint64_t chain) {
+    for (size_t i = home(d, chain);; i = (i + 1) & (d->cap - 1)) {
+        if (!d->tab[i].used) return NULL;
+        if (d->tab[i].chain == chain) return &d->tab[i];
+    }
+}
+
+static void del(kvdisk *d, entry *e) {
+    size_t i = (size_t)(e - d->tab), j = i;
+    d->st.blocks--;
+    d->st.bytes -= e->size;
+    for (;;) {
+        j = (j + 1) & (d->cap - 1);
+        if (!d->tab[j].used) break;
+        size_t k = home(d, d->tab[j].chain);
+        /* move j back to i unless its home lies cyclically in (i, j] */
+        if (i <= j ? (k <= i || k > j) : (k <= i && k > j)) {
+            d->tab[i] = d->tab[j];
+            i = j;
+        }
+    }
+    d->tab[i].used = 0;
+}
+
+static int grow(kvdisk *d) {
+    size_t ncap = d->cap ? d->cap * 2 : 1024;
+    entry *old = d->tab, *t = calloc(ncap, sizeof *t);
+    if (!t) return -1;
+    size_t ocap = d->cap;
+    d->tab = t;
+    d->cap = ncap;
+    for (size_t i = 0; i < ocap; i++)
+        if (old[i].used) {
+            size_t j = home(d, old[i].chain);
+            while (t[j].used) j = (j + 1) & (ncap - 1);
+            t[j] = old[i];
+        }
+    free(old);
+    return 0;
+}
+
+static entry *add(kvdisk *d, uint64_t chain, uint64_t size, double expiry, double last_use) {
+    if ((d->st.blocks + 1) * 2 > d->cap && grow(d)) return NULL;
+    size_t i = home(d, chain);
+    while (d->tab[i].used) i = (i + 1) & (d->cap - 1);
+    d->tab[i] = (entry){ chain, size, expiry, last_use, 1 };
+    d->st.blocks++;
+    d->st.bytes += size;
+    return &d->tab[i];
+}
+
+static void file_of(const kvdisk *d, uint64_t chain, char *out, size_t n) {
+    snprintf(out, n, "%s/%016llx.kvb", d->path, (unsigned long long)chain);
+}
+
+/* Removes the entry and its file. */
+static void drop(kvdisk *d, entry *e) {
+    char f[4096];
+    file_of(d, e->chain, f, sizeof f);
+    unlink(f);
+    del(d, e);
+}
+
+/* Reads a whole file of at most cap bytes. Returns its length, -1 (errno set) on error,
+ * -2 if it is larger than cap. */
+static long read_all(const char *path, uint8_t *buf, size_t cap) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    size_t len = 0;
+    for (;;) {
+        if (len == cap) {
+            uint8_t extra;
+            ssize_t r = read(fd, &extra, 1);
+            close(fd);
+            return r == 0 ? (long)len : -2;
+        }
+        ssize_t r = read(fd, buf + len, cap - len);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) { int e = errno; close(fd); errno = e; return -1; }
+        if (r == 0) break;
+        len += (size_t)r;
+    }
+    close(fd);
+    return (long)len;
+}
+
+/* Checks a decoded record against the store: model, layout. */
+static int ours(const kvdisk *d, const kvfile_meta *m) {
+    return m->model_fp == d->model_fp && m->n_layer == d->n_layer && m->kv_dim == d->kv_dim;
+}
+
+static int mkdirs(char *p) {
+    for (char *s = p + 1; *s; s++)
+        if (*s == '/') {
+            *s = 0;
+            int r = mkdir(p, 0755);
+            *s = '/';
+            if (r && errno != EEXIST) return -1;
+        }
+    return mkdir(p, 0755) && errno != EEXIST ? -1 : 0;
+}
+
+/* Deletes records until `need` more bytes fit: expired first, then least recently used. */
+static void make_room(kvdisk *d, uint64_t need, double now) {
+    while (d->st.blocks && d->st.bytes + need > d->max_bytes) {
+        entry *v = NULL;
+        for (size_t i = 0; i < d->cap; i++) {
+            entry *e = &d->tab[i];
+            if (!e->used) continue;
+            int ex = e->expiry <= now, vex = v && v->expiry <= now;
+            if (!v || (ex && !vex) || (ex == vex && e->last_use < v->last_use)) v = e;
+        }
+        if (v->expiry <= now) d->st.expired++;
+        else d->st.evicted++;
+        drop(d, v);
+    }
+}
+
+int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_layer, uint32_t kv_dim, uint64_t max_bytes,
+                double now, char *err, size_t errlen) {
+    *out = NULL;
+    kvdisk *d = calloc(1, sizeof *d);
+    if (!d) return fail(err, errlen, "kvdisk: out of memory");
+    d->model_fp = model_fp;
+    d->n_layer = n_layer;
+    d->kv_dim = kv_dim;
+    d->max_bytes = max_bytes;
+    d->max_record = kvfile_size(n_layer, kv_dim, KVFILE_NS_MAX);
+    size_t pl = strlen(dir) + 64;
+    d->path = malloc(pl);
+    d->buf = malloc(d->max_record);
+    if (!d->path || !d->buf || grow(d)) { kvdisk_close(d); return fail(err, errlen, "kvdisk: out of memory"); }
+    snprintf(d->path, pl, "%s/%016llx-%ux%u-v%u", dir, (unsigned long long)model_fp, n_layer, kv_dim, KVFILE_VERSION);
+    if (mkdirs(d->path)) {
+        int e = errno;
+        fail(err, errlen, "kvdisk: cannot create %s: %s", d->path, strerror(e));
+        kvdisk_close(d);
+        return -1;
+    }
+    DIR *dh = opendir(d->path);
+    if (!dh) {
+        int e = errno;
+        fail(err, errlen, "kvdisk: cannot read %s: %s", d->path, strerror(e));
+        kvdisk_close(d);
+        return -1;
+    }
+    struct dirent *de;
+    char f[4096];
+    while ((de = readdir(dh))) {
+        const char *nm = de->d_name;
+        size_t n = strlen(nm);
+        if (nm[0] == '.' && (n < 4 || strcmp(nm + n - 4, ".tmp"))) continue;   /* ., .., not ours */
+        snprintf(f, sizeof f, "%s/%s", d->path, nm);
+        if (n > 4 && !strcmp(nm + n - 4, ".tmp")) { unlink(f); continue; }   /* a write cut short */
+        if (n != 20 || strcmp(nm + 16, ".kvb")) continue;
+        char *end;
+        errno = 0;
+        unsigned long long chain = strtoull(nm, &end, 16);
+        kvfile_meta m;
+        const uint8_t *kv;
+        long len = read_all(f, d->buf, d->max_record);
+        struct stat sb;
+        if (end != nm + 16 || errno || len < 0 || kvfile_decode(d->buf, (size_t)len, &m, &kv, NULL, 0) || !ours(d, &m) ||
+            m.chain != chain || find(d, chain)) {
+            unlink(f);
+            d->st.bad_files++;
+            continue;
+        }
+        if (m.expiry <= now) { unlink(f); d->st.expired++; continue; }
+        double mt = stat(f, &sb) ? now : (double)sb.st_mtim.tv_sec + sb.st_mtim.tv_nsec * 1e-9;
+        if (!add(d, chain, (uint64_t)len, m.expiry, mt)) { closedir(dh); kvdisk_close(d); return fail(err, errlen, "kvdisk: out of memory"); }
+    }
+    closedir(dh);
+    make_room(d, 0, now);
+    *out = d;
+    return 0;
+}
+
+void kvdisk_close(kvdisk *d) {
+    if (!d) return;
+    free(d->tab);
+    free(d->buf);
+    free(d->path);
+    free(d);
+}
+
+int kvdisk_has(const kvdisk *d, uint64_t chain, double now) {
+    const entry *e = find(d, chain);
+    return e && e->expiry > now;
+}
+
+int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char *err, size_t errlen) {
+    if (!ours(d, m)) return fail(err, errlen, "kvdisk: a block of another model or layout");
+    entry *e = find(d, m->chain);
+    if (e && e->expiry >= m->expiry) { e->last_use = now; return 0; }
+    size_t len = kvfile_encode(m, kv, d->buf, d->max_record, err, errlen);
+    if (!len) return -1;
+    if (len > d->max_bytes) return 0;   /* never fits: not stored */
+    if (e) drop(d, e);
+    make_room(d, len, now);
+    char f[4096], tmp[4200];
+    file_of(d, m->chain, f, sizeof f);
+    snprintf(tmp, sizeof tmp, "%s/.%016llx.%ld.tmp", d->path, (unsigned long long)m->chain, (long)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), ok = fd >= 0, er = ok ? 0 : errno;
+    for (size_t off = 0; ok && off < len;) {
+        ssize_t w = write(fd, d->buf + off, len - off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) { ok = 0; er = w < 0 ? errno : ENOSPC; break; }
+        off += (size_t)w;
+    }
+    if (ok && fsync(fd)) { ok = 0; er = errno; }
+    if (fd >= 0 && close(fd) && ok) { ok = 0; er = errno; }
+    if (ok && rename(tmp, f)) { ok = 0; er = errno; }
+    if (!ok) {
+        unlink(tmp);
+        d->st.write_errors++;
+        return fail(err, errlen, "kvdisk: writing %s: %s", f, strerror(er));
+    }
+    d->st.writes++;
+    if (!add(d, m->chain, len, m->expiry, now)) { unlink(f); return fail(err, errlen, "kvdisk: out of memory"); }
+    return 0;
+}
+
+int kvdisk_get(kvdisk *d, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, kvfile_meta *m,
+               void *kv, char *err, size_t errlen) {
+    d->st.lookups++;
+    entry *e = find(d, chain);
+    if (!e) { d->st.misses++; return 0; }
+    if (e->expiry <= now) { d->st.expired++; drop(d, e); d->st.misses++; return 0; }
+    char f[4096];
+    file_of(d, chain, f, sizeof f);
+    long len = read_all(f, d->buf, d->max_record);
+    if (len == -1 && errno != ENOENT) { int er = errno; return fail(err, errlen, "kvdisk: reading %s: %s", f, strerror(er)); }
+    const uint8_t *p;
+    if (len < 0 || kvfile_decode(d->buf, (size_t)len, m, &p, NULL, 0) || !ours(d, m) || m->chain != chain) {
+        if (len != -1) d->st.bad_files++;   /* a missing file is only forgotten */
+        drop(d, e);
+        d->st.misses++;
+        return 0;
+    }
+    if (strcmp(m->ns, ns ? ns : "") || m->n_tokens != n || memcmp(m->tokens, tokens, sizeof(int32_t) * (size_t)n)) {
+        d->st.misses++;   /* another prefix under the same hash: not ours to serve */
+        return 0;
+    }
+    memcpy(kv, p, kv_block_bytes((int)d->n_layer, (int)d->kv_dim));
+    e->last_use = now;
+    d->st.hits++;
+    return 1;
+}
+
+int kvdisk_clear(kvdisk *d) {
+    int n = 0;
+    for (size_t i = 0; i < d->cap;) {
+        if (d->tab[i].used) { drop(d, &d->tab[i]); n++; }   /* backward shift may refill slot i */
+        else i++;
+    }
+    return n;
+}
+
+void kvdisk_get_stats(const kvdisk *d, kvdisk_stats *out) { *out = d->st; }
+const char *kvdisk_path(const kvdisk *d) { return d->path; }

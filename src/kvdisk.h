@@ -1,0 +1,54 @@
+/* kvdisk: the disk tier's block store (issue 11). One directory per model and KV layout under
+ * --cache-dir, one file per cached block (kvfile records), named by the block's chain hash. The
+ * store keeps an in-memory table of what it holds (chain hash -> size, expiry, last use), built
+ * at open by reading and verifying every record: expired, corrupt, truncated or foreign files
+ * are deleted and counted, so after a crash (kill -9 mid-write included) only fully written,
+ * checksummed blocks are ever served. Writes go to a temporary name, are flushed with fsync and
+ * then renamed into place, so a record is either whole or absent. The store stays within its
+ * byte bound, evicting expired blocks first, then the least recently used.
+ *
+ * Synchronous and not thread-safe: the engine drives it from one thread (a writer thread of its
+ * own later). Time is passed in (Unix seconds), so tests drive the clock. */
+#ifndef PCACHE_KVDISK_H
+#define PCACHE_KVDISK_H
+#include <stddef.h>
+#include <stdint.h>
+#include "kvfile.h"
+
+typedef struct kvdisk kvdisk;
+
+typedef struct kvdisk_stats {
+    uint64_t blocks, bytes;               /* held now */
+    uint64_t writes, write_errors;
+    uint64_t lookups, hits, misses;       /* kvdisk_get */
+    uint64_t bad_files;                   /* refused records (corrupt, truncated, foreign), deleted */
+    uint64_t expired, evicted;            /* deleted by expiry; by the size bound */
+} kvdisk_stats;
+
+/* Opens (creating it if needed) the store for one model fingerprint and KV layout under dir,
+ * bounded to max_bytes, scanning what an earlier process left. Returns 0, or -1 with err. */
+int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_layer, uint32_t kv_dim, uint64_t max_bytes,
+                double now, char *err, size_t errlen);
+void kvdisk_close(kvdisk *d);
+
+/* Stores a block (m's model and layout must be the store's). An existing record of the same
+ * chain is kept and only its expiry extended to the later one. Evicts to stay within the bound
+ * (a block larger than the bound is not stored). Returns 0, or -1 with err (nothing changed). */
+int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char *err, size_t errlen);
+
+/* Whether a live record of this chain hash is held (no I/O). */
+int kvdisk_has(const kvdisk *d, uint64_t chain, double now);
+
+/* Reads the block of chain hash `chain` into kv (kv_block_bytes of the layout) and its
+ * metadata into m, if it is held, unexpired, verifies, and belongs to namespace ns (NULL = "")
+ * with exactly these n tokens. Returns 1 on a hit, 0 on a miss (a bad file is deleted and
+ * counted), -1 with err on an I/O error other than a missing file. */
+int kvdisk_get(kvdisk *d, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, kvfile_meta *m,
+               void *kv, char *err, size_t errlen);
+
+/* Deletes every record (pcache cache clear). Returns the number deleted. */
+int kvdisk_clear(kvdisk *d);
+void kvdisk_get_stats(const kvdisk *d, kvdisk_stats *out);
+/* The store's directory (for messages and tools). */
+const char *kvdisk_path(const kvdisk *d);
+#endif
