@@ -4,10 +4,10 @@
  * chain hash. Eviction scans it for its victim (expired first, then least recently used): a
  * scan of a few ten thousand entries costs less than the file it deletes. */
 #include "kvdisk.h"
+#include "util.h"
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,16 +30,6 @@ struct kvdisk {
     kvdisk_stats st;
     uint8_t *buf; /* one record */
 };
-
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 static size_t home(const kvdisk *d, uint64_t chain) { return (size_t)(chain ^ chain >> 29) & (d->cap - 1); }
 
@@ -165,7 +155,7 @@ int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_lay
                 double now, char *err, size_t errlen) {
     *out = NULL;
     kvdisk *d = calloc(1, sizeof *d);
-    if (!d) return fail(err, errlen, "kvdisk: out of memory");
+    if (!d) return errf(err, errlen, "kvdisk: out of memory");
     d->model_fp = model_fp;
     d->n_layer = n_layer;
     d->kv_dim = kv_dim;
@@ -174,18 +164,18 @@ int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_lay
     size_t pl = strlen(dir) + 64;
     d->path = malloc(pl);
     d->buf = malloc(d->max_record);
-    if (!d->path || !d->buf || grow(d)) { kvdisk_close(d); return fail(err, errlen, "kvdisk: out of memory"); }
+    if (!d->path || !d->buf || grow(d)) { kvdisk_close(d); return errf(err, errlen, "kvdisk: out of memory"); }
     snprintf(d->path, pl, "%s/%016llx-%ux%u-v%u", dir, (unsigned long long)model_fp, n_layer, kv_dim, KVFILE_VERSION);
     if (mkdirs(d->path)) {
         int e = errno;
-        fail(err, errlen, "kvdisk: cannot create %s: %s", d->path, strerror(e));
+        errf(err, errlen, "kvdisk: cannot create %s: %s", d->path, strerror(e));
         kvdisk_close(d);
         return -1;
     }
     DIR *dh = opendir(d->path);
     if (!dh) {
         int e = errno;
-        fail(err, errlen, "kvdisk: cannot read %s: %s", d->path, strerror(e));
+        errf(err, errlen, "kvdisk: cannot read %s: %s", d->path, strerror(e));
         kvdisk_close(d);
         return -1;
     }
@@ -213,7 +203,7 @@ int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_lay
         }
         if (m.expiry <= now) { unlink(f); d->st.expired++; continue; }
         double mt = stat(f, &sb) ? now : (double)sb.st_mtim.tv_sec + sb.st_mtim.tv_nsec * 1e-9;
-        if (!add(d, chain, (uint64_t)len, m.expiry, mt)) { closedir(dh); kvdisk_close(d); return fail(err, errlen, "kvdisk: out of memory"); }
+        if (!add(d, chain, (uint64_t)len, m.expiry, mt)) { closedir(dh); kvdisk_close(d); return errf(err, errlen, "kvdisk: out of memory"); }
     }
     closedir(dh);
     make_room(d, 0, now);
@@ -235,7 +225,7 @@ int kvdisk_has(const kvdisk *d, uint64_t chain, double now) {
 }
 
 int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char *err, size_t errlen) {
-    if (!ours(d, m)) return fail(err, errlen, "kvdisk: a block of another model or layout");
+    if (!ours(d, m)) return errf(err, errlen, "kvdisk: a block of another model or layout");
     entry *e = find(d, m->chain);
     if (e && e->expiry >= m->expiry) { e->last_use = now; return 0; }
     size_t len = kvfile_encode(m, kv, d->buf, d->max_record, err, errlen);
@@ -259,10 +249,10 @@ int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char
     if (!ok) {
         unlink(tmp);
         d->st.write_errors++;
-        return fail(err, errlen, "kvdisk: writing %s: %s", f, strerror(er));
+        return errf(err, errlen, "kvdisk: writing %s: %s", f, strerror(er));
     }
     d->st.writes++;
-    if (!add(d, m->chain, len, m->expiry, now)) { unlink(f); return fail(err, errlen, "kvdisk: out of memory"); }
+    if (!add(d, m->chain, len, m->expiry, now)) { unlink(f); return errf(err, errlen, "kvdisk: out of memory"); }
     return 0;
 }
 
@@ -275,7 +265,7 @@ int kvdisk_get(kvdisk *d, uint64_t chain, const char *ns, const int32_t *tokens,
     char f[4096];
     file_of(d, chain, f, sizeof f);
     long len = read_all(f, d->buf, d->max_record);
-    if (len == -1 && errno != ENOENT) { int er = errno; return fail(err, errlen, "kvdisk: reading %s: %s", f, strerror(er)); }
+    if (len == -1 && errno != ENOENT) { int er = errno; return errf(err, errlen, "kvdisk: reading %s: %s", f, strerror(er)); }
     const uint8_t *p;
     if (len < 0 || kvfile_decode(d->buf, (size_t)len, m, &p, NULL, 0) || !ours(d, m) || m->chain != chain) {
         if (len != -1) d->st.bad_files++;   /* a missing file is only forgotten */

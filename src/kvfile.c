@@ -1,6 +1,6 @@
 /* kvfile: see kvfile.h. */
 #include "kvfile.h"
-#include <stdarg.h>
+#include "util.h"
 #include <stdio.h>
 #include <string.h>
 #include <zlib.h>
@@ -23,16 +23,6 @@ static uint64_t get64(const uint8_t *p) {
 }
 static void putf64(uint8_t *p, double d) { uint64_t v; memcpy(&v, &d, 8); put64(p, v); }
 static double getf64(const uint8_t *p) { uint64_t v = get64(p); double d; memcpy(&d, &v, 8); return d; }
-
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 /* splitmix64's finalizer: every input bit reaches every output bit */
 static uint64_t mix(uint64_t h, uint64_t v) {
@@ -71,12 +61,12 @@ static int layout_ok(uint32_t n_layer, uint32_t kv_dim) {
 
 size_t kvfile_encode(const kvfile_meta *m, const void *kv, uint8_t *out, size_t cap, char *err, size_t errlen) {
     const size_t ns_len = strnlen(m->ns, sizeof m->ns);
-    if (ns_len > KVFILE_NS_MAX) { fail(err, errlen, "kvfile: namespace over %d bytes", KVFILE_NS_MAX); return 0; }
-    if (!layout_ok(m->n_layer, m->kv_dim)) { fail(err, errlen, "kvfile: bad layout %u x %u", m->n_layer, m->kv_dim); return 0; }
-    if (m->n_tokens < 1 || m->n_tokens > KV_BLOCK) { fail(err, errlen, "kvfile: %d tokens in a block", m->n_tokens); return 0; }
-    if (m->chain != kvfile_chain(m->parent, m->tokens, m->n_tokens)) { fail(err, errlen, "kvfile: chain hash does not match the tokens"); return 0; }
+    if (ns_len > KVFILE_NS_MAX) { errf(err, errlen, "kvfile: namespace over %d bytes", KVFILE_NS_MAX); return 0; }
+    if (!layout_ok(m->n_layer, m->kv_dim)) { errf(err, errlen, "kvfile: bad layout %u x %u", m->n_layer, m->kv_dim); return 0; }
+    if (m->n_tokens < 1 || m->n_tokens > KV_BLOCK) { errf(err, errlen, "kvfile: %d tokens in a block", m->n_tokens); return 0; }
+    if (m->chain != kvfile_chain(m->parent, m->tokens, m->n_tokens)) { errf(err, errlen, "kvfile: chain hash does not match the tokens"); return 0; }
     const size_t hs = header_size(ns_len), pb = kv_block_bytes((int)m->n_layer, (int)m->kv_dim), total = hs + pb + 4;
-    if (cap < total) { fail(err, errlen, "kvfile: buffer of %zu bytes, record needs %zu", cap, total); return 0; }
+    if (cap < total) { errf(err, errlen, "kvfile: buffer of %zu bytes, record needs %zu", cap, total); return 0; }
     memset(out, 0, hs);
     memcpy(out, MAGIC, 8);
     put32(out + 8, KVFILE_VERSION);
@@ -102,42 +92,42 @@ size_t kvfile_encode(const kvfile_meta *m, const void *kv, uint8_t *out, size_t 
 }
 
 int kvfile_decode(const uint8_t *buf, size_t len, kvfile_meta *m, const uint8_t **kv, char *err, size_t errlen) {
-    if (len < KVFILE_FIXED + 4) return fail(err, errlen, "kvfile: %zu bytes, shorter than a header", len);
-    if (memcmp(buf, MAGIC, 8)) return fail(err, errlen, "kvfile: not a KV block record (bad magic)");
+    if (len < KVFILE_FIXED + 4) return errf(err, errlen, "kvfile: %zu bytes, shorter than a header", len);
+    if (memcmp(buf, MAGIC, 8)) return errf(err, errlen, "kvfile: not a KV block record (bad magic)");
     const uint32_t ver = get32(buf + 8);
-    if (ver != KVFILE_VERSION) return fail(err, errlen, "kvfile: format version %u, this build reads %u", ver, KVFILE_VERSION);
+    if (ver != KVFILE_VERSION) return errf(err, errlen, "kvfile: format version %u, this build reads %u", ver, KVFILE_VERSION);
     memset(m, 0, sizeof *m);
     m->model_fp = get64(buf + 24);
     m->n_layer = get32(buf + 32);
     m->kv_dim = get32(buf + 36);
-    if (!layout_ok(m->n_layer, m->kv_dim)) return fail(err, errlen, "kvfile: bad layout %u x %u", m->n_layer, m->kv_dim);
+    if (!layout_ok(m->n_layer, m->kv_dim)) return errf(err, errlen, "kvfile: bad layout %u x %u", m->n_layer, m->kv_dim);
     if (get16(buf + 40) != KV_BLOCK || get16(buf + 42) != 1)
-        return fail(err, errlen, "kvfile: blocks of %u tokens, element type %u (expected %d, fp16)", get16(buf + 40), get16(buf + 42), KV_BLOCK);
+        return errf(err, errlen, "kvfile: blocks of %u tokens, element type %u (expected %d, fp16)", get16(buf + 40), get16(buf + 42), KV_BLOCK);
     m->n_tokens = get16(buf + 44);
     m->kind = buf[46];
     const size_t ns_len = buf[47], hs = header_size(ns_len), pb = kv_block_bytes((int)m->n_layer, (int)m->kv_dim);
-    if (m->n_tokens < 1 || m->n_tokens > KV_BLOCK) return fail(err, errlen, "kvfile: %d tokens in a block", m->n_tokens);
-    if (m->kind != 0 && m->kind != 1) return fail(err, errlen, "kvfile: entry kind %d", m->kind);
-    if (get32(buf + 12) != hs) return fail(err, errlen, "kvfile: header of %u bytes, expected %zu", get32(buf + 12), hs);
-    if (get64(buf + 16) != pb) return fail(err, errlen, "kvfile: payload of %llu bytes, the layout needs %zu", (unsigned long long)get64(buf + 16), pb);
-    if (len != hs + pb + 4) return fail(err, errlen, "kvfile: %zu bytes, the record needs %zu (truncated or trailing data)", len, hs + pb + 4);
+    if (m->n_tokens < 1 || m->n_tokens > KV_BLOCK) return errf(err, errlen, "kvfile: %d tokens in a block", m->n_tokens);
+    if (m->kind != 0 && m->kind != 1) return errf(err, errlen, "kvfile: entry kind %d", m->kind);
+    if (get32(buf + 12) != hs) return errf(err, errlen, "kvfile: header of %u bytes, expected %zu", get32(buf + 12), hs);
+    if (get64(buf + 16) != pb) return errf(err, errlen, "kvfile: payload of %llu bytes, the layout needs %zu", (unsigned long long)get64(buf + 16), pb);
+    if (len != hs + pb + 4) return errf(err, errlen, "kvfile: %zu bytes, the record needs %zu (truncated or trailing data)", len, hs + pb + 4);
     const uint32_t crc = (uint32_t)crc32_z(crc32_z(0, Z_NULL, 0), buf, hs + pb);
-    if (crc != get32(buf + hs + pb)) return fail(err, errlen, "kvfile: checksum mismatch");
+    if (crc != get32(buf + hs + pb)) return errf(err, errlen, "kvfile: checksum mismatch");
     for (size_t i = KVFILE_FIXED + ns_len; i < hs; i++)
-        if (buf[i]) return fail(err, errlen, "kvfile: nonzero header padding");
+        if (buf[i]) return errf(err, errlen, "kvfile: nonzero header padding");
     memcpy(m->ns, buf + KVFILE_FIXED, ns_len);
-    if (memchr(m->ns, 0, ns_len)) return fail(err, errlen, "kvfile: NUL byte in the namespace");
+    if (memchr(m->ns, 0, ns_len)) return errf(err, errlen, "kvfile: NUL byte in the namespace");
     m->parent = get64(buf + 48);
     m->chain = get64(buf + 56);
     m->expiry = getf64(buf + 64);
     m->ttl = getf64(buf + 72);
-    if (!(m->expiry == m->expiry) || !(m->ttl >= 0 && m->ttl <= 1e9)) return fail(err, errlen, "kvfile: bad expiry or ttl");
+    if (!(m->expiry == m->expiry) || !(m->ttl >= 0 && m->ttl <= 1e9)) return errf(err, errlen, "kvfile: bad expiry or ttl");
     for (int i = 0; i < KV_BLOCK; i++) {
         const int32_t t = (int32_t)get32(buf + 80 + 4 * i);
         if (i < m->n_tokens) m->tokens[i] = t;
-        else if (t) return fail(err, errlen, "kvfile: nonzero unused token slot");
+        else if (t) return errf(err, errlen, "kvfile: nonzero unused token slot");
     }
-    if (m->chain != kvfile_chain(m->parent, m->tokens, m->n_tokens)) return fail(err, errlen, "kvfile: chain hash does not match the tokens");
+    if (m->chain != kvfile_chain(m->parent, m->tokens, m->n_tokens)) return errf(err, errlen, "kvfile: chain hash does not match the tokens");
     *kv = buf + hs;
     return 0;
 }

@@ -34,11 +34,11 @@
  */
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "tokenizer.h"
+#include "util.h"
 #include <pcre2.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <stdarg.h>
 
 enum { KIND_BPE = 1, KIND_SPM = 2 };
 enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_USER = 4, TT_UNUSED = 5, TT_BYTE = 6 };
@@ -75,14 +75,6 @@ struct tokenizer {
     int32_t eog[MAX_EOG];
     int n_eog;
 };
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* ---------- small utilities ---------- */
 
@@ -234,7 +226,7 @@ static int compile_re(tokenizer *t, const char *pat, char *err, size_t errlen) {
     if (!re) {
         PCRE2_UCHAR msg[128];
         pcre2_get_error_message(ec, msg, sizeof msg);
-        seterr(err, errlen, "tokenizer: regex compile failed at %zu: %s", (size_t)eo, (char *)msg);
+        errf(err, errlen, "tokenizer: regex compile failed at %zu: %s", (size_t)eo, (char *)msg);
         return -1;
     }
     pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* best effort: falls back to the interpreter */
@@ -255,19 +247,19 @@ int tokenizer_load(tokenizer **out, const gguf_file *f, char *err, size_t errlen
     *out = NULL;
     gguf_str model;
     if (gguf_get_str(f, "tokenizer.ggml.model", &model) != GGUF_OK) {
-        seterr(err, errlen, "tokenizer: missing tokenizer.ggml.model");
+        errf(err, errlen, "tokenizer: missing tokenizer.ggml.model");
         return -1;
     }
     int kind = gguf_str_eq(model, "gpt2") ? KIND_BPE : gguf_str_eq(model, "llama") ? KIND_SPM : 0;
     if (!kind) {
-        seterr(err, errlen, "tokenizer: unsupported tokenizer model '%.*s'", (int)(model.len > 64 ? 64 : model.len),
+        errf(err, errlen, "tokenizer: unsupported tokenizer model '%.*s'", (int)(model.len > 64 ? 64 : model.len),
                model.ptr);
         return -1;
     }
     const gguf_kv *kt = gguf_get_kv(f, "tokenizer.ggml.tokens");
     if (!kt || kt->type != GGUF_TYPE_ARRAY || kt->arr_type != GGUF_TYPE_STRING || !kt->strs ||
         kt->arr_n == 0 || kt->arr_n > (1u << 24)) {
-        seterr(err, errlen, "tokenizer: missing or bad tokenizer.ggml.tokens");
+        errf(err, errlen, "tokenizer: missing or bad tokenizer.ggml.tokens");
         return -1;
     }
     int n = (int)kt->arr_n;
@@ -315,7 +307,7 @@ int tokenizer_load(tokenizer **out, const gguf_file *f, char *err, size_t errlen
     if (!byte_ok) goto oom;
     for (int i = 0; i < n; i++) {
         gguf_str s = kt->strs[i];
-        if (s.len > (1u << 20)) { free(byte_ok); free(tmp); seterr(err, errlen, "tokenizer: token %d too long", i); tokenizer_free(t); return -1; }
+        if (s.len > (1u << 20)) { free(byte_ok); free(tmp); errf(err, errlen, "tokenizer: token %d too long", i); tokenizer_free(t); return -1; }
         if (arena_add(t, s.ptr ? s.ptr : "", s.ptr ? s.len : 0, &t->text[i])) { free(byte_ok); free(tmp); goto oom; }
         if (tmp_cap < s.len + 8) {
             tmp_cap = s.len * 2 + 8;
@@ -469,7 +461,7 @@ int tokenizer_load(tokenizer **out, const gguf_file *f, char *err, size_t errlen
     *out = t;
     return 0;
 oom:
-    seterr(err, errlen, "tokenizer: out of memory");
+    errf(err, errlen, "tokenizer: out of memory");
     tokenizer_free(t);
     return -1;
 }
@@ -681,11 +673,11 @@ static void encode_fragment(enc *e, const char *s, size_t n, bool at_start) {
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_bos, bool parse_special,
                      int32_t **out, char *err, size_t errlen) {
     *out = NULL;
-    if (!t || (!text && len)) { seterr(err, errlen, "tokenizer: bad arguments"); return -1; }
-    if (len > (1u << 28)) { seterr(err, errlen, "tokenizer: input too long (%zu bytes)", len); return -1; }
+    if (!t || (!text && len)) { errf(err, errlen, "tokenizer: bad arguments"); return -1; }
+    if (len > (1u << 28)) { errf(err, errlen, "tokenizer: input too long (%zu bytes)", len); return -1; }
     size_t n;
     char *buf = utf8_sanitize(text ? text : "", len, &n);
-    if (!buf) { seterr(err, errlen, "tokenizer: out of memory"); return -1; }
+    if (!buf) { errf(err, errlen, "tokenizer: out of memory"); return -1; }
     enc e = { .t = t };
     if (t->n_re > 0) {
         e.md = pcre2_match_data_create_from_pattern(t->re[0], NULL);
@@ -715,11 +707,11 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_
     pcre2_match_data_free(e.md);
     if (e.oom) {
         free(e.ids);
-        seterr(err, errlen, "tokenizer: out of memory");
+        errf(err, errlen, "tokenizer: out of memory");
         return -1;
     }
     if (!e.ids) e.ids = malloc(sizeof(int32_t));
-    if (!e.ids) { seterr(err, errlen, "tokenizer: out of memory"); return -1; }
+    if (!e.ids) { errf(err, errlen, "tokenizer: out of memory"); return -1; }
     *out = e.ids;
     return (int)e.n;
 }

@@ -1,6 +1,7 @@
 /* util: see util.h. */
 #include "util.h"
 #include <errno.h>
+#include <stdarg.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,4 +78,14 @@ char *read_file(const char *path, size_t *len) {
 const char *default_model_path(void) {
     const char *p = getenv("PCACHE_MODEL");
     return p && *p ? p : "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+int errf(char *err, size_t errlen, const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
 }

@@ -11,6 +11,9 @@ int parse_duration(const char *s, double *out);
 /* Reads a whole stream / file into a malloc'ed NUL-terminated buffer (NULL on failure). */
 char *read_stream(void *file, size_t *len);
 char *read_file(const char *path, size_t *len);
+/* Writes a printf-style message into err (when err and errlen are set) and returns -1: the
+ * error convention of functions that take (char *err, size_t errlen). */
+int errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* The default model path: $PCACHE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf. */
 const char *default_model_path(void);
 #endif
