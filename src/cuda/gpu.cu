@@ -104,9 +104,17 @@ struct mm_out {
     int *cnt;         /* split: one ticket counter per output tile, left at 0 */
 };
 
+/* Adds a finished chunk's sum v into *y (see k_mm): the first chunk is stored (red-added when
+ * accumulating), later ones red-added, so no warp waits for y; the bias is red-added after the
+ * last. */
+__device__ __forceinline__ void mm_fold(const mm_out &o, float *y, float v, int gm, bool first, bool last) {
+    if (first && !o.accumulate) *y = v;
+    else red_add(y, v);
+    if (last && o.bias) red_add(y, o.bias[gm]);
+}
+
 /* The end of a chunk of k (see k_mm): without a split, the chunk's sums are folded into y in
- * chunk order, y = ((c0 [+ y]) + c1) + ... (+ bias), each + an add_ftz: the first chunk is stored
- * (or red-added when accumulating), the others red-added, so no warp waits for y; with a split,
+ * chunk order (mm_fold), y = ((c0 [+ y]) + c1) + ... (+ bias), each + an add_ftz; with a split,
  * they are stored as this block's partial. acc is zeroed for the next chunk. */
 template <int FM, int FN>
 __device__ __forceinline__ void mm_chunk_end(float (&acc)[FM][FN][4], const mm_out &o, int mw, int nw, int lane, int M,
@@ -126,10 +134,7 @@ __device__ __forceinline__ void mm_chunk_end(float (&acc)[FM][FN][4], const mm_o
                     if (o.part) {
                         o.part[((size_t)blockIdx.z * N + gn) * M + gm] = acc[i][j][e];
                     } else {
-                        float *y = o.y + (size_t)gn * o.ldy + gm;
-                        if (first && !o.accumulate) *y = acc[i][j][e];
-                        else red_add(y, acc[i][j][e]);
-                        if (last && o.bias) red_add(y, o.bias[gm]);
+                        mm_fold(o, o.y + (size_t)gn * o.ldy + gm, acc[i][j][e], gm, first, last);
                     }
                 }
                 acc[i][j][e] = 0.0f;
@@ -190,7 +195,7 @@ __device__ __forceinline__ void mm_split_finish(const mm_out &o, int m0, int n0,
  * BK-wide stages through an ST-deep cp.async pipeline.
  *
  * The arithmetic of one output is fixed whatever the kernel, tile shape or batch: k is cut into
- * chunks of kc (a constant of the process); within a chunk, one fp32 register accumulates
+ * chunks of kc (mm_kc: a function of the matrix alone); within a chunk, one fp32 register accumulates
  * m16n8k16 MMAs at k = c*kc, c*kc + 16, ... in ascending order (zero-filled past K, which adds
  * exact zeros), starting from 0; y then takes the first chunk's sum (or adds it, accumulating),
  * adds each later chunk's sum in chunk order, and the bias last (fp32 adds that flush subnormals,
@@ -426,7 +431,7 @@ __global__ void __launch_bounds__(128) k_matmul_any(const __half *__restrict__ W
         }
         __syncthreads();
         if ((k0 + MM_BK) % o.kc && k0 + MM_BK < K) continue;
-        /* the end of a chunk: fold its sums into y as mm_chunk_end does */
+        /* the end of a chunk: fold its sums into y (mm_fold, as mm_chunk_end) */
         for (int i = 0; i < 2; i++)
             for (int j = 0; j < 2; j++) {
                 wmma::store_matrix_sync(Cs + (wm + 16 * i) * MM_LDC + wn + 16 * j, acc[i][j], MM_LDC, wmma::mem_row_major);
@@ -438,10 +443,7 @@ __global__ void __launch_bounds__(128) k_matmul_any(const __half *__restrict__ W
             int n = i / MM_BM, m = i % MM_BM;
             int gm = m0 + m, gn = n0 + n;
             if (gm >= M || gn >= N) continue;
-            float *y = o.y + (size_t)gn * o.ldy + gm;
-            if (first && !o.accumulate) *y = Cs[m * MM_LDC + n];
-            else red_add(y, Cs[m * MM_LDC + n]);
-            if (last && o.bias) red_add(y, o.bias[gm]);
+            mm_fold(o, o.y + (size_t)gn * o.ldy + gm, Cs[m * MM_LDC + n], gm, first, last);
         }
         __syncthreads();
     }
@@ -1068,8 +1070,8 @@ static int mm_forced(void) {
 static int split_forced(void) {
     static int f = -2;
     if (f == -2) {
-        const char *v = getenv("PCACHE_SPLIT");
-        f = v && *v ? atoi(v) != 0 : -1;
+        const int v = env_int("PCACHE_SPLIT", -1);
+        f = v < 0 ? -1 : v != 0;
     }
     return f;
 }
@@ -1092,7 +1094,7 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     }
     /* tile rows x tokens of each shape (f = 2..9) */
     static const short tbm[10] = { 0, 0, 128, 64, 32, 32, 32, 32, 32, 32 }, tbn[10] = { 0, 0, 128, 128, 8, 32, 64, 8, 32, 64 };
-    const int nz = (w->cols + o.kc - 1) / o.kc;
+    const int nz = (int)mm_chunks(w->rows, w->cols);
     const size_t tiles = (size_t)((w->rows + tbm[f] - 1) / tbm[f]) * ((n + tbn[f] - 1) / tbn[f]);
     const int sf = split_forced();
     const bool split = nz > 1 && sf != 0 && g->part && (size_t)nz * n * w->rows <= g->part_cap && tiles <= (size_t)g->cnt_cap &&
