@@ -9,6 +9,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 case ${1:-} in
 prepare)
+  rm -rf "$here/.gpu/debs" "$here/.gpu/whl"   # a re-run must not leave two versions of a wheel
   mkdir -p "$here/.gpu/debs" "$here/.gpu/whl"
   mkdir -p "$here/.git/info"
   grep -qx '/.gpu/' "$here/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$here/.git/info/exclude"
