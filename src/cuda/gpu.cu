@@ -24,6 +24,7 @@
  * - norms, RoPE, SwiGLU: per token.
  */
 #include <cuda_fp16.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <math.h>
@@ -272,6 +273,183 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k
     cp_wait<0>();
     if (!CH && warp < WM * WN) mm_store<FM, FN>(acc, o, m0 + wm, n0 + wn, lane, M, N);
     if (o.part) mm_split_finish<BM, BN, NTH>(o, m0, n0, M, N);
+}
+
+/* ---- k_mmwg: the prefill matmul on Hopper's warpgroup MMAs (issue 10) ----
+ * The same arithmetic as k_mm (one fp32 accumulator per output, MMAs at k = c*kc, c*kc + 16, ...
+ * in ascending order within a chunk, chunks folded in order by mm_fold / mm_store), so the same
+ * bits: wgmma and mma.sync give identical results for identical fp16 operands and k order
+ * (bench/wgmma_probe.cu: 0 of 81920 outputs differ, H200, 2026-12-01), and every product is
+ * exact in fp32 whichever operand is A. Here the tokens are the A operand (64 per consumer
+ * warpgroup, 128 per block) and BN weight rows the B operand, so a thread's accumulator pairs
+ * are adjacent outputs of one token. Warp specialized: warpgroup 0 has one thread that issues
+ * the tensor-memory-accelerator (TMA) loads of both tiles (128-byte swizzled, zero-filled past
+ * the matrices' edges: exact zeros, as k_mm's cp.async zero fill) into an ST-deep ring of stages
+ * guarded by mbarriers; warpgroups 1 and 2 run the MMAs. sm_90a only; the host uses it for
+ * prefill batches (no split) when the device is a Hopper (PCACHE_WGMMA=0 turns it off). */
+template <int N> __device__ __forceinline__ void wgmma_f16(float *d, uint64_t da, uint64_t db);
+template <> __device__ __forceinline__ void wgmma_f16<128>(float *d, uint64_t da, uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"
+                 "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"
+                 "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+                 "%64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+                   "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+                   "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+                   "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db));
+}
+template <> __device__ __forceinline__ void wgmma_f16<256>(float *d, uint64_t da, uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"
+                 "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"
+                 "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,"
+                 "%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,"
+                 "%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,"
+                 "%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, "
+                 "%128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                   "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                   "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+                   "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+                   "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+                   "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),
+                   "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),
+                   "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),
+                   "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),
+                   "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]),
+                   "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]),
+                   "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]),
+                   "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),
+                   "+f"(d[127])
+                 : "l"(da), "l"(db));
+}
+
+/* shared-memory matrix descriptor of a K-major tile of 128-byte rows, 128B swizzle */
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_2d(uint32_t dst, const void *map, int c0, int c1, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+
+#define WG_BK 64
+#define WG_TOK 128   /* tokens per block: two consumer warpgroups of 64 */
+template <int BN, int ST> static constexpr size_t wg_smem() { return (size_t)ST * (WG_TOK + BN) * WG_BK * 2 + 1024 + 2 * ST * 8; }
+
+template <bool CH, int BN, int ST>
+__global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtensorMap mx, const __grid_constant__ CUtensorMap mw,
+                                                 int M, int N, int K, const mm_out o) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char wg_raw[];
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(wg_raw);
+    const uint32_t base = (raw + 1023) & ~1023u;   /* swizzle atoms need 1024-byte alignment */
+    constexpr uint32_t XB = WG_TOK * WG_BK * 2, WB = BN * WG_BK * 2, SB = XB + WB;
+    const uint32_t full = base + ST * SB, empty = full + ST * 8;
+    const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+    const int m0 = blockIdx.x * BN, n0 = blockIdx.y * WG_TOK;
+    const int KT = (K + WG_BK - 1) / WG_BK, CT = o.kc / WG_BK;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < ST; s++) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, 256);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (tid == 0) {
+            for (int kt = 0; kt < KT; kt++) {
+                const int s = kt % ST;
+                if (kt >= ST) mbar_wait(empty + 8 * s, ((kt / ST) - 1) & 1);
+                mbar_expect(full + 8 * s, SB);
+                tma_2d(base + s * SB, &mx, kt * WG_BK, n0, full + 8 * s);
+                tma_2d(base + s * SB + XB, &mw, kt * WG_BK, m0, full + 8 * s);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    float d[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.0f;
+    /* accumulator element i: token row 16*warp + lane/4 (+8 for i%4 >= 2) of this warpgroup's 64,
+     * weight row 8*(i/4) + 2*(lane%4) + i%2 of the block's BN */
+    const int warp = tid / 32, lane = tid % 32;
+    const int tok0 = n0 + 64 * (wg - 1) + 16 * warp + lane / 4, row0 = m0 + 2 * (lane % 4);
+    /* element i's output is y[(tok0 + 8*((i>>1)&1)) * ldy + row0 + 8*(i>>2) + (i&1)]: a base, a
+     * token offset of 0 or 8*ldy and a constant, so the fold needs few registers next to the
+     * accumulators */
+    float *const yb = o.y + (size_t)tok0 * o.ldy + row0;
+    const size_t y8 = (size_t)8 * o.ldy;
+    const bool t0 = tok0 < N, t1 = tok0 + 8 < N;
+    const int lim = M - row0;
+    /* chunks one after another; k-tiles of a chunk in order (CH false: one chunk, all of k) */
+    for (int kc0 = 0; kc0 < KT; kc0 += CH ? CT : KT) {
+        const int kc1 = CH ? min(KT, kc0 + CT) : KT;
+        for (int kt = kc0; kt < kc1; kt++) {
+            const int s = kt % ST;
+            mbar_wait(full + 8 * s, (kt / ST) & 1);
+            const uint32_t xa = base + s * SB + (wg - 1) * 64 * 128, wa = base + s * SB + XB;
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kk = 0; kk < WG_BK / 16; kk++) wgmma_f16<BN>(d, wg_desc(xa + 32 * kk), wg_desc(wa + 32 * kk));
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            mbar_arrive(empty + 8 * s);
+        }
+        if (CH) {
+            const bool first = kc0 == 0, last = kc1 == KT;
+#pragma unroll
+            for (int i = 0; i < BN / 2; i++) {
+                const int c = 8 * (i >> 2) + (i & 1);
+                if (((i >> 1) & 1 ? t1 : t0) && c < lim)
+                    mm_fold(o, yb + ((i >> 1) & 1 ? y8 : 0) + c, d[i], row0 + c, first, last);
+                d[i] = 0.0f;
+            }
+        }
+    }
+    if (!CH) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) {
+            const int c = 8 * (i >> 2) + (i & 1);
+            if (!((i >> 1) & 1 ? t1 : t0) || c >= lim) continue;
+            float *y = yb + ((i >> 1) & 1 ? y8 : 0) + c;
+            float v = o.accumulate ? add_ftz(*y, d[i]) : d[i];
+            if (o.bias) v = add_ftz(v, o.bias[row0 + c]);
+            *y = v;
+        }
+    }
+#endif
 }
 
 __device__ __forceinline__ void cp_async8(void *smem, const void *gmem, bool pred) {
@@ -984,6 +1162,62 @@ template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cud
 #define MMQ_S32 32, 32, 128, 2, 1, 6, 2
 #define MMQ_S64 32, 64, 128, 2, 1, 4
 
+/* k_mmwg's launch: the tensor maps of x (tokens x k, ldx apart) and W (rows x k) are encoded
+ * per call (a few microseconds of host time, prefill only), through the driver's
+ * cuTensorMapEncodeTiled reached via the runtime (no libcuda link: the binary still runs where
+ * there is no driver). */
+typedef CUresult (*tmap_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *, const cuuint64_t *,
+                                   const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static tmap_encode_fn g_tmap_encode;
+static int env_int(const char *name, int dflt);
+/* Whether k_mmwg can run here: a Hopper GPU (its sm_90a code) and the driver's TMA encoder. */
+static bool wg_usable(void) {
+    static int ok = -1;
+    if (ok >= 0) return ok;
+    ok = 0;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) || major != 9) return false;
+    void *fn = NULL;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) || q != cudaDriverEntryPointSuccess || !fn)
+        return false;
+    g_tmap_encode = (tmap_encode_fn)fn;
+    ok = 1;
+    return true;
+}
+/* Whether prefill batches use k_mmwg by default: PCACHE_WGMMA=1 (off until it is measured on
+ * the GPU machine; PCACHE_MM=wg|wg128 forces it for the tests either way). */
+static bool wg_default(void) {
+    static int on = -1;
+    if (on < 0) on = env_int("PCACHE_WGMMA", 0) && wg_usable();
+    return on;
+}
+static bool tmap_2d(CUtensorMap *m, const void *p, int inner, int outer, int ld, int box_outer) {
+    const cuuint64_t dims[2] = { (cuuint64_t)inner, (cuuint64_t)outer }, strides[1] = { (cuuint64_t)ld * 2 };
+    const cuuint32_t box[2] = { WG_BK, (cuuint32_t)box_outer }, es[2] = { 1, 1 };
+    return g_tmap_encode(m, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, (void *)p, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+template <int BN, int ST> static cudaError_t wg_setup() {
+    cudaError_t e = cudaFuncSetAttribute(k_mmwg<true, BN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem<BN, ST>());
+    return e ? e : cudaFuncSetAttribute(k_mmwg<false, BN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem<BN, ST>());
+}
+/* false when the maps cannot be encoded (the caller then runs k_mm) */
+template <int BN, int ST>
+static bool wg_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, const mm_out &o, int chunks) {
+    CUtensorMap mx, mw;
+    if (!tmap_2d(&mx, x, w->cols, n, ldx, WG_TOK) || !tmap_2d(&mw, w->w, w->cols, w->rows, w->cols, BN)) return false;
+    dim3 grid((w->rows + BN - 1) / BN, (n + WG_TOK - 1) / WG_TOK);
+    if (chunks > 1)
+        k_mmwg<true, BN, ST><<<grid, 384, wg_smem<BN, ST>(), st>>>(mx, mw, w->rows, n, w->cols, o);
+    else
+        k_mmwg<false, BN, ST><<<grid, 384, wg_smem<BN, ST>(), st>>>(mx, mw, w->rows, n, w->cols, o);
+    return true;
+}
+#define WG_256 256, 4
+#define WG_128 128, 6
+
 /* The tile shapes (any may take any batch: they give the same bits, see k_mm). */
 #define MM_LARGE 128, 128, 32, 2, 4, 4
 #define MM_WIDE 64, 128, 32, 2, 4, 4
@@ -1012,6 +1246,7 @@ static cudaError_t kernels_setup() {
         (e = mm_setup<MM_S64>()) || (e = mmq4_setup<MMQ_S8>()) || (e = mmq4_setup<MMQ_S32>()) ||
         (e = mmq4_setup<MMQ_S64>()))
         return e;
+    if (wg_usable() && ((e = wg_setup<WG_256>()) || (e = wg_setup<WG_128>()))) return e;
     (void)n_sms_init();
     if ((e = cudaFuncSetAttribute(k_flash<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (64 + 8) * 2)) ||
         (e = cudaFuncSetAttribute(k_flash<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (128 + 8) * 2)))
@@ -1053,16 +1288,16 @@ static size_t mm_chunks(int rows, int cols) { const int kc = mm_kc(rows, cols); 
 
 /* y (+)= x . W^T (+ bias). The shape is picked from the batch size and the grid's fill, and a
  * decode batch (up to 64 tokens) runs the chunks of k side by side (split); every choice gives
- * the same bits (k_mm). PCACHE_MM=any|large|wide|s8|s32|s64|q8|q32|q64 forces a shape (q*:
- * Q4_0 only) and PCACHE_SPLIT=0|1 never or always splits, for the tests that check exactly that
+ * the same bits (k_mm, k_mmwg). PCACHE_MM=any|large|wide|s8|s32|s64|q8|q32|q64|wg|wg128 forces a
+ * shape (q*: Q4_0 only; wg*: Hopper only, never split) and PCACHE_SPLIT=0|1 never or always splits, for the tests that check exactly that
  * and for A/B runs. */
 static int mm_forced(void) {
     static int f = -1;
     if (f < 0) {
         const char *v = getenv("PCACHE_MM");
-        const char *names[] = { "any", "large", "wide", "s8", "s32", "s64", "q8", "q32", "q64" };
+        const char *names[] = { "any", "large", "wide", "s8", "s32", "s64", "q8", "q32", "q64", "wg", "wg128" };
         f = 0;
-        for (int i = 0; v && i < 9; i++)
+        for (int i = 0; v && i < 11; i++)
             if (!strcmp(v, names[i])) f = i + 1;
     }
     return f;
@@ -1084,7 +1319,15 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
         k_matmul_any<<<grid, 128, 0, st>>>(w->w, x, w->rows, n, w->cols, ldx, o);
         return;
     }
-    if (f >= 7 && !w->q4) f = 0;
+    if (f >= 7 && f <= 9 && !w->q4) f = 0;
+    if (f >= 10 && !wg_usable()) f = 0;
+    if (!f && n > 64 && wg_default())   /* 256-row tiles when they fill the GPU */
+        f = (size_t)((w->rows + 255) / 256) * ((n + WG_TOK - 1) / WG_TOK) >= (size_t)n_sms() ? 10 : 11;
+    if (f >= 10) {   /* the warpgroup kernel: prefill, never split */
+        const int nch = (int)mm_chunks(w->rows, w->cols);
+        if (f == 10 ? wg_launch<WG_256>(st, w, x, ldx, n, o, nch) : wg_launch<WG_128>(st, w, x, ldx, n, o, nch)) return;
+        f = 0;
+    }
     if (!f && w->q4 && n <= 64) f = n <= 8 ? 7 : n <= 32 ? 8 : 9;   /* decode reads the blocks */
     if (!f) {
         if (n <= 8) f = 4;
