@@ -214,8 +214,56 @@ static int parse_logit_bias(const cJSON *root, api_request *r, api_error *err) {
     return 0;
 }
 
+/* response_format: text, json_object, or json_schema {name, schema, strict}. The schema is kept
+ * as compact JSON text; the server compiles it (jsonschema.c, cached by text) and answers a
+ * schema it cannot honour with a 400. */
+static int parse_response_format(const cJSON *rf, const char *t, api_request *r, api_error *err) {
+    if (!strcmp(t, "text")) return 0;
+    if (!strcmp(t, "json_object")) {
+        r->format = API_FORMAT_JSON_OBJECT;
+        return 0;
+    }
+    if (strcmp(t, "json_schema")) {
+        api_error_set(err, 400, "invalid_request_error", "response_format.type", "invalid_value",
+                      "response_format.type: '%.40s' is not one of text, json_object, json_schema", t);
+        return -1;
+    }
+    const cJSON *js = cJSON_GetObjectItemCaseSensitive(rf, "json_schema");
+    if (!cJSON_IsObject(js)) {
+        api_error_set(err, 400, "invalid_request_error", "response_format.json_schema", "missing_required_parameter",
+                      "response_format.json_schema: required, an object with a schema");
+        return -1;
+    }
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(js, "name");
+    if (name && !cJSON_IsString(name)) {
+        api_error_set(err, 400, "invalid_request_error", "response_format.json_schema.name", "invalid_type",
+                      "response_format.json_schema.name: expected a string");
+        return -1;
+    }
+    const cJSON *st = cJSON_GetObjectItemCaseSensitive(js, "strict");
+    if (st && !cJSON_IsBool(st) && !cJSON_IsNull(st)) {
+        api_error_set(err, 400, "invalid_request_error", "response_format.json_schema.strict", "invalid_type",
+                      "response_format.json_schema.strict: expected a boolean");
+        return -1;
+    }
+    const cJSON *sc = cJSON_GetObjectItemCaseSensitive(js, "schema");
+    if (sc && !cJSON_IsObject(sc) && !cJSON_IsBool(sc)) {
+        api_error_set(err, 400, "invalid_request_error", "response_format.json_schema.schema", "invalid_type",
+                      "response_format.json_schema.schema: expected an object");
+        return -1;
+    }
+    char *text = sc ? cJSON_PrintUnformatted(sc) : strdup("{}");   /* no schema: any JSON value */
+    if (!text) {
+        api_error_set(err, 500, "api_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    r->format = API_FORMAT_JSON_SCHEMA;
+    r->schema = text;
+    return 0;
+}
+
 /* What OpenAI offers and pcache does not do yet. */
-static int openai_refusals(const cJSON *root, const api_request *r, api_error *err) {
+static int openai_refusals(const cJSON *root, api_request *r, api_error *err) {
     long long ll;
     int k;
     bool b = false;
@@ -233,7 +281,7 @@ static int openai_refusals(const cJSON *root, const api_request *r, api_error *e
             api_error_set(err, 400, "invalid_request_error", "response_format", "invalid_type", "response_format: expected an object with a type");
             return -1;
         }
-        if (strcmp(t, "text")) return refuse(err, "response_format", "response_format other than text (structured outputs)");
+        if (parse_response_format(rf, t, r, err) < 0) return -1;
     }
     const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     if (tc && !cJSON_IsNull(tc)) {
@@ -701,6 +749,7 @@ void api_request_free(api_request *r) {
     free(r->cache_key);
     free(r->logit_bias);
     free(r->cache_salt);
+    free(r->schema);
     memset(r, 0, sizeof *r);
     r->logprobs = -1;
 }

@@ -77,7 +77,10 @@ typedef struct api_request {
     int n_logit_bias;
     char *cache_salt;         /* any API: splits the caller's cache namespace (vLLM's name) */
     bool ignore_eos;          /* extension (llama.cpp, vLLM): generate past end-of-generation */
+    int format;               /* response_format: API_FORMAT_TEXT, _JSON_OBJECT, _JSON_SCHEMA */
+    char *schema;             /* json_schema: the schema as compact JSON text */
 } api_request;
+enum { API_FORMAT_TEXT = 0, API_FORMAT_JSON_OBJECT, API_FORMAT_JSON_SCHEMA };
 #define API_MAX_LOGIT_BIAS 1024
 #define API_MAX_CACHE_SALT 256
 
@@ -85,7 +88,7 @@ typedef struct api_request {
  * or wrong types); *out is then empty. On success the caller frees with api_request_free.
  * Every parameter is honoured or refused: a body that is not valid UTF-8 is a 400, and so is
  * any feature pcache does not implement yet, naming the parameter (OpenAI: n > 1, best_of > 1,
- * echo, suffix, response_format other than text, tool_choice "required" or a named function,
+ * echo, suffix, tool_choice "required" or a named function,
  * functions with a function_call, audio, modalities other than text, prediction,
  * web_search_options; Anthropic: tool_choice "any" or "tool", thinking enabled, mcp_servers).
  * Unknown fields are ignored (newer SDKs send fields older servers do not know). */

@@ -20,6 +20,7 @@
  */
 #include "engine.h"
 #include "gpu.h"
+#include "grammar.h"
 #include "kv.h"
 #include "model.h"
 #include "prefix.h"
@@ -47,6 +48,7 @@ typedef struct seq {
     uint64_t tried_epoch;    /* release epoch of the last failed admission (see admit) */
     engine_logit_bias *bias;
     int n_bias;
+    int gstate;              /* with r.grammar: the grammar's state after the output so far */
     kv_seq kv;               /* positions [0, kv.n_tokens) are computed */
     seq_phase phase;
     bool cancelled;
@@ -87,6 +89,7 @@ struct engine {
     uint64_t release_epoch;  /* bumped whenever a sequence gives blocks back */
     int32_t *lp_id;          /* logprobs scratch */
     float *lp_val;
+    vocab_trie *trie;        /* the vocabulary's byte strings, built for the first grammar */
 };
 
 static double mono_now(void *ctx) {
@@ -172,6 +175,7 @@ static void seq_free(engine *e, seq *s) {
     free(s->tokens);
     free(s->pending);
     free(s->bias);
+    grammar_unref(s->r.grammar);
     free(s);
 }
 
@@ -179,6 +183,7 @@ void engine_free(engine *e) {
     if (!e) return;
     for (int i = 0; i < e->n_seqs; i++) seq_free(e, e->seqs[i]);
     free(e->seqs);
+    vocab_trie_free(e->trie);
     if (e->px) prefix_free(e->px);
     kv_pool_free(&e->kv);
     if (e->tp) tp_free(e->tp);
@@ -246,6 +251,7 @@ int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen) 
     seq *s = calloc(1, sizeof *s);
     if (!s) { snprintf(err, errlen, "out of memory"); return -1; }
     s->r = *r;
+    s->r.grammar = NULL;   /* referenced below, once the sequence is sure to exist */
     s->ns = strdup(r->ns ? r->ns : "");
     s->cap_tokens = r->n_prompt + 64;
     s->tokens = malloc((size_t)s->cap_tokens * sizeof(int32_t));
@@ -268,6 +274,14 @@ int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen) 
         }
         e->seqs = ns;
         e->cap_seqs = cap;
+    }
+    if (r->grammar) {
+        s->r.grammar = grammar_ref(r->grammar);
+        if ((s->gstate = grammar_start(r->grammar)) <= 0) {
+            seq_free(e, s);
+            snprintf(err, errlen, "the output grammar is too large");
+            return -1;
+        }
     }
     s->r.ns = s->ns;
     s->r.stop = (const char *const *)s->stop;
@@ -388,9 +402,46 @@ static bool push_token(seq *s, int32_t t) {
 }
 
 /* Samples from logits, appends the token, streams text; finishes the sequence if done. */
+static const char *trie_piece(void *user, int32_t id, size_t *len) {
+    return tokenizer_piece((const tokenizer *)user, id, false, len);
+}
+
+/* Constrained decoding: tokens the grammar does not allow get -inf, end-of-generation tokens
+ * are allowed only where the grammar's sentence may end. Returns false (and finishes the
+ * sequence) when the grammar hit a size limit or allows nothing. */
+static bool grammar_apply(engine *e, seq *s, float *logits, int n_vocab) {
+    grammar *g = s->r.grammar;
+    if (!e->trie && !(e->trie = vocab_trie_build(n_vocab, trie_piece, e->tok))) {
+        finish(e, s, FINISH_ERROR, "out of memory");
+        return false;
+    }
+    const bool can_end = grammar_accepting(g, s->gstate);
+    const uint64_t *m = grammar_can_continue(g, s->gstate) ? grammar_mask(g, e->trie, s->gstate) : NULL;
+    if (!m && grammar_can_continue(g, s->gstate)) {
+        finish(e, s, FINISH_ERROR, "the output grammar grew past its limits");
+        return false;
+    }
+    bool any = false;
+    for (int i = 0; i < n_vocab; i++) {
+        const bool ok = tokenizer_is_eog(e->tok, i) ? can_end : m && (m[i >> 6] >> (i & 63) & 1);
+        if (!ok) logits[i] = -INFINITY;
+        any |= ok;
+    }
+    if (!any) {
+        finish(e, s, FINISH_ERROR, "the output grammar allows no token here");
+        return false;
+    }
+    return true;
+}
+
 static void take_token(engine *e, seq *s, float *logits) {
     int n_vocab = e->m->c.n_vocab;
+    if (s->r.grammar && s->r.ignore_eos && !grammar_can_continue(s->r.grammar, s->gstate)) {
+        finish(e, s, FINISH_STOP, NULL);   /* the sentence is complete: nothing may follow */
+        return;
+    }
     for (int i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
+    if (s->r.grammar && !grammar_apply(e, s, logits, n_vocab)) return;
     sample_penalize(logits, n_vocab, &s->r.sp, s->tokens, s->n_tokens);
     engine_token_info ti;
     if (s->r.on_token) {
@@ -406,9 +457,15 @@ static void take_token(engine *e, seq *s, float *logits) {
         s->u.ttft_s = s->t_first - s->t_submit;
         if (s->r.on_start) s->r.on_start(s->r.user, &s->u);
     }
-    if (!s->r.ignore_eos && tokenizer_is_eog(e->tok, t)) { finish(e, s, FINISH_STOP, NULL); return; }
+    if ((!s->r.ignore_eos || s->r.grammar) && tokenizer_is_eog(e->tok, t)) { finish(e, s, FINISH_STOP, NULL); return; }
     if (!push_token(s, t)) { finish(e, s, FINISH_ERROR, "out of memory"); return; }
     s->n_gen++;
+    if (s->r.grammar) {
+        size_t plen = 0;
+        const char *p = tokenizer_piece(e->tok, t, false, &plen);
+        s->gstate = p ? grammar_advance(s->r.grammar, s->gstate, p, plen) : GRAMMAR_DEAD;
+        if (s->gstate <= 0) { finish(e, s, FINISH_ERROR, "the output grammar grew past its limits"); return; }
+    }
     if (s->r.on_token) {
         ti.token = t;
         ti.logprob = sample_logprobs(logits, n_vocab, t, 0, NULL, NULL, e->cand);

@@ -78,6 +78,11 @@ typedef struct engine_request {
     int logprobs;                         /* with on_token: how many top alternatives each
                                              token's info lists (0 .. ENGINE_MAX_TOP_LOGPROBS) */
     float *prompt_logits;                 /* optional: gets the last prompt position's logits */
+    /* Optional: constrained decoding (structured outputs). Every token is sampled among those
+     * the grammar allows (grammar.h), and generation ends (FINISH_STOP) when the grammar's
+     * sentence is complete; end-of-generation tokens are allowed only where it may end. The
+     * engine holds a reference while the request lives. */
+    struct grammar *grammar;
     /* Streamed output: called with each complete UTF-8 text delta (never splits a character,
      * holds back text that may be the start of a stop string). */
     void (*on_text)(void *user, const char *text, size_t len);

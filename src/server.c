@@ -49,6 +49,7 @@
 #include "api.h"
 #include "engine.h"
 #include "gpu.h"
+#include "jsonschema.h"
 #include "util.h"
 #include <cjson/cJSON.h>
 #include <microhttpd.h>
@@ -157,6 +158,7 @@ struct server {
     uint64_t id_seed;
     atomic_uint_fast64_t id_ctr;
     metrics m;
+    schema_cache *schemas;    /* compiled response_format grammars */
 };
 
 typedef struct conn {
@@ -223,6 +225,7 @@ static void job_release(job *j) {
     pthread_mutex_destroy(&j->mu);
     pthread_cond_destroy(&j->cv);
     api_request_free(&j->req);
+    grammar_unref(j->er.grammar);
     free(j->prompt);
     free(j->text);
     free(j->pend);
@@ -802,8 +805,16 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         }
         goto out;
     }
-    /* Byte breakpoints -> token positions (whole tokens inside the prefix). */
     engine_request *er = &j->er;
+    if (j->req.format != API_FORMAT_TEXT) {   /* structured outputs: the schema's grammar */
+        char gerr[300] = "";
+        if (!(er->grammar = schema_cache_get(s->schemas, j->req.format == API_FORMAT_JSON_SCHEMA ? j->req.schema : NULL, gerr, sizeof gerr))) {
+            api_error_set(&e, 400, "invalid_request_error", "response_format", "invalid_json_schema", "response_format: %s", gerr);
+            ret = reply_error(s, c, cs->ep, false, &e);
+            goto out;
+        }
+    }
+    /* Byte breakpoints -> token positions (whole tokens inside the prefix). */
     if (nbps > 0) {
         size_t *ends = malloc((size_t)n * sizeof *ends);
         if (!ends) { ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "out of memory"); goto out; }
@@ -1161,6 +1172,11 @@ int server_main(int argc, char **argv) {
         fprintf(stderr, "pcache serve: %s\n", err[0] ? err : "could not load the model");
         return 1;
     }
+    if (!(s->schemas = schema_cache_new(64))) {
+        fprintf(stderr, "pcache serve: out of memory\n");
+        engine_free(s->eng);
+        return 1;
+    }
     s->tok = engine_tok(s->eng);
     s->gf = engine_gguf(s->eng);
     s->tmpl = chat_template_detect(s->gf, s->tok);
@@ -1244,6 +1260,7 @@ int server_main(int argc, char **argv) {
     MHD_quiesce_daemon(d);
     MHD_stop_daemon(d);
     engine_free(s->eng);
+    schema_cache_free(s->schemas);
     pthread_mutex_destroy(&s->q_mu);
     pthread_cond_destroy(&s->q_cv);
     pthread_mutex_destroy(&s->m.mu);

@@ -3,6 +3,8 @@
 #include "engine.h"
 #include "gguf.h"
 #include "gpu.h"
+#include "grammar.h"
+#include "jsonschema.h"
 #include "kv.h"
 #include "model.h"
 #include "quant.h"
@@ -594,6 +596,151 @@ static int cmd_bench_bw(int argc, char **argv) {
     return 0;
 }
 
+
+/* ---- structured outputs (grammar.h, jsonschema.h) ---- */
+
+/* The grammar of a schema file ("-": any JSON object, response_format json_object). */
+static grammar *schema_file_grammar(const char *path) {
+    char err[512];
+    if (!strcmp(path, "-")) return jsonschema_any_object(err, sizeof err);
+    size_t len;
+    char *text = read_file(path, &len);
+    cJSON *j = text ? cJSON_ParseWithLength(text, len) : NULL;
+    free(text);
+    if (!j) { fprintf(stderr, "%s: not a JSON file\n", path); return NULL; }
+    grammar *g = jsonschema_compile(j, err, sizeof err);
+    cJSON_Delete(j);
+    if (!g) fprintf(stderr, "schema refused: %s\n", err);
+    return g;
+}
+
+static const char *tool_piece(void *user, int32_t id, size_t *len) { return tokenizer_piece((const tokenizer *)user, id, false, len); }
+
+/* grammar-check SCHEMA < text: whether the bytes on stdin are a complete sentence of the
+ * schema's grammar ("complete"), a viable prefix ("prefix") or neither ("rejected"). */
+static int cmd_grammar_check(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool grammar-check SCHEMA|- < text\n"); return 2; }
+    grammar *g = schema_file_grammar(argv[0]);
+    if (!g) return 1;
+    size_t len;
+    char *text = read_stream(stdin, &len);
+    int st = grammar_advance(g, grammar_start(g), text ? text : "", text ? len : 0);
+    printf("%s\n", st < 0 ? "limit" : st == GRAMMAR_DEAD ? "rejected" : grammar_accepting(g, st) ? "complete" : "prefix");
+    free(text);
+    grammar_unref(g);
+    return 0;
+}
+
+/* grammar-sample MODEL SCHEMA SEED N: N random token walks through the schema's grammar over
+ * MODEL's vocabulary (no model: each step picks uniformly among the allowed tokens, and the end
+ * with probability 1/2 where the grammar may end), one JSON line each: the text, whether the
+ * sentence completed, the steps. Exercises exactly the masks the engine applies. */
+static int cmd_grammar_sample(int argc, char **argv) {
+    if (argc < 4) { fprintf(stderr, "usage: pcache-tool grammar-sample MODEL SCHEMA|- SEED N\n"); return 2; }
+    gguf_file *f;
+    tokenizer *t;
+    if (tok_open(argv[0], &f, &t)) return 1;
+    grammar *g = schema_file_grammar(argv[1]);
+    const int nv = tokenizer_n_vocab(t);
+    vocab_trie *tr = vocab_trie_build(nv, tool_piece, t);
+    if (!g || !tr) { grammar_unref(g); vocab_trie_free(tr); tokenizer_free(t); gguf_close(f); return 1; }
+    uint64_t rng = strtoull(argv[2], NULL, 10) * 0x9e3779b97f4a7c15ull + 1;
+    const int n = atoi(argv[3]);
+    char *out = malloc(1 << 20);
+    int rc = 0;
+    for (int k = 0; k < n && out; k++) {
+        int st = grammar_start(g), steps = 0;
+        size_t ol = 0;
+        bool complete = false;
+        for (; steps < 4000; steps++) {
+            rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+            const bool can_end = grammar_accepting(g, st), more = grammar_can_continue(g, st);
+            if (can_end && (!more || (rng >> 11) % 2 == 0)) { complete = true; break; }
+            const uint64_t *m = grammar_mask(g, tr, st);
+            if (!m) { fprintf(stderr, "grammar limit\n"); rc = 1; break; }
+            int cnt = 0;
+            for (int w = 0; w < (nv + 63) / 64; w++) cnt += __builtin_popcountll(m[w]);
+            if (!cnt) { fprintf(stderr, "no token allowed in a live state\n"); rc = 1; break; }
+            rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+            int pick = (int)((rng >> 11) % (uint64_t)cnt), id = -1;
+            for (int i = 0; i < nv; i++)
+                if (m[i >> 6] >> (i & 63) & 1 && pick-- == 0) { id = i; break; }
+            size_t pl;
+            const char *p = tokenizer_piece(t, id, false, &pl);
+            if (ol + pl >= (1 << 20)) break;
+            memcpy(out + ol, p, pl);
+            ol += pl;
+            st = grammar_advance(g, st, p, pl);
+            if (st <= 0) { fprintf(stderr, "a masked-in token killed the state\n"); rc = 1; break; }
+        }
+        cJSON *line = cJSON_CreateObject();
+        char *txt = malloc(ol + 1);
+        if (txt) { memcpy(txt, out, ol); txt[ol] = 0; }
+        cJSON_AddStringToObject(line, "text", txt ? txt : "");
+        cJSON_AddBoolToObject(line, "complete", complete);
+        cJSON_AddNumberToObject(line, "steps", steps);
+        char *js = cJSON_PrintUnformatted(line);
+        if (js) printf("%s\n", js);
+        free(js);
+        free(txt);
+        cJSON_Delete(line);
+        if (rc) break;
+    }
+    grammar_stats gs;
+    grammar_get_stats(g, &gs);
+    fprintf(stderr, "grammar: %d rules, %d elements, %d stacks, %d states, %d masks, %zu KB\n", gs.rules, gs.elems, gs.stacks,
+            gs.states, gs.masks, gs.bytes >> 10);
+    free(out);
+    grammar_unref(g);
+    vocab_trie_free(tr);
+    tokenizer_free(t);
+    gguf_close(f);
+    return rc;
+}
+
+/* bench-grammar MODEL SCHEMA [PROMPT]: decode speed with the schema's grammar (first request:
+ * masks computed; second: cached) and without (the same number of tokens, greedy), in one
+ * process, as JSON. */
+static int cmd_bench_grammar(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: pcache-tool bench-grammar MODEL SCHEMA|- [PROMPT]\n"); return 2; }
+    engine_opts o = { .model_path = argv[0], .cache_enabled = false, .device = "cpu" };
+    engine *e;
+    char err[512];
+    if (engine_create(&e, &o, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+    grammar *g = schema_file_grammar(argv[1]);
+    if (!g) { engine_free(e); return 1; }
+    const char *text = argc > 2 ? argv[2] : "List the planets of the solar system with their order from the sun, as JSON.";
+    chat_msg msg = { "user", text };
+    char *prompt = chat_apply(chat_template_detect(engine_gguf(e), engine_tok(e)), engine_gguf(e), &msg, 1, true);
+    int32_t *ids = NULL;
+    const int n = prompt ? tokenizer_encode(engine_tok(e), prompt, strlen(prompt), false, true, &ids, err, sizeof err) : -1;
+    free(prompt);
+    if (n <= 0) { fprintf(stderr, "bench: cannot tokenize\n"); grammar_unref(g); engine_free(e); return 1; }
+    double tps[3] = { 0 };
+    int gen = 0;
+    for (int k = 0; k < 3; k++) {   /* grammar cold, grammar warm, none */
+        bres r;
+        memset(&r, 0, sizeof r);
+        engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = k < 2 ? 512 : gen, .ignore_eos = k == 2,
+                             .grammar = k < 2 ? g : NULL, .on_done = b_done, .user = &r };
+        sample_params_default(&q.sp);
+        q.sp.temperature = 0;
+        if (engine_submit(e, &q, err, sizeof err) < 0) { fprintf(stderr, "bench: %s\n", err); break; }
+        b_wait(e, &r, 1);
+        if (k == 0) gen = r.u.completion_tokens;
+        tps[k] = r.u.completion_tokens > 1 ? (r.u.completion_tokens - 1) / r.u.decode_s : 0;
+    }
+    grammar_stats gs;
+    grammar_get_stats(g, &gs);
+    printf("{\"tokens\": %d, \"tps_grammar_cold\": %.1f, \"tps_grammar_warm\": %.1f, \"tps_none\": %.1f, "
+           "\"slowdown_cold\": %.4f, \"slowdown_warm\": %.4f, \"states\": %d, \"masks\": %d}\n",
+           gen, tps[0], tps[1], tps[2], tps[0] > 0 ? 1 - tps[0] / tps[2] : 0, tps[1] > 0 ? 1 - tps[1] / tps[2] : 0, gs.states, gs.masks);
+    free(ids);
+    grammar_unref(g);
+    engine_free(e);
+    return 0;
+}
+
 typedef struct { const char *name; int (*fn)(int argc, char **argv); const char *help; } subcommand;
 
 static const subcommand commands[] = {
@@ -607,6 +754,9 @@ static const subcommand commands[] = {
     { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
     { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
     { "bench-bw", cmd_bench_bw, "MB THREADS [REPS] : read bandwidth over an MB-megabyte buffer" },
+    { "grammar-check", cmd_grammar_check, "SCHEMA|- < text : complete, prefix or rejected under the schema's grammar" },
+    { "grammar-sample", cmd_grammar_sample, "MODEL SCHEMA|- SEED N : random token walks through the schema's grammar (JSON lines)" },
+    { "bench-grammar", cmd_bench_grammar, "MODEL SCHEMA|- [PROMPT] : decode tok/s with and without the grammar (JSON)" },
     { "bench-dot", cmd_bench_dot, "TYPE N ITERS [ROWS] : ns per vec_dot / vec_dot_n / vec_dot_ref" },
 };
 

@@ -445,6 +445,27 @@ START_TEST(params_honoured) {
 END_TEST
 
 #define CHAT_X "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+START_TEST(response_format_parsed) {
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                                            "\"response_format\":{\"type\":\"json_object\"}}", &r, &e), 0);
+    ck_assert_int_eq(r.format, API_FORMAT_JSON_OBJECT);
+    ck_assert_ptr_null(r.schema);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                                            "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"p\",\"strict\":true,"
+                                            "\"schema\":{\"type\":\"object\", \"properties\": {\"a\":{\"type\":\"integer\"}}}}}}", &r, &e), 0);
+    ck_assert_int_eq(r.format, API_FORMAT_JSON_SCHEMA);
+    ck_assert_str_eq(r.schema, "{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\"}}}");   /* compact text */
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                                            "\"response_format\":{\"type\":\"text\"}}", &r, &e), 0);
+    ck_assert_int_eq(r.format, API_FORMAT_TEXT);
+    api_request_free(&r);
+}
+END_TEST
+
 #define COMP_X "{\"model\":\"m\",\"prompt\":\"x\","
 #define ANTH_X "{\"model\":\"m\",\"max_tokens\":3,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
 START_TEST(params_refused) {
@@ -457,7 +478,9 @@ START_TEST(params_refused) {
         { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":{\"5\":101}}", "logit_bias" },
         { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":{\"5\":\"1\"}}", "logit_bias" },
         { API_OPENAI_CHAT, CHAT_X "\"logit_bias\":[1]}", "logit_bias" },
-        { API_OPENAI_CHAT, CHAT_X "\"response_format\":{\"type\":\"json_object\"}}", "response_format" },
+        { API_OPENAI_CHAT, CHAT_X "\"response_format\":{\"type\":\"xml\"}}", "response_format" },
+        { API_OPENAI_CHAT, CHAT_X "\"response_format\":{\"type\":\"json_schema\"}}", "response_format" },
+        { API_OPENAI_CHAT, CHAT_X "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"schema\":3}}}", "response_format" },
         { API_OPENAI_CHAT, CHAT_X "\"tool_choice\":\"required\"}", "tool_choice" },
         { API_OPENAI_CHAT, CHAT_X "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"f\"}}}", "tool_choice" },
         { API_OPENAI_CHAT, CHAT_X "\"function_call\":{\"name\":\"f\"}}", "function_call" },
@@ -613,6 +636,7 @@ int main(void) {
     tcase_add_test(tc, error_shapes);
     tcase_add_test(tc, params_honoured);
     tcase_add_test(tc, params_refused);
+    tcase_add_test(tc, response_format_parsed);
     tcase_add_test(tc, utf8_strict);
     tcase_add_test(tc, logprobs_shapes);
     suite_add_tcase(s, tc);

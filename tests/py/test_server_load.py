@@ -314,8 +314,9 @@ def test_logit_bias_changes_the_choice(plain):
 
 @pytest.mark.parametrize("path,extra,param", [
     ("/v1/chat/completions", {"n": 2}, "n"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                              "schema": {"type": "string", "pattern": "a+"}}}}, "response_format"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
                               "tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
