@@ -359,7 +359,14 @@ static void *engine_main(void *arg) {
     char err[256];
     for (;;) {
         pthread_mutex_lock(&s->q_mu);
-        while (!s->stopping && !s->pending && !s->cancels && active == 0) pthread_cond_wait(&s->q_cv, &s->q_mu);
+        /* Idle: wake once a second anyway, so that the engine collects the cache tiers'
+         * finished writes (their block references) and /metrics stays current. */
+        while (!s->stopping && !s->pending && !s->cancels && active == 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            if (pthread_cond_timedwait(&s->q_cv, &s->q_mu, &ts) == ETIMEDOUT) break;
+        }
         bool stop = s->stopping;
         job *pend = s->pending, *canc = s->cancels;
         s->pending = s->pending_tail = NULL;
@@ -423,7 +430,7 @@ static void *engine_main(void *arg) {
             }
             return NULL;
         }
-        if (running) active = engine_step(s->eng);
+        active = engine_step(s->eng);   /* with nothing running: expiry and the tiers' completions */
         /* prune finished jobs from the running list */
         for (job **pp = &running; *pp;) {
             job *j = *pp;
@@ -1202,6 +1209,7 @@ int server_main(int argc, char **argv) {
         fprintf(stderr, "pcache serve: %s\n", err[0] ? err : "could not load the model");
         return 1;
     }
+    engine_get_stats(s->eng, &s->m.es);   /* /metrics before the first request (the tiers' start-up scan) */
     s->tok = engine_tok(s->eng);
     s->gf = engine_gguf(s->eng);
     s->tmpl = chat_template_detect(s->gf, s->tok);
