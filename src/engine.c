@@ -17,22 +17,40 @@
  *      and sample its first token; generating sequences sample their next token;
  *   5. finish sequences on EOS / stop string / max tokens, insert prompt+output into the cache
  *      so multi-turn chats find their history, and release their blocks.
+ *
+ * Cache tiers below the pool (cache_dir, cache_host_bytes; kvtier.h): whatever the prefix
+ * index newly caches is also queued, block by block, for the I/O thread to write into host RAM
+ * and disk (write-through; a full queue drops, never waits). Admission continues a pool match
+ * into those tiers block by block (by chain hash: model fingerprint, layout, namespace and every
+ * token so far); when they hold more, the sequence reserves its blocks as usual and waits in
+ * the LOADING phase, which no batch includes, while the I/O thread reads and verifies the
+ * blocks into the pool. At the step after the load it resumes from what loaded (the rest is
+ * computed; a bad block stops the chain there), and the loaded prefix goes into the prefix
+ * index (promotion). Other sequences run meanwhile.
  */
 #include "engine.h"
+#include "fingerprint.h"
 #include "gpu.h"
 #include "grammar.h"
 #include "kv.h"
+#include "kvtier.h"
 #include "model.h"
 #include "prefix.h"
 #include "threadpool.h"
+#include "util.h"
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-typedef enum { SEQ_QUEUED, SEQ_PREFILL, SEQ_DECODE, SEQ_DONE } seq_phase;
+/* SEQ_LOADING: admitted, its blocks reserved, waiting for the I/O thread to load a cached
+ * prefix from a lower tier into them; no batch includes it and it cannot be cancelled or
+ * preempted until the load is reported (the I/O thread writes into its blocks). */
+typedef enum { SEQ_QUEUED, SEQ_LOADING, SEQ_PREFILL, SEQ_DECODE, SEQ_DONE } seq_phase;
 
 typedef struct seq {
     int id;
@@ -90,6 +108,13 @@ struct engine {
     int32_t *lp_id;          /* logprobs scratch */
     float *lp_val;
     vocab_trie *trie;        /* the vocabulary's byte strings, built for the first grammar */
+    /* cache tiers below the pool (NULL: none) */
+    kvtier *tier;
+    uint64_t model_fp;
+    double unix0, clock0;    /* wall clock and engine clock at creation: Unix time = unix0 + (now - clock0) */
+    uint64_t tier_hits[KVTIER_N], tier_loads;
+    kvtier_item *items;      /* admission scratch: the blocks a lookup found below the pool */
+    int cap_items;
 };
 
 static double mono_now(void *ctx) {
@@ -100,6 +125,53 @@ static double mono_now(void *ctx) {
 }
 
 static double now_s(const engine *e) { return e->o.clock(e->o.clock_ctx); }
+/* Unix seconds for the tiers' records, following the engine clock (so tests drive it too). */
+static double unix_s(const engine *e, double now) { return e->unix0 + (now - e->clock0); }
+
+/* Creates dir (and its parents) if needed and checks that it is a writable directory. */
+static int cache_dir_ok(const char *dir, char *err, size_t errlen) {
+    char p[4096];
+    if (!*dir || strlen(dir) >= sizeof p - 64) return errf(err, errlen, "--cache-dir: bad path '%s'", dir);
+    snprintf(p, sizeof p, "%s", dir);
+    for (char *s = p + 1; *s; s++)
+        if (*s == '/') {
+            *s = 0;
+            mkdir(p, 0755);
+            *s = '/';
+        }
+    if (mkdir(p, 0755) && errno != EEXIST) {
+        int er = errno;
+        return errf(err, errlen, "--cache-dir %s: cannot create it: %s", dir, strerror(er));
+    }
+    struct stat sb;
+    if (stat(p, &sb)) { int er = errno; return errf(err, errlen, "--cache-dir %s: %s", dir, strerror(er)); }
+    if (!S_ISDIR(sb.st_mode)) return errf(err, errlen, "--cache-dir %s: not a directory", dir);
+    if (access(p, W_OK | X_OK)) { int er = errno; return errf(err, errlen, "--cache-dir %s: not writable: %s", dir, strerror(er)); }
+    return 0;
+}
+
+/* Sets up the tiers below the pool: the model fingerprint (cached in the directory's
+ * sidecar), the host-RAM store and the disk store, and the I/O thread. */
+static int tiers_create(engine *e, char *err, size_t errlen) {
+    const engine_opts *o = &e->o;
+    if (!o->cache_dir && !o->cache_host_bytes) return 0;
+    if (o->cache_dir && cache_dir_ok(o->cache_dir, err, errlen)) return -1;
+    if (fingerprint_file(o->model_path, o->cache_dir, &e->model_fp, NULL, err, errlen)) return -1;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    e->unix0 = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+    e->clock0 = now_s(e);
+    if (e->gpu) {
+        e->kv.read_block = gpu_read_block;
+        e->kv.write_block = gpu_write_block;
+        e->kv.io_ctx = e->gpu;
+    }
+    kvtier_opts to = { .pool = &e->kv, .model_fp = e->model_fp, .dir = o->cache_dir,
+                       .disk_bytes = o->cache_disk_bytes ? o->cache_disk_bytes : (uint64_t)10 << 30,
+                       .host_bytes = o->cache_host_bytes, .host_pinned = e->gpu != NULL,
+                       .queue_blocks = o->cache_write_queue, .now = e->unix0 };
+    return kvtier_create(&e->tier, &to, err, errlen);
+}
 
 int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) {
     *out = NULL;
@@ -154,6 +226,7 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     e->lp_id = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(int32_t));
     e->lp_val = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(float));
     e->release_epoch = 1;
+    if (tiers_create(e, err, errlen)) goto fail;
     if (!e->lp_id || !e->lp_val || !e->px || !e->tp || (!e->mctx && !e->gpu) || !e->b_tok || !e->b_pos || !e->b_seq || !e->b_logits || !e->b_owner ||
         !e->logits || !e->cand) {
         snprintf(err, errlen, "engine: out of memory");
@@ -181,6 +254,8 @@ static void seq_free(engine *e, seq *s) {
 
 void engine_free(engine *e) {
     if (!e) return;
+    kvtier_free(e->tier);   /* first: finishes queued writes, joins the I/O thread */
+    free(e->items);
     for (int i = 0; i < e->n_seqs; i++) seq_free(e, e->seqs[i]);
     free(e->seqs);
     vocab_trie_free(e->trie);
@@ -368,6 +443,36 @@ static bool flush_text(seq *s, bool final) {
     return false;
 }
 
+/* The prefix index just took [n - added, n) of s (kind, ttl): queues the blocks covering those
+ * positions for the lower tiers, each keyed by the chain hash of its own valid tokens (a partial
+ * last block by its n % KV_BLOCK tokens). */
+static void write_through(engine *e, const seq *s, int n, int added, int kind, double ttl, double now) {
+    if (!e->tier || added <= 0 || strlen(s->ns) > KVFILE_NS_MAX) return;
+    kvfile_meta m;
+    memset(&m, 0, sizeof m);
+    m.model_fp = e->model_fp;
+    m.n_layer = (uint32_t)e->kv.n_layer;
+    m.kv_dim = (uint32_t)e->kv.kv_dim;
+    m.kind = kind;
+    m.ttl = ttl;
+    m.expiry = unix_s(e, now) + ttl;
+    snprintf(m.ns, sizeof m.ns, "%s", s->ns);
+    uint64_t h = kvfile_chain_root(e->model_fp, m.n_layer, m.kv_dim, s->ns);
+    for (int j = 0; j * KV_BLOCK < n && j < s->kv.n_blocks; j++) {
+        int len = n - j * KV_BLOCK < KV_BLOCK ? n - j * KV_BLOCK : KV_BLOCK;
+        uint64_t c = kvfile_chain(h, s->tokens + j * KV_BLOCK, len);
+        if (j * KV_BLOCK + len > n - added) {
+            m.n_tokens = len;
+            m.parent = h;
+            m.chain = c;
+            memset(m.tokens, 0, sizeof m.tokens);
+            memcpy(m.tokens, s->tokens + j * KV_BLOCK, (size_t)len * sizeof(int32_t));
+            kvtier_write(e->tier, &m, s->kv.blocks[j], unix_s(e, now));
+        }
+        h = c;
+    }
+}
+
 static void finish(engine *e, seq *s, finish_reason why, const char *errmsg) {
     if (why != FINISH_ABORT && why != FINISH_ERROR) {
         char buf[16];
@@ -379,8 +484,10 @@ static void finish(engine *e, seq *s, finish_reason why, const char *errmsg) {
     s->u.completion_tokens = s->n_gen;
     if (s->t_first > 0) s->u.decode_s = now - s->t_first;
     /* Keep prompt + output for the next turn of a conversation (automatic TTL). */
-    if (!s->r.no_cache && e->o.cache_enabled && s->kv.n_tokens > s->n_prompt && why != FINISH_ERROR)
-        prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    if (!s->r.no_cache && e->o.cache_enabled && s->kv.n_tokens > s->n_prompt && why != FINISH_ERROR) {
+        int added = prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+        write_through(e, s, s->kv.n_tokens, added, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    }
     kv_seq_release(&e->kv, &s->kv);
     e->release_epoch++;
     s->phase = SEQ_DONE;
@@ -502,13 +609,60 @@ static int blocks_obtainable(const engine *e) {
  * preempted), keeping `headroom` blocks free for the running sequences' decode steps. On
  * failure nothing is held and false is returned; it is only tried again once some sequence
  * released blocks (release_epoch), so a waiting request costs no lookups while nothing moves. */
+/* Continues a pool match of m tokens into the lower tiers: from block m / KV_BLOCK on, a full
+ * block while a tier holds its chain, then the longest partial block, never beyond limit tokens.
+ * Fills e->items (pool blocks not yet set) and returns the end of what was found (> m), or 0;
+ * *tier_out gets the tier of the first block. */
+static int tier_lookup(engine *e, const seq *s, int m, int limit, double now, int *n_items, int *tier_out) {
+    *n_items = 0;
+    if (strlen(s->ns) > KVFILE_NS_MAX) return 0;
+    double un = unix_s(e, now);
+    int j = m / KV_BLOCK;
+    uint64_t h = kvfile_chain_root(e->model_fp, (uint32_t)e->kv.n_layer, (uint32_t)e->kv.kv_dim, s->ns);
+    for (int b = 0; b < j; b++) h = kvfile_chain(h, s->tokens + b * KV_BLOCK, KV_BLOCK);
+    int end = j * KV_BLOCK;
+    for (; end < limit; j++) {
+        int avail = limit - end, len = 0, tier = KVTIER_NONE;
+        uint64_t c = 0;
+        if (avail >= KV_BLOCK) {
+            c = kvfile_chain(h, s->tokens + end, KV_BLOCK);
+            if ((tier = kvtier_has(e->tier, c, un))) len = KV_BLOCK;
+        }
+        for (int L = avail < KV_BLOCK ? avail : KV_BLOCK - 1; !len && L > 0; L--) {
+            c = kvfile_chain(h, s->tokens + end, L);
+            if ((tier = kvtier_has(e->tier, c, un))) len = L;
+        }
+        if (!len) break;
+        if (*n_items == e->cap_items) {
+            int cap = e->cap_items ? 2 * e->cap_items : 64;
+            kvtier_item *p = realloc(e->items, (size_t)cap * sizeof *p);
+            if (!p) break;
+            e->items = p;
+            e->cap_items = cap;
+        }
+        kvtier_item *it = &e->items[(*n_items)++];
+        it->chain = c;
+        it->n_tokens = len;
+        it->block = -1;
+        memset(it->tokens, 0, sizeof it->tokens);
+        memcpy(it->tokens, s->tokens + end, (size_t)len * sizeof(int32_t));
+        if (*n_items == 1) *tier_out = tier;
+        end += len;
+        h = c;
+        if (len < KV_BLOCK) break;
+    }
+    return end > m ? end : 0;
+}
+
 static bool admit(engine *e, seq *s, double now, int headroom) {
     if (s->tried_epoch == e->release_epoch && blocks_obtainable(e) < blocks_for(s->n_fill) + headroom)
         return false;
-    int m = 0;
+    int m = 0, load_end = 0, n_items = 0, tier = KVTIER_NONE;
     if (!s->r.no_cache && e->o.cache_enabled) {
         m = prefix_match(e->px, s->ns, s->tokens, s->n_fill - 1, now, &s->kv);
         if (m < 0) m = 0;
+        if (e->tier && m >= 0 && (load_end = tier_lookup(e, s, m, s->n_fill - 1, now, &n_items, &tier)) > 0)
+            kv_seq_truncate(&e->kv, &s->kv, m / KV_BLOCK * KV_BLOCK);   /* load from the block edge */
     }
     int need = blocks_to_write(e, s, s->n_fill) + headroom;
     if (e->kv.n_free < need) prefix_evict(e->px, need - e->kv.n_free, now);
@@ -516,6 +670,16 @@ static bool admit(engine *e, seq *s, double now, int headroom) {
         kv_seq_release(&e->kv, &s->kv);
         s->tried_epoch = e->release_epoch;
         return false;
+    }
+    if (load_end > 0) {
+        int j0 = s->kv.n_tokens / KV_BLOCK;
+        for (int i = 0; i < n_items; i++) e->items[i].block = s->kv.blocks[j0 + i];
+        if (kvtier_read(e->tier, s->id, s->ns, e->items, n_items, unix_s(e, now)) == 0) {
+            e->tier_hits[tier]++;
+            e->tier_loads++;
+            s->phase = SEQ_LOADING;
+            return true;
+        }
     }
     if (!s->admitted) {
         s->admitted = true;
@@ -530,8 +694,10 @@ static bool admit(engine *e, seq *s, double now, int headroom) {
  * resuming is mostly a lookup), its blocks go back to the pool, and it keeps its tokens,
  * sampler state and pending text, so that it continues exactly where it stopped. */
 static void preempt(engine *e, seq *s, double now) {
-    if (!s->r.no_cache && e->o.cache_enabled && s->kv.n_tokens > 0)
-        prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    if (!s->r.no_cache && e->o.cache_enabled && s->kv.n_tokens > 0) {
+        int added = prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+        write_through(e, s, s->kv.n_tokens, added, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    }
     kv_seq_release(&e->kv, &s->kv);
     e->release_epoch++;
     s->n_fill = s->n_tokens;
@@ -569,13 +735,42 @@ static void cache_prompt(engine *e, seq *s, double now) {
         if (pos <= 0 || pos > s->n_prompt) continue;
         double ttl = s->r.breakpoints[i].ttl_s > 0 ? s->r.breakpoints[i].ttl_s : 300;
         int added = prefix_insert(e->px, s->ns, s->tokens, pos, &s->kv, PREFIX_EXPLICIT, ttl, now);
+        write_through(e, s, pos, added, PREFIX_EXPLICIT, ttl, now);
         if (added > 0) {
             if (ttl > 300) s->u.cache_write_1h += added;
             else s->u.cache_write_5m += added;
         }
     }
     int added = prefix_insert(e->px, s->ns, s->tokens, s->n_prompt, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    write_through(e, s, s->n_prompt, added, PREFIX_AUTO, e->o.cache_ttl_s, now);
     if (added > 0) s->u.cache_write_auto += added;
+}
+
+/* The I/O thread finished loading n_tokens of seq `id` (from position kv.n_tokens on): resume
+ * it from there and put the loaded prefix into the prefix index (the promotion back into the
+ * pool's tier; the tiers below already hold it, so nothing is written back). */
+static void load_done(void *ctx, int id, int n_tokens) {
+    engine *e = ctx;
+    seq *s = NULL;
+    for (int i = 0; i < e->n_seqs && !s; i++)
+        if (e->seqs[i]->id == id && e->seqs[i]->phase == SEQ_LOADING) s = e->seqs[i];
+    if (!s) return;
+    double now = now_s(e);
+    s->kv.n_tokens += n_tokens;
+    if (n_tokens > 0)
+        prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    if (!s->admitted) {
+        s->admitted = true;
+        s->u.cached_tokens = s->kv.n_tokens;
+        e->st.cached_tokens += (uint64_t)s->kv.n_tokens;
+    }
+    s->phase = SEQ_PREFILL;
+}
+
+static int n_loading(const engine *e) {
+    int n = 0;
+    for (int i = 0; i < e->n_seqs; i++) n += e->seqs[i]->phase == SEQ_LOADING;
+    return n;
 }
 
 static void compact(engine *e) {
@@ -593,15 +788,16 @@ int engine_step(engine *e) {
         prefix_expire(e->px, now);
         e->last_expire = now;
     }
+    kvtier_poll(e->tier, load_done, e);
     for (int i = 0; i < e->n_seqs; i++) {
         seq *s = e->seqs[i];
-        if (s->cancelled && s->phase != SEQ_DONE) finish(e, s, FINISH_ABORT, NULL);
+        if (s->cancelled && s->phase != SEQ_DONE && s->phase != SEQ_LOADING) finish(e, s, FINISH_ABORT, NULL);
     }
     compact(e);
     /* Admission, first come first served: stop at the first request that does not fit. The
      * headroom (1% of the pool, at least a block) keeps running sequences' next decode
      * blocks from being taken by newcomers, which would only preempt them right back. */
-    int active = n_active(e);
+    int active = n_active(e) + n_loading(e);
     int headroom = e->kv.n_blocks / 100 > 1 ? e->kv.n_blocks / 100 : 1;
     for (int i = 0; i < e->n_seqs && active < e->o.max_seqs; i++) {
         seq *s = e->seqs[i];
@@ -640,10 +836,12 @@ int engine_step(engine *e) {
         }
     }
     if (n == 0) {
-        /* Nothing could run. With admission reserving blocks this only happens when the one
-         * queued request cannot get blocks with nothing else running (memory allocation
-         * failed): fail it rather than spin. */
-        if (n_active(e) == 0)
+        /* Nothing could run. Loads in flight: wait a little for one to finish (no busy loop).
+         * Otherwise, with admission reserving blocks this only happens when the one queued
+         * request cannot get blocks with nothing else running (memory allocation failed):
+         * fail it rather than spin. */
+        if (n_loading(e) > 0) kvtier_wait(e->tier, 0.005);
+        else if (n_active(e) == 0)
             for (int i = 0; i < e->n_seqs; i++)
                 if (e->seqs[i]->phase == SEQ_QUEUED && e->seqs[i]->tried_epoch == e->release_epoch) {
                     finish(e, e->seqs[i], FINISH_ERROR, "KV cache memory exhausted (raise --kv-mem)");
@@ -706,7 +904,28 @@ void engine_get_stats(const engine *e, engine_stats *s) {
     s->cache_entries = ps.entries;
     s->cache_tokens = ps.cached_tokens;
     s->cache_blocks = ps.blocks_held;
+    if (!e->tier) return;
+    kvtier_stats ts;
+    kvtier_get_stats(e->tier, &ts);
+    s->tier_on[KVTIER_HOST] = e->o.cache_host_bytes > 0;
+    s->tier_on[KVTIER_DISK] = e->o.cache_dir != NULL;
+    for (int t = KVTIER_HOST; t < KVTIER_N; t++) {
+        const kvtier_level_stats *l = &ts.tier[t];
+        s->tier[t] = (struct engine_tier){ .blocks = l->blocks, .bytes = l->bytes, .hits = e->tier_hits[t],
+                                           .tokens_served = l->tokens_served, .promotions = l->promotions,
+                                           .demotions = l->demotions, .bad_files = l->bad_files,
+                                           .write_errors = l->write_errors, .expired = l->expired, .evicted = l->evicted,
+                                           .read_n = l->read_n, .write_n = l->write_n, .read_s = l->read_s, .write_s = l->write_s };
+    }
+    s->tier_writes_dropped = ts.writes_dropped;
+    s->tier_queue_depth = ts.queue_depth;
+    s->tier_loads = e->tier_loads;
 }
+
+uint64_t engine_model_fp(const engine *e) { return e->model_fp; }
+const char *engine_cache_path(const engine *e) { return kvtier_disk_path(e->tier); }
+void engine_cache_sync(engine *e) { if (e->tier) kvtier_sync(e->tier, load_done, e); }
+void engine_cache_pause(engine *e, bool paused) { if (e->tier) kvtier_pause(e->tier, paused); }
 
 const char *engine_device(const engine *e, struct gpu_mem *mem) {
     if (!e->gpu) return "cpu";

@@ -26,6 +26,14 @@ typedef struct engine_opts {
     const char *device;          /* "cpu", "cuda" or "auto" (NULL): the GPU when one is usable */
     double (*clock)(void *ctx);  /* seconds; NULL = CLOCK_MONOTONIC. Tests drive their own. */
     void *clock_ctx;
+    /* Cache tiers below the KV pool (issue 11): blocks the prefix cache takes are also written,
+     * in the background, to host RAM (cache_host_bytes > 0) and to disk under cache_dir (a
+     * store per model fingerprint and KV layout), and a lookup continues a pool match into
+     * them, loading what they hold back into the pool. NULL / 0: off. */
+    const char *cache_dir;
+    size_t cache_disk_bytes;     /* the disk tier's bound; 0 = 10 GiB */
+    size_t cache_host_bytes;     /* the host-RAM tier's bound; 0 = no host tier */
+    int cache_write_queue;       /* blocks that may wait to be written; 0 = 256 */
 } engine_opts;
 
 typedef struct engine_usage {
@@ -108,6 +116,22 @@ typedef struct engine_stats {
     int cache_entries;
     int64_t cache_tokens;          /* tokens held in the index */
     int cache_blocks;              /* distinct KV blocks the index holds */
+    /* lower tiers (cache_dir / cache_host_bytes); all zero when off */
+    bool tier_on[3];               /* [1] host RAM, [2] disk (kvtier.h's KVTIER_HOST, KVTIER_DISK) */
+    struct engine_tier {
+        uint64_t blocks, bytes;        /* held now */
+        uint64_t hits;                 /* admissions that loaded >= 1 block from this tier */
+        uint64_t tokens_served;        /* prompt tokens loaded from it instead of computed */
+        uint64_t promotions;           /* blocks loaded from it into the KV pool */
+        uint64_t demotions;            /* blocks written into it */
+        uint64_t bad_files;            /* refused records (checksum, truncation, foreign) */
+        uint64_t write_errors, expired, evicted;
+        uint64_t read_n, write_n;      /* per-block latency: count and sum of seconds */
+        double read_s, write_s;
+    } tier[3];
+    uint64_t tier_writes_dropped;  /* blocks not written: the write queue was full */
+    int tier_queue_depth;
+    uint64_t tier_loads;           /* admissions that waited for a load from a lower tier */
 } engine_stats;
 
 typedef struct engine engine;
@@ -134,6 +158,14 @@ void engine_cancel(engine *e, int id);
  * still active afterwards. */
 int engine_step(engine *e);
 void engine_get_stats(const engine *e, engine_stats *s);
+/* The model file's fingerprint (0 without cache tiers) and the disk store's directory (NULL). */
+uint64_t engine_model_fp(const engine *e);
+const char *engine_cache_path(const engine *e);
+/* For tests: waits until the cache tiers' queued reads and writes are done (and collected);
+ * pauses / resumes their I/O thread (a paused thread takes no work: the write queue fills). */
+void engine_cache_sync(engine *e);
+void engine_cache_pause(engine *e, bool paused);
+
 /* "cpu" or "cuda" (the backend in use); with cuda, *mem (if not NULL) gets its memory by use. */
 struct gpu_mem;
 const char *engine_device(const engine *e, struct gpu_mem *mem);

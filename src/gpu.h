@@ -39,6 +39,12 @@ int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *
 /* kv_pool's copy-on-write hook: copies block src's first n_slots slots (every layer, K and V). */
 void gpu_copy_block(void *g, int32_t dst, int32_t src, int n_slots);
 
+/* kv_pool's read_block / write_block hooks: one whole block (every layer, K and V; the host
+ * layout, which is the device's) between device memory and host memory, on a stream of their
+ * own, synchronously (they are called from the engine's I/O thread, never the engine thread). */
+int gpu_read_block(void *g, int32_t block, void *dst);          /* 0, or -1 (CUDA error) */
+int gpu_write_block(void *g, int32_t block, const void *src);
+
 /* Page-locked host memory (faster copies from the device); plain malloc without the backend. */
 void *gpu_host_alloc(size_t bytes);
 void gpu_host_free(void *p);

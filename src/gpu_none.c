@@ -30,6 +30,9 @@ int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *
 
 void gpu_copy_block(void *g, int32_t dst, int32_t src, int n_slots) { (void)g; (void)dst; (void)src; (void)n_slots; }
 
+int gpu_read_block(void *g, int32_t block, void *dst) { (void)g; (void)block; (void)dst; return -1; }
+int gpu_write_block(void *g, int32_t block, const void *src) { (void)g; (void)block; (void)src; return -1; }
+
 void gpu_get_mem(const gpu_backend *g, gpu_mem *out) { (void)g; memset(out, 0, sizeof *out); }
 
 int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols, const float *x, int n, const float *bias,

@@ -101,6 +101,20 @@ void kv_pool_free(kv_pool *p) {
 
 static bool valid_block(const kv_pool *p, int32_t b) { return b >= 0 && b < p->n_blocks; }
 
+int kv_block_read(const kv_pool *p, int32_t block, void *dst) {
+    if (!valid_block(p, block)) return -1;
+    if (p->read_block) return p->read_block(p->io_ctx, block, dst);
+    memcpy(dst, kv_k(p, block, 0), p->block_floats * sizeof(kv_elem));
+    return 0;
+}
+
+int kv_block_write(kv_pool *p, int32_t block, const void *src) {
+    if (!valid_block(p, block)) return -1;
+    if (p->write_block) return p->write_block(p->io_ctx, block, src);
+    memcpy(kv_k(p, block, 0), src, p->block_floats * sizeof(kv_elem));
+    return 0;
+}
+
 static int32_t pop_free(kv_pool *p) {
     int32_t b = p->free_list[--p->n_free];
     p->refcnt[b] = 1;

@@ -35,6 +35,12 @@ typedef struct kv_pool {
      * calls copy_block(ctx, dst, src, n_slots) instead of copying host memory. */
     void (*copy_block)(void *ctx, int32_t dst, int32_t src, int n_slots);
     void *copy_ctx;
+    /* Reading and writing one whole block's bytes in the host layout ([layer][K|V][slot][kv_dim]
+     * fp16, kv_block_bytes), for the cache tiers below the pool; NULL: the block is host memory
+     * (data). Called from the engine's I/O thread, for blocks no one writes meanwhile. */
+    int (*read_block)(void *ctx, int32_t block, void *dst);          /* 0, or -1 on failure */
+    int (*write_block)(void *ctx, int32_t block, const void *src);
+    void *io_ctx;
 } kv_pool;
 
 static inline kv_elem *kv_k(const kv_pool *p, int32_t block, int layer) {
@@ -61,6 +67,9 @@ static inline size_t kv_block_bytes(int n_layer, int kv_dim) {
     return (size_t)n_layer * 2 * KV_BLOCK * (size_t)kv_dim * sizeof(kv_elem);
 }
 void kv_pool_free(kv_pool *p);
+/* A block's bytes to or from host memory (kv_block_bytes of them): the hooks above, or memcpy. */
+int kv_block_read(const kv_pool *p, int32_t block, void *dst);     /* 0, or -1 */
+int kv_block_write(kv_pool *p, int32_t block, const void *src);
 int32_t kv_block_alloc(kv_pool *p);       /* refcnt 1, or -1 when none can be had */
 void kv_block_ref(kv_pool *p, int32_t b);
 void kv_block_unref(kv_pool *p, int32_t b);

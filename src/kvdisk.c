@@ -2,12 +2,20 @@
  *
  * The table is an open-addressing hash (linear probing, deletion by backward shift) keyed by
  * chain hash. Eviction scans it for its victim (expired first, then least recently used): a
- * scan of a few ten thousand entries costs less than the file it deletes. */
+ * scan of a few ten thousand entries costs less than the file it deletes.
+ *
+ * Threads: one thread (the engine's I/O thread) calls put, get and clear; kvdisk_has and
+ * kvdisk_get_stats may be called from another (the engine thread, at admission). A mutex
+ * guards the table and the counters, never a file operation that waits for the device (the
+ * write and fsync of a record happen outside it), so kvdisk_has never waits for I/O. Only the
+ * writing thread changes the table, so it may use its entries between its own locked
+ * sections. */
 #include "kvdisk.h"
 #include "util.h"
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +37,7 @@ struct kvdisk {
     size_t cap;   /* power of two */
     kvdisk_stats st;
     uint8_t *buf; /* one record */
+    pthread_mutex_t mu;
 };
 
 static size_t home(const kvdisk *d, uint64_t chain) { return (size_t)(chain ^ chain >> 29) & (d->cap - 1); }
@@ -156,6 +165,7 @@ int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_lay
     *out = NULL;
     kvdisk *d = calloc(1, sizeof *d);
     if (!d) return errf(err, errlen, "kvdisk: out of memory");
+    pthread_mutex_init(&d->mu, NULL);
     d->model_fp = model_fp;
     d->n_layer = n_layer;
     d->kv_dim = kv_dim;
@@ -216,23 +226,32 @@ void kvdisk_close(kvdisk *d) {
     free(d->tab);
     free(d->buf);
     free(d->path);
+    pthread_mutex_destroy(&d->mu);
     free(d);
 }
 
 int kvdisk_has(const kvdisk *d, uint64_t chain, double now) {
+    pthread_mutex_t *mu = (pthread_mutex_t *)&d->mu;
+    pthread_mutex_lock(mu);
     const entry *e = find(d, chain);
-    return e && e->expiry > now;
+    int r = e && e->expiry > now;
+    pthread_mutex_unlock(mu);
+    return r;
 }
 
 int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char *err, size_t errlen) {
     if (!ours(d, m)) return errf(err, errlen, "kvdisk: a block of another model or layout");
+    pthread_mutex_lock(&d->mu);
     entry *e = find(d, m->chain);
-    if (e && e->expiry >= m->expiry) { e->last_use = now; return 0; }
+    if (e && e->expiry >= m->expiry) { e->last_use = now; pthread_mutex_unlock(&d->mu); return 0; }
+    pthread_mutex_unlock(&d->mu);
     size_t len = kvfile_encode(m, kv, d->buf, d->max_record, err, errlen);
     if (!len) return -1;
     if (len > d->max_bytes) return 0;   /* never fits: not stored */
+    pthread_mutex_lock(&d->mu);
     if (e) drop(d, e);
     make_room(d, len, now);
+    pthread_mutex_unlock(&d->mu);
     char f[4096], tmp[4200];
     file_of(d, m->chain, f, sizeof f);
     snprintf(tmp, sizeof tmp, "%s/.%016llx.%ld.tmp", d->path, (unsigned long long)m->chain, (long)getpid());
@@ -248,49 +267,67 @@ int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char
     if (ok && rename(tmp, f)) { ok = 0; er = errno; }
     if (!ok) {
         unlink(tmp);
+        pthread_mutex_lock(&d->mu);
         d->st.write_errors++;
+        pthread_mutex_unlock(&d->mu);
         return errf(err, errlen, "kvdisk: writing %s: %s", f, strerror(er));
     }
+    pthread_mutex_lock(&d->mu);
     d->st.writes++;
-    if (!add(d, m->chain, len, m->expiry, now)) { unlink(f); return errf(err, errlen, "kvdisk: out of memory"); }
+    entry *a = add(d, m->chain, len, m->expiry, now);
+    pthread_mutex_unlock(&d->mu);
+    if (!a) { unlink(f); return errf(err, errlen, "kvdisk: out of memory"); }
     return 0;
 }
 
 int kvdisk_get(kvdisk *d, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, kvfile_meta *m,
                void *kv, char *err, size_t errlen) {
+    pthread_mutex_lock(&d->mu);
     d->st.lookups++;
     entry *e = find(d, chain);
-    if (!e) { d->st.misses++; return 0; }
-    if (e->expiry <= now) { d->st.expired++; drop(d, e); d->st.misses++; return 0; }
+    if (!e) { d->st.misses++; pthread_mutex_unlock(&d->mu); return 0; }
+    if (e->expiry <= now) { d->st.expired++; drop(d, e); d->st.misses++; pthread_mutex_unlock(&d->mu); return 0; }
+    pthread_mutex_unlock(&d->mu);
     char f[4096];
     file_of(d, chain, f, sizeof f);
     long len = read_all(f, d->buf, d->max_record);
     if (len == -1 && errno != ENOENT) { int er = errno; return errf(err, errlen, "kvdisk: reading %s: %s", f, strerror(er)); }
     const uint8_t *p;
+    int r = 1;
     if (len < 0 || kvfile_decode(d->buf, (size_t)len, m, &p, NULL, 0) || !ours(d, m) || m->chain != chain) {
+        pthread_mutex_lock(&d->mu);
         if (len != -1) d->st.bad_files++;   /* a missing file is only forgotten */
         drop(d, e);
-        d->st.misses++;
-        return 0;
+        r = 0;
+    } else if (strcmp(m->ns, ns ? ns : "") || m->n_tokens != n || memcmp(m->tokens, tokens, sizeof(int32_t) * (size_t)n)) {
+        pthread_mutex_lock(&d->mu);
+        r = 0;   /* another prefix under the same hash: not ours to serve */
+    } else {
+        memcpy(kv, p, kv_block_bytes((int)d->n_layer, (int)d->kv_dim));
+        pthread_mutex_lock(&d->mu);
+        e->last_use = now;
+        d->st.hits++;
     }
-    if (strcmp(m->ns, ns ? ns : "") || m->n_tokens != n || memcmp(m->tokens, tokens, sizeof(int32_t) * (size_t)n)) {
-        d->st.misses++;   /* another prefix under the same hash: not ours to serve */
-        return 0;
-    }
-    memcpy(kv, p, kv_block_bytes((int)d->n_layer, (int)d->kv_dim));
-    e->last_use = now;
-    d->st.hits++;
-    return 1;
+    if (!r) d->st.misses++;
+    pthread_mutex_unlock(&d->mu);
+    return r;
 }
 
 int kvdisk_clear(kvdisk *d) {
     int n = 0;
+    pthread_mutex_lock(&d->mu);
     for (size_t i = 0; i < d->cap;) {
         if (d->tab[i].used) { drop(d, &d->tab[i]); n++; }   /* backward shift may refill slot i */
         else i++;
     }
+    pthread_mutex_unlock(&d->mu);
     return n;
 }
 
-void kvdisk_get_stats(const kvdisk *d, kvdisk_stats *out) { *out = d->st; }
+void kvdisk_get_stats(const kvdisk *d, kvdisk_stats *out) {
+    pthread_mutex_t *mu = (pthread_mutex_t *)&d->mu;
+    pthread_mutex_lock(mu);
+    *out = d->st;
+    pthread_mutex_unlock(mu);
+}
 const char *kvdisk_path(const kvdisk *d) { return d->path; }

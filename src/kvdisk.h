@@ -7,8 +7,9 @@
  * then renamed into place, so a record is either whole or absent. The store stays within its
  * byte bound, evicting expired blocks first, then the least recently used.
  *
- * Synchronous and not thread-safe: the engine drives it from one thread (a writer thread of its
- * own later). Time is passed in (Unix seconds), so tests drive the clock. */
+ * Synchronous: one thread (the engine's I/O thread) puts, gets and clears; kvdisk_has and
+ * kvdisk_get_stats may be called from another thread meanwhile and never wait for I/O. Time is
+ * passed in (Unix seconds), so tests drive the clock. */
 #ifndef PCACHE_KVDISK_H
 #define PCACHE_KVDISK_H
 #include <stddef.h>

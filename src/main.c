@@ -3,15 +3,24 @@
  *   pcache run [-m MODEL] [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p P] [--seed S]
  *              [--repeat-penalty R] [--chat] [--system TEXT] [--ignore-eos] [-t THREADS]
  *              [--kv-mem SIZE] [--cache-ttl T] [--no-cache] [--prompts FILE] [-f FILE | PROMPT]
+ *              [--cache-dir DIR] [--cache-disk SIZE] [--cache-host-mem SIZE]
  *   pcache tokenize [-m MODEL]          (text on stdin -> JSON array of token ids)
  *   pcache serve ...                    (see server.c)
+ *   pcache cache stats|clear --cache-dir DIR [-m MODEL]   (the disk tier's stores)
  */
 #include "engine.h"
+#include "fingerprint.h"
 #include "gguf.h"
+#include "kvdisk.h"
 #include "tokenizer.h"
 #include "util.h"
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
+#include <stdint.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +33,7 @@ static void usage(FILE *out) {
             "  run [-m MODEL] [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n"
             "      [--repeat-penalty R] [--chat] [--system TEXT] [--ignore-eos] [-t THREADS]\n"
             "      [--kv-mem SIZE] [--cache-ttl T] [--no-cache] [--stop STR]... [--prompts FILE]\n"
-            "      [--device cpu|cuda|auto]\n"
+            "      [--device cpu|cuda|auto] [--cache-dir DIR] [--cache-disk SIZE] [--cache-host-mem SIZE]\n"
             "      [-f FILE | PROMPT]\n"
             "      Streams the completion to stdout, timings to stderr. --temp 0 is greedy.\n"
             "      Generation ends at an end-of-generation token, after -n tokens, or at a --stop\n"
@@ -32,7 +41,12 @@ static void usage(FILE *out) {
             "      --prompts FILE runs one prompt per line (a JSON string, or an object with\n"
             "      \"prompt\" or \"messages\") in one process, sharing the prompt cache, and prints\n"
             "      one JSON line per prompt: prompt_tokens, cached_tokens, ttft_ms, text.\n"
+            "      --cache-dir DIR keeps cached KV blocks on disk (bounded by --cache-disk, default\n"
+            "      10G) across restarts; --cache-host-mem SIZE adds a host-RAM tier.\n"
             "  tokenize [-m MODEL]   text on stdin -> JSON array of token ids\n"
+            "  cache stats|clear --cache-dir DIR [-m MODEL]\n"
+            "      the disk tier's stores (every model's, or MODEL's): blocks, bytes, and the bad\n"
+            "      and expired records found (and deleted) by verifying them; clear deletes them\n"
             "  serve [options]       OpenAI/Anthropic-compatible HTTP server (pcache serve --help)\n");
 }
 
@@ -44,6 +58,8 @@ typedef struct {
     const char *system;
     int threads;
     size_t kv_mem;
+    const char *cache_dir;
+    size_t cache_disk, cache_host;
     const char *device;   /* cpu, cuda, auto (NULL) */
     double ttl;
     const char *prompt, *prompt_file, *prompts_file;
@@ -103,6 +119,13 @@ static int parse_run_opts(int argc, char **argv, run_opts *o) {
         else if (!strcmp(a, "--kv-mem")) {
             if (need(i, argc, a)) return -1;
             if (parse_size(argv[++i], &o->kv_mem)) { fprintf(stderr, "pcache: bad --kv-mem '%s'\n", argv[i]); return -1; }
+        } else if (!strcmp(a, "--cache-dir")) {
+            if (need(i, argc, a)) return -1;
+            o->cache_dir = argv[++i];
+        } else if (!strcmp(a, "--cache-disk") || !strcmp(a, "--cache-host-mem")) {
+            if (need(i, argc, a)) return -1;
+            size_t *dst = a[8] == 'd' ? &o->cache_disk : &o->cache_host;
+            if (parse_size(argv[++i], dst) || !*dst) { fprintf(stderr, "pcache: bad %s '%s'\n", a, argv[i]); return -1; }
         } else if (!strcmp(a, "--cache-ttl")) {
             if (need(i, argc, a)) return -1;
             if (parse_duration(argv[++i], &o->ttl)) { fprintf(stderr, "pcache: bad --cache-ttl '%s'\n", argv[i]); return -1; }
@@ -198,7 +221,8 @@ static int cmd_run(int argc, char **argv) {
     } else if (o.prompt) text = strdup(o.prompt);
     if (!text && !o.prompts_file) { usage(stderr); return 2; }
     engine_opts eo = { .model_path = o.model, .kv_mem_bytes = o.kv_mem, .cache_ttl_s = o.ttl,
-                       .cache_enabled = !o.no_cache, .n_threads = o.threads, .device = o.device };
+                       .cache_enabled = !o.no_cache, .n_threads = o.threads, .device = o.device,
+                       .cache_dir = o.cache_dir, .cache_disk_bytes = o.cache_disk, .cache_host_bytes = o.cache_host };
     engine *e;
     char err[512];
     if (engine_create(&e, &eo, err, sizeof err)) { fprintf(stderr, "pcache: %s\n", err); free(text); return 1; }
@@ -322,12 +346,85 @@ static int cmd_tokenize(int argc, char **argv) {
     return rc;
 }
 
+/* pcache cache stats|clear: every store directory under --cache-dir (<fp>-<layers>x<kvdim>-v1),
+ * or the one(s) of -m MODEL's fingerprint. Opening a store verifies every record (deleting
+ * bad and expired ones, as the server does at start). */
+static int cmd_cache(int argc, char **argv) {
+    const char *dir = NULL, *model = NULL, *what = argc > 0 ? argv[0] : "";
+    if (strcmp(what, "stats") && strcmp(what, "clear")) {
+        fprintf(stderr, "usage: pcache cache stats|clear --cache-dir DIR [-m MODEL]\n");
+        return 2;
+    }
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--cache-dir") && i + 1 < argc) dir = argv[++i];
+        else if ((!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) && i + 1 < argc) model = argv[++i];
+        else { fprintf(stderr, "pcache cache: unknown argument '%s'\n", argv[i]); return 2; }
+    }
+    if (!dir) { fprintf(stderr, "pcache cache: --cache-dir DIR is required\n"); return 2; }
+    struct stat sb;
+    if (stat(dir, &sb)) { fprintf(stderr, "pcache cache: --cache-dir %s: %s\n", dir, strerror(errno)); return 1; }
+    if (!S_ISDIR(sb.st_mode)) { fprintf(stderr, "pcache cache: --cache-dir %s: not a directory\n", dir); return 1; }
+    char err[512];
+    uint64_t want = 0;
+    if (model && fingerprint_file(model, access(dir, W_OK) ? NULL : dir, &want, NULL, err, sizeof err)) {
+        fprintf(stderr, "pcache cache: %s\n", err);
+        return 1;
+    }
+    DIR *dh = opendir(dir);
+    if (!dh) { fprintf(stderr, "pcache cache: --cache-dir %s: %s\n", dir, strerror(errno)); return 1; }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    double now = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+    struct dirent *de;
+    int rc = 0, n_stores = 0;
+    uint64_t tot_blocks = 0, tot_bytes = 0;
+    while ((de = readdir(dh))) {
+        unsigned long long fp;
+        unsigned nl, kd, ver;
+        int used = 0;
+        if (sscanf(de->d_name, "%16llx-%ux%u-v%u%n", &fp, &nl, &kd, &ver, &used) != 4 || de->d_name[used] || ver != KVFILE_VERSION)
+            continue;
+        if (model && fp != want) continue;
+        kvdisk *d;
+        if (kvdisk_open(&d, dir, fp, nl, kd, UINT64_MAX, now, err, sizeof err)) {
+            fprintf(stderr, "pcache cache: %s\n", err);
+            rc = 1;
+            continue;
+        }
+        kvdisk_stats st;
+        kvdisk_get_stats(d, &st);
+        n_stores++;
+        if (!strcmp(what, "clear")) {
+            int n = kvdisk_clear(d);
+            printf("%s: cleared %d blocks (%llu bytes); bad_files=%llu expired=%llu\n", kvdisk_path(d), n,
+                   (unsigned long long)st.bytes, (unsigned long long)st.bad_files, (unsigned long long)st.expired);
+            char p[4096];
+            snprintf(p, sizeof p, "%s", kvdisk_path(d));
+            kvdisk_close(d);
+            rmdir(p);
+        } else {
+            printf("%s: model_fp=%016llx layers=%u kv_dim=%u blocks=%llu bytes=%llu bad_files=%llu expired=%llu\n",
+                   kvdisk_path(d), fp, nl, kd, (unsigned long long)st.blocks, (unsigned long long)st.bytes,
+                   (unsigned long long)st.bad_files, (unsigned long long)st.expired);
+            tot_blocks += st.blocks;
+            tot_bytes += st.bytes;
+            kvdisk_close(d);
+        }
+    }
+    closedir(dh);
+    if (!strcmp(what, "stats"))
+        printf("total: stores=%d blocks=%llu bytes=%llu\n", n_stores, (unsigned long long)tot_blocks, (unsigned long long)tot_bytes);
+    else if (!n_stores) printf("nothing to clear under %s\n", dir);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { usage(stderr); return 2; }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "run")) return cmd_run(argc - 2, argv + 2);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "serve")) return server_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "cache")) return cmd_cache(argc - 2, argv + 2);
     if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) { usage(stdout); return 0; }
     fprintf(stderr, "pcache: unknown command '%s'\n", cmd);
     usage(stderr);

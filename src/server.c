@@ -362,7 +362,14 @@ static void *engine_main(void *arg) {
     char err[256];
     for (;;) {
         pthread_mutex_lock(&s->q_mu);
-        while (!s->stopping && !s->pending && !s->cancels && active == 0) pthread_cond_wait(&s->q_cv, &s->q_mu);
+        /* Idle: wake once a second anyway, so that the engine collects the cache tiers'
+         * finished writes (their block references) and /metrics stays current. */
+        while (!s->stopping && !s->pending && !s->cancels && active == 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            if (pthread_cond_timedwait(&s->q_cv, &s->q_mu, &ts) == ETIMEDOUT) break;
+        }
         bool stop = s->stopping;
         job *pend = s->pending, *canc = s->cancels;
         s->pending = s->pending_tail = NULL;
@@ -426,7 +433,7 @@ static void *engine_main(void *arg) {
             }
             return NULL;
         }
-        if (running) active = engine_step(s->eng);
+        active = engine_step(s->eng);   /* with nothing running: expiry and the tiers' completions */
         /* prune finished jobs from the running list */
         for (job **pp = &running; *pp;) {
             job *j = *pp;
@@ -609,6 +616,41 @@ static char *format_metrics(server *s) {
         ob_printf(&b, "pcache_gpu_memory_bytes{use=\"weights\"} %zu\npcache_gpu_memory_bytes{use=\"kv\"} %zu\npcache_gpu_memory_bytes{use=\"scratch\"} %zu\n"
                       "pcache_gpu_memory_bytes{use=\"free\"} %zu\npcache_gpu_memory_bytes{use=\"total\"} %zu\n",
                   m.gm.weights, m.gm.kv, m.gm.scratch, m.gm.free, m.gm.total);
+    }
+    if (m.es.tier_on[1] || m.es.tier_on[2]) {
+        static const char *tn[3] = { "pool", "host", "disk" };
+        int t0 = m.es.tier_on[1] ? 1 : 2, t1 = m.es.tier_on[2] ? 2 : 1;
+        ob_printf(&b, "# HELP pcache_cache_tier_blocks KV blocks held by each cache tier.\n# TYPE pcache_cache_tier_blocks gauge\n");
+        ob_printf(&b, "pcache_cache_tier_blocks{tier=\"pool\"} %d\n", m.es.cache_blocks);
+        for (int t = t0; t <= t1; t++) ob_printf(&b, "pcache_cache_tier_blocks{tier=\"%s\"} %llu\n", tn[t], (unsigned long long)m.es.tier[t].blocks);
+        ob_printf(&b, "# HELP pcache_cache_tier_bytes Bytes held by each cache tier.\n# TYPE pcache_cache_tier_bytes gauge\n");
+        for (int t = t0; t <= t1; t++) ob_printf(&b, "pcache_cache_tier_bytes{tier=\"%s\"} %llu\n", tn[t], (unsigned long long)m.es.tier[t].bytes);
+#define TIER_COUNTER(name, help, field)                                                                             \
+        ob_printf(&b, "# HELP pcache_cache_tier_" name " " help "\n# TYPE pcache_cache_tier_" name " counter\n");     \
+        for (int t = t0; t <= t1; t++)                                                                              \
+            ob_printf(&b, "pcache_cache_tier_" name "{tier=\"%s\"} %llu\n", tn[t], (unsigned long long)m.es.tier[t].field);
+        TIER_COUNTER("hits_total", "Admissions that loaded cached blocks from the tier.", hits)
+        TIER_COUNTER("tokens_served_total", "Prompt tokens loaded from the tier instead of computed.", tokens_served)
+        TIER_COUNTER("promotions_total", "Blocks loaded from the tier into the KV pool.", promotions)
+        TIER_COUNTER("demotions_total", "Blocks written into the tier (write-through).", demotions)
+        TIER_COUNTER("checksum_failures_total", "Records refused: checksum, truncation, another model or layout (deleted).", bad_files)
+        TIER_COUNTER("write_errors_total", "Failed writes.", write_errors)
+        TIER_COUNTER("expired_total", "Blocks dropped at their expiry.", expired)
+        TIER_COUNTER("evictions_total", "Blocks evicted by the tier's size bound.", evicted)
+#undef TIER_COUNTER
+        ob_printf(&b, "# HELP pcache_cache_tier_read_seconds Time to read one block from the tier into the pool.\n# TYPE pcache_cache_tier_read_seconds summary\n");
+        for (int t = t0; t <= t1; t++)
+            ob_printf(&b, "pcache_cache_tier_read_seconds_sum{tier=\"%s\"} %.6f\npcache_cache_tier_read_seconds_count{tier=\"%s\"} %llu\n",
+                      tn[t], m.es.tier[t].read_s, tn[t], (unsigned long long)m.es.tier[t].read_n);
+        ob_printf(&b, "# HELP pcache_cache_tier_write_seconds Time to write one block into the tier.\n# TYPE pcache_cache_tier_write_seconds summary\n");
+        for (int t = t0; t <= t1; t++)
+            ob_printf(&b, "pcache_cache_tier_write_seconds_sum{tier=\"%s\"} %.6f\npcache_cache_tier_write_seconds_count{tier=\"%s\"} %llu\n",
+                      tn[t], m.es.tier[t].write_s, tn[t], (unsigned long long)m.es.tier[t].write_n);
+        ob_printf(&b, "# HELP pcache_cache_tier_dropped_writes_total Blocks not written down: the write queue was full.\n# TYPE pcache_cache_tier_dropped_writes_total counter\npcache_cache_tier_dropped_writes_total %llu\n",
+                  (unsigned long long)m.es.tier_writes_dropped);
+        ob_printf(&b, "# HELP pcache_cache_tier_write_queue Blocks waiting to be written down.\n# TYPE pcache_cache_tier_write_queue gauge\npcache_cache_tier_write_queue %d\n", m.es.tier_queue_depth);
+        ob_printf(&b, "# HELP pcache_cache_tier_loads_total Requests that waited for blocks loaded from a lower tier.\n# TYPE pcache_cache_tier_loads_total counter\npcache_cache_tier_loads_total %llu\n",
+                  (unsigned long long)m.es.tier_loads);
     }
     ob_printf(&b, "# HELP pcache_draining 1 while the server drains for shutdown.\n# TYPE pcache_draining gauge\npcache_draining %d\n", atomic_load(&s->draining) ? 1 : 0);
 
@@ -1107,6 +1149,9 @@ static void usage(FILE *f) {
             "  --host ADDR           bind address (default 127.0.0.1)\n"
             "  --port N              port (default 8080; 0 = any free port)\n"
             "  --kv-mem SIZE         KV cache budget, e.g. 512M, 2G (default 512M)\n"
+            "  --cache-dir DIR       also keep cached KV blocks on disk under DIR, across restarts\n"
+            "  --cache-disk SIZE     bound of the disk tier (default 10G)\n"
+            "  --cache-host-mem SIZE a host-RAM tier between the KV pool and the disk\n"
             "  --cache-ttl T         lifetime of automatic cache entries, e.g. 300, 5m, 1h (default 5m)\n"
             "  --no-cache            disable prefix reuse\n"
             "  --device D            cpu, cuda or auto (default: the GPU when one is usable)\n"
@@ -1144,6 +1189,9 @@ int server_main(int argc, char **argv) {
         else if (!strcmp(a, "--kv-mem")) { NEED(); if (parse_size(v, &eo.kv_mem_bytes) < 0) { fprintf(stderr, "pcache serve: bad --kv-mem %s\n", v); return 2; } }
         else if (!strcmp(a, "--cache-ttl")) { NEED(); if (parse_duration(v, &eo.cache_ttl_s) < 0) { fprintf(stderr, "pcache serve: bad --cache-ttl %s\n", v); return 2; } }
         else if (!strcmp(a, "--no-cache")) eo.cache_enabled = false;
+        else if (!strcmp(a, "--cache-dir")) { NEED(); eo.cache_dir = v; }
+        else if (!strcmp(a, "--cache-disk")) { NEED(); if (parse_size(v, &eo.cache_disk_bytes) < 0 || !eo.cache_disk_bytes) { fprintf(stderr, "pcache serve: bad --cache-disk %s\n", v); return 2; } }
+        else if (!strcmp(a, "--cache-host-mem")) { NEED(); if (parse_size(v, &eo.cache_host_bytes) < 0 || !eo.cache_host_bytes) { fprintf(stderr, "pcache serve: bad --cache-host-mem %s\n", v); return 2; } }
         else if (!strcmp(a, "--device")) { NEED(); if (strcmp(v, "cpu") && strcmp(v, "cuda") && strcmp(v, "auto")) { fprintf(stderr, "pcache serve: bad --device %s (cpu, cuda or auto)\n", v); return 2; } eo.device = v; }
         else if (!strcmp(a, "--api-key")) { NEED(); if (!*v) { fprintf(stderr, "pcache serve: empty --api-key\n"); return 2; } s->keys[s->n_keys++] = (char *)v; }
         else if (!strcmp(a, "--parallel")) { NEED(); eo.max_seqs = atoi(v); if (eo.max_seqs < 1) { fprintf(stderr, "pcache serve: bad --parallel %s\n", v); return 2; } }
@@ -1177,6 +1225,7 @@ int server_main(int argc, char **argv) {
         engine_free(s->eng);
         return 1;
     }
+    engine_get_stats(s->eng, &s->m.es);   /* /metrics before the first request (the tiers' start-up scan) */
     s->tok = engine_tok(s->eng);
     s->gf = engine_gguf(s->eng);
     s->tmpl = chat_template_detect(s->gf, s->tok);

@@ -982,6 +982,7 @@ struct gpu_backend {
     int use_graphs, n_graphs;
     struct { int n; cudaGraphExec_t exec; } graphs[64];
     cudaStream_t st;
+    cudaStream_t io_st;   /* the cache tiers' block copies (gpu_read_block / gpu_write_block) */
     size_t mem_weights, mem_kv, mem_scratch;
     float *part;   /* split matmuls' partial sums (matmul_on) */
     size_t part_cap;
@@ -1374,6 +1375,7 @@ extern "C" void gpu_free(gpu_backend *g) {
     for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
     free(g->allocs);
     if (g->st) cudaStreamDestroy(g->st);
+    if (g->io_st) cudaStreamDestroy(g->io_st);
     free(g->layers);
     if (g->h_stage) cudaFreeHost(g->h_stage);
     free(g);
@@ -1407,6 +1409,7 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         CK(cudaGetDeviceProperties(&prop, 0), "device properties");
         snprintf(g->device, sizeof g->device, "%s", prop.name);
         CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
+        CK(cudaStreamCreateWithFlags(&g->io_st, cudaStreamNonBlocking), "I/O stream");
         CK(kernels_setup(), "kernel attributes");
     }
     /* weights */
@@ -1515,6 +1518,33 @@ extern "C" void gpu_copy_block(void *ctx, int32_t dst, int32_t src, int n_slots)
     gpu_backend *g = (gpu_backend *)ctx;
     (void)n_slots;   /* the whole block: copying the unused slots too costs nothing that matters */
     k_copy_block<<<64, 256, 0, g->st>>>(g->kv, g->block_elems, dst, src);
+}
+
+/* The cache tiers' block copies, from the engine's I/O thread. A block being read is shared
+ * (refcount > 1: never written), a block being written is held by a loading sequence that no
+ * batch includes, so neither races the compute stream's kernels; the copy is synchronous on its
+ * own stream. */
+extern "C" int gpu_read_block(void *ctx, int32_t block, void *dst) {
+    gpu_backend *g = (gpu_backend *)ctx;
+    if (block < 0 || block >= g->n_blocks) return -1;
+    const size_t bytes = g->block_elems * sizeof(__half);
+    if (cudaMemcpyAsync(dst, g->kv + (size_t)block * g->block_elems, bytes, cudaMemcpyDeviceToHost, g->io_st) != cudaSuccess ||
+        cudaStreamSynchronize(g->io_st) != cudaSuccess) {
+        fprintf(stderr, "cuda: reading KV block %d: %s\n", block, cudaGetErrorString(cudaGetLastError()));
+        return -1;
+    }
+    return 0;
+}
+extern "C" int gpu_write_block(void *ctx, int32_t block, const void *src) {
+    gpu_backend *g = (gpu_backend *)ctx;
+    if (block < 0 || block >= g->n_blocks) return -1;
+    const size_t bytes = g->block_elems * sizeof(__half);
+    if (cudaMemcpyAsync(g->kv + (size_t)block * g->block_elems, src, bytes, cudaMemcpyHostToDevice, g->io_st) != cudaSuccess ||
+        cudaStreamSynchronize(g->io_st) != cudaSuccess) {
+        fprintf(stderr, "cuda: writing KV block %d: %s\n", block, cudaGetErrorString(cudaGetLastError()));
+        return -1;
+    }
+    return 0;
 }
 
 extern "C" void *gpu_host_alloc(size_t bytes) {

@@ -1,0 +1,36 @@
+/* kvhost: the host-RAM tier's block store (issue 11): a bounded set of KV blocks in RAM (page-
+ * locked on the GPU backend, so a promotion is one DMA), keyed by chain hash, with the same
+ * metadata as a disk record; namespace and tokens are compared on every hit, expired blocks are
+ * never served, and the least recently used block makes room. It sits between the KV pool and
+ * the disk: filled by the engine's write-through, searched before the disk.
+ *
+ * Thread-safe (one mutex): the engine's I/O thread puts and gets, the engine thread asks
+ * kvhost_has. Time is passed in (Unix seconds). */
+#ifndef PCACHE_KVHOST_H
+#define PCACHE_KVHOST_H
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include "kvfile.h"
+
+typedef struct kvhost kvhost;
+
+typedef struct kvhost_stats {
+    uint64_t blocks, bytes, capacity_blocks;
+    uint64_t puts, lookups, hits, misses, evicted, expired;
+} kvhost_stats;
+
+/* A store of up to max_bytes / kv_block_bytes blocks (at least one, else an error). pinned: in
+ * page-locked memory (gpu_host_alloc). */
+int kvhost_create(kvhost **out, uint32_t n_layer, uint32_t kv_dim, uint64_t max_bytes, bool pinned, char *err,
+                  size_t errlen);
+void kvhost_free(kvhost *h);
+/* Stores (or refreshes) the block of record m with values kv, evicting expired then least
+ * recently used blocks when full. */
+void kvhost_put(kvhost *h, const kvfile_meta *m, const void *kv, double now);
+int kvhost_has(kvhost *h, uint64_t chain, double now);
+/* Copies the block into kv when it is held, live, of namespace ns (NULL = "") with exactly these
+ * n tokens. Returns 1 (hit) or 0. */
+int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv);
+void kvhost_get_stats(kvhost *h, kvhost_stats *out);
+#endif
