@@ -85,10 +85,23 @@ static int char_rule(jsctx *c) {   /* one JSON string character: UTF-8 or an esc
     uint64_t e[4] = { 0 };
     for (const char *p = "\"\\/bfnrt"; *p; p++) e[(uint8_t)*p >> 6] |= 1ull << ((uint8_t)*p & 63);
     gb_set(b, e);
+    /* \uXXXX, never a surrogate (D800-DFFF): a pair would be one character to a validator but
+     * two here, and a lone one is not a character at all */
+    uint64_t h1[4] = { 0 };
+    for (const char *p = "0123456789abcefABCEF"; *p; p++) h1[(uint8_t)*p >> 6] |= 1ull << ((uint8_t)*p & 63);
+    uint64_t dd[4] = { 0 };
+    dd['d' >> 6] |= 1ull << ('d' & 63);
+    dd['D' >> 6] |= 1ull << ('D' & 63);
     gb_alt(b, r);
     gb_lit(b, "\\u", 2);
+    gb_set(b, h1);
     gb_ref(b, hex);
     gb_ref(b, hex);
+    gb_ref(b, hex);
+    gb_alt(b, r);
+    gb_lit(b, "\\u", 2);
+    gb_set(b, dd);
+    gb_byte_range(b, '0', '7');
     gb_ref(b, hex);
     gb_ref(b, hex);
     return c->chr = r;

@@ -616,82 +616,132 @@ static grammar *schema_file_grammar(const char *path) {
 
 static const char *tool_piece(void *user, int32_t id, size_t *len) { return tokenizer_piece((const tokenizer *)user, id, false, len); }
 
-/* grammar-check SCHEMA < text: whether the bytes on stdin are a complete sentence of the
- * schema's grammar ("complete"), a viable prefix ("prefix") or neither ("rejected"). */
+/* grammar-check SCHEMA|- < text: whether the bytes on stdin are a complete sentence of the
+ * schema's grammar ("complete"), a viable prefix ("prefix") or neither ("rejected").
+ * grammar-check --batch: JSON lines {"schema": S (null: any object), "text": T} on stdin, one
+ * verdict per line out ("error: ..." for a refused schema). */
+static const char *verdict(grammar *g, const char *text, size_t len) {
+    const int st = grammar_advance(g, grammar_start(g), text, len);
+    return st < 0 ? "limit" : st == GRAMMAR_DEAD ? "rejected" : grammar_accepting(g, st) ? "complete" : "prefix";
+}
 static int cmd_grammar_check(int argc, char **argv) {
-    if (argc < 1) { fprintf(stderr, "usage: pcache-tool grammar-check SCHEMA|- < text\n"); return 2; }
-    grammar *g = schema_file_grammar(argv[0]);
-    if (!g) return 1;
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool grammar-check SCHEMA|-|--batch < text\n"); return 2; }
     size_t len;
     char *text = read_stream(stdin, &len);
-    int st = grammar_advance(g, grammar_start(g), text ? text : "", text ? len : 0);
-    printf("%s\n", st < 0 ? "limit" : st == GRAMMAR_DEAD ? "rejected" : grammar_accepting(g, st) ? "complete" : "prefix");
+    if (!text) return 1;
+    if (strcmp(argv[0], "--batch")) {
+        grammar *g = schema_file_grammar(argv[0]);
+        if (g) printf("%s\n", verdict(g, text, len));
+        grammar_unref(g);
+        free(text);
+        return g ? 0 : 1;
+    }
+    char *save = NULL;
+    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        cJSON *j = cJSON_Parse(line);
+        const cJSON *sc = cJSON_GetObjectItemCaseSensitive(j, "schema"), *tx = cJSON_GetObjectItemCaseSensitive(j, "text");
+        char err[512] = "bad line";
+        grammar *g = !cJSON_IsString(tx) ? NULL : cJSON_IsNull(sc) ? jsonschema_any_object(err, sizeof err) : sc ? jsonschema_compile(sc, err, sizeof err) : NULL;
+        if (g) printf("%s\n", verdict(g, tx->valuestring, strlen(tx->valuestring)));
+        else printf("error: %s\n", err);
+        grammar_unref(g);
+        cJSON_Delete(j);
+    }
     free(text);
-    grammar_unref(g);
     return 0;
 }
 
-/* grammar-sample MODEL SCHEMA SEED N: N random token walks through the schema's grammar over
- * MODEL's vocabulary (no model: each step picks uniformly among the allowed tokens, and the end
- * with probability 1/2 where the grammar may end), one JSON line each: the text, whether the
- * sentence completed, the steps. Exercises exactly the masks the engine applies. */
+/* One random token walk through g over the vocabulary (uniform among allowed tokens, the end
+ * with probability 1/2 where the grammar may end), as a JSON line. Returns 0, or -1 when the
+ * grammar failed (a limit, or no token allowed in a live state: a bug). */
+static int grammar_walk(grammar *g, const vocab_trie *tr, const tokenizer *t, uint64_t *rng, int index, char *out, size_t cap) {
+    const int nv = tokenizer_n_vocab(t);
+    int st = grammar_start(g), steps = 0, rc = 0;
+    size_t ol = 0;
+    bool complete = false;
+    for (; steps < 4000 && st > 0; steps++) {
+        *rng ^= *rng << 13, *rng ^= *rng >> 7, *rng ^= *rng << 17;
+        const bool can_end = grammar_accepting(g, st), more = grammar_can_continue(g, st);
+        if (can_end && (!more || (*rng >> 11) % 2 == 0)) { complete = true; break; }
+        const uint64_t *m = grammar_mask(g, tr, st);
+        if (!m) { fprintf(stderr, "grammar limit\n"); rc = -1; break; }
+        int cnt = 0;
+        for (int w = 0; w < (nv + 63) / 64; w++) cnt += __builtin_popcountll(m[w]);
+        if (!cnt) { fprintf(stderr, "no token allowed in a live state\n"); rc = -1; break; }
+        *rng ^= *rng << 13, *rng ^= *rng >> 7, *rng ^= *rng << 17;
+        int pick = (int)((*rng >> 11) % (uint64_t)cnt), id = -1;
+        for (int i = 0; i < nv; i++)
+            if (m[i >> 6] >> (i & 63) & 1 && pick-- == 0) { id = i; break; }
+        size_t pl;
+        const char *p = tokenizer_piece(t, id, false, &pl);
+        if (ol + pl >= cap) break;
+        memcpy(out + ol, p, pl);
+        ol += pl;
+        if ((st = grammar_advance(g, st, p, pl)) <= 0) { fprintf(stderr, "a masked-in token killed the state\n"); rc = -1; }
+    }
+    cJSON *line = cJSON_CreateObject();
+    char *txt = malloc(ol + 1);
+    if (txt) { memcpy(txt, out, ol); txt[ol] = 0; }
+    cJSON_AddNumberToObject(line, "i", index);
+    cJSON_AddStringToObject(line, "text", txt ? txt : "");
+    cJSON_AddBoolToObject(line, "complete", complete);
+    cJSON_AddNumberToObject(line, "steps", steps);
+    char *js = cJSON_PrintUnformatted(line);
+    if (js) printf("%s\n", js);
+    free(js);
+    free(txt);
+    cJSON_Delete(line);
+    return rc;
+}
+
+/* grammar-sample MODEL SCHEMA|-|--batch SEED N: N random token walks through the schema's
+ * grammar over MODEL's vocabulary (no model), one JSON line each (i, text, complete, steps):
+ * exactly the masks the engine applies, exercised fast. --batch: a schema per line on stdin
+ * (null: any JSON object), N walks each, i the line's index; a schema refused is a line with
+ * "error". */
 static int cmd_grammar_sample(int argc, char **argv) {
-    if (argc < 4) { fprintf(stderr, "usage: pcache-tool grammar-sample MODEL SCHEMA|- SEED N\n"); return 2; }
+    if (argc < 4) { fprintf(stderr, "usage: pcache-tool grammar-sample MODEL SCHEMA|-|--batch SEED N\n"); return 2; }
     gguf_file *f;
     tokenizer *t;
     if (tok_open(argv[0], &f, &t)) return 1;
-    grammar *g = schema_file_grammar(argv[1]);
-    const int nv = tokenizer_n_vocab(t);
-    vocab_trie *tr = vocab_trie_build(nv, tool_piece, t);
-    if (!g || !tr) { grammar_unref(g); vocab_trie_free(tr); tokenizer_free(t); gguf_close(f); return 1; }
+    vocab_trie *tr = vocab_trie_build(tokenizer_n_vocab(t), tool_piece, t);
     uint64_t rng = strtoull(argv[2], NULL, 10) * 0x9e3779b97f4a7c15ull + 1;
     const int n = atoi(argv[3]);
-    char *out = malloc(1 << 20);
-    int rc = 0;
-    for (int k = 0; k < n && out; k++) {
-        int st = grammar_start(g), steps = 0;
-        size_t ol = 0;
-        bool complete = false;
-        for (; steps < 4000; steps++) {
-            rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-            const bool can_end = grammar_accepting(g, st), more = grammar_can_continue(g, st);
-            if (can_end && (!more || (rng >> 11) % 2 == 0)) { complete = true; break; }
-            const uint64_t *m = grammar_mask(g, tr, st);
-            if (!m) { fprintf(stderr, "grammar limit\n"); rc = 1; break; }
-            int cnt = 0;
-            for (int w = 0; w < (nv + 63) / 64; w++) cnt += __builtin_popcountll(m[w]);
-            if (!cnt) { fprintf(stderr, "no token allowed in a live state\n"); rc = 1; break; }
-            rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-            int pick = (int)((rng >> 11) % (uint64_t)cnt), id = -1;
-            for (int i = 0; i < nv; i++)
-                if (m[i >> 6] >> (i & 63) & 1 && pick-- == 0) { id = i; break; }
-            size_t pl;
-            const char *p = tokenizer_piece(t, id, false, &pl);
-            if (ol + pl >= (1 << 20)) break;
-            memcpy(out + ol, p, pl);
-            ol += pl;
-            st = grammar_advance(g, st, p, pl);
-            if (st <= 0) { fprintf(stderr, "a masked-in token killed the state\n"); rc = 1; break; }
+    const size_t cap = 1 << 20;
+    char *out = malloc(cap);
+    int rc = tr && out ? 0 : 1;
+    if (!rc && strcmp(argv[1], "--batch")) {
+        grammar *g = schema_file_grammar(argv[1]);
+        rc = g ? 0 : 1;
+        for (int k = 0; k < n && !rc; k++) rc = grammar_walk(g, tr, t, &rng, 0, out, cap) ? 1 : 0;
+        grammar_unref(g);
+    } else if (!rc) {
+        size_t len;
+        char *text = read_stream(stdin, &len);
+        char *save = NULL;
+        int idx = 0;
+        for (char *line = text ? strtok_r(text, "\n", &save) : NULL; line && !rc; line = strtok_r(NULL, "\n", &save), idx++) {
+            char err[512];
+            cJSON *j = cJSON_Parse(line);
+            grammar *g = !j ? NULL : cJSON_IsNull(j) ? jsonschema_any_object(err, sizeof err) : jsonschema_compile(j, err, sizeof err);
+            if (!j) snprintf(err, sizeof err, "not JSON");
+            cJSON_Delete(j);
+            if (!g) {
+                cJSON *e = cJSON_CreateObject();
+                cJSON_AddNumberToObject(e, "i", idx);
+                cJSON_AddStringToObject(e, "error", err);
+                char *js = cJSON_PrintUnformatted(e);
+                if (js) printf("%s\n", js);
+                free(js);
+                cJSON_Delete(e);
+                continue;
+            }
+            for (int k = 0; k < n && !rc; k++) rc = grammar_walk(g, tr, t, &rng, idx, out, cap) ? 1 : 0;
+            grammar_unref(g);
         }
-        cJSON *line = cJSON_CreateObject();
-        char *txt = malloc(ol + 1);
-        if (txt) { memcpy(txt, out, ol); txt[ol] = 0; }
-        cJSON_AddStringToObject(line, "text", txt ? txt : "");
-        cJSON_AddBoolToObject(line, "complete", complete);
-        cJSON_AddNumberToObject(line, "steps", steps);
-        char *js = cJSON_PrintUnformatted(line);
-        if (js) printf("%s\n", js);
-        free(js);
-        free(txt);
-        cJSON_Delete(line);
-        if (rc) break;
+        free(text);
     }
-    grammar_stats gs;
-    grammar_get_stats(g, &gs);
-    fprintf(stderr, "grammar: %d rules, %d elements, %d stacks, %d states, %d masks, %zu KB\n", gs.rules, gs.elems, gs.stacks,
-            gs.states, gs.masks, gs.bytes >> 10);
     free(out);
-    grammar_unref(g);
     vocab_trie_free(tr);
     tokenizer_free(t);
     gguf_close(f);
@@ -754,8 +804,8 @@ static const subcommand commands[] = {
     { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
     { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
     { "bench-bw", cmd_bench_bw, "MB THREADS [REPS] : read bandwidth over an MB-megabyte buffer" },
-    { "grammar-check", cmd_grammar_check, "SCHEMA|- < text : complete, prefix or rejected under the schema's grammar" },
-    { "grammar-sample", cmd_grammar_sample, "MODEL SCHEMA|- SEED N : random token walks through the schema's grammar (JSON lines)" },
+    { "grammar-check", cmd_grammar_check, "SCHEMA|-|--batch < text : complete, prefix or rejected under the schema's grammar" },
+    { "grammar-sample", cmd_grammar_sample, "MODEL SCHEMA|-|--batch SEED N : random token walks through the schema's grammar (JSON lines)" },
     { "bench-grammar", cmd_bench_grammar, "MODEL SCHEMA|- [PROMPT] : decode tok/s with and without the grammar (JSON)" },
     { "bench-dot", cmd_bench_dot, "TYPE N ITERS [ROWS] : ns per vec_dot / vec_dot_n / vec_dot_ref" },
 };
