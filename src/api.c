@@ -441,6 +441,58 @@ static int parse_openai_messages(const cJSON *root, api_request *r, api_error *e
     return 0;
 }
 
+/* Completions' prompt: a string, an array of one string, or one prompt as token ids (an array
+ * of integers, or an array holding one such array). OpenAI also takes a batch (several strings
+ * or several arrays of ids: one completion each), which needs n > 1 and is refused. */
+static int parse_completion_prompt(const cJSON *p, api_request *r, api_error *err) {
+    if (!p) { api_error_set(err, 400, "invalid_request_error", "prompt", "missing_required_parameter", "prompt: required"); return -1; }
+    if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 && (cJSON_IsString(p->child) || cJSON_IsArray(p->child))) p = p->child;
+    if (cJSON_IsString(p)) {
+        r->prompt_len = strlen(p->valuestring);
+        if (!(r->prompt = strdup(p->valuestring))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+        return 0;
+    }
+    if (!cJSON_IsArray(p)) {
+        api_error_set(err, 400, "invalid_request_error", "prompt", "invalid_type",
+                      "prompt: expected a string, an array of one string, or an array of token ids (integers)");
+        return -1;
+    }
+    int n = cJSON_GetArraySize(p);
+    if (n == 0) { api_error_set(err, 400, "invalid_request_error", "prompt", "invalid_value", "prompt: the array of token ids is empty"); return -1; }
+    bool batch = n > 1;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, p) batch = batch && (cJSON_IsString(x) || cJSON_IsArray(x));
+    if (batch) {
+        api_error_set(err, 400, "invalid_request_error", "prompt", "unsupported_parameter",
+                      "prompt: a batch of %d prompts is not supported by pcache (one completion each, as with n > 1); "
+                      "send one prompt per request", n);
+        return -1;
+    }
+    if (!(r->prompt_ids = malloc((size_t)n * sizeof *r->prompt_ids))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+    int i = 0;
+    cJSON_ArrayForEach(x, p) {
+        char param[32];
+        snprintf(param, sizeof param, "prompt[%d]", i);
+        if (!cJSON_IsNumber(x)) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_type",
+                          "%s: expected a token id (an integer): a prompt is a string or one array of token ids, not a mix of types or nested arrays", param);
+            return -1;
+        }
+        double d = x->valuedouble;
+        if (!isfinite(d) || d != floor(d)) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: token id %g is not an integer", param, d);
+            return -1;
+        }
+        if (d < 0 || d > INT32_MAX) {   /* the vocabulary bound is the server's to check */
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: token id %g is out of range", param, d);
+            return -1;
+        }
+        r->prompt_ids[i++] = (int32_t)d;
+    }
+    r->n_prompt_ids = n;
+    return 0;
+}
+
 static int parse_openai(const cJSON *root, api_request *r, api_error *err) {
     double d;
     long long ll;
@@ -449,12 +501,7 @@ static int parse_openai(const cJSON *root, api_request *r, api_error *err) {
     if (r->kind == API_OPENAI_CHAT) {
         if (parse_openai_messages(root, r, err) < 0) return -1;
     } else {
-        const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "prompt");
-        if (!p) { api_error_set(err, 400, "invalid_request_error", "prompt", "missing_required_parameter", "prompt: required"); return -1; }
-        if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 && cJSON_IsString(cJSON_GetArrayItem(p, 0))) p = cJSON_GetArrayItem(p, 0);
-        if (!cJSON_IsString(p)) { api_error_set(err, 400, "invalid_request_error", "prompt", "invalid_type", "prompt: expected a string (or an array of one string)"); return -1; }
-        r->prompt_len = strlen(p->valuestring);
-        if (!(r->prompt = strdup(p->valuestring))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
+        if (parse_completion_prompt(cJSON_GetObjectItemCaseSensitive(root, "prompt"), r, err) < 0) return -1;
     }
     if ((k = get_number(root, "temperature", 0, 2, &d, err)) < 0) return -1; else if (k) r->sp.temperature = (float)d;
     if ((k = get_number(root, "top_p", 0, 1, &d, err)) < 0) return -1; else if (k) r->sp.top_p = (float)d;
@@ -745,6 +792,7 @@ void api_request_free(api_request *r) {
     for (int i = 0; i < r->n_msgs; i++) { free(r->msgs[i].role); free(r->msgs[i].content); }
     free(r->msgs);
     free(r->prompt);
+    free(r->prompt_ids);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     free(r->cache_key);
     free(r->logit_bias);
@@ -786,11 +834,7 @@ int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api
     if (!cJSON_IsObject(root)) BAD(NULL, "request body must be a JSON object");
     const char *model = NULL;
     if (get_string(root, "model", &model, err) < 0) goto fail;
-    if (!model) {
-        api_error_set(err, 400, "invalid_request_error", "model", "missing_required_parameter", "model: Field required");
-        goto fail;
-    }
-    if (!(out->model = strdup(model))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); goto fail; }
+    if (model && !(out->model = strdup(model))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); goto fail; }
     if ((api_is_anthropic(kind) ? parse_anthropic(root, out, err) : parse_openai(root, out, err)) < 0) goto fail;
     if (parse_cache_salt(root, out, err) < 0) goto fail;
     cJSON_Delete(root);

@@ -54,12 +54,16 @@ typedef struct api_msg {
 
 typedef struct api_request {
     api_kind kind;
-    char *model;
+    char *model;              /* NULL when the body has none (the server decides: see server.c) */
     api_msg *msgs;            /* chat kinds (Anthropic: system + tools folded into msgs[0]) */
     int n_msgs;
     bool assistant_prefill;   /* Anthropic: last message is assistant text to continue */
-    char *prompt;             /* completions: the raw prompt */
+    char *prompt;             /* completions: the raw prompt (NULL when given as token ids) */
     size_t prompt_len;
+    int32_t *prompt_ids;      /* completions: the prompt as token ids, used as they are (no BOS,
+                                 no tokenization); each >= 0, checked against the vocabulary by
+                                 the server */
+    int n_prompt_ids;
     sample_params sp;
     bool has_seed;
     int max_tokens;           /* -1: not given */

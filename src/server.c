@@ -21,9 +21,31 @@
  * connection's timeout is raised so long generations are not cut off.
  *
  * Decisions (documented for users):
- * - Model names: a request may name the served model by its GGUF general.name, its file name
- *   (with or without .gguf), or "default"; any other name is 404 model_not_found. Strictness
- *   catches clients pointed at the wrong server; "default" is the escape hatch for SDK callers.
+ * - Model names (lenient by default): one model is loaded, so a request naming any model, or
+ *   none, is served by it, and every reply (and stream chunk) names the served model, as
+ *   llama.cpp's server does: clients send their own names (gpt-4o-mini, claude-sonnet-4-5,
+ *   test) and would otherwise need reconfiguring. --alias NAME adds names to /v1/models (and
+ *   GET /v1/models/{name} finds them; with the lenient default any name finds the served
+ *   model). --strict-model restores the check that catches clients pointed at the wrong
+ *   server: the name must be the GGUF general.name, the file name (with or without .gguf),
+ *   "default" or an alias, else 404 model_not_found, and `model` is required (400).
+ * - Paths: the API is served with and without the /v1 prefix (/chat/completions, /completions,
+ *   /models, /messages, /messages/count_tokens), since clients given a base URL without /v1
+ *   call those; /health and /metrics have one path each.
+ * - CORS: browsers may call the API from the origins of --cors-origins (a list, or *; default:
+ *   http(s)://localhost, 127.0.0.1 and [::1] on any port, as llama.cpp allows). An allowed
+ *   request's Origin is echoed in Access-Control-Allow-Origin (with Vary: Origin) on every
+ *   response, errors and SSE streams included; a preflight (OPTIONS on an API path) gets 204
+ *   with the allowed methods, the requested headers (or a list of the SDKs' headers) and a
+ *   day's Max-Age, and needs no key (browsers send none on a preflight). A disallowed origin
+ *   gets no CORS headers, so the browser withholds the answer, but the request is answered as
+ *   for any other client: CORS protects browser users, it is not access control (keys are).
+ * - Prompts as token ids (completions): used as they are, no BOS added and no tokenization;
+ *   each id must be in the vocabulary (400 naming the element). A batch of prompts is a 400.
+ * - Context overflow: a prompt whose length plus max_tokens (or plus one token, without
+ *   max_tokens) exceeds the context is a 400 worded as each API words it: OpenAI's code
+ *   context_length_exceeded (param messages or prompt), Anthropic's "prompt is too long: M
+ *   tokens > N maximum" or its "input length and `max_tokens` exceed context limit" message.
  * - Namespaces (tenant isolation by default): the cache namespace is derived from the presented
  *   credential (x-api-key, or the Authorization bearer token), hashed ("k" + FNV-1a-64, so keys
  *   are not kept in the cache index), whether or not --api-key is configured; requests without
@@ -43,7 +65,8 @@
  * - Anthropic streaming: message_start is sent once the prompt is in the KV (the engine's
  *   on_start), so it carries the real input / cache_creation / cache_read split, as
  *   Anthropic's does; message_delta repeats the final numbers with output_tokens.
- * - /health and /metrics need no key; everything under /v1 does when keys are configured.
+ * - /health, /metrics and CORS preflights need no key; every other API request does when keys
+ *   are configured.
  */
 #include "server.h"
 #include "api.h"
@@ -141,6 +164,12 @@ struct server {
     chat_tmpl tmpl;
     int n_ctx;
     char model_id[256], model_file[256], model_stem[256];
+    const char **aliases;     /* --alias: more names for the model (argv strings) */
+    int n_aliases;
+    bool strict_model;        /* --strict-model: unknown names are 404, `model` is required */
+    const char **cors;        /* --cors-origins: allowed browser origins (argv substrings) */
+    int n_cors;               /* -1: the default (localhost origins only) */
+    bool cors_any;            /* "*" */
     char **keys;
     char (*key_ns)[18];
     int n_keys;
@@ -462,6 +491,51 @@ static void *engine_main(void *arg) {
     }
 }
 
+/* ------------------------------------------------------------------------------ CORS */
+/* http(s)://localhost, 127.0.0.1 or [::1], with any port: the default allow-list (llama.cpp's). */
+static bool origin_is_local(const char *o) {
+    const char *h = !strncmp(o, "http://", 7) ? o + 7 : !strncmp(o, "https://", 8) ? o + 8 : NULL;
+    if (!h) return false;
+    static const char *const hosts[] = { "localhost", "127.0.0.1", "[::1]" };
+    for (size_t i = 0; i < sizeof hosts / sizeof *hosts; i++) {
+        size_t n = strlen(hosts[i]);
+        if (strncasecmp(h, hosts[i], n)) continue;
+        const char *q = h + n;
+        if (!*q) return true;
+        if (*q++ != ':' || !*q) return false;
+        while (*q >= '0' && *q <= '9') q++;
+        return !*q;
+    }
+    return false;
+}
+
+/* The request's Origin when CORS allows it (to be echoed), else NULL. */
+static const char *cors_origin(server *s, struct MHD_Connection *c) {
+    const char *o = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin");
+    if (!o || !*o || strlen(o) > 512 || strpbrk(o, "\r\n")) return NULL;
+    if (s->cors_any) return o;
+    if (s->n_cors < 0) return origin_is_local(o) ? o : NULL;
+    size_t ol = strlen(o);
+    while (ol > 0 && o[ol - 1] == '/') ol--;
+    for (int i = 0; i < s->n_cors; i++) {
+        size_t n = strlen(s->cors[i]);
+        while (n > 0 && s->cors[i][n - 1] == '/') n--;
+        if (n == ol && !strncasecmp(o, s->cors[i], n)) return o;
+    }
+    return NULL;
+}
+
+/* Access-Control-Allow-Origin (the request's origin, echoed) on a response, when allowed. A
+ * disallowed origin gets no CORS headers: the browser then withholds the response, while the
+ * request itself is answered as for any other client. */
+static void add_cors(server *s, struct MHD_Connection *c, struct MHD_Response *r) {
+    if (MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin")) MHD_add_response_header(r, "Vary", "Origin");
+    const char *o = cors_origin(s, c);
+    if (!o) return;
+    MHD_add_response_header(r, "Access-Control-Allow-Origin", o);
+    MHD_add_response_header(r, "Access-Control-Expose-Headers", "Retry-After, Content-Type");
+}
+
 /* ------------------------------------------------------------------------------ responses */
 /* Queues body (freed here; NULL: "{}") with the headers its status calls for, plus Retry-After
  * when retry_s > 0 (429/529 queue full, 503 draining), and counts the request. */
@@ -471,7 +545,8 @@ static enum MHD_Result reply_ex(server *s, struct MHD_Connection *c, int ep, int
     struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
     if (!r) { free(body); return MHD_NO; }
     MHD_add_response_header(r, "Content-Type", ctype);
-    if (status == 405) MHD_add_response_header(r, "Allow", ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS ? "GET, HEAD" : "POST");
+    if (status == 405) MHD_add_response_header(r, "Allow", ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
+    add_cors(s, c, r);
     if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
     if (retry_s > 0) {
         char ra[16];
@@ -535,20 +610,31 @@ static const char *anth_type(int status) {
     }
 }
 
-static char *format_models(server *s) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "object", "list");
-    cJSON *data = cJSON_AddArrayToObject(o, "data");
+/* One entry of the model list under the name `id` (the served model or an --alias of it). */
+static cJSON *model_entry(server *s, const char *id) {
     cJSON *m = cJSON_CreateObject();
-    cJSON_AddStringToObject(m, "id", s->model_id);
+    cJSON_AddStringToObject(m, "id", id);
     cJSON_AddStringToObject(m, "object", "model");
     cJSON_AddNumberToObject(m, "created", 0);
     cJSON_AddStringToObject(m, "owned_by", "pcache");
     /* Anthropic's list shape fields too (type, display_name), harmless for OpenAI clients. */
     cJSON_AddStringToObject(m, "type", "model");
-    cJSON_AddStringToObject(m, "display_name", s->model_id);
+    cJSON_AddStringToObject(m, "display_name", id);
     cJSON_AddNumberToObject(m, "context_length", s->n_ctx);
-    cJSON_AddItemToArray(data, m);
+    if (strcmp(id, s->model_id)) cJSON_AddStringToObject(m, "alias_of", s->model_id);
+    return m;
+}
+
+/* GET /v1/models: the served model first, then its --alias names. */
+static char *format_models(server *s) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "object", "list");
+    cJSON *data = cJSON_AddArrayToObject(o, "data");
+    cJSON_AddItemToArray(data, model_entry(s, s->model_id));
+    for (int i = 0; i < s->n_aliases; i++)
+        if (strcasecmp(s->aliases[i], s->model_id)) cJSON_AddItemToArray(data, model_entry(s, s->aliases[i]));
+    cJSON_AddStringToObject(o, "first_id", s->model_id);
+    cJSON_AddStringToObject(o, "last_id", s->n_aliases ? s->aliases[s->n_aliases - 1] : s->model_id);
     cJSON_AddBoolToObject(o, "has_more", 0);
     char *r = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
@@ -771,9 +857,52 @@ static char *render_tmpl(void *ctx, const chat_msg *msgs, int n, bool add_gen) {
     return chat_apply(s->tmpl, s->gf, msgs, n, add_gen);
 }
 
+/* The served model's own names: its GGUF general.name, its file name (with or without .gguf),
+ * "default" and each --alias. Returns the alias matched (to name a /models/{alias} entry), the
+ * model id for the others, NULL for an unknown name. */
+static const char *model_known(server *s, const char *name) {
+    if (!strcasecmp(name, s->model_id) || !strcasecmp(name, s->model_file) || !strcasecmp(name, s->model_stem) ||
+        !strcasecmp(name, "default"))
+        return s->model_id;
+    for (int i = 0; i < s->n_aliases; i++)
+        if (!strcasecmp(name, s->aliases[i])) return s->aliases[i];
+    return NULL;
+}
+
+/* Whether a request naming `name` (NULL: none) is served: always, with one model loaded, unless
+ * --strict-model, which wants one of the model's own names. */
 static bool model_ok(server *s, const char *name) {
-    return !strcasecmp(name, s->model_id) || !strcasecmp(name, s->model_file) || !strcasecmp(name, s->model_stem) ||
-           !strcasecmp(name, "default");
+    if (!s->strict_model) return true;
+    return name && model_known(s, name);
+}
+
+/* A prompt of n tokens that, with max_tokens (or one generated token when it is not given), does
+ * not fit the context: 400 worded as each API words it, so clients recognize it (OpenAI's code
+ * context_length_exceeded; Anthropic's "prompt is too long" and its max_tokens message). */
+static enum MHD_Result reply_too_long(server *s, struct MHD_Connection *c, int ep, const api_request *r, int n) {
+    int ctx = s->n_ctx, mt = r->max_tokens > 0 ? r->max_tokens : 0;
+    long long total = (long long)n + (mt ? mt : 1);
+    if (api_is_anthropic(r->kind)) {
+        if (n >= ctx)
+            return reply_err(s, c, ep, true, 400, "invalid_request_error", NULL, "prompt is too long: %d tokens > %d maximum", n, ctx - 1);
+        return reply_err(s, c, ep, true, 400, "invalid_request_error", NULL,
+                         "input length and `max_tokens` exceed context limit: %d + %d > %d, decrease input length or `max_tokens` and try again",
+                         n, mt, ctx);
+    }
+    api_error e;
+    if (r->kind == API_OPENAI_CHAT && !mt)
+        api_error_set(&e, 400, "invalid_request_error", "messages", "context_length_exceeded",
+                      "This model's maximum context length is %d tokens. However, your messages resulted in %d tokens. "
+                      "Please reduce the length of the messages.", ctx, n);
+    else if (r->kind == API_OPENAI_CHAT)
+        api_error_set(&e, 400, "invalid_request_error", "messages", "context_length_exceeded",
+                      "This model's maximum context length is %d tokens. However, you requested %lld tokens (%d in the messages, "
+                      "%d in the completion). Please reduce the length of the messages or completion.", ctx, total, n, mt);
+    else
+        api_error_set(&e, 400, "invalid_request_error", "prompt", "context_length_exceeded",
+                      "This model's maximum context length is %d tokens, however you requested %lld tokens (%d in your prompt; "
+                      "%d for the completion). Please reduce your prompt; or completion length.", ctx, total, n, mt ? mt : 1);
+    return reply_error(s, c, ep, false, &e);
 }
 
 static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn *cs) {
@@ -795,6 +924,11 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         ret = reply_error(s, c, cs->ep, anth, &e);
         goto out;
     }
+    if (!j->req.model && !model_ok(s, NULL)) {
+        api_error_set(&e, 400, "invalid_request_error", "model", "missing_required_parameter", "model: Field required");
+        ret = reply_error(s, c, cs->ep, anth, &e);
+        goto out;
+    }
     if (!model_ok(s, j->req.model)) {
         if (anth) ret = reply_err(s, c, cs->ep, true, 404, "not_found_error", NULL, "model: %.200s", j->req.model);
         else {
@@ -804,28 +938,48 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         }
         goto out;
     }
-    char *text = NULL;
-    size_t tlen = 0;
     api_bp bps[ENGINE_MAX_BREAKPOINTS];
-    int nbps = 0;
-    if (api_render(&j->req, render_tmpl, s, &text, &tlen, bps, &nbps, &e) < 0) {
-        if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
-        ret = reply_error(s, c, cs->ep, anth, &e);
-        goto out;
-    }
-    /* Tokenize once; BOS only if the model wants it and the template did not write it. */
-    char terr[256] = "";
-    bool add_bos = tokenizer_add_bos(s->tok);
-    if (add_bos) {
-        size_t bl = 0;
-        const char *bp = tokenizer_piece(s->tok, tokenizer_bos(s->tok), true, &bl);
-        if (bp && bl && tlen >= bl && !memcmp(text, bp, bl)) add_bos = false;
-    }
-    int n = tokenizer_encode(s->tok, text, tlen, add_bos, true, &j->prompt, terr, sizeof terr);
-    free(text);
-    if (n < 0) {
-        ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", NULL, "could not tokenize the prompt: %s", terr);
-        goto out;
+    int nbps = 0, n;
+    bool add_bos = false;
+    if (j->req.prompt_ids) {
+        /* A prompt given as token ids goes to the engine as it is: no BOS, no tokenization. */
+        int nv = tokenizer_n_vocab(s->tok);
+        for (int i = 0; i < j->req.n_prompt_ids; i++)
+            if (j->req.prompt_ids[i] >= nv) {
+                char param[32];
+                snprintf(param, sizeof param, "prompt[%d]", i);
+                api_error_set(&e, 400, "invalid_request_error", param, "invalid_value",
+                              "%s: token id %d is out of range: the vocabulary has %d tokens (ids 0 to %d)", param,
+                              j->req.prompt_ids[i], nv, nv - 1);
+                ret = reply_error(s, c, cs->ep, false, &e);
+                goto out;
+            }
+        j->prompt = j->req.prompt_ids;
+        n = j->req.n_prompt_ids;
+        j->req.prompt_ids = NULL;
+        j->req.n_prompt_ids = 0;
+    } else {
+        char *text = NULL;
+        size_t tlen = 0;
+        if (api_render(&j->req, render_tmpl, s, &text, &tlen, bps, &nbps, &e) < 0) {
+            if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
+            ret = reply_error(s, c, cs->ep, anth, &e);
+            goto out;
+        }
+        /* Tokenize once; BOS only if the model wants it and the template did not write it. */
+        char terr[256] = "";
+        add_bos = tokenizer_add_bos(s->tok);
+        if (add_bos) {
+            size_t bl = 0;
+            const char *bp = tokenizer_piece(s->tok, tokenizer_bos(s->tok), true, &bl);
+            if (bp && bl && tlen >= bl && !memcmp(text, bp, bl)) add_bos = false;
+        }
+        n = tokenizer_encode(s->tok, text, tlen, add_bos, true, &j->prompt, terr, sizeof terr);
+        free(text);
+        if (n < 0) {
+            ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", NULL, "could not tokenize the prompt: %s", terr);
+            goto out;
+        }
     }
     j->n_prompt = n;
     if (cs->ep == EP_COUNT_TOKENS) {
@@ -838,13 +992,9 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", NULL, "the prompt is empty");
         goto out;
     }
-    if (n >= s->n_ctx) {
-        if (anth) ret = reply_err(s, c, cs->ep, true, 400, "invalid_request_error", NULL, "prompt is too long: %d tokens > %d maximum", n, s->n_ctx - 1);
-        else {
-            api_error_set(&e, 400, "invalid_request_error", "messages", "context_length_exceeded",
-                          "This model's maximum context length is %d tokens. However, your prompt resulted in %d tokens.", s->n_ctx, n);
-            ret = reply_error(s, c, cs->ep, false, &e);
-        }
+    /* The prompt and max_tokens (or, without it, one generated token) must fit the context. */
+    if ((int64_t)n + (j->req.max_tokens > 0 ? j->req.max_tokens : 1) > s->n_ctx) {
+        ret = reply_too_long(s, c, cs->ep, &j->req, n);
         goto out;
     }
     engine_request *er = &j->er;
@@ -964,6 +1114,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         MHD_add_response_header(r, "Content-Type", "text/event-stream; charset=utf-8");
         MHD_add_response_header(r, "Cache-Control", "no-cache");
         MHD_add_response_header(r, "X-Accel-Buffering", "no");
+        add_cors(s, c, r);
         ret = MHD_queue_response(c, 200, r);
         MHD_destroy_response(r);
         metrics_request(s, cs->ep, 200);
@@ -995,17 +1146,50 @@ out:
 }
 
 /* ------------------------------------------------------------------------------ routing */
-static int route(const char *url, bool *anthropic) {
+/* The endpoint of a URL path. The API paths are served with and without the /v1 prefix (clients
+ * configured with a base URL that lacks it call /chat/completions, /models ...); *model_name gets
+ * the name in /models/{name}, else NULL. */
+static int route(const char *url, bool *anthropic, const char **model_name) {
     *anthropic = false;
+    *model_name = NULL;
     if (!strcmp(url, "/health")) return EP_HEALTH;
     if (!strcmp(url, "/metrics")) return EP_METRICS;
-    if (!strcmp(url, "/v1/models") || !strncmp(url, "/v1/models/", 11)) return EP_MODELS;
-    if (!strcmp(url, "/v1/chat/completions")) return EP_CHAT;
-    if (!strcmp(url, "/v1/completions")) return EP_COMPLETIONS;
-    if (!strcmp(url, "/v1/messages")) { *anthropic = true; return EP_MESSAGES; }
-    if (!strcmp(url, "/v1/messages/count_tokens")) { *anthropic = true; return EP_COUNT_TOKENS; }
-    if (!strncmp(url, "/v1/messages", 12)) *anthropic = true;
+    const char *p = !strncmp(url, "/v1/", 4) ? url + 3 : url;
+    if (!strcmp(p, "/models")) return EP_MODELS;
+    if (!strncmp(p, "/models/", 8) && p[8]) { *model_name = p + 8; return EP_MODELS; }
+    if (!strcmp(p, "/chat/completions")) return EP_CHAT;
+    if (!strcmp(p, "/completions")) return EP_COMPLETIONS;
+    if (!strcmp(p, "/messages")) { *anthropic = true; return EP_MESSAGES; }
+    if (!strcmp(p, "/messages/count_tokens")) { *anthropic = true; return EP_COUNT_TOKENS; }
+    if (!strncmp(p, "/messages", 9)) *anthropic = true;
     return EP_OTHER;
+}
+
+/* The answer to a CORS preflight (OPTIONS): 204, no key needed (browsers send none). */
+static enum MHD_Result reply_preflight(server *s, struct MHD_Connection *c, int ep) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (!r) return MHD_NO;
+    bool get = ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS;
+    MHD_add_response_header(r, "Allow", get ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
+    add_cors(s, c, r);
+    if (cors_origin(s, c)) {
+        const char *rh = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Access-Control-Request-Headers");
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", get ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers",
+                                rh && *rh && strlen(rh) < 2048 && !strpbrk(rh, "\r\n") ? rh
+                                : "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, "
+                                  "anthropic-dangerous-direct-browser-access, openai-organization, openai-project, "
+                                  "openai-beta, x-stainless-arch, x-stainless-lang, x-stainless-os, "
+                                  "x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, "
+                                  "x-stainless-runtime-version, x-stainless-timeout");
+        MHD_add_response_header(r, "Access-Control-Max-Age", "86400");
+        const char *pna = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Access-Control-Request-Private-Network");
+        if (pna && !strcasecmp(pna, "true")) MHD_add_response_header(r, "Access-Control-Allow-Private-Network", "true");
+    }
+    enum MHD_Result ret = MHD_queue_response(c, 204, r);
+    MHD_destroy_response(r);
+    metrics_request(s, ep, 204);
+    return ret;
 }
 
 /* The caller's namespace, or -1 when keys are required and this one is missing or wrong. */
@@ -1035,13 +1219,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         cs = calloc(1, sizeof *cs);
         if (!cs) return MHD_NO;
         *con_cls = cs;
-        cs->ep = route(url, &cs->anthropic);
+        const char *model_name;
+        cs->ep = route(url, &cs->anthropic, &model_name);
         bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
         bool post = !strcmp(method, "POST");
         int ep = cs->ep;
         if (ep == EP_OTHER)
             return reply_err(s, c, ep, cs->anthropic, 404, cs->anthropic ? "not_found_error" : "invalid_request_error", NULL,
                              "Unknown request URL: %s %.200s", method, url);
+        if (!strcmp(method, "OPTIONS")) return reply_preflight(s, c, ep);
         bool want_get = ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS;
         if ((want_get && !get) || (!want_get && !post))
             return reply_err(s, c, ep, cs->anthropic, 405, "invalid_request_error", NULL, "Method %s not allowed for %.200s", method, url);
@@ -1056,18 +1242,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                                              : reply(s, c, ep, 200, "application/json", strdup("{\"status\":\"ok\"}"));
         if (ep == EP_METRICS) return reply(s, c, ep, 200, "text/plain; version=0.0.4", format_metrics(s));
         if (ep == EP_MODELS) {
-            if (!strncmp(url, "/v1/models/", 11)) {
-                if (!model_ok(s, url + 11)) {
+            if (model_name) {   /* any name finds the served model, unless --strict-model */
+                const char *id = model_known(s, model_name);
+                if (!id && s->strict_model) {
                     api_error e;
-                    api_error_set(&e, 404, "invalid_request_error", "model", "model_not_found", "The model `%.200s` does not exist", url + 11);
+                    api_error_set(&e, 404, "invalid_request_error", "model", "model_not_found", "The model `%.200s` does not exist", model_name);
                     return reply_error(s, c, ep, false, &e);
                 }
-                char *all = format_models(s);
-                cJSON *o = all ? cJSON_Parse(all) : NULL;
-                free(all);
-                cJSON *m = o ? cJSON_DetachItemFromArray(cJSON_GetObjectItem(o, "data"), 0) : NULL;
+                cJSON *m = model_entry(s, id ? id : s->model_id);
                 char *one = m ? cJSON_PrintUnformatted(m) : NULL;
-                cJSON_Delete(m); cJSON_Delete(o);
+                cJSON_Delete(m);
                 return reply(s, c, ep, 200, "application/json", one);
             }
             return reply(s, c, ep, 200, "application/json", format_models(s));
@@ -1162,7 +1346,37 @@ static void usage(FILE *f) {
             "  -t, --threads N       compute threads (default: all cores)\n"
             "  --timeout S           drop clients idle for S seconds while sending a request (default 30)\n"
             "  --max-queue N         requests that may wait for their prompt to start; beyond, 429/529 (default 256)\n"
-            "  --drain-timeout S     on SIGTERM/SIGINT, let in-flight requests finish for up to S seconds (default 30)\n");
+            "  --drain-timeout S     on SIGTERM/SIGINT, let in-flight requests finish for up to S seconds (default 30)\n"
+            "  --alias NAME          another name for the model, listed by /v1/models (repeatable)\n"
+            "  --strict-model        refuse (404) a `model` that is not one of the model's names (its GGUF name,\n"
+            "                        file name, \"default\" or an --alias), and require `model`; by default any\n"
+            "                        name, or none, is served by the one model and replies name it\n"
+            "  --cors-origins LIST   browser origins allowed to call the API: comma-separated (e.g.\n"
+            "                        https://app.example.com,http://localhost:5173), * for any, \"\" for none\n"
+            "                        (default: http(s)://localhost, 127.0.0.1 and [::1], any port)\n"
+            "API paths are served with and without the /v1 prefix (/chat/completions, /completions, /models,\n"
+            "/messages, /messages/count_tokens). /health and /metrics, and CORS preflights, need no key.\n");
+}
+
+/* --cors-origins: "*", or comma-separated origins (scheme://host[:port]); "" allows none. The
+ * list is copied to *buf and split there; s->cors points into it. */
+static int parse_cors(server *s, const char *v, char **buf) {
+    free(*buf);
+    free(s->cors);
+    s->cors = NULL;
+    s->n_cors = 0;
+    s->cors_any = false;
+    if (!(*buf = strdup(v)) || !(s->cors = calloc(strlen(v) / 2 + 2, sizeof *s->cors))) return -1;
+    for (char *save = NULL, *t = strtok_r(*buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        while (*t == ' ' || *t == '\t') t++;
+        char *e = t + strlen(t);
+        while (e > t && (e[-1] == ' ' || e[-1] == '\t')) *--e = 0;
+        if (!*t) continue;
+        if (!strcmp(t, "*")) { s->cors_any = true; continue; }
+        if (strncmp(t, "http://", 7) && strncmp(t, "https://", 8)) return -1;
+        s->cors[s->n_cors++] = t;
+    }
+    return 0;
 }
 
 int server_main(int argc, char **argv) {
@@ -1177,7 +1391,10 @@ int server_main(int argc, char **argv) {
     if (!s) return 1;
     s->keys = calloc((size_t)argc + 1, sizeof *s->keys);
     s->key_ns = calloc((size_t)argc + 1, sizeof *s->key_ns);
-    if (!s->keys || !s->key_ns) { free(s->keys); free(s->key_ns); free(s); return 1; }
+    s->aliases = calloc((size_t)argc + 1, sizeof *s->aliases);
+    if (!s->keys || !s->key_ns || !s->aliases) { free(s->keys); free(s->key_ns); free(s->aliases); free(s); return 1; }
+    s->n_cors = -1;
+    char *cors_list = NULL;   /* the --cors-origins value, split in place */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -1199,6 +1416,9 @@ int server_main(int argc, char **argv) {
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { NEED(); eo.n_threads = atoi(v); if (eo.n_threads < 1) { fprintf(stderr, "pcache serve: bad --threads %s\n", v); return 2; } }
         else if (!strcmp(a, "--timeout")) { NEED(); long t = atol(v); if (t < 1 || t > 86400) { fprintf(stderr, "pcache serve: bad --timeout %s\n", v); return 2; } timeout = (unsigned)t; }
         else if (!strcmp(a, "--max-queue")) { NEED(); char *e; long q = strtol(v, &e, 10); if (*e || q < 0 || q > 1000000) { fprintf(stderr, "pcache serve: bad --max-queue %s\n", v); return 2; } max_queue = (int)q; }
+        else if (!strcmp(a, "--alias")) { NEED(); if (!*v || strlen(v) > 200) { fprintf(stderr, "pcache serve: bad --alias '%s'\n", v); return 2; } s->aliases[s->n_aliases++] = v; }
+        else if (!strcmp(a, "--strict-model")) s->strict_model = true;
+        else if (!strcmp(a, "--cors-origins")) { NEED(); if (parse_cors(s, v, &cors_list) < 0) { fprintf(stderr, "pcache serve: bad --cors-origins '%s' (comma-separated origins such as https://app.example.com, or *)\n", v); return 2; } }
         else if (!strcmp(a, "--drain-timeout")) { NEED(); if (parse_duration(v, &drain_s) < 0 || drain_s < 0) { fprintf(stderr, "pcache serve: bad --drain-timeout %s\n", v); return 2; } }
         else { fprintf(stderr, "pcache serve: unknown option %s\n", a); usage(stderr); return 2; }
 #undef NEED
@@ -1315,6 +1535,9 @@ int server_main(int argc, char **argv) {
     pthread_mutex_destroy(&s->m.mu);
     free(s->keys);
     free(s->key_ns);
+    free(s->aliases);
+    free(s->cors);
+    free(cors_list);
     free(s);
     return 0;
 }

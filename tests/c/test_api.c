@@ -99,7 +99,6 @@ START_TEST(openai_chat_invalid) {
     expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":[]} x", 400, "trailing");
     expect_bad(API_OPENAI_CHAT, "[1,2]", 400, "JSON object");
     expect_bad(API_OPENAI_CHAT, "", 400, "empty");
-    expect_bad(API_OPENAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model");
     expect_bad(API_OPENAI_CHAT, "{\"model\":5,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model");
     expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\"}", 400, "messages");
     expect_bad(API_OPENAI_CHAT, "{\"model\":\"m\",\"messages\":{}}", 400, "messages");
@@ -147,8 +146,57 @@ START_TEST(openai_completion) {
     ck_assert_str_eq(r.prompt, "x");
     api_request_free(&r);
     expect_bad(API_OPENAI_COMPLETION, "{\"model\":\"m\"}", 400, "prompt");
-    expect_bad(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":[1,2,3]}", 400, "prompt");
-    expect_bad(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":[\"a\",\"b\"]}", 400, "prompt");
+    expect_bad(API_OPENAI_COMPLETION, "{\"model\":\"m\",\"prompt\":[\"a\",\"b\"]}", 400, "batch");
+}
+END_TEST
+
+/* `model` is optional in the parser (the server decides what a missing one means). */
+START_TEST(model_optional) {
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e), 0);
+    ck_assert_ptr_null(r.model);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, "{\"max_tokens\":2,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e), 0);
+    ck_assert_ptr_null(r.model);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, "{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e), 0);
+    ck_assert_str_eq(r.model, "gpt-4o-mini");
+    api_request_free(&r);
+}
+END_TEST
+
+/* Completions' prompt as token ids: one array of integers (or an array holding one). */
+START_TEST(completion_token_ids) {
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_OPENAI_COMPLETION, "{\"prompt\":[1,2,3]}", &r, &e), 0);
+    ck_assert_ptr_null(r.prompt);
+    ck_assert_int_eq(r.n_prompt_ids, 3);
+    ck_assert_int_eq(r.prompt_ids[0], 1);
+    ck_assert_int_eq(r.prompt_ids[2], 3);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_COMPLETION, "{\"prompt\":[[7, 0]]}", &r, &e), 0);
+    ck_assert_int_eq(r.n_prompt_ids, 2);
+    ck_assert_int_eq(r.prompt_ids[0], 7);
+    ck_assert_int_eq(r.prompt_ids[1], 0);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_COMPLETION, "{\"prompt\":[5]}", &r, &e), 0);
+    ck_assert_int_eq(r.n_prompt_ids, 1);
+    api_request_free(&r);
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[]}", 400, "empty");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[[]]}", 400, "empty");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[1,2.5]}", 400, "prompt[1]");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[1,2.5]}", 400, "not an integer");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[1,-2]}", 400, "out of range");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[1,3e12]}", 400, "out of range");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[1,\"a\"]}", 400, "prompt[1]");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[1,[2,3]]}", 400, "nested");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[[[1]]]}", 400, "nested");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[1,null]}", 400, "prompt[1]");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[[1,2],[3,4]]}", 400, "batch");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":[\"a\",[3,4]]}", 400, "batch");
+    expect_bad(API_OPENAI_COMPLETION, "{\"prompt\":5}", 400, "token ids");
 }
 END_TEST
 
@@ -627,6 +675,8 @@ int main(void) {
     tcase_add_test(tc, openai_chat_valid);
     tcase_add_test(tc, openai_chat_invalid);
     tcase_add_test(tc, openai_completion);
+    tcase_add_test(tc, model_optional);
+    tcase_add_test(tc, completion_token_ids);
     tcase_add_test(tc, anthropic_valid_and_breakpoints);
     tcase_add_test(tc, anthropic_render_fallback_and_prefill);
     tcase_add_test(tc, anthropic_invalid);
