@@ -108,6 +108,9 @@ struct engine {
     int32_t *lp_id;          /* logprobs scratch */
     float *lp_val;
     vocab_trie *trie;        /* the vocabulary's byte strings, built for the first grammar */
+    int32_t eog[8];          /* end-of-generation tokens (grammar_apply) */
+    float eog_logit[8];
+    int n_eog;
     /* cache tiers below the pool (NULL: none) */
     kvtier *tier;
     uint64_t model_fp;
@@ -518,22 +521,34 @@ static const char *trie_piece(void *user, int32_t id, size_t *len) {
  * sequence) when the grammar hit a size limit or allows nothing. */
 static bool grammar_apply(engine *e, seq *s, float *logits, int n_vocab) {
     grammar *g = s->r.grammar;
-    if (!e->trie && !(e->trie = vocab_trie_build(n_vocab, trie_piece, e->tok))) {
-        finish(e, s, FINISH_ERROR, "out of memory");
-        return false;
+    if (!e->trie) {
+        if (!(e->trie = vocab_trie_build(n_vocab, trie_piece, e->tok))) {
+            finish(e, s, FINISH_ERROR, "out of memory");
+            return false;
+        }
+        for (int i = 0; i < n_vocab && e->n_eog < 8; i++)
+            if (tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
     }
     const bool can_end = grammar_accepting(g, s->gstate);
+    for (int i = 0; i < e->n_eog; i++) e->eog_logit[i] = logits[e->eog[i]];
     const uint64_t *m = grammar_can_continue(g, s->gstate) ? grammar_mask(g, e->trie, s->gstate) : NULL;
     if (!m && grammar_can_continue(g, s->gstate)) {
         finish(e, s, FINISH_ERROR, "the output grammar grew past its limits");
         return false;
     }
+    /* a word of the mask at a time: all-allowed words (the inside of a free string) cost one
+     * test; end-of-generation tokens are never in a mask, and are set apart below */
     bool any = false;
-    for (int i = 0; i < n_vocab; i++) {
-        const bool ok = tokenizer_is_eog(e->tok, i) ? can_end : m && (m[i >> 6] >> (i & 63) & 1);
-        if (!ok) logits[i] = -INFINITY;
-        any |= ok;
+    for (int w = 0; w * 64 < n_vocab; w++) {
+        const uint64_t bits = m ? m[w] : 0;
+        any |= bits != 0;
+        if (bits == ~0ull && (w + 1) * 64 <= n_vocab) continue;
+        const int end = (w + 1) * 64 < n_vocab ? (w + 1) * 64 : n_vocab;
+        for (int i = w * 64; i < end; i++)
+            if (!(bits >> (i & 63) & 1)) logits[i] = -INFINITY;
     }
+    for (int i = 0; i < e->n_eog; i++)
+        if (can_end) { logits[e->eog[i]] = e->eog_logit[i]; any = true; }
     if (!any) {
         finish(e, s, FINISH_ERROR, "the output grammar allows no token here");
         return false;

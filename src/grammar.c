@@ -9,15 +9,16 @@
  *   masks[s]    the token mask of state s, computed once
  *
  * Limits keep a hostile or huge schema from eating the process: at most GRAMMAR_MAX_NODES
- * stack nodes and GRAMMAR_MAX_STATES states; past them a call returns -1 / NULL and the
- * request fails with an error. */
+ * stack nodes and GRAMMAR_MAX_STATES states (past them a call returns -1 / NULL and the request
+ * fails with an error), and GRAMMAR_MAX_MASKS cached masks (past them the cache starts over). */
 #include "grammar.h"
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
 
-#define GRAMMAR_MAX_NODES (1 << 20)
-#define GRAMMAR_MAX_STATES (1 << 16)
+#define GRAMMAR_MAX_NODES (1 << 18)
+#define GRAMMAR_MAX_STATES (1 << 14)      /* with their transitions: at most 16 MB */
+#define GRAMMAR_MAX_MASKS 1024            /* cached masks (6 KB each for a 49k vocabulary) */
 #define GRAMMAR_MAX_DEPTH 256
 
 enum { E_END = 0, E_SET = 1, E_REF = 2 };
@@ -569,6 +570,10 @@ const uint64_t *grammar_mask(grammar *g, const vocab_trie *t, int state) {
     if (state <= 0 || state >= g->n_states || !t) return NULL;
     if (g->masks[state]) return g->masks[state];
     if (g->n_vocab && g->n_vocab != t->n_vocab) return NULL;
+    if (g->n_masks >= GRAMMAR_MAX_MASKS) {   /* a bound on memory: start the cache over */
+        for (int i = 0; i < g->n_states; i++) free(g->masks[i]), g->masks[i] = NULL;
+        g->n_masks = 0;
+    }
     g->n_vocab = t->n_vocab;
     const size_t words = ((size_t)t->n_vocab + 63) / 64;
     uint64_t *m = calloc(words, sizeof *m);

@@ -74,7 +74,8 @@ void vocab_trie_free(vocab_trie *t);
 /* The tokens allowed in `state`: a bitmask of n_vocab bits (bit i of word i/64) owned by the
  * grammar (valid until the grammar is freed), the tokens whose bytes keep the state alive. The
  * end of generation is not in it: the caller allows its end tokens when grammar_accepting.
- * NULL on a limit. A grammar is used with one trie only. */
+ * Valid until the next grammar_mask call on g (the cache of masks is bounded). NULL on a limit.
+ * A grammar is used with one trie only. */
 const uint64_t *grammar_mask(grammar *g, const vocab_trie *t, int state);
 
 typedef struct grammar_stats {

@@ -1440,7 +1440,7 @@ int server_main(int argc, char **argv) {
         fprintf(stderr, "pcache serve: %s\n", err[0] ? err : "could not load the model");
         return 1;
     }
-    if (!(s->schemas = schema_cache_new(64))) {
+    if (!(s->schemas = schema_cache_new(16))) {
         fprintf(stderr, "pcache serve: out of memory\n");
         engine_free(s->eng);
         return 1;

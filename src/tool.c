@@ -748,9 +748,10 @@ static int cmd_grammar_sample(int argc, char **argv) {
     return rc;
 }
 
-/* bench-grammar MODEL SCHEMA [PROMPT]: decode speed with the schema's grammar (first request:
- * masks computed; second: cached) and without (the same number of tokens, greedy), in one
- * process, as JSON. */
+/* bench-grammar MODEL SCHEMA [PROMPT]: decode speed with the schema's grammar and without (the
+ * same number of tokens, greedy), in one process, as JSON: 5 rounds of a run without then one
+ * with (masks cached); slowdown = 1 - the median of the rounds' ratios; and the first run with
+ * the grammar (its masks computed) on its own. PCACHE_BENCH_VERBOSE=1 prints every run. */
 static int cmd_bench_grammar(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: pcache-tool bench-grammar MODEL SCHEMA|- [PROMPT]\n"); return 2; }
     engine_opts o = { .model_path = argv[0], .cache_enabled = false, .device = "cpu" };
@@ -766,25 +767,46 @@ static int cmd_bench_grammar(int argc, char **argv) {
     const int n = prompt ? tokenizer_encode(engine_tok(e), prompt, strlen(prompt), false, true, &ids, err, sizeof err) : -1;
     free(prompt);
     if (n <= 0) { fprintf(stderr, "bench: cannot tokenize\n"); grammar_unref(g); engine_free(e); return 1; }
-    double tps[3] = { 0 };
-    int gen = 0;
-    for (int k = 0; k < 3; k++) {   /* grammar cold, grammar warm, none */
+    /* the first run with the grammar computes its masks (cold); then rounds alternate a run
+     * without the grammar (as many tokens, greedy) and one with it (masks cached): medians */
+    {   /* warm-up without the grammar: the weights paged in, the threads started */
         bres r;
         memset(&r, 0, sizeof r);
-        engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = k < 2 ? 512 : gen, .ignore_eos = k == 2,
-                             .grammar = k < 2 ? g : NULL, .on_done = b_done, .user = &r };
+        engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = 16, .ignore_eos = true, .on_done = b_done, .user = &r };
+        sample_params_default(&q.sp);
+        if (engine_submit(e, &q, err, sizeof err) == 0) b_wait(e, &r, 1);
+    }
+    enum { ROUNDS = 5 };
+    double cold = 0, none[ROUNDS], warm[ROUNDS];
+    int gen = 0;
+    for (int k = 0; k < 1 + 2 * ROUNDS; k++) {
+        const bool with = k == 0 || k % 2 == 0;
+        bres r;
+        memset(&r, 0, sizeof r);
+        engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = k == 0 ? 512 : gen, .ignore_eos = !with,
+                             .grammar = with ? g : NULL, .on_done = b_done, .user = &r };
         sample_params_default(&q.sp);
         q.sp.temperature = 0;
         if (engine_submit(e, &q, err, sizeof err) < 0) { fprintf(stderr, "bench: %s\n", err); break; }
         b_wait(e, &r, 1);
         if (k == 0) gen = r.u.completion_tokens;
-        tps[k] = r.u.completion_tokens > 1 ? (r.u.completion_tokens - 1) / r.u.decode_s : 0;
+        const double tps = r.u.completion_tokens > 1 ? (r.u.completion_tokens - 1) / r.u.decode_s : 0;
+        if (getenv("PCACHE_BENCH_VERBOSE")) fprintf(stderr, "run %d (%s): %d tokens, %.1f tok/s, ttft %.3f s\n", k, with ? "grammar" : "none", r.u.completion_tokens, tps, r.u.ttft_s);
+        if (k == 0) cold = tps;
+        else if (with) warm[(k - 1) / 2] = tps;
+        else none[(k - 1) / 2] = tps;
     }
+    double ratio[ROUNDS];   /* per round: with / without, adjacent runs (slow drifts of a shared machine cancel) */
+    for (int k = 0; k < ROUNDS; k++) ratio[k] = none[k] > 0 ? warm[k] / none[k] : 0;
+    qsort(ratio, ROUNDS, sizeof *ratio, cmp_dbl);
+    qsort(none, ROUNDS, sizeof *none, cmp_dbl);
+    qsort(warm, ROUNDS, sizeof *warm, cmp_dbl);
+    const double tn = none[ROUNDS / 2], tw = warm[ROUNDS / 2], rm = ratio[ROUNDS / 2];
     grammar_stats gs;
     grammar_get_stats(g, &gs);
-    printf("{\"tokens\": %d, \"tps_grammar_cold\": %.1f, \"tps_grammar_warm\": %.1f, \"tps_none\": %.1f, "
-           "\"slowdown_cold\": %.4f, \"slowdown_warm\": %.4f, \"states\": %d, \"masks\": %d}\n",
-           gen, tps[0], tps[1], tps[2], tps[0] > 0 ? 1 - tps[0] / tps[2] : 0, tps[1] > 0 ? 1 - tps[1] / tps[2] : 0, gs.states, gs.masks);
+    printf("{\"tokens\": %d, \"tps_none\": %.1f, \"tps_grammar\": %.1f, \"tps_grammar_first\": %.1f, \"slowdown\": %.4f, "
+           "\"slowdown_first\": %.4f, \"states\": %d, \"masks\": %d}\n",
+           gen, tn, tw, cold, 1 - rm, tn > 0 ? 1 - cold / tn : 0, gs.states, gs.masks);
     free(ids);
     grammar_unref(g);
     engine_free(e);
