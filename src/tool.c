@@ -455,7 +455,7 @@ static int cmd_chat(int argc, char **argv) {
             cJSON *role = cJSON_GetObjectItemCaseSensitive(it, "role");
             cJSON *content = cJSON_GetObjectItemCaseSensitive(it, "content");
             if (cJSON_IsString(role) && cJSON_IsString(content))
-                msgs[k++] = (chat_msg){ role->valuestring, content->valuestring };
+                msgs[k++] = (chat_msg){ .role = role->valuestring, .content = content->valuestring };
         }
         char *out = chat_apply(chat_template_detect(f, t), f, msgs, k, gen);
         if (out) { fputs(out, stdout); rc = 0; }
@@ -760,7 +760,7 @@ static int cmd_bench_grammar(int argc, char **argv) {
     grammar *g = schema_file_grammar(argv[1]);
     if (!g) { engine_free(e); return 1; }
     const char *text = argc > 2 ? argv[2] : "List the planets of the solar system with their order from the sun, as JSON.";
-    chat_msg msg = { "user", text };
+    chat_msg msg = { .role = "user", .content = text };
     char *prompt = chat_apply(chat_template_detect(engine_gguf(e), engine_tok(e)), engine_gguf(e), &msg, 1, true);
     int32_t *ids = NULL;
     const int n = prompt ? tokenizer_encode(engine_tok(e), prompt, strlen(prompt), false, true, &ids, err, sizeof err) : -1;
