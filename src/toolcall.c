@@ -237,6 +237,7 @@ static bool parse_call(toolcall_parser *p, const char *s, size_t n) {
         if (nm) {
             p->calls[p->n_calls].name = nm;
             p->calls[p->n_calls].arguments = a;
+            p->calls[p->n_calls].at = p->n_content;
             p->n_calls++;
             a = NULL;
         } else if (ok) {

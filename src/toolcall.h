@@ -46,6 +46,7 @@ char *toolcall_pyjson_text(const char *json);
 typedef struct toolcall {
     char *name;
     char *arguments;   /* JSON text of the arguments object, as the model wrote it */
+    size_t at;         /* the content released before it (its place among the text) */
 } toolcall;
 
 typedef struct toolcall_parser {
@@ -53,7 +54,7 @@ typedef struct toolcall_parser {
     int state;
     char *buf;           /* text fed and not yet decided */
     size_t n_buf, cap_buf;
-    char *content;       /* content released (the caller takes it and sets n_content = 0) */
+    char *content;       /* all content released so far (text outside calls) */
     size_t n_content, cap_content;
     toolcall *calls;     /* every call parsed so far */
     int n_calls, cap_calls;
@@ -63,8 +64,8 @@ typedef struct toolcall_parser {
 void toolcall_parser_init(toolcall_parser *p, toolfmt fmt);
 void toolcall_parser_free(toolcall_parser *p);
 /* Feeds generated text; final: it is the end of the output (everything held is decided).
- * Released content is appended to p->content, complete calls to p->calls. false: out of
- * memory. */
+ * Released content is appended to p->content, complete calls to p->calls (each knowing where
+ * it falls in the content). false: out of memory. */
 bool toolcall_feed(toolcall_parser *p, const char *text, size_t len, bool final);
 
 /* ---- constraining the output */
