@@ -1,5 +1,6 @@
 /* pcache-tool: developer subcommands used by the tests and benchmarks (not the product CLI).
  * Each subcommand is one function in the table below. */
+#include "api.h"
 #include "engine.h"
 #include "gguf.h"
 #include "gpu.h"
@@ -468,6 +469,42 @@ static int cmd_chat(int argc, char **argv) {
     return rc;
 }
 
+/* An API request body on stdin (OpenAI chat, or Anthropic messages with --anthropic) -> the
+ * prompt the server renders for it with the model's template (tools and tool turns included). */
+typedef struct { gguf_file *f; chat_tmpl tmpl; } render_ctx;
+static char *render_fn(void *ctx, const chat_msg *msgs, int n, const char *const *tools, int n_tools, bool gen) {
+    render_ctx *rc = ctx;
+    return chat_apply_tools(rc->tmpl, rc->f, msgs, n, tools, n_tools, gen);
+}
+
+static int cmd_render(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool render MODEL [--anthropic] < request.json\n"); return 2; }
+    bool anth = argc > 1 && !strcmp(argv[1], "--anthropic");
+    gguf_file *f;
+    tokenizer *t;
+    if (tok_open(argv[0], &f, &t)) return 1;
+    size_t len;
+    char *body = read_stream(stdin, &len);
+    api_request r;
+    api_error e;
+    int rc = 1;
+    if (body && api_parse(anth ? API_ANTHROPIC_MESSAGES : API_OPENAI_CHAT, body, len, &r, &e) == 0) {
+        render_ctx ctx = { f, chat_template_detect(f, t) };
+        char *prompt = NULL;
+        size_t plen;
+        api_bp bps[ENGINE_MAX_BREAKPOINTS];
+        int nb;
+        if (api_render(&r, render_fn, &ctx, &prompt, &plen, bps, &nb, &e) == 0) { fwrite(prompt, 1, plen, stdout); rc = 0; }
+        else fprintf(stderr, "render: %s\n", e.message);
+        free(prompt);
+        api_request_free(&r);
+    } else if (body) fprintf(stderr, "render: %d %s\n", e.status, e.message);
+    free(body);
+    tokenizer_free(t);
+    gguf_close(f);
+    return rc;
+}
+
 /* ---- quant subcommands (owned by the quant module) ---- */
 
 /* Raw blocks of TYPE on stdin -> N float32 (little-endian) on stdout, via the scalar reference
@@ -801,6 +838,7 @@ static const subcommand commands[] = {
     { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },
     { "detokenize", cmd_detokenize, "MODEL [--special] < ids.json : text (streaming detokenizer)" },
+    { "render", cmd_render, "MODEL [--anthropic] < request.json : the prompt the server renders for an API request" },
     { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
     { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
     { "bench-bw", cmd_bench_bw, "MB THREADS [REPS] : read bandwidth over an MB-megabyte buffer" },
