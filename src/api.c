@@ -283,19 +283,6 @@ static int openai_refusals(const cJSON *root, api_request *r, api_error *err) {
         }
         if (parse_response_format(rf, t, r, err) < 0) return -1;
     }
-    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
-    if (tc && !cJSON_IsNull(tc)) {
-        if (cJSON_IsObject(tc)) return refuse(err, "tool_choice", "tool_choice naming a function (tool calls)");
-        if (!cJSON_IsString(tc)) {
-            api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_type", "tool_choice: expected a string or an object");
-            return -1;
-        }
-        if (!strcmp(tc->valuestring, "required")) return refuse(err, "tool_choice", "tool_choice \"required\" (tool calls)");
-        if (strcmp(tc->valuestring, "auto") && strcmp(tc->valuestring, "none")) {
-            api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_value", "tool_choice: expected none, auto, required or a function");
-            return -1;
-        }
-    }
     const cJSON *fc = cJSON_GetObjectItemCaseSensitive(root, "function_call");
     if (fc && !cJSON_IsNull(fc) && !(cJSON_IsString(fc) && (!strcmp(fc->valuestring, "none") || !strcmp(fc->valuestring, "auto"))))
         return refuse(err, "function_call", "function_call forcing a function (tool calls)");
@@ -312,20 +299,12 @@ static int openai_refusals(const cJSON *root, api_request *r, api_error *err) {
     }
     if (present(root, "prediction")) return refuse(err, "prediction", "prediction (predicted outputs)");
     if (present(root, "web_search_options")) return refuse(err, "web_search_options", "web search");
-    (void)r;
+    if (api_tools_active(r) && r->format != API_FORMAT_TEXT)
+        return refuse(err, "response_format", "response_format other than text together with tools");
     return 0;
 }
 
 static int anthropic_refusals(const cJSON *root, api_error *err) {
-    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
-    if (tc && !cJSON_IsNull(tc)) {
-        const char *t = NULL;
-        if (!cJSON_IsObject(tc) || get_string(tc, "type", &t, err) < 0 || !t) {
-            api_error_set(err, 400, "invalid_request_error", "tool_choice", NULL, "tool_choice: expected an object with a type");
-            return -1;
-        }
-        if (!strcmp(t, "any") || !strcmp(t, "tool")) return refuse(err, "tool_choice", "tool_choice forcing a tool call");
-    }
     const cJSON *th = cJSON_GetObjectItemCaseSensitive(root, "thinking");
     if (th && !cJSON_IsNull(th)) {
         const char *t = NULL;
@@ -366,6 +345,147 @@ static int add_msg(api_request *r, const char *role, char *content /* owned */, 
     m[r->n_msgs].role = rl;
     m[r->n_msgs].content = content;
     r->n_msgs++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- tools */
+static int oom_err(api_error *err) {
+    api_error_set(err, 500, "api_error", NULL, NULL, "out of memory");
+    return -1;
+}
+
+/* Function names as both APIs allow them: letters, digits, _ and -, 1 to 64 (Anthropic 128). */
+static bool tool_name_ok(const char *s, size_t max) {
+    size_t n = strlen(s);
+    if (n == 0 || n > max) return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.'))
+            return false;
+    }
+    return true;
+}
+
+/* Adds a tool; json (the OpenAI-form rendering) is taken over. */
+static int push_tool(api_request *r, const char *name, char *json, const cJSON *params, bool strict, const char *param,
+                     api_error *err) {
+    for (int i = 0; i < r->n_tools; i++)
+        if (!strcmp(r->tools[i].name, name)) {
+            free(json);
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: the tool name '%.64s' is used twice", param, name);
+            return -1;
+        }
+    api_tool *t = realloc(r->tools, (size_t)(r->n_tools + 1) * sizeof *t);
+    if (!t) { free(json); return oom_err(err); }
+    r->tools = t;
+    t = &r->tools[r->n_tools];
+    memset(t, 0, sizeof *t);
+    t->json = json;
+    t->strict = strict;
+    t->name = strdup(name);
+    if (params) t->parameters = cJSON_PrintUnformatted(params);
+    r->n_tools++;
+    if (!json || !t->name || (params && !t->parameters)) return oom_err(err);
+    return 0;
+}
+
+static int push_call(api_msg *m, const char *id, const char *name, const char *args, api_error *err) {
+    api_tool_call *c = realloc(m->calls, (size_t)(m->n_calls + 1) * sizeof *c);
+    if (!c) return oom_err(err);
+    m->calls = c;
+    c = &m->calls[m->n_calls++];
+    c->id = id ? strdup(id) : NULL;
+    c->name = strdup(name);
+    c->arguments = strdup(args && *args ? args : "{}");
+    if ((id && !c->id) || !c->name || !c->arguments) return oom_err(err);
+    return 0;
+}
+
+static int tool_choice_named(api_request *r, const char *name, const char *param, api_error *err) {
+    for (int i = 0; i < r->n_tools; i++)
+        if (!strcmp(r->tools[i].name, name)) {
+            r->tool_choice = API_TOOL_NAMED;
+            if (!(r->tool_name = strdup(name))) return oom_err(err);
+            return 0;
+        }
+    api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: the tool '%.64s' is not among the tools given", param, name);
+    return -1;
+}
+
+/* tools: [{type: "function", function: {name, description?, parameters?, strict?}}];
+ * tool_choice: "none" | "auto" | "required" | {type: "function", function: {name}};
+ * parallel_tool_calls: bool. */
+static int parse_openai_tools(const cJSON *root, api_request *r, api_error *err) {
+    r->parallel_tool_calls = true;
+    if (get_bool(root, "parallel_tool_calls", &r->parallel_tool_calls, err) < 0) return -1;
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
+    if (tools && !cJSON_IsNull(tools)) {
+        if (!cJSON_IsArray(tools)) {
+            api_error_set(err, 400, "invalid_request_error", "tools", "invalid_type", "tools: expected an array");
+            return -1;
+        }
+        const cJSON *t;
+        int i = 0;
+        cJSON_ArrayForEach(t, tools) {
+            char param[48];
+            snprintf(param, sizeof param, "tools[%d]", i++);
+            const char *type = NULL, *name = NULL, *desc = NULL;
+            if (!cJSON_IsObject(t) || get_string(t, "type", &type, err) < 0 || !type) {
+                api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected an object with a type", param);
+                return -1;
+            }
+            if (strcmp(type, "function")) return refuse(err, param, "a tool whose type is not function");
+            const cJSON *fn = cJSON_GetObjectItemCaseSensitive(t, "function");
+            if (!cJSON_IsObject(fn)) {
+                api_error_set(err, 400, "invalid_request_error", param, "missing_required_parameter", "%s.function: required, an object", param);
+                return -1;
+            }
+            if (get_string(fn, "name", &name, err) < 0 || !name || !tool_name_ok(name, 64)) {
+                api_error_set(err, 400, "invalid_request_error", param, "invalid_value",
+                              "%s.function.name: required, 1 to 64 letters, digits, underscores or dashes", param);
+                return -1;
+            }
+            if (get_string(fn, "description", &desc, err) < 0) return -1;
+            bool strict = false;
+            if (get_bool(fn, "strict", &strict, err) < 0) return -1;
+            const cJSON *params = cJSON_GetObjectItemCaseSensitive(fn, "parameters");
+            if (params && cJSON_IsNull(params)) params = NULL;
+            if (params && !cJSON_IsObject(params)) {
+                api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s.function.parameters: expected a JSON schema object", param);
+                return -1;
+            }
+            if (push_tool(r, name, cJSON_PrintUnformatted(t), params, strict, param, err) < 0) return -1;
+        }
+    }
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
+    if (!tc || cJSON_IsNull(tc)) return 0;
+    if (cJSON_IsString(tc)) {
+        const char *v = tc->valuestring;
+        if (!strcmp(v, "none")) r->tool_choice = API_TOOL_NONE;
+        else if (!strcmp(v, "auto")) r->tool_choice = API_TOOL_AUTO;
+        else if (!strcmp(v, "required")) r->tool_choice = API_TOOL_REQUIRED;
+        else {
+            api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_value", "tool_choice: expected none, auto, required or a function");
+            return -1;
+        }
+    } else if (cJSON_IsObject(tc)) {
+        const char *type = NULL, *name = NULL;
+        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tc, "function");
+        if (get_string(tc, "type", &type, err) < 0 || !type || strcmp(type, "function") || !cJSON_IsObject(fn) ||
+            get_string(fn, "name", &name, err) < 0 || !name) {
+            api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_value",
+                          "tool_choice: expected {\"type\": \"function\", \"function\": {\"name\": ...}}");
+            return -1;
+        }
+        if (tool_choice_named(r, name, "tool_choice", err) < 0) return -1;
+    } else {
+        api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_type", "tool_choice: expected a string or an object");
+        return -1;
+    }
+    if ((r->tool_choice == API_TOOL_REQUIRED || r->tool_choice == API_TOOL_NAMED) && r->n_tools == 0) {
+        api_error_set(err, 400, "invalid_request_error", "tool_choice", "invalid_value", "tool_choice: only allowed when tools are specified");
+        return -1;
+    }
     return 0;
 }
 
@@ -417,26 +537,35 @@ static int parse_openai_messages(const cJSON *root, api_request *r, api_error *e
         if (!strcmp(role, "system") || !strcmp(role, "developer")) out_role = "system";
         else if (!strcmp(role, "user")) out_role = "user";
         else if (!strcmp(role, "assistant")) out_role = "assistant";
-        else if (!strcmp(role, "tool") || !strcmp(role, "function")) out_role = "user";
+        else if (!strcmp(role, "tool") || !strcmp(role, "function")) out_role = "tool";
         else { api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s.role: '%.40s' is not one of system, developer, user, assistant, tool", param, role); return -1; }
-        if (!strcmp(role, "tool") || !strcmp(role, "function")) {
-            const char *id = NULL;
-            if (get_string(m, "tool_call_id", &id, err) < 0) return -1;
-            sb_str(&b, "<tool_result");
-            if (id) { sb_str(&b, " id=\""); sb_str(&b, id); sb_str(&b, "\""); }
-            sb_str(&b, ">");
-        }
         if (openai_content(cJSON_GetObjectItemCaseSensitive(m, "content"), &b, param, err) < 0) { free(b.p); return -1; }
-        if (!strcmp(role, "tool") || !strcmp(role, "function")) sb_str(&b, "</tool_result>");
+        if (add_msg(r, out_role, sb_take(&b), err) < 0) return -1;
         const cJSON *calls = cJSON_GetObjectItemCaseSensitive(m, "tool_calls");
-        if (cJSON_IsArray(calls) && !strcmp(out_role, "assistant")) {
+        if (calls && !cJSON_IsNull(calls) && !strcmp(out_role, "assistant")) {
+            if (!cJSON_IsArray(calls)) {
+                api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s.tool_calls: expected an array", param);
+                return -1;
+            }
             const cJSON *c;
+            int k = 0;
             cJSON_ArrayForEach(c, calls) {
-                char *js = cJSON_PrintUnformatted(c);
-                if (js) { sb_str(&b, b.n ? "\n<tool_call>" : "<tool_call>"); sb_str(&b, js); sb_str(&b, "</tool_call>"); free(js); }
+                const char *id = NULL, *name = NULL;
+                const cJSON *fn = cJSON_GetObjectItemCaseSensitive(c, "function");
+                if (!cJSON_IsObject(c) || get_string(c, "id", &id, err) < 0 || !cJSON_IsObject(fn) ||
+                    get_string(fn, "name", &name, err) < 0 || !name) {
+                    api_error_set(err, 400, "invalid_request_error", param, "invalid_value",
+                                  "%s.tool_calls[%d]: expected {id, type: \"function\", function: {name, arguments}}", param, k);
+                    return -1;
+                }
+                const cJSON *a = cJSON_GetObjectItemCaseSensitive(fn, "arguments");
+                char *printed = a && !cJSON_IsString(a) && !cJSON_IsNull(a) ? cJSON_PrintUnformatted(a) : NULL;
+                int rc = push_call(&r->msgs[r->n_msgs - 1], id, name, cJSON_IsString(a) ? a->valuestring : printed, err);
+                free(printed);
+                if (rc < 0) return -1;
+                k++;
             }
         }
-        if (add_msg(r, out_role, sb_take(&b), err) < 0) return -1;
     }
     return 0;
 }
@@ -550,6 +679,7 @@ static int parse_openai(const cJSON *root, api_request *r, api_error *err) {
     }
     if (parse_logit_bias(root, r, err) < 0) return -1;
     if (get_bool(root, "ignore_eos", &r->ignore_eos, err) < 0) return -1;
+    if (r->kind == API_OPENAI_CHAT && parse_openai_tools(root, r, err) < 0) return -1;
     return openai_refusals(root, r, err);
 }
 
@@ -596,31 +726,6 @@ static int anthropic_block(const cJSON *blk, const char *param, bool in_system, 
     } else if (in_system) {
         api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.type: system blocks must be of type 'text'", param);
         return -1;
-    } else if (!strcmp(type, "tool_use")) {
-        const char *id = NULL, *name = NULL;
-        if (get_string(blk, "id", &id, err) < 0 || get_string(blk, "name", &name, err) < 0) return -1;
-        const cJSON *input = cJSON_GetObjectItemCaseSensitive(blk, "input");
-        char *js = input ? cJSON_PrintUnformatted(input) : NULL;
-        sb_str(b, "<tool_use name=\""); sb_str(b, name ? name : ""); sb_str(b, "\" id=\""); sb_str(b, id ? id : "");
-        sb_str(b, "\">"); sb_str(b, js ? js : "{}"); sb_str(b, "</tool_use>");
-        free(js);
-    } else if (!strcmp(type, "tool_result")) {
-        const char *id = NULL;
-        bool is_error = false;
-        if (get_string(blk, "tool_use_id", &id, err) < 0 || get_bool(blk, "is_error", &is_error, err) < 0) return -1;
-        sb_str(b, "<tool_result id=\""); sb_str(b, id ? id : ""); sb_str(b, is_error ? "\" error=\"true\">" : "\">");
-        const cJSON *c = cJSON_GetObjectItemCaseSensitive(blk, "content");
-        if (cJSON_IsString(c)) sb_str(b, c->valuestring);
-        else if (cJSON_IsArray(c)) {
-            const cJSON *x;
-            bool first = true;
-            cJSON_ArrayForEach(x, c) {
-                const char *t = NULL;
-                if (!cJSON_IsObject(x) || get_string(x, "text", &t, err) < 0) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: expected text blocks", param); return -1; }
-                if (t) { if (!first) sb_str(b, "\n"); sb_str(b, t); first = false; }
-            }
-        } else if (c && !cJSON_IsNull(c)) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: expected a string or an array", param); return -1; }
-        sb_str(b, "</tool_result>");
     } else if (!strcmp(type, "thinking") || !strcmp(type, "redacted_thinking")) {
         /* previous thinking is not part of the prompt */
     } else {
@@ -634,44 +739,92 @@ static int anthropic_block(const cJSON *blk, const char *param, bool in_system, 
     return 0;
 }
 
-/* System message = tools (rendered) + system text; breakpoints inside it. */
-static int anthropic_system(const cJSON *root, api_request *r, bp_count *bc, api_error *err) {
+/* Anthropic tools: [{name, description?, input_schema, cache_control?, type?: "custom"}] become
+ * OpenAI-form tools (the chat templates' form). Server tools (web search, bash, text editor,
+ * ...) are refused. A cache_control on a tool marks the prompt up to the end of the tools:
+ * *tools_ttl gets its ttl (the last one), 0 when none. */
+static int anthropic_tools(const cJSON *root, api_request *r, bp_count *bc, double *tools_ttl, api_error *err) {
+    *tools_ttl = 0;
+    r->parallel_tool_calls = true;
     const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
-    const cJSON *sys = cJSON_GetObjectItemCaseSensitive(root, "system");
-    if (tools && cJSON_IsNull(tools)) tools = NULL;
-    if (sys && cJSON_IsNull(sys)) sys = NULL;
-    if (tools && !cJSON_IsArray(tools)) { api_error_set(err, 400, "invalid_request_error", "tools", NULL, "tools: Input should be a valid list"); return -1; }
-    if (sys && !cJSON_IsString(sys) && !cJSON_IsArray(sys)) { api_error_set(err, 400, "invalid_request_error", "system", NULL, "system: expected a string or an array of text blocks"); return -1; }
-    if (!sys && (!tools || cJSON_GetArraySize(tools) == 0)) return 0;
-    sbuf b = {0};
-    api_msg m = {0};
-    if (tools && cJSON_GetArraySize(tools) > 0) {
-        sb_str(&b, "You can use these tools. To call one, reply with <tool_use name=\"NAME\">{JSON input}</tool_use>.\n<tools>");
+    if (tools && !cJSON_IsNull(tools)) {
+        if (!cJSON_IsArray(tools)) { api_error_set(err, 400, "invalid_request_error", "tools", NULL, "tools: Input should be a valid list"); return -1; }
         const cJSON *t;
         int i = 0;
         cJSON_ArrayForEach(t, tools) {
             char param[32];
             snprintf(param, sizeof param, "tools.%d", i++);
-            const char *name = NULL;
+            const char *name = NULL, *type = NULL, *desc = NULL;
             if (!cJSON_IsObject(t) || get_string(t, "name", &name, err) < 0 || !name) {
                 api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.name: Field required", param);
-                free(b.p); return -1;
+                return -1;
+            }
+            if (get_string(t, "type", &type, err) < 0) return -1;
+            if (type && strcmp(type, "custom")) return refuse(err, param, "a server tool (type other than custom)");
+            if (!tool_name_ok(name, 128)) {
+                api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.name: String should match pattern '^[a-zA-Z0-9_-]{1,128}$'", param);
+                return -1;
+            }
+            if (get_string(t, "description", &desc, err) < 0) return -1;
+            const cJSON *schema = cJSON_GetObjectItemCaseSensitive(t, "input_schema");
+            if (!cJSON_IsObject(schema)) {
+                api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.input_schema: Field required (a JSON schema object)", param);
+                return -1;
             }
             double ttl;
             int k = cache_control(t, param, bc, &ttl, err);
-            if (k < 0) { free(b.p); return -1; }
-            cJSON *copy = cJSON_Duplicate(t, 1);
-            if (copy) cJSON_DeleteItemFromObjectCaseSensitive(copy, "cache_control");
-            char *js = copy ? cJSON_PrintUnformatted(copy) : NULL;
-            cJSON_Delete(copy);
-            if (!js) { free(b.p); api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); return -1; }
-            sb_str(&b, "\n"); sb_str(&b, js); free(js);
-            if (k) msg_add_bp(&m, b.n, ttl);
+            if (k < 0) return -1;
+            if (k) *tools_ttl = ttl;
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "type", "function");
+            cJSON *fn = cJSON_AddObjectToObject(o, "function");
+            cJSON_AddStringToObject(fn, "name", name);
+            if (desc) cJSON_AddStringToObject(fn, "description", desc);
+            cJSON_AddItemToObject(fn, "parameters", cJSON_Duplicate(schema, 1));
+            char *json = cJSON_PrintUnformatted(o);
+            cJSON_Delete(o);
+            if (push_tool(r, name, json, schema, false, param, err) < 0) return -1;
         }
-        sb_str(&b, "\n</tools>");
     }
-    if (sys) {
-        if (b.n) sb_str(&b, "\n\n");
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
+    if (!tc || cJSON_IsNull(tc)) return 0;
+    const char *t = NULL, *name = NULL;
+    if (!cJSON_IsObject(tc) || get_string(tc, "type", &t, err) < 0 || !t) {
+        api_error_set(err, 400, "invalid_request_error", "tool_choice", NULL, "tool_choice: expected an object with a type");
+        return -1;
+    }
+    bool no_parallel = false;
+    if (get_bool(tc, "disable_parallel_tool_use", &no_parallel, err) < 0) return -1;
+    r->parallel_tool_calls = !no_parallel;
+    if (!strcmp(t, "auto")) r->tool_choice = API_TOOL_AUTO;
+    else if (!strcmp(t, "none")) r->tool_choice = API_TOOL_NONE;
+    else if (!strcmp(t, "any")) r->tool_choice = API_TOOL_REQUIRED;
+    else if (!strcmp(t, "tool")) {
+        if (get_string(tc, "name", &name, err) < 0 || !name) {
+            api_error_set(err, 400, "invalid_request_error", "tool_choice.name", NULL, "tool_choice.name: Field required");
+            return -1;
+        }
+        if (tool_choice_named(r, name, "tool_choice.name", err) < 0) return -1;
+    } else {
+        api_error_set(err, 400, "invalid_request_error", "tool_choice.type", NULL, "tool_choice.type: expected 'auto', 'any', 'tool' or 'none'");
+        return -1;
+    }
+    if ((r->tool_choice == API_TOOL_REQUIRED || r->tool_choice == API_TOOL_NAMED) && r->n_tools == 0) {
+        api_error_set(err, 400, "invalid_request_error", "tool_choice", NULL, "tool_choice: a forced tool call needs tools");
+        return -1;
+    }
+    return 0;
+}
+
+/* System message = the system text; breakpoints inside it. */
+static int anthropic_system(const cJSON *root, api_request *r, bp_count *bc, api_error *err) {
+    const cJSON *sys = cJSON_GetObjectItemCaseSensitive(root, "system");
+    if (sys && cJSON_IsNull(sys)) sys = NULL;
+    if (sys && !cJSON_IsString(sys) && !cJSON_IsArray(sys)) { api_error_set(err, 400, "invalid_request_error", "system", NULL, "system: expected a string or an array of text blocks"); return -1; }
+    if (!sys) return 0;
+    sbuf b = {0};
+    api_msg m = {0};
+    {
         if (cJSON_IsString(sys)) sb_str(&b, sys->valuestring);
         else {
             sbuf sb = {0};
@@ -697,12 +850,89 @@ static int anthropic_system(const cJSON *root, api_request *r, bp_count *bc, api
     return 0;
 }
 
+static void free_calls(api_msg *m) {
+    for (int i = 0; i < m->n_calls; i++) { free(m->calls[i].id); free(m->calls[i].name); free(m->calls[i].arguments); }
+    free(m->calls);
+    m->calls = NULL;
+    m->n_calls = 0;
+}
+
+/* Adds the turn built so far (text b, breakpoints and calls in tmp, both taken over and reset). */
+static int flush_turn(api_request *r, const char *role, sbuf *b, api_msg *tmp, api_error *err) {
+    char *text = sb_take(b);
+    memset(b, 0, sizeof *b);
+    if (add_msg(r, role, text, err) < 0) { free_calls(tmp); return -1; }
+    api_msg *dst = &r->msgs[r->n_msgs - 1];
+    memcpy(dst->bp, tmp->bp, sizeof tmp->bp);
+    dst->n_bp = tmp->n_bp;
+    dst->calls = tmp->calls;
+    dst->n_calls = tmp->n_calls;
+    memset(tmp, 0, sizeof *tmp);
+    return 0;
+}
+
+/* tool_use {id, name, input}: a call of the assistant turn. */
+static int anthropic_tool_use(const cJSON *blk, const char *param, bool assistant, sbuf *b, api_msg *tmp, bp_count *bc,
+                              api_error *err) {
+    const char *id = NULL, *name = NULL;
+    if (!assistant) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s: tool_use blocks belong in assistant messages", param); return -1; }
+    if (get_string(blk, "id", &id, err) < 0 || get_string(blk, "name", &name, err) < 0) return -1;
+    if (!id || !name) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s: tool_use needs an id and a name", param); return -1; }
+    const cJSON *input = cJSON_GetObjectItemCaseSensitive(blk, "input");
+    if (input && !cJSON_IsObject(input)) { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.input: Input should be a valid dictionary", param); return -1; }
+    char *js = input ? cJSON_PrintUnformatted(input) : NULL;
+    int rc = push_call(tmp, id, name, js ? js : "{}", err);
+    free(js);
+    if (rc < 0) return -1;
+    double ttl;
+    int k = cache_control(blk, param, bc, &ttl, err);   /* the calls follow the text: its end */
+    if (k < 0) return -1;
+    if (k) msg_add_bp(tmp, b->n, ttl);
+    return 0;
+}
+
+/* tool_result {tool_use_id, content (string | text blocks), is_error}: a tool turn. */
+static int anthropic_tool_result(const cJSON *blk, const char *param, api_request *r, bp_count *bc, api_error *err) {
+    const char *id = NULL;
+    bool is_error = false;
+    if (get_string(blk, "tool_use_id", &id, err) < 0 || get_bool(blk, "is_error", &is_error, err) < 0) return -1;
+    sbuf t = {0};
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(blk, "content");
+    if (cJSON_IsString(c)) sb_str(&t, c->valuestring);
+    else if (cJSON_IsArray(c)) {
+        const cJSON *x;
+        cJSON_ArrayForEach(x, c) {
+            const char *type = NULL, *text = NULL;
+            if (!cJSON_IsObject(x) || get_string(x, "type", &type, err) < 0 || !type || strcmp(type, "text") ||
+                get_string(x, "text", &text, err) < 0 || !text) {
+                free(t.p);
+                api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: only text blocks are supported", param);
+                return -1;
+            }
+            if (t.n) sb_str(&t, "\n");
+            sb_str(&t, text);
+        }
+    } else if (c && !cJSON_IsNull(c)) {
+        api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: expected a string or an array", param);
+        return -1;
+    }
+    api_msg tmp = {0};
+    double ttl;
+    int k = cache_control(blk, param, bc, &ttl, err);
+    if (k < 0) { free(t.p); return -1; }
+    if (k) msg_add_bp(&tmp, t.n, ttl);
+    return flush_turn(r, "tool", &t, &tmp, err);
+}
+
 static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
     bp_count bc = {0};
     double d;
     long long ll;
     int k;
+    double tools_ttl = 0;
+    if (anthropic_tools(root, r, &bc, &tools_ttl, err) < 0) return -1;
     if (anthropic_system(root, r, &bc, err) < 0) return -1;
+    const int first_turn = r->n_msgs;
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
     if (!msgs) { api_error_set(err, 400, "invalid_request_error", "messages", NULL, "messages: Field required"); return -1; }
     if (!cJSON_IsArray(msgs)) { api_error_set(err, 400, "invalid_request_error", "messages", NULL, "messages: Input should be a valid list"); return -1; }
@@ -721,6 +951,7 @@ static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(m, "content");
         sbuf b = {0};
         api_msg tmp = {0};
+        const bool assistant = !strcmp(role, "assistant");
         if (cJSON_IsString(c)) sb_str(&b, c->valuestring);
         else if (cJSON_IsArray(c)) {
             const cJSON *blk;
@@ -728,7 +959,21 @@ static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
             cJSON_ArrayForEach(blk, c) {
                 char p2[64];
                 snprintf(p2, sizeof p2, "%s.content.%d", param, j++);
-                if (anthropic_block(blk, p2, false, &b, &tmp, &bc, err) < 0) { free(b.p); return -1; }
+                const char *type = NULL;
+                if (cJSON_IsObject(blk) && get_string(blk, "type", &type, err) < 0) { free(b.p); free_calls(&tmp); return -1; }
+                int rc = 0;
+                if (type && !strcmp(type, "tool_use")) rc = anthropic_tool_use(blk, p2, assistant, &b, &tmp, &bc, err);
+                else if (type && !strcmp(type, "tool_result")) {
+                    /* a tool's result is a turn of its own (role tool), after the text before it */
+                    if (assistant) { api_error_set(err, 400, "invalid_request_error", p2, NULL, "%s: tool_result blocks belong in user messages", p2); rc = -1; }
+                    else if (b.n || tmp.n_bp) rc = flush_turn(r, role, &b, &tmp, err);
+                    if (rc == 0) rc = anthropic_tool_result(blk, p2, r, &bc, err);
+                } else rc = anthropic_block(blk, p2, false, &b, &tmp, &bc, err);
+                if (rc < 0) { free(b.p); free_calls(&tmp); return -1; }
+            }
+            if (!b.n && !tmp.n_calls && !tmp.n_bp && r->n_msgs > 0 && !strcmp(r->msgs[r->n_msgs - 1].role, "tool")) {
+                free(b.p);   /* only tool results: no empty user turn after them */
+                continue;
             }
         } else { api_error_set(err, 400, "invalid_request_error", param, NULL, "%s.content: expected a string or a list of content blocks", param); return -1; }
         if (i == n && !strcmp(role, "assistant")) {
@@ -738,12 +983,20 @@ static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
                 api_error_set(err, 400, "invalid_request_error", param, NULL, "messages: final assistant content cannot end with trailing whitespace");
                 return -1;
             }
-            r->assistant_prefill = true;
+            r->assistant_prefill = !tmp.n_calls;
         }
-        if (add_msg(r, role, sb_take(&b), err) < 0) return -1;
-        api_msg *dst = &r->msgs[r->n_msgs - 1];
-        memcpy(dst->bp, tmp.bp, sizeof tmp.bp);
-        dst->n_bp = tmp.n_bp;
+        if (flush_turn(r, role, &b, &tmp, err) < 0) return -1;
+    }
+    /* A breakpoint on the tools: they are rendered before the first turn's text (in the system
+     * message, or Llama 3.1's first user message), so it goes at the start of that text. */
+    if (tools_ttl > 0 && first_turn < r->n_msgs) {
+        api_msg *fm = &r->msgs[first_turn];
+        if (fm->n_bp < ENGINE_MAX_BREAKPOINTS) {
+            memmove(&fm->bp[1], &fm->bp[0], (size_t)fm->n_bp * sizeof fm->bp[0]);
+            fm->bp[0].off = 0;
+            fm->bp[0].ttl_s = tools_ttl;
+            fm->n_bp++;
+        }
     }
     /* Top-level cache_control (Anthropic's automatic caching): a breakpoint at the end of the
      * last block of the last message. */
@@ -789,8 +1042,11 @@ static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
 void api_request_free(api_request *r) {
     if (!r) return;
     free(r->model);
-    for (int i = 0; i < r->n_msgs; i++) { free(r->msgs[i].role); free(r->msgs[i].content); }
+    for (int i = 0; i < r->n_msgs; i++) { free(r->msgs[i].role); free(r->msgs[i].content); free_calls(&r->msgs[i]); }
     free(r->msgs);
+    for (int i = 0; i < r->n_tools; i++) { free(r->tools[i].name); free(r->tools[i].json); free(r->tools[i].parameters); }
+    free(r->tools);
+    free(r->tool_name);
     free(r->prompt);
     free(r->prompt_ids);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
@@ -856,11 +1112,22 @@ int api_byte_to_token(const size_t *tok_end, int n_tok, size_t off) {
     return lo;
 }
 
-/* Renders msgs (the last one raw after a generation prompt if prefill). */
+/* Renders msgs (the last one raw after a generation prompt if prefill), with the tools unless
+ * tool_choice is none (the model is then not to call any: it is not shown them, as vLLM does). */
+static char *render_n(const api_request *r, const chat_msg *cm, int n, api_template_fn fn, void *ctx, bool gen) {
+    const char **tools = NULL;
+    int nt = r->tool_choice == API_TOOL_NONE ? 0 : r->n_tools;
+    if (nt > 0 && !(tools = malloc((size_t)nt * sizeof *tools))) return NULL;
+    for (int i = 0; i < nt; i++) tools[i] = r->tools[i].json;
+    char *s = fn(ctx, cm, n, tools, nt, gen);
+    free(tools);
+    return s;
+}
+
 static char *render_msgs(const api_request *r, const chat_msg *cm, api_template_fn fn, void *ctx) {
     int n = r->n_msgs;
-    if (!r->assistant_prefill) return fn(ctx, cm, n, true);
-    char *head = fn(ctx, cm, n - 1, true);
+    if (!r->assistant_prefill) return render_n(r, cm, n, fn, ctx, true);
+    char *head = render_n(r, cm, n - 1, fn, ctx, true);
     if (!head) return NULL;
     size_t a = strlen(head), b = strlen(cm[n - 1].content);
     char *s = realloc(head, a + b + 1);
@@ -884,13 +1151,22 @@ int api_render(const api_request *r, api_template_fn fn, void *ctx, char **promp
     if (r->n_msgs <= 0) { api_error_set(err, 400, "invalid_request_error", "messages", NULL, "no messages"); return -1; }
     chat_msg *cm = calloc((size_t)r->n_msgs, sizeof *cm);
     char **marked = calloc((size_t)r->n_msgs, sizeof *marked);
+    int n_calls = 0;
+    for (int i = 0; i < r->n_msgs; i++) n_calls += r->msgs[i].n_calls;
+    chat_tool_call *tc = calloc((size_t)n_calls + 1, sizeof *tc);
     char *plain = NULL, *mk = NULL;
-    if (!cm || !marked) { free(cm); free(marked); goto oom; }
+    if (!cm || !marked || !tc) { free(cm); free(marked); free(tc); goto oom; }
     int total_bp = 0;
     bool marker_ok = true;
-    for (int i = 0; i < r->n_msgs; i++) {
+    for (int i = 0, k = 0; i < r->n_msgs; i++) {
         cm[i].role = r->msgs[i].role;
         cm[i].content = r->msgs[i].content;
+        cm[i].tool_calls = tc + k;
+        cm[i].n_tool_calls = r->msgs[i].n_calls;
+        for (int j = 0; j < r->msgs[i].n_calls; j++, k++) {
+            tc[k].name = r->msgs[i].calls[j].name;
+            tc[k].arguments = r->msgs[i].calls[j].arguments;
+        }
         total_bp += r->msgs[i].n_bp;
         if (strstr(r->msgs[i].content, "\x1f")) marker_ok = false;
     }
@@ -953,7 +1229,7 @@ int api_render(const api_request *r, api_template_fn fn, void *ctx, char **promp
             for (int i = 0; i < r->n_msgs; i++) cm[i].content = r->msgs[i].content;
             for (int i = 0; i < r->n_msgs && j < total_bp; i++) {
                 if (!r->msgs[i].n_bp) continue;
-                char *pre = fn(ctx, cm, i + 1, false);
+                char *pre = render_n(r, cm, i + 1, fn, ctx, false);
                 size_t k = 0;
                 if (pre) while (pre[k] && plain[k] == pre[k]) k++;
                 free(pre);
@@ -964,13 +1240,13 @@ int api_render(const api_request *r, api_template_fn fn, void *ctx, char **promp
         *n_bps = total_bp;
     }
     for (int i = 0; i < r->n_msgs; i++) free(marked[i]);
-    free(marked); free(cm); free(mk);
+    free(marked); free(cm); free(mk); free(tc);
     *prompt = plain;
     *len = strlen(plain);
     return 0;
 fail:
     for (int i = 0; i < r->n_msgs; i++) free(marked[i]);
-    free(marked); free(cm); free(mk); free(plain);
+    free(marked); free(cm); free(mk); free(plain); free(tc);
     return -1;
 oom:
     api_error_set(err, 500, "api_error", NULL, NULL, "out of memory");
@@ -989,6 +1265,46 @@ const char *api_anthropic_stop(finish_reason why, int stop_matched) {
     if (why == FINISH_LENGTH) return "max_tokens";
     if (why == FINISH_STOP && stop_matched > 0) return "stop_sequence";
     return "end_turn";
+}
+
+/* With tool calls made (and not cut off by max_tokens): tool_calls / tool_use. */
+static const char *openai_finish_res(const api_result *res) {
+    return res->n_calls > 0 && res->why != FINISH_LENGTH ? "tool_calls" : api_openai_finish(res->why);
+}
+static const char *anthropic_stop_res(const api_result *res) {
+    return res->n_calls > 0 && res->why != FINISH_LENGTH ? "tool_use" : api_anthropic_stop(res->why, res->stop_matched);
+}
+
+void api_tool_call_id(char out[40], bool anthropic, uint64_t r1, uint64_t r2) {
+    static const char al[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    char t[25];
+    for (int i = 0; i < 24; i++) {
+        uint64_t *r = i < 12 ? &r1 : &r2;
+        t[i] = al[*r % 62];
+        *r /= 62;
+    }
+    t[24] = 0;
+    snprintf(out, 40, "%s%s", anthropic ? "toolu_" : "call_", t);
+}
+
+/* A call's arguments as a JSON value (Anthropic's input); {} when they do not parse. */
+static cJSON *call_input(const api_tool_call *c) {
+    cJSON *v = c->arguments ? cJSON_Parse(c->arguments) : NULL;
+    if (!v) v = cJSON_CreateObject();
+    return v;
+}
+
+static cJSON *openai_call(const api_tool_call *c, int index, bool stream_head, bool stream_args) {
+    cJSON *o = cJSON_CreateObject();
+    if (index >= 0) cJSON_AddNumberToObject(o, "index", index);
+    if (!stream_args) {
+        cJSON_AddStringToObject(o, "id", c->id ? c->id : "");
+        cJSON_AddStringToObject(o, "type", "function");
+    }
+    cJSON *fn = cJSON_AddObjectToObject(o, "function");
+    if (!stream_args) cJSON_AddStringToObject(fn, "name", c->name);
+    cJSON_AddStringToObject(fn, "arguments", stream_head ? "" : c->arguments ? c->arguments : "{}");
+    return o;
 }
 
 static cJSON *usage_openai(const engine_usage *u) {
@@ -1155,11 +1471,21 @@ static cJSON *anthropic_message(const api_request *r, const api_result *res, boo
     cJSON_AddStringToObject(m, "model", res->model);
     cJSON *content = cJSON_AddArrayToObject(m, "content");
     if (final) {
-        cJSON *blk = cJSON_CreateObject();
-        cJSON_AddStringToObject(blk, "type", "text");
-        cJSON_AddItemToObject(blk, "text", str_n(res->text, res->text_len));
-        cJSON_AddItemToArray(content, blk);
-        cJSON_AddStringToObject(m, "stop_reason", api_anthropic_stop(res->why, res->stop_matched));
+        if (res->text_len > 0 || res->n_calls == 0) {
+            cJSON *blk = cJSON_CreateObject();
+            cJSON_AddStringToObject(blk, "type", "text");
+            cJSON_AddItemToObject(blk, "text", str_n(res->text, res->text_len));
+            cJSON_AddItemToArray(content, blk);
+        }
+        for (int i = 0; i < res->n_calls; i++) {
+            cJSON *blk = cJSON_CreateObject();
+            cJSON_AddStringToObject(blk, "type", "tool_use");
+            cJSON_AddStringToObject(blk, "id", res->calls[i].id ? res->calls[i].id : "");
+            cJSON_AddStringToObject(blk, "name", res->calls[i].name);
+            cJSON_AddItemToObject(blk, "input", call_input(&res->calls[i]));
+            cJSON_AddItemToArray(content, blk);
+        }
+        cJSON_AddStringToObject(m, "stop_reason", anthropic_stop_res(res));
         if (res->why == FINISH_STOP && res->stop_matched > 0 && res->stop_matched <= r->n_stop)
             cJSON_AddStringToObject(m, "stop_sequence", r->stop[res->stop_matched - 1]);
         else cJSON_AddNullToObject(m, "stop_sequence");
@@ -1195,14 +1521,19 @@ char *api_format_response(const api_request *r, const api_result *res) {
         cJSON_AddNumberToObject(c, "index", 0);
         cJSON *msg = cJSON_AddObjectToObject(c, "message");
         cJSON_AddStringToObject(msg, "role", "assistant");
-        cJSON_AddItemToObject(msg, "content", str_n(res->text, res->text_len));
+        if (res->n_calls > 0 && res->text_len == 0) cJSON_AddNullToObject(msg, "content");
+        else cJSON_AddItemToObject(msg, "content", str_n(res->text, res->text_len));
         cJSON_AddNullToObject(msg, "refusal");
+        if (res->n_calls > 0) {
+            cJSON *calls = cJSON_AddArrayToObject(msg, "tool_calls");
+            for (int i = 0; i < res->n_calls; i++) cJSON_AddItemToArray(calls, openai_call(&res->calls[i], -1, false, false));
+        }
     } else {
         cJSON_AddItemToObject(c, "text", str_n(res->text, res->text_len));
         cJSON_AddNumberToObject(c, "index", 0);
     }
     add_logprobs(c, r, res, true);
-    cJSON_AddStringToObject(c, "finish_reason", api_openai_finish(res->why));
+    cJSON_AddStringToObject(c, "finish_reason", openai_finish_res(res));
     cJSON_AddItemToArray(choices, c);
     cJSON_AddItemToObject(o, "usage", usage_openai(u));
     cJSON_AddNullToObject(o, "system_fingerprint");
@@ -1263,13 +1594,15 @@ char *api_format_stream_start(const api_request *r, const api_result *res, int n
         cJSON_AddItemToObject(m, "usage", usage_anthropic(res->usage ? res->usage : &u, true));
         cJSON_AddItemToObject(o, "message", m);
         sse_event(&b, "message_start", o);
-        o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "type", "content_block_start");
-        cJSON_AddNumberToObject(o, "index", 0);
-        cJSON *blk = cJSON_AddObjectToObject(o, "content_block");
-        cJSON_AddStringToObject(blk, "type", "text");
-        cJSON_AddStringToObject(blk, "text", "");
-        sse_event(&b, "content_block_start", o);
+        if (!api_tools_active(r)) {   /* with tools, blocks open as text and calls come */
+            o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "type", "content_block_start");
+            cJSON_AddNumberToObject(o, "index", 0);
+            cJSON *blk = cJSON_AddObjectToObject(o, "content_block");
+            cJSON_AddStringToObject(blk, "type", "text");
+            cJSON_AddStringToObject(blk, "text", "");
+            sse_event(&b, "content_block_start", o);
+        }
         o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "type", "ping");
         sse_event(&b, "ping", o);
@@ -1302,14 +1635,17 @@ char *api_format_stream_end(const api_request *r, const api_result *res) {
     engine_usage zero = {0};
     const engine_usage *u = res->usage ? res->usage : &zero;
     if (api_is_anthropic(r->kind)) {
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "type", "content_block_stop");
-        cJSON_AddNumberToObject(o, "index", 0);
-        sse_event(&b, "content_block_stop", o);
+        cJSON *o;
+        if (!api_tools_active(r)) {   /* with tools: api_format_stream_finish closes the open block */
+            o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "type", "content_block_stop");
+            cJSON_AddNumberToObject(o, "index", 0);
+            sse_event(&b, "content_block_stop", o);
+        }
         o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "type", "message_delta");
         cJSON *d = cJSON_AddObjectToObject(o, "delta");
-        cJSON_AddStringToObject(d, "stop_reason", api_anthropic_stop(res->why, res->stop_matched));
+        cJSON_AddStringToObject(d, "stop_reason", anthropic_stop_res(res));
         if (res->why == FINISH_STOP && res->stop_matched > 0 && res->stop_matched <= r->n_stop)
             cJSON_AddStringToObject(d, "stop_sequence", r->stop[res->stop_matched - 1]);
         else cJSON_AddNullToObject(d, "stop_sequence");
@@ -1321,7 +1657,7 @@ char *api_format_stream_end(const api_request *r, const api_result *res) {
         cJSON_AddStringToObject(o, "type", "message_stop");
         sse_event(&b, "message_stop", o);
     } else {
-        sse_data(&b, openai_chunk(r, res, false, r->kind == API_OPENAI_CHAT ? NULL : "", 0, api_openai_finish(res->why), false));
+        sse_data(&b, openai_chunk(r, res, false, r->kind == API_OPENAI_CHAT ? NULL : "", 0, openai_finish_res(res), false));
         if (r->include_usage) {
             cJSON *o = cJSON_CreateObject();
             bool chat = r->kind == API_OPENAI_CHAT;
@@ -1336,5 +1672,78 @@ char *api_format_stream_end(const api_request *r, const api_result *res) {
         }
         sb_str(&b, "data: [DONE]\n\n");
     }
+    return sb_take(&b);
+}
+
+/* ---- streaming with tools */
+static void anth_block_event(sbuf *b, const char *type, int index, cJSON *block) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "type", type);
+    cJSON_AddNumberToObject(o, "index", index);
+    if (block) cJSON_AddItemToObject(o, !strcmp(type, "content_block_delta") ? "delta" : "content_block", block);
+    sse_event(b, type, o);
+}
+
+char *api_format_stream_text(const api_request *r, const api_result *res, api_stream *st, const char *text, size_t len) {
+    if (!api_is_anthropic(r->kind)) return api_format_stream_delta(r, res, text, len);
+    sbuf b = {0};
+    sb_add(&b, "", 0);
+    if (!st->text_open) {
+        cJSON *blk = cJSON_CreateObject();
+        cJSON_AddStringToObject(blk, "type", "text");
+        cJSON_AddStringToObject(blk, "text", "");
+        anth_block_event(&b, "content_block_start", st->block, blk);
+        st->text_open = true;
+    }
+    cJSON *d = cJSON_CreateObject();
+    cJSON_AddStringToObject(d, "type", "text_delta");
+    cJSON_AddItemToObject(d, "text", str_n(text, len));
+    anth_block_event(&b, "content_block_delta", st->block, d);
+    return sb_take(&b);
+}
+
+char *api_format_stream_call(const api_request *r, const api_result *res, api_stream *st, const api_tool_call *c) {
+    sbuf b = {0};
+    sb_add(&b, "", 0);
+    if (api_is_anthropic(r->kind)) {
+        if (st->text_open) {
+            anth_block_event(&b, "content_block_stop", st->block++, NULL);
+            st->text_open = false;
+        }
+        cJSON *blk = cJSON_CreateObject();
+        cJSON_AddStringToObject(blk, "type", "tool_use");
+        cJSON_AddStringToObject(blk, "id", c->id ? c->id : "");
+        cJSON_AddStringToObject(blk, "name", c->name);
+        cJSON_AddItemToObject(blk, "input", cJSON_CreateObject());
+        anth_block_event(&b, "content_block_start", st->block, blk);
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "input_json_delta");
+        cJSON_AddStringToObject(d, "partial_json", c->arguments ? c->arguments : "{}");
+        anth_block_event(&b, "content_block_delta", st->block, d);
+        anth_block_event(&b, "content_block_stop", st->block++, NULL);
+    } else {
+        for (int part = 0; part < 2; part++) {
+            cJSON *o = openai_chunk(r, res, false, NULL, 0, NULL, false);
+            cJSON *delta = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(o, "choices"), 0), "delta");
+            cJSON *calls = cJSON_AddArrayToObject(delta, "tool_calls");
+            cJSON_AddItemToArray(calls, openai_call(c, st->calls, part == 0, part == 1));
+            sse_data(&b, o);
+        }
+    }
+    st->calls++;
+    return sb_take(&b);
+}
+
+char *api_format_stream_finish(const api_request *r, const api_result *res, api_stream *st) {
+    sbuf b = {0};
+    sb_add(&b, "", 0);
+    if (api_is_anthropic(r->kind) && st->text_open) {
+        anth_block_event(&b, "content_block_stop", st->block++, NULL);
+        st->text_open = false;
+    }
+    char *end = api_format_stream_end(r, res);
+    if (!end) { free(b.p); return NULL; }
+    sb_str(&b, end);
+    free(end);
     return sb_take(&b);
 }

@@ -45,9 +45,28 @@ char *api_format_error(bool anthropic, const api_error *e);
  * content (the end of a content block) is to be cached for ttl_s seconds. */
 typedef struct { size_t off; double ttl_s; } api_msg_bp;
 
+/* A tool call: in an assistant message of the conversation, or made by the model. */
+typedef struct api_tool_call {
+    char *id;                 /* OpenAI call_..., Anthropic toolu_... (may be NULL in requests) */
+    char *name;
+    char *arguments;          /* JSON text of the arguments object */
+} api_tool_call;
+
+/* A function the model may call. */
+typedef struct api_tool {
+    char *name;
+    char *json;               /* the tool in OpenAI's form, {"type": "function", "function": {...}},
+                                 as the chat template renders it */
+    char *parameters;         /* its JSON schema as compact text (NULL: none given) */
+    bool strict;              /* OpenAI function.strict: arguments must follow the schema */
+} api_tool;
+enum { API_TOOL_AUTO = 0, API_TOOL_NONE, API_TOOL_REQUIRED, API_TOOL_NAMED };
+
 typedef struct api_msg {
-    char *role;               /* "system", "user", "assistant" */
+    char *role;               /* "system", "user", "assistant", "tool" */
     char *content;            /* all text blocks of the message, joined */
+    api_tool_call *calls;     /* assistant: the tool calls it made */
+    int n_calls;
     api_msg_bp bp[ENGINE_MAX_BREAKPOINTS];
     int n_bp;
 } api_msg;
@@ -83,7 +102,16 @@ typedef struct api_request {
     bool ignore_eos;          /* extension (llama.cpp, vLLM): generate past end-of-generation */
     int format;               /* response_format: API_FORMAT_TEXT, _JSON_OBJECT, _JSON_SCHEMA */
     char *schema;             /* json_schema: the schema as compact JSON text */
+    api_tool *tools;          /* OpenAI tools / Anthropic tools (custom ones) */
+    int n_tools;
+    int tool_choice;          /* API_TOOL_*: OpenAI none/auto/required/{function}, Anthropic
+                                 none/auto/any/{tool} */
+    char *tool_name;          /* API_TOOL_NAMED: the function (one of tools) */
+    bool parallel_tool_calls; /* OpenAI parallel_tool_calls (default true); Anthropic
+                                 !disable_parallel_tool_use */
 } api_request;
+/* Whether the reply is parsed for tool calls: tools given and tool_choice not none. */
+static inline bool api_tools_active(const struct api_request *r) { return r->n_tools > 0 && r->tool_choice != API_TOOL_NONE; }
 enum { API_FORMAT_TEXT = 0, API_FORMAT_JSON_OBJECT, API_FORMAT_JSON_SCHEMA };
 #define API_MAX_LOGIT_BIAS 1024
 #define API_MAX_CACHE_SALT 256
@@ -92,16 +120,19 @@ enum { API_FORMAT_TEXT = 0, API_FORMAT_JSON_OBJECT, API_FORMAT_JSON_SCHEMA };
  * or wrong types); *out is then empty. On success the caller frees with api_request_free.
  * Every parameter is honoured or refused: a body that is not valid UTF-8 is a 400, and so is
  * any feature pcache does not implement yet, naming the parameter (OpenAI: n > 1, best_of > 1,
- * echo, suffix, tool_choice "required" or a named function,
- * functions with a function_call, audio, modalities other than text, prediction,
- * web_search_options; Anthropic: tool_choice "any" or "tool", thinking enabled, mcp_servers).
+ * echo, suffix, functions with a function_call forcing one (use tools), tools of a type other
+ * than function, response_format other than text together with tools, audio, modalities other
+ * than text, prediction, web_search_options; Anthropic: server tools (web search, bash, text
+ * editor, ...), thinking enabled, mcp_servers).
  * Unknown fields are ignored (newer SDKs send fields older servers do not know). */
 int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err);
 void api_request_free(api_request *r);
 
-/* The chat template, as a function (server: chat_apply over the model's template). Returns a
- * malloc'ed NUL-terminated prompt, or NULL. */
-typedef char *(*api_template_fn)(void *ctx, const chat_msg *msgs, int n, bool add_generation_prompt);
+/* The chat template, as a function (server: chat_apply_tools over the model's template), with
+ * the tools' JSON texts (none when tool_choice is none). Returns a malloc'ed NUL-terminated
+ * prompt, or NULL. */
+typedef char *(*api_template_fn)(void *ctx, const chat_msg *msgs, int n, const char *const *tools, int n_tools,
+                                 bool add_generation_prompt);
 
 /* A breakpoint as a byte offset into the rendered prompt. */
 typedef struct { size_t off; double ttl_s; } api_bp;
@@ -137,6 +168,10 @@ typedef struct api_result {
     size_t text_offset0;
     const char *(*tok_text)(void *ctx, int32_t id, size_t *len);
     void *tok_ctx;
+    /* Tool calls the model made (text is then the content outside them); finish reasons become
+     * tool_calls / tool_use. */
+    const api_tool_call *calls;
+    int n_calls;
 } api_result;
 
 /* Non-streamed response bodies (JSON). */
@@ -148,11 +183,23 @@ char *api_format_stream_start(const api_request *r, const api_result *res, int n
 char *api_format_stream_delta(const api_request *r, const api_result *res, const char *text, size_t len);
 char *api_format_stream_end(const api_request *r, const api_result *res);
 
+/* Streaming with tools (api_tools_active): text and calls interleave. Anthropic puts each in
+ * its own content block (text blocks opened as text comes, tool_use blocks with their input as
+ * one input_json_delta); OpenAI sends delta.content, and per call a chunk with index, id, type
+ * and function.name (arguments "") and one with function.arguments. api_format_stream_start
+ * opens no text block for such requests; st starts zeroed. */
+typedef struct api_stream { int block; bool text_open; int calls; } api_stream;
+char *api_format_stream_text(const api_request *r, const api_result *res, api_stream *st, const char *text, size_t len);
+char *api_format_stream_call(const api_request *r, const api_result *res, api_stream *st, const api_tool_call *c);
+char *api_format_stream_finish(const api_request *r, const api_result *res, api_stream *st);
+
 /* Usage objects (cJSON is kept out of this header: these return JSON text). */
 char *api_format_usage_openai(const engine_usage *u);
 char *api_format_usage_anthropic(const engine_usage *u);
 
-/* OpenAI finish_reason / Anthropic stop_reason strings. */
+/* OpenAI finish_reason / Anthropic stop_reason strings (without tool calls). */
 const char *api_openai_finish(finish_reason why);
 const char *api_anthropic_stop(finish_reason why, int stop_matched);
+/* A generated tool-call id: prefix ("call_" / "toolu_") + 24 characters from r (random bits). */
+void api_tool_call_id(char out[40], bool anthropic, uint64_t r1, uint64_t r2);
 #endif

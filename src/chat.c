@@ -203,3 +203,222 @@ char *chat_apply(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n
     if (b.oom) { free(b.p); return NULL; }
     return b.p;
 }
+
+/* ---------------------------------------------------------------- tools */
+#include "toolcall.h"
+
+#define HERMES_TOOLS_HEAD "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n" \
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+#define HERMES_TOOLS_TAIL "\n</tools>\n\nFor each function call, return a json object with function name and " \
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, " \
+    "\"arguments\": <args-json-object>}\n</tool_call>"
+#define LLAMA31_TOOLS_HEAD "Given the following functions, please respond with a JSON for a function call " \
+    "with its proper arguments that best answers the given prompt.\n\n" \
+    "Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}." \
+    "Do not use variables.\n\n"
+
+/* A tool (JSON text) as the template's tojson writes it; indent < 0: one line. */
+static void sb_tool(sbuf *b, const char *tool, int indent) {
+    cJSON *v = cJSON_Parse(tool);
+    char *s = v ? toolcall_pyjson(v, indent) : NULL;
+    if (v && !s) b->oom = true;
+    sb_str(b, s ? s : tool);
+    free(s);
+    cJSON_Delete(v);
+}
+
+static void sb_args(sbuf *b, const char *args) {
+    char *s = toolcall_pyjson_text(args && *args ? args : "{}");
+    if (!s) { b->oom = true; return; }
+    sb_str(b, s);
+    free(s);
+}
+
+static void sb_hermes_tools(sbuf *b, const char *const *tools, int n_tools) {
+    sb_str(b, HERMES_TOOLS_HEAD);
+    for (int i = 0; i < n_tools; i++) { sb_str(b, "\n"); sb_tool(b, tools[i], -1); }
+    sb_str(b, HERMES_TOOLS_TAIL);
+}
+
+static void sb_hermes_call(sbuf *b, const chat_tool_call *c) {
+    sb_str(b, "<tool_call>\n{\"name\": \"");
+    sb_str(b, c->name);
+    sb_str(b, "\", \"arguments\": ");
+    sb_args(b, c->arguments);
+    sb_str(b, "}\n</tool_call>");
+}
+
+static bool is_tool_role(const chat_msg *m) { return role_is(m, "tool") || role_is(m, "ipython"); }
+
+/* Qwen2.5's / Qwen3's template (their renderings agree for these conversations). */
+static char *chatml_tools(const gguf_file *f, const chat_msg *msgs, int n, const char *const *tools, int n_tools,
+                          bool gen) {
+    sbuf b = { 0 };
+    sb_add(&b, "", 0);
+    int i0 = 0;
+    if (n_tools > 0) {
+        sb_str(&b, "<|im_start|>system\n");
+        if (n > 0 && role_is(&msgs[0], "system")) {
+            sb_str(&b, msgs[0].content);
+            sb_str(&b, "\n\n");
+            i0 = 1;
+        } else {
+            char *sys = default_system(f);
+            if (sys) { sb_str(&b, sys); sb_str(&b, "\n\n"); free(sys); }
+        }
+        sb_hermes_tools(&b, tools, n_tools);
+        sb_str(&b, "<|im_end|>\n");
+    } else if (n > 0 && !role_is(&msgs[0], "system")) {
+        char *sys = default_system(f);
+        if (sys) { sb_str(&b, "<|im_start|>system\n"); sb_str(&b, sys); sb_str(&b, "<|im_end|>\n"); free(sys); }
+    }
+    for (int i = i0; i < n; i++) {
+        const chat_msg *m = &msgs[i];
+        if (is_tool_role(m)) {
+            if (i == 0 || !is_tool_role(&msgs[i - 1])) sb_str(&b, "<|im_start|>user");
+            sb_str(&b, "\n<tool_response>\n");
+            sb_str(&b, m->content);
+            sb_str(&b, "\n</tool_response>");
+            if (i + 1 == n || !is_tool_role(&msgs[i + 1])) sb_str(&b, "<|im_end|>\n");
+        } else if (role_is(m, "assistant") && m->n_tool_calls > 0) {
+            sb_str(&b, "<|im_start|>assistant");
+            if (m->content && *m->content) { sb_str(&b, "\n"); sb_str(&b, m->content); }
+            for (int k = 0; k < m->n_tool_calls; k++) { sb_str(&b, "\n"); sb_hermes_call(&b, &m->tool_calls[k]); }
+            sb_str(&b, "<|im_end|>\n");
+        } else {
+            sb_str(&b, "<|im_start|>");
+            sb_str(&b, m->role);
+            sb_str(&b, "\n");
+            sb_str(&b, m->content);
+            sb_str(&b, "<|im_end|>\n");
+        }
+    }
+    if (gen) sb_str(&b, "<|im_start|>assistant\n");
+    if (b.oom) { free(b.p); return NULL; }
+    return b.p;
+}
+
+/* The date Llama 3.1's template writes when none is given: its `date_string` literal. */
+static void sb_llama_date(sbuf *b, const gguf_file *f) {
+    gguf_str s = template_of(f);
+    const char *p = memmem_g(s, "set date_string = \"");
+    if (p) {
+        p += strlen("set date_string = \"");
+        const char *e = memchr(p, '"', (size_t)(s.ptr + s.len - p));
+        if (e && e - p < 40) { sb_add(b, p, (size_t)(e - p)); return; }
+    }
+    sb_str(b, "26 Jul 2024");
+}
+
+/* Llama 3.1's template (tools_in_user_message, its default). */
+static char *llama31_tools(const gguf_file *f, const chat_msg *msgs, int n, const char *const *tools, int n_tools,
+                           bool gen) {
+    sbuf b = { 0 };
+    sb_add(&b, "", 0);
+    sb_token(&b, f, "tokenizer.ggml.bos_token_id", "<|begin_of_text|>");
+    sb_str(&b, "<|start_header_id|>system<|end_header_id|>\n\n");
+    if (n_tools > 0) sb_str(&b, "Environment: ipython\n");
+    sb_str(&b, "Cutting Knowledge Date: December 2023\nToday Date: ");
+    sb_llama_date(&b, f);
+    sb_str(&b, "\n\n");
+    int i = 0;
+    if (n > 0 && role_is(&msgs[0], "system")) { sb_trim(&b, msgs[0].content); i = 1; }
+    sb_str(&b, "<|eot_id|>");
+    if (n_tools > 0) {
+        if (i >= n) { free(b.p); return NULL; }   /* the template raises: no first user message */
+        sb_str(&b, "<|start_header_id|>user<|end_header_id|>\n\n" LLAMA31_TOOLS_HEAD);
+        for (int k = 0; k < n_tools; k++) { sb_tool(&b, tools[k], 4); sb_str(&b, "\n\n"); }
+        sb_trim(&b, msgs[i].content);
+        sb_str(&b, "<|eot_id|>");
+        i++;
+    }
+    for (; i < n; i++) {
+        const chat_msg *m = &msgs[i];
+        if (is_tool_role(m)) {   /* a string is iterable in Jinja: the template writes it | tojson */
+            sb_str(&b, "<|start_header_id|>ipython<|end_header_id|>\n\n");
+            cJSON *s = cJSON_CreateString(m->content ? m->content : "");
+            char *js = s ? toolcall_pyjson(s, -1) : NULL;
+            if (!js) b.oom = true; else sb_str(&b, js);
+            free(js);
+            cJSON_Delete(s);
+            sb_str(&b, "<|eot_id|>");
+        } else if (role_is(m, "assistant") && m->n_tool_calls > 0) {
+            /* The template takes one call per message; more are rendered as consecutive turns. */
+            for (int k = 0; k < m->n_tool_calls; k++) {
+                sb_str(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"");
+                sb_str(&b, m->tool_calls[k].name);
+                sb_str(&b, "\", \"parameters\": ");
+                sb_args(&b, m->tool_calls[k].arguments);
+                sb_str(&b, "}<|eot_id|>");
+            }
+        } else {
+            sb_str(&b, "<|start_header_id|>");
+            sb_str(&b, m->role);
+            sb_str(&b, "<|end_header_id|>\n\n");
+            sb_trim(&b, m->content);
+            sb_str(&b, "<|eot_id|>");
+        }
+    }
+    if (gen) sb_str(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    if (b.oom) { free(b.p); return NULL; }
+    return b.p;
+}
+
+/* Other families: the ChatML words as plain text in their own messages. */
+static char *generic_tools(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n, const char *const *tools,
+                           int n_tools, bool gen) {
+    chat_msg *mm = calloc((size_t)n + 1, sizeof *mm);
+    sbuf *txt = calloc((size_t)n + 1, sizeof *txt);
+    int k = 0, i = 0;
+    char *out = NULL;
+    if (!mm || !txt) goto done;
+    if (n_tools > 0) {
+        if (n > 0 && role_is(&msgs[0], "system")) { sb_str(&txt[k], msgs[0].content); sb_str(&txt[k], "\n\n"); i = 1; }
+        sb_hermes_tools(&txt[k], tools, n_tools);
+        mm[k].role = "system";
+        k++;
+    }
+    for (; i < n; i++) {
+        const chat_msg *m = &msgs[i];
+        sb_add(&txt[k], "", 0);
+        if (is_tool_role(m)) {
+            mm[k].role = "user";
+            for (; i < n && is_tool_role(&msgs[i]); i++) {
+                if (txt[k].n) sb_str(&txt[k], "\n");
+                sb_str(&txt[k], "<tool_response>\n");
+                sb_str(&txt[k], msgs[i].content);
+                sb_str(&txt[k], "\n</tool_response>");
+            }
+            i--;
+        } else {
+            mm[k].role = m->role;
+            sb_str(&txt[k], m->content);
+            for (int c = 0; c < m->n_tool_calls; c++) {
+                if (txt[k].n) sb_str(&txt[k], "\n");
+                sb_hermes_call(&txt[k], &m->tool_calls[c]);
+            }
+        }
+        k++;
+    }
+    bool oom = false;
+    for (int j = 0; j < k; j++) { oom |= txt[j].oom; mm[j].content = txt[j].p ? txt[j].p : ""; }
+    if (!oom) out = chat_apply(tmpl, f, mm, k, gen);
+done:
+    if (txt) for (int j = 0; j <= n; j++) free(txt[j].p);
+    free(txt);
+    free(mm);
+    return out;
+}
+
+char *chat_apply_tools(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n, const char *const *tools,
+                       int n_tools, bool add_generation_prompt) {
+    bool parts = n_tools > 0;
+    for (int i = 0; i < n && !parts; i++) parts = msgs[i].n_tool_calls > 0 || is_tool_role(&msgs[i]);
+    if (!parts) return chat_apply(tmpl, f, msgs, n, add_generation_prompt);
+    if (n < 0 || (n > 0 && !msgs)) n = 0;
+    switch (tmpl) {
+    case CHAT_TMPL_CHATML: return chatml_tools(f, msgs, n, tools, n_tools, add_generation_prompt);
+    case CHAT_TMPL_LLAMA3: return llama31_tools(f, msgs, n, tools, n_tools, add_generation_prompt);
+    default: return generic_tools(tmpl, f, msgs, n, tools, n_tools, add_generation_prompt);
+    }
+}

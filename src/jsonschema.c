@@ -653,6 +653,25 @@ grammar *jsonschema_compile(const cJSON *schema, char *err, size_t errlen) {
     return finish(&c, compile(&c, schema, "", 0));
 }
 
+int jsonschema_compile_into(gbuild *b, const cJSON *schema, char *err, size_t errlen) {
+    jsctx c;
+    memset(&c, 0, sizeof c);
+    c.b = b;
+    c.root = schema;
+    c.err = err;
+    c.errlen = errlen;
+    c.ws = c.chr = c.str = c.integer = c.number = c.value = c.obj_any = c.arr_any = -1;
+    int r;
+    if (schema) {
+        r = compile(&c, schema, "", 0);
+    } else {
+        value_rule(&c);
+        r = c.obj_any;
+    }
+    for (int i = 0; i < c.n_refs; i++) free(c.refs[i].ref);
+    return r;
+}
+
 grammar *jsonschema_any_object(char *err, size_t errlen) {
     jsctx c;
     if (!ctx_init(&c, NULL, err, errlen)) return NULL;

@@ -26,6 +26,12 @@
 /* The grammar of JSON texts valid under schema; NULL with err (unsupported keyword, bad
  * schema, unsatisfiable `false` schema, too deep). */
 grammar *jsonschema_compile(const cJSON *schema, char *err, size_t errlen);
+/* Compiles schema into a grammar being built (b, shared with other rules: tool calls embed one
+ * schema per tool) and returns the rule matching exactly the JSON values valid under it, with no
+ * whitespace around them; schema NULL: any JSON object. -1 with err when the schema is refused
+ * (b then holds unfinished rules: the caller frees it). Each call makes its own building blocks
+ * (whitespace, strings, numbers) in b. */
+int jsonschema_compile_into(gbuild *b, const cJSON *schema, char *err, size_t errlen);
 /* The grammar of any JSON object (response_format json_object). */
 grammar *jsonschema_any_object(char *err, size_t errlen);
 

@@ -186,8 +186,8 @@ static char *render_prompt(engine *e, const run_opts *o, const char *text) {
     chat_tmpl t = chat_template_detect(f, engine_tok(e));
     chat_msg msgs[2];
     int n = 0;
-    if (o->system) msgs[n++] = (chat_msg){ "system", o->system };
-    msgs[n++] = (chat_msg){ "user", text };
+    if (o->system) msgs[n++] = (chat_msg){ .role = "system", .content = o->system };
+    msgs[n++] = (chat_msg){ .role = "user", .content = text };
     return chat_apply(t, f, msgs, n, true);
 }
 
@@ -265,7 +265,7 @@ static int cmd_run(int argc, char **argv) {
                 cJSON_ArrayForEach(m, ms) {
                     cJSON *role = cJSON_GetObjectItem(m, "role"), *content = cJSON_GetObjectItem(m, "content");
                     if (msgs && cJSON_IsString(role) && cJSON_IsString(content))
-                        msgs[k++] = (chat_msg){ role->valuestring, content->valuestring };
+                        msgs[k++] = (chat_msg){ .role = role->valuestring, .content = content->valuestring };
                 }
                 if (msgs && k > 0)
                     prompt = chat_apply(chat_template_detect(engine_gguf(e), engine_tok(e)), engine_gguf(e), msgs, k, true);

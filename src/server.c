@@ -73,6 +73,7 @@
 #include "engine.h"
 #include "gpu.h"
 #include "jsonschema.h"
+#include "toolcall.h"
 #include "util.h"
 #include <cjson/cJSON.h>
 #include <microhttpd.h>
@@ -154,6 +155,13 @@ typedef struct job {
     char *pend;
     size_t pend_len, pend_off;
     int phase;            /* 0 start, 1 body, 2 finished */
+    /* tool calls (api_tools_active): the output parsed into content and calls */
+    bool tools_on;
+    toolcall_parser tp;
+    api_stream st;        /* streaming: blocks and calls sent */
+    size_t content_sent;  /* streaming: bytes of tp.content sent */
+    char (*call_ids)[40]; /* an id per call, made as it is sent */
+    int n_call_ids;
     struct job *next, *cnext, *rnext;
 } job;
 
@@ -259,6 +267,8 @@ static void job_release(job *j) {
     free(j->text);
     free(j->pend);
     free(j->lps);
+    toolcall_parser_free(&j->tp);
+    free(j->call_ids);
     free(j);
 }
 
@@ -744,6 +754,99 @@ static char *format_metrics(server *s) {
 }
 
 /* ------------------------------------------------------------------------------ streaming */
+/* ------------------------------------------------------------------------------ tool calls */
+/* Ids for the calls parsed so far (each made once). false: out of memory. */
+static bool job_call_ids(job *j) {
+    if (j->n_call_ids >= j->tp.n_calls) return true;
+    char (*ids)[40] = realloc(j->call_ids, (size_t)j->tp.n_calls * sizeof *ids);
+    if (!ids) return false;
+    j->call_ids = ids;
+    for (; j->n_call_ids < j->tp.n_calls; j->n_call_ids++)
+        api_tool_call_id(ids[j->n_call_ids], api_is_anthropic(j->req.kind), next_rand(j->srv), next_rand(j->srv));
+    return true;
+}
+
+/* The parsed calls as the API formatter takes them (pointers into the parser; caller frees). */
+static api_tool_call *job_calls(job *j) {
+    api_tool_call *c = calloc((size_t)j->tp.n_calls + 1, sizeof *c);
+    if (!c || !job_call_ids(j)) { free(c); return NULL; }
+    for (int i = 0; i < j->tp.n_calls; i++) {
+        c[i].id = j->call_ids[i];
+        c[i].name = j->tp.calls[i].name;
+        c[i].arguments = j->tp.calls[i].arguments;
+    }
+    return c;
+}
+
+/* Streaming: feeds new output to the parser and formats what it released, in order: content up
+ * to each new call, the call, the content after it. Connection thread, under j->mu. */
+static char *tool_stream_events(job *j, api_result *res, const char *text, size_t len, bool final) {
+    int before = j->tp.n_calls;
+    if (!toolcall_feed(&j->tp, text, len, final)) return NULL;
+    api_tool_call *calls = job_calls(j);
+    if (!calls) return NULL;
+    char *out = strdup("");
+    for (int i = before; i <= j->tp.n_calls && out; i++) {
+        size_t upto = i < j->tp.n_calls ? j->tp.calls[i].at : j->tp.n_content;
+        char *a = NULL, *b = NULL;
+        if (upto > j->content_sent) {
+            a = api_format_stream_text(&j->req, res, &j->st, j->tp.content + j->content_sent, upto - j->content_sent);
+            j->content_sent = upto;
+            res->n_lps = 0;   /* logprobs go with the first text after them */
+        }
+        if (i < j->tp.n_calls) b = api_format_stream_call(&j->req, res, &j->st, &calls[i]);
+        size_t n0 = strlen(out), na = a ? strlen(a) : 0, nb = b ? strlen(b) : 0;
+        char *o = realloc(out, n0 + na + nb + 1);
+        if (o) { memcpy(o + n0, a ? a : "", na); memcpy(o + n0 + na, b ? b : "", nb); o[n0 + na + nb] = 0; }
+        else free(out);
+        out = o;
+        free(a);
+        free(b);
+    }
+    free(calls);
+    return out;
+}
+
+/* The grammar of the request's tool calls: forced calls (tool_choice required / named, Anthropic
+ * any / tool) from the first token; with tool_choice auto and a strict function, free text then
+ * constrained calls. Strict functions' schemas must compile (else a 400 naming the keyword);
+ * others fall back to any JSON object when their schema is beyond the supported subset. NULL
+ * and err empty: no grammar needed. */
+static grammar *tool_grammar(server *s, const api_request *r, toolfmt fmt, char *err, size_t errlen) {
+    err[0] = 0;
+    bool forced = r->tool_choice == API_TOOL_REQUIRED || r->tool_choice == API_TOOL_NAMED, strict = false;
+    for (int i = 0; i < r->n_tools; i++) strict |= r->tools[i].strict;
+    if (!forced && !strict) return NULL;
+    toolcall_tool *tt = calloc((size_t)r->n_tools, sizeof *tt);
+    cJSON **schemas = calloc((size_t)r->n_tools, sizeof *schemas);
+    grammar *g = NULL;
+    int n = 0;
+    if (!tt || !schemas) { errf(err, errlen, "out of memory"); goto done; }
+    for (int i = 0; i < r->n_tools; i++) {
+        const api_tool *t = &r->tools[i];
+        if (r->tool_choice == API_TOOL_NAMED && strcmp(t->name, r->tool_name)) continue;
+        cJSON *sc = t->parameters ? cJSON_Parse(t->parameters) : NULL;
+        if (sc && !t->strict) {   /* does it compile on its own? */
+            char e2[256];
+            grammar *probe = jsonschema_compile(sc, e2, sizeof e2);
+            if (!probe) { cJSON_Delete(sc); sc = NULL; }
+            grammar_unref(probe);
+        }
+        schemas[n] = sc;
+        tt[n].name = t->name;
+        tt[n].parameters = sc;
+        n++;
+    }
+    g = toolcall_grammar(fmt, tt, n, forced ? TOOLCALL_FORCED : TOOLCALL_LAZY, r->parallel_tool_calls, err, errlen);
+done:
+    for (int i = 0; i < n; i++) cJSON_Delete(schemas[i]);
+    free(schemas);
+    free(tt);
+    (void)s;
+    return g;
+}
+
+/* ------------------------------------------------------------------------------ generation */
 static void job_result(job *j, api_result *res) {
     memset(res, 0, sizeof *res);
     res->id = j->id;
@@ -825,7 +928,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                     j->lp_off += pl;
                 }
                 j->lps_sent = j->n_lps;
-                j->pend = api_format_stream_delta(&j->req, &res, j->text + j->sent, j->text_len - j->sent);
+                if (j->tools_on) j->pend = tool_stream_events(j, &res, j->text + j->sent, j->text_len - j->sent, false);
+                else j->pend = api_format_stream_delta(&j->req, &res, j->text + j->sent, j->text_len - j->sent);
                 j->sent = j->text_len;
             } else {
                 if (j->why == FINISH_ERROR || j->why == FINISH_ABORT) {
@@ -837,6 +941,17 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                     j->pend = malloc(a + b + 1);
                     if (j->pend) { memcpy(j->pend, ev ? ev : "", a); memcpy(j->pend + a, end ? end : "", b); j->pend[a + b] = 0; }
                     free(ev); free(end);
+                } else if (j->tools_on) {
+                    res.n_lps = 0;
+                    char *tail = tool_stream_events(j, &res, "", 0, true);
+                    res.n_calls = j->tp.n_calls;
+                    char *fin = tail ? api_format_stream_finish(&j->req, &res, &j->st) : NULL;
+                    if (tail && fin) {
+                        size_t a = strlen(tail), b = strlen(fin);
+                        if ((j->pend = malloc(a + b + 1))) { memcpy(j->pend, tail, a); memcpy(j->pend + a, fin, b + 1); }
+                    }
+                    free(tail);
+                    free(fin);
                 } else {
                     j->pend = api_format_stream_end(&j->req, &res);
                 }
@@ -851,10 +966,9 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
 
 static void stream_free(void *cls) { job_release(cls); }
 
-/* ------------------------------------------------------------------------------ generation */
-static char *render_tmpl(void *ctx, const chat_msg *msgs, int n, bool add_gen) {
+static char *render_tmpl(void *ctx, const chat_msg *msgs, int n, const char *const *tools, int n_tools, bool add_gen) {
     server *s = ctx;
-    return chat_apply(s->tmpl, s->gf, msgs, n, add_gen);
+    return chat_apply_tools(s->tmpl, s->gf, msgs, n, tools, n_tools, add_gen);
 }
 
 /* The served model's own names: its GGUF general.name, its file name (with or without .gguf),
@@ -1006,6 +1120,19 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
             goto out;
         }
     }
+    if (api_tools_active(&j->req)) {   /* tool calls: parse the output, constrain it when asked */
+        toolfmt fmt = s->tmpl == CHAT_TMPL_LLAMA3 ? TOOLFMT_LLAMA3 : TOOLFMT_HERMES;
+        char gerr[300];
+        er->grammar = tool_grammar(s, &j->req, fmt, gerr, sizeof gerr);
+        if (!er->grammar && gerr[0]) {
+            api_error_set(&e, 400, "invalid_request_error", "tools", "invalid_function_parameters", "tools: %s", gerr);
+            if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(400));
+            ret = reply_error(s, c, cs->ep, anth, &e);
+            goto out;
+        }
+        j->tools_on = true;
+        toolcall_parser_init(&j->tp, fmt);
+    }
     /* Byte breakpoints -> token positions (whole tokens inside the prefix). */
     if (nbps > 0) {
         size_t *ends = malloc((size_t)n * sizeof *ends);
@@ -1139,7 +1266,19 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     }
     api_result res;
     job_result(j, &res);
+    api_tool_call *calls = NULL;
+    if (j->tools_on) {
+        if (!toolcall_feed(&j->tp, j->text ? j->text : "", j->text_len, true) || !(calls = job_calls(j))) {
+            ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "out of memory");
+            goto out;
+        }
+        res.text = j->tp.content ? j->tp.content : "";
+        res.text_len = j->tp.n_content;
+        res.calls = calls;
+        res.n_calls = j->tp.n_calls;
+    }
     ret = reply(s, c, cs->ep, 200, "application/json", api_format_response(&j->req, &res));
+    free(calls);
 out:
     job_release(j);
     return ret;

@@ -45,8 +45,16 @@ size_t detok_feed(const tokenizer *t, detok_state *st, int32_t id, char *out, si
 /* Flushes what is held (invalid leftovers become U+FFFD). */
 size_t detok_flush(detok_state *st, char *out, size_t cap);
 
-/* Chat templates. */
-typedef struct { const char *role; const char *content; } chat_msg;
+/* Chat templates. A message's role is system, user, assistant or tool (a tool's result); an
+ * assistant message may carry tool calls (arguments: JSON text), rendered in the template's
+ * tool-call format (toolcall.h). */
+typedef struct { const char *name; const char *arguments; } chat_tool_call;
+typedef struct {
+    const char *role;
+    const char *content;
+    const chat_tool_call *tool_calls;
+    int n_tool_calls;
+} chat_msg;
 typedef enum { CHAT_TMPL_CHATML, CHAT_TMPL_LLAMA3, CHAT_TMPL_LLAMA2, CHAT_TMPL_MISTRAL, CHAT_TMPL_NONE } chat_tmpl;
 /* Detects the family from tokenizer.chat_template (and the vocab); CHATML is the fallback. */
 chat_tmpl chat_template_detect(const gguf_file *f, const tokenizer *t);
@@ -54,4 +62,13 @@ chat_tmpl chat_template_detect(const gguf_file *f, const tokenizer *t);
  * generation prefix if add_generation_prompt. SmolLM2's template adds its default system
  * message when the first message is not a system one, as its Jinja template does. */
 char *chat_apply(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n, bool add_generation_prompt);
+/* The same with tools (each the JSON text of a tool in OpenAI's form, {"type": "function",
+ * "function": {...}}) rendered as the model's template renders them: ChatML in Qwen2.5's and
+ * Qwen3's words (<tools> in the system message, calls as <tool_call>, results as
+ * <tool_response> in a user turn), Llama 3 as Llama 3.1's template does (tools in the first
+ * user message, calls as JSON, results in ipython turns), the other families in the ChatML
+ * words folded into their system text. NULL when the conversation cannot be rendered (Llama 3
+ * with tools and no message to put them in). */
+char *chat_apply_tools(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n, const char *const *tools,
+                       int n_tools, bool add_generation_prompt);
 #endif

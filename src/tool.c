@@ -1,5 +1,6 @@
 /* pcache-tool: developer subcommands used by the tests and benchmarks (not the product CLI).
  * Each subcommand is one function in the table below. */
+#include "api.h"
 #include "engine.h"
 #include "gguf.h"
 #include "gpu.h"
@@ -455,7 +456,7 @@ static int cmd_chat(int argc, char **argv) {
             cJSON *role = cJSON_GetObjectItemCaseSensitive(it, "role");
             cJSON *content = cJSON_GetObjectItemCaseSensitive(it, "content");
             if (cJSON_IsString(role) && cJSON_IsString(content))
-                msgs[k++] = (chat_msg){ role->valuestring, content->valuestring };
+                msgs[k++] = (chat_msg){ .role = role->valuestring, .content = content->valuestring };
         }
         char *out = chat_apply(chat_template_detect(f, t), f, msgs, k, gen);
         if (out) { fputs(out, stdout); rc = 0; }
@@ -463,6 +464,42 @@ static int cmd_chat(int argc, char **argv) {
         free(msgs);
     }
     cJSON_Delete(j);
+    tokenizer_free(t);
+    gguf_close(f);
+    return rc;
+}
+
+/* An API request body on stdin (OpenAI chat, or Anthropic messages with --anthropic) -> the
+ * prompt the server renders for it with the model's template (tools and tool turns included). */
+typedef struct { gguf_file *f; chat_tmpl tmpl; } render_ctx;
+static char *render_fn(void *ctx, const chat_msg *msgs, int n, const char *const *tools, int n_tools, bool gen) {
+    render_ctx *rc = ctx;
+    return chat_apply_tools(rc->tmpl, rc->f, msgs, n, tools, n_tools, gen);
+}
+
+static int cmd_render(int argc, char **argv) {
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool render MODEL [--anthropic] < request.json\n"); return 2; }
+    bool anth = argc > 1 && !strcmp(argv[1], "--anthropic");
+    gguf_file *f;
+    tokenizer *t;
+    if (tok_open(argv[0], &f, &t)) return 1;
+    size_t len;
+    char *body = read_stream(stdin, &len);
+    api_request r;
+    api_error e;
+    int rc = 1;
+    if (body && api_parse(anth ? API_ANTHROPIC_MESSAGES : API_OPENAI_CHAT, body, len, &r, &e) == 0) {
+        render_ctx ctx = { f, chat_template_detect(f, t) };
+        char *prompt = NULL;
+        size_t plen;
+        api_bp bps[ENGINE_MAX_BREAKPOINTS];
+        int nb;
+        if (api_render(&r, render_fn, &ctx, &prompt, &plen, bps, &nb, &e) == 0) { fwrite(prompt, 1, plen, stdout); rc = 0; }
+        else fprintf(stderr, "render: %s\n", e.message);
+        free(prompt);
+        api_request_free(&r);
+    } else if (body) fprintf(stderr, "render: %d %s\n", e.status, e.message);
+    free(body);
     tokenizer_free(t);
     gguf_close(f);
     return rc;
@@ -761,7 +798,7 @@ static int cmd_bench_grammar(int argc, char **argv) {
     grammar *g = schema_file_grammar(argv[1]);
     if (!g) { engine_free(e); return 1; }
     const char *text = argc > 2 ? argv[2] : "List the planets of the solar system with their order from the sun, as JSON.";
-    chat_msg msg = { "user", text };
+    chat_msg msg = { .role = "user", .content = text };
     char *prompt = chat_apply(chat_template_detect(engine_gguf(e), engine_tok(e)), engine_gguf(e), &msg, 1, true);
     int32_t *ids = NULL;
     const int n = prompt ? tokenizer_encode(engine_tok(e), prompt, strlen(prompt), false, true, &ids, err, sizeof err) : -1;
@@ -823,6 +860,7 @@ static const subcommand commands[] = {
     { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },
     { "detokenize", cmd_detokenize, "MODEL [--special] < ids.json : text (streaming detokenizer)" },
+    { "render", cmd_render, "MODEL [--anthropic] < request.json : the prompt the server renders for an API request" },
     { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
     { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
     { "bench-bw", cmd_bench_bw, "MB THREADS [REPS] : read bandwidth over an MB-megabyte buffer" },

@@ -24,8 +24,8 @@ static void expect_bad(api_kind k, const char *body, int status, const char *nee
 }
 
 /* A ChatML-ish template for tests: "<s>" + "[role]content|" per message + "[assistant]". */
-static char *tmpl(void *ctx, const chat_msg *m, int n, bool gen) {
-    (void)ctx;
+static char *tmpl(void *ctx, const chat_msg *m, int n, const char *const *tools, int n_tools, bool gen) {
+    (void)ctx; (void)tools; (void)n_tools;
     size_t cap = 16;
     for (int i = 0; i < n; i++) cap += strlen(m[i].role) + strlen(m[i].content) + 4;
     cap += 16;
@@ -36,7 +36,7 @@ static char *tmpl(void *ctx, const chat_msg *m, int n, bool gen) {
     return s;
 }
 /* A template that trims content (so marker placement cannot be verified at a trailing space). */
-static char *tmpl_trim(void *ctx, const chat_msg *m, int n, bool gen) {
+static char *tmpl_trim(void *ctx, const chat_msg *m, int n, const char *const *tools, int n_tools, bool gen) {
     (void)ctx;
     chat_msg mm[16] = {{0}};
     char *bufs[16];
@@ -47,7 +47,7 @@ static char *tmpl_trim(void *ctx, const chat_msg *m, int n, bool gen) {
         mm[i].role = m[i].role;
         mm[i].content = bufs[i];
     }
-    char *s = tmpl(ctx, mm, n, gen);
+    char *s = tmpl(ctx, mm, n, tools, n_tools, gen);
     for (int i = 0; i < n && i < 16; i++) free(bufs[i]);
     return s;
 }
@@ -57,7 +57,7 @@ START_TEST(openai_chat_valid) {
     api_error e;
     const char *b = "{\"model\":\"m\",\"messages\":[{\"role\":\"developer\",\"content\":\"sys\"},"
                     "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"text\",\"text\":\"b\"}]},"
-                    "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\"}]},"
+                    "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\":1}\"}}]},"
                     "{\"role\":\"tool\",\"tool_call_id\":\"c1\",\"content\":\"42\"}],"
                     "\"temperature\":0,\"top_p\":0.5,\"top_k\":7,\"min_p\":0.1,\"seed\":123,\"max_completion_tokens\":9,"
                     "\"stop\":[\"x\",\"yy\"],\"presence_penalty\":0.5,\"frequency_penalty\":-1,\"stream\":true,"
@@ -67,9 +67,12 @@ START_TEST(openai_chat_valid) {
     ck_assert_int_eq(r.n_msgs, 4);
     ck_assert_str_eq(r.msgs[0].role, "system");
     ck_assert_str_eq(r.msgs[1].content, "ab");
-    ck_assert_ptr_nonnull(strstr(r.msgs[2].content, "<tool_call>"));
-    ck_assert_str_eq(r.msgs[3].role, "user");
-    ck_assert_ptr_nonnull(strstr(r.msgs[3].content, "42"));
+    ck_assert_int_eq(r.msgs[2].n_calls, 1);
+    ck_assert_str_eq(r.msgs[2].calls[0].id, "c1");
+    ck_assert_str_eq(r.msgs[2].calls[0].name, "f");
+    ck_assert_str_eq(r.msgs[2].calls[0].arguments, "{\"a\":1}");
+    ck_assert_str_eq(r.msgs[3].role, "tool");
+    ck_assert_str_eq(r.msgs[3].content, "42");
     ck_assert_float_eq(r.sp.temperature, 0);
     ck_assert_float_eq_tol(r.sp.top_p, 0.5, 1e-6);
     ck_assert_int_eq(r.sp.top_k, 7);
@@ -215,31 +218,33 @@ START_TEST(anthropic_valid_and_breakpoints) {
     ck_assert_int_eq(r.max_tokens, 16);
     ck_assert_int_eq(r.sp.top_k, 5);
     ck_assert_int_eq(r.n_stop, 1);
-    ck_assert_int_eq(r.n_msgs, 4); /* system (tools + system) + 3 */
+    ck_assert_int_eq(r.n_msgs, 4); /* system + 3 */
     ck_assert_str_eq(r.msgs[0].role, "system");
     const char *sys = r.msgs[0].content;
-    ck_assert_ptr_nonnull(strstr(sys, "get_weather"));
-    ck_assert_ptr_null(strstr(sys, "cache_control")); /* stripped: marking never changes the prompt */
-    ck_assert(strstr(sys, "get_weather") < strstr(sys, "SYS1")); /* tools before system */
-    ck_assert_int_eq(r.msgs[0].n_bp, 2);
-    /* first breakpoint: right after the tool JSON; second: right after SYS2 */
-    ck_assert_int_eq(r.msgs[0].bp[0].ttl_s, 3600);
-    ck_assert_int_eq(sys[r.msgs[0].bp[0].off - 1], '}');
-    ck_assert_int_eq(strncmp(sys + r.msgs[0].bp[1].off - 4, "SYS2", 4), 0);
-    ck_assert_int_eq(r.msgs[1].n_bp, 1);
-    ck_assert_int_eq(strncmp(r.msgs[1].content, "DOC", r.msgs[1].bp[0].off), 0);
-    ck_assert_int_eq((int)r.msgs[1].bp[0].off, 3);
+    ck_assert_str_eq(sys, "SYS1\nSYS2");
+    /* the tool, in OpenAI's form (what chat templates render), without cache_control */
+    ck_assert_int_eq(r.n_tools, 1);
+    ck_assert_str_eq(r.tools[0].name, "get_weather");
+    ck_assert_str_eq(r.tools[0].json, "{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"description\":\"d\",\"parameters\":{\"type\":\"object\"}}}");
+    ck_assert_str_eq(r.tools[0].parameters, "{\"type\":\"object\"}");
+    ck_assert_int_eq(r.msgs[0].n_bp, 1);
+    ck_assert_int_eq(strncmp(sys + r.msgs[0].bp[0].off - 4, "SYS2", 4), 0);
+    /* the tools' breakpoint: where the first turn's text starts (tools are rendered before it) */
+    ck_assert_int_eq(r.msgs[1].n_bp, 2);
+    ck_assert_int_eq((int)r.msgs[1].bp[0].off, 0);
+    ck_assert_int_eq(r.msgs[1].bp[0].ttl_s, 3600);
+    ck_assert_int_eq((int)r.msgs[1].bp[1].off, 3);
 
     char *p; size_t n; api_bp bps[4]; int nb = -1;
     ck_assert_int_eq(api_render(&r, tmpl, NULL, &p, &n, bps, &nb, &e), 0);
     ck_assert_int_eq(nb, 3);
     ck_assert_uint_eq(n, strlen(p));
     /* each offset ends exactly where its block ends in the rendered prompt */
-    ck_assert_int_eq(p[bps[0].off - 1], '}');
-    ck_assert_int_eq(strncmp(p + bps[1].off - 4, "SYS2", 4), 0);
+    ck_assert_int_eq(strncmp(p + bps[0].off - 4, "SYS2", 4), 0);
+    ck_assert_int_eq(strncmp(p + bps[1].off - 6, "[user]", 6), 0);
     ck_assert_int_eq(strncmp(p + bps[2].off - 3, "DOC", 3), 0);
     ck_assert(bps[0].off < bps[1].off && bps[1].off < bps[2].off);
-    ck_assert_int_eq((int)bps[0].ttl_s, 3600);
+    ck_assert_int_eq((int)bps[1].ttl_s, 3600);
     ck_assert_int_eq((int)bps[2].ttl_s, 300);
     ck_assert_ptr_null(strstr(p, "\x1f"));
     /* the same request without cache_control renders to the same prompt */
@@ -669,6 +674,264 @@ START_TEST(logprobs_shapes) {
 }
 END_TEST
 
+
+/* ---- issue 13: tool calls ---- */
+#include "toolcall.h"
+#include "jsonschema.h"
+
+#define WEATHER_TOOL "{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"description\":\"Weather\"," \
+    "\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"},\"unit\":{\"type\":\"string\",\"enum\":[\"c\",\"f\"]}}," \
+    "\"required\":[\"city\",\"unit\"],\"additionalProperties\":false},\"strict\":true}}"
+
+START_TEST(tools_parsed) {
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"tools\":[" WEATHER_TOOL ",{\"type\":\"function\",\"function\":{\"name\":\"now\"}}],"
+                                             "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"now\"}},\"parallel_tool_calls\":false}", &r, &e), 0);
+    ck_assert_int_eq(r.n_tools, 2);
+    ck_assert(r.tools[0].strict && !r.tools[1].strict);
+    ck_assert_ptr_nonnull(strstr(r.tools[0].parameters, "\"enum\""));
+    ck_assert_ptr_null(r.tools[1].parameters);
+    ck_assert_str_eq(r.tools[0].json, WEATHER_TOOL);   /* rendered as the client sent it */
+    ck_assert_int_eq(r.tool_choice, API_TOOL_NAMED);
+    ck_assert_str_eq(r.tool_name, "now");
+    ck_assert(!r.parallel_tool_calls && api_tools_active(&r));
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"tools\":[" WEATHER_TOOL "],\"tool_choice\":\"none\"}", &r, &e), 0);
+    ck_assert(r.tool_choice == API_TOOL_NONE && !api_tools_active(&r) && r.parallel_tool_calls);
+    api_request_free(&r);
+    /* Anthropic: tools in OpenAI form; a conversation with tool_use and tool_result */
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES,
+        "{\"model\":\"m\",\"max_tokens\":9,\"tools\":[{\"name\":\"get_weather\",\"input_schema\":{\"type\":\"object\"}}],"
+        "\"tool_choice\":{\"type\":\"any\",\"disable_parallel_tool_use\":true},\"messages\":["
+        "{\"role\":\"user\",\"content\":\"Paris?\"},"
+        "{\"role\":\"assistant\",\"content\":[{\"type\":\"text\",\"text\":\"Let me look.\"},{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"get_weather\",\"input\":{\"city\":\"Paris\"}}]},"
+        "{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\",\"tool_use_id\":\"toolu_1\",\"content\":[{\"type\":\"text\",\"text\":\"21C\"}]},{\"type\":\"text\",\"text\":\"thanks\"}]}]}", &r, &e), 0);
+    ck_assert_int_eq(r.tool_choice, API_TOOL_REQUIRED);
+    ck_assert(!r.parallel_tool_calls);
+    ck_assert_str_eq(r.tools[0].json, "{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"parameters\":{\"type\":\"object\"}}}");
+    ck_assert_int_eq(r.n_msgs, 4);
+    ck_assert_str_eq(r.msgs[1].role, "assistant");
+    ck_assert_str_eq(r.msgs[1].content, "Let me look.");
+    ck_assert_int_eq(r.msgs[1].n_calls, 1);
+    ck_assert_str_eq(r.msgs[1].calls[0].arguments, "{\"city\":\"Paris\"}");
+    ck_assert(!r.assistant_prefill);
+    ck_assert_str_eq(r.msgs[2].role, "tool");
+    ck_assert_str_eq(r.msgs[2].content, "21C");
+    ck_assert_str_eq(r.msgs[3].role, "user");
+    ck_assert_str_eq(r.msgs[3].content, "thanks");
+    api_request_free(&r);
+    /* errors, named */
+    expect_bad(API_OPENAI_CHAT, CHAT_X "\"tools\":[" WEATHER_TOOL "],\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"nope\"}}}", 400, "nope");
+    expect_bad(API_OPENAI_CHAT, CHAT_X "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"a b\"}}]}", 400, "name");
+    expect_bad(API_OPENAI_CHAT, CHAT_X "\"tools\":[{\"type\":\"custom\",\"custom\":{\"name\":\"a\"}}]}", 400, "tools[0]");
+    expect_bad(API_OPENAI_CHAT, CHAT_X "\"tools\":[" WEATHER_TOOL "," WEATHER_TOOL "]}", 400, "twice");
+    expect_bad(API_OPENAI_CHAT, CHAT_X "\"tools\":[" WEATHER_TOOL "],\"response_format\":{\"type\":\"json_object\"}}", 400, "response_format");
+    expect_bad(API_ANTHROPIC_MESSAGES, ANTH_X "\"tools\":[{\"type\":\"web_search_20250305\",\"name\":\"web_search\"}]}", 400, "server tool");
+    expect_bad(API_ANTHROPIC_MESSAGES, "{\"model\":\"m\",\"max_tokens\":3,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"tool_use\",\"id\":\"a\",\"name\":\"b\",\"input\":{}}]}]}", 400, "assistant");
+}
+END_TEST
+
+static void feed_all(toolcall_parser *p, const char *s, bool bytewise) {
+    size_t n = strlen(s);
+    if (bytewise) for (size_t i = 0; i < n; i++) ck_assert(toolcall_feed(p, s + i, 1, false));
+    else ck_assert(toolcall_feed(p, s, n, false));
+    ck_assert(toolcall_feed(p, "", 0, true));
+}
+
+START_TEST(toolcall_parse) {
+    for (int bytewise = 0; bytewise < 2; bytewise++) {
+        toolcall_parser p;
+        toolcall_parser_init(&p, TOOLFMT_HERMES);
+        feed_all(&p, "I will check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"n\": [1, {\"x\": \"}\"}]}}\n</tool_call>\n"
+                     "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>\n", bytewise);
+        ck_assert_str_eq(p.content, "I will check.\n");
+        ck_assert_int_eq(p.n_calls, 2);
+        ck_assert_str_eq(p.calls[0].name, "get_weather");
+        ck_assert_str_eq(p.calls[0].arguments, "{\"city\": \"Paris\", \"n\": [1, {\"x\": \"}\"}]}");   /* as written */
+        ck_assert_uint_eq(p.calls[0].at, 14);
+        ck_assert_str_eq(p.calls[1].arguments, "{}");
+        toolcall_parser_free(&p);
+        /* text that only looks like a call stays content, byte for byte */
+        const char *bad = "a <tool b <tool_call>\n{not json}\n</tool_call> c <tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}";
+        toolcall_parser_init(&p, TOOLFMT_HERMES);
+        feed_all(&p, bad, bytewise);
+        ck_assert_int_eq(p.n_calls, 1);   /* the unclosed last one parses (cut off after its JSON) */
+        ck_assert_str_eq(p.content, "a <tool b <tool_call>\n{not json}\n</tool_call> c ");
+        toolcall_parser_free(&p);
+        toolcall_parser_init(&p, TOOLFMT_HERMES);
+        feed_all(&p, "x <tool_call>\n{\"name\": \"f\", \"argu", bytewise);
+        ck_assert_int_eq(p.n_calls, 0);
+        ck_assert_str_eq(p.content, "x <tool_call>\n{\"name\": \"f\", \"argu");
+        toolcall_parser_free(&p);
+        /* Llama 3: the whole reply is the call, else it is text */
+        toolcall_parser_init(&p, TOOLFMT_LLAMA3);
+        feed_all(&p, " {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}", bytewise);
+        ck_assert_int_eq(p.n_calls, 1);
+        ck_assert_str_eq(p.calls[0].arguments, "{\"city\": \"Oslo\"}");
+        ck_assert_ptr_null(p.content);
+        toolcall_parser_free(&p);
+        toolcall_parser_init(&p, TOOLFMT_LLAMA3);
+        feed_all(&p, "It is {\"name\": \"x\"}", bytewise);
+        ck_assert_int_eq(p.n_calls, 0);
+        ck_assert_str_eq(p.content, "It is {\"name\": \"x\"}");
+        toolcall_parser_free(&p);
+    }
+}
+END_TEST
+
+static bool accepts(grammar *g, const char *s) {
+    int st = grammar_advance(g, grammar_start(g), s, strlen(s));
+    return st > 0 && grammar_accepting(g, st);
+}
+
+START_TEST(toolcall_grammars) {
+    cJSON *schema = cJSON_Parse("{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"}},\"required\":[\"city\"],\"additionalProperties\":false}");
+    toolcall_tool tools[2] = { { "get_weather", schema }, { "now", NULL } };
+    char err[256];
+    grammar *g = toolcall_grammar(TOOLFMT_HERMES, tools, 2, TOOLCALL_FORCED, true, err, sizeof err);
+    ck_assert_msg(g != NULL, "%s", err);
+    const char *call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    ck_assert(accepts(g, call));
+    ck_assert(accepts(g, "<tool_call>\n{\"name\": \"now\", \"arguments\": {\"anything\": [1]}}\n</tool_call>"));
+    char two[512];
+    snprintf(two, sizeof two, "%s\n%s", call, call);
+    ck_assert(accepts(g, two));
+    ck_assert(!accepts(g, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"town\": \"Paris\"}}\n</tool_call>"));
+    ck_assert(!accepts(g, "<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>"));
+    ck_assert(!accepts(g, "Sure! "));
+    grammar_unref(g);
+    /* one call only */
+    g = toolcall_grammar(TOOLFMT_HERMES, tools, 1, TOOLCALL_FORCED, false, err, sizeof err);
+    ck_assert(accepts(g, call) && !accepts(g, two));
+    grammar_unref(g);
+    /* lazy: any text without the marker, then constrained calls */
+    g = toolcall_grammar(TOOLFMT_HERMES, tools, 1, TOOLCALL_LAZY, true, err, sizeof err);
+    ck_assert(accepts(g, ""));
+    ck_assert(accepts(g, "Hello <tool <tool_cal> world"));
+    char lazy[512];
+    snprintf(lazy, sizeof lazy, "Let me see. <tool%s", call);
+    ck_assert(accepts(g, lazy));
+    ck_assert(!accepts(g, "x <tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"));
+    ck_assert(!accepts(g, "x <tool_call> free text"));
+    grammar_unref(g);
+    /* Llama 3 */
+    g = toolcall_grammar(TOOLFMT_LLAMA3, tools, 1, TOOLCALL_LAZY, false, err, sizeof err);
+    ck_assert(accepts(g, "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}"));
+    ck_assert(accepts(g, "plain text {"));
+    ck_assert(!accepts(g, "{\"name\": \"get_weather\", \"parameters\": {}}"));
+    grammar_unref(g);
+    /* a strict schema beyond the subset: the error names the tool and keyword */
+    cJSON *bad = cJSON_Parse("{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"string\",\"pattern\":\"x\"}}}");
+    toolcall_tool bt = { "f", bad };
+    ck_assert_ptr_null(toolcall_grammar(TOOLFMT_HERMES, &bt, 1, TOOLCALL_FORCED, false, err, sizeof err));
+    ck_assert_ptr_nonnull(strstr(err, "'f'"));
+    ck_assert_ptr_nonnull(strstr(err, "pattern"));
+    cJSON_Delete(bad);
+    cJSON_Delete(schema);
+}
+END_TEST
+
+START_TEST(toolcall_render) {
+    /* Python's json.dumps(ensure_ascii=False) forms */
+    cJSON *v = cJSON_Parse("{\"a\":[1,2.5,\"\\u00e9\\n\\u0001\"],\"b\":{},\"c\":[],\"d\":{\"e\":null,\"f\":true}}");
+    char *s = toolcall_pyjson(v, -1);
+    ck_assert_str_eq(s, "{\"a\": [1, 2.5, \"\xc3\xa9\\n\\u0001\"], \"b\": {}, \"c\": [], \"d\": {\"e\": null, \"f\": true}}");
+    free(s);
+    s = toolcall_pyjson(v, 4);
+    ck_assert_str_eq(s, "{\n    \"a\": [\n        1,\n        2.5,\n        \"\xc3\xa9\\n\\u0001\"\n    ],\n    \"b\": {},\n    \"c\": [],\n"
+                        "    \"d\": {\n        \"e\": null,\n        \"f\": true\n    }\n}");
+    free(s);
+    cJSON_Delete(v);
+    /* ChatML (Qwen's words) */
+    chat_tool_call call = { "get_weather", "{\"city\":\"Paris\"}" };
+    chat_msg m[] = { { .role = "system", .content = "S" }, { .role = "user", .content = "Q" },
+                     { .role = "assistant", .content = "", .tool_calls = &call, .n_tool_calls = 1 },
+                     { .role = "tool", .content = "21" }, { .role = "tool", .content = "22" } };
+    const char *tools[] = { "{\"type\":\"function\",\"function\":{\"name\":\"get_weather\"}}" };
+    s = chat_apply_tools(CHAT_TMPL_CHATML, NULL, m, 5, tools, 1, true);
+    ck_assert_str_eq(s, "<|im_start|>system\nS\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+                        "{\"type\": \"function\", \"function\": {\"name\": \"get_weather\"}}\n</tools>\n\n"
+                        "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+                        "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+                        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n"
+                        "<|im_start|>user\n<tool_response>\n21\n</tool_response>\n<tool_response>\n22\n</tool_response><|im_end|>\n<|im_start|>assistant\n");
+    free(s);
+    /* Llama 3.1: tools in the first user message, the call as JSON, results in ipython turns */
+    s = chat_apply_tools(CHAT_TMPL_LLAMA3, NULL, m, 4, tools, 1, true);
+    ck_assert_str_eq(s, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: December 2023\n"
+                        "Today Date: 26 Jul 2024\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                        "Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\n\n"
+                        "Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n"
+                        "{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": \"get_weather\"\n    }\n}\n\nQ<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}<|eot_id|>"
+                        "<|start_header_id|>ipython<|end_header_id|>\n\n\"21\"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    free(s);
+    /* without tools or tool turns: the plain template */
+    char *a = chat_apply_tools(CHAT_TMPL_CHATML, NULL, m, 2, NULL, 0, true), *b = chat_apply(CHAT_TMPL_CHATML, NULL, m, 2, true);
+    ck_assert_str_eq(a, b);
+    free(a); free(b);
+}
+END_TEST
+
+START_TEST(toolcall_responses) {
+    api_request r;
+    api_error e;
+    engine_usage u = { .prompt_tokens = 5, .completion_tokens = 7 };
+    api_tool_call calls[] = { { "call_1", "get_weather", "{\"city\": \"Paris\"}" } };
+    for (int k = 0; k < 2; k++) {
+        ck_assert_int_eq(parse(k ? API_ANTHROPIC_MESSAGES : API_OPENAI_CHAT,
+                               k ? ANTH_X "\"tools\":[{\"name\":\"get_weather\",\"input_schema\":{\"type\":\"object\"}}]}"
+                                 : CHAT_X "\"tools\":[" WEATHER_TOOL "]}", &r, &e), 0);
+        api_result res = { .id = "x", .model = "m", .text = "", .text_len = 0, .why = FINISH_STOP, .usage = &u, .calls = calls, .n_calls = 1 };
+        char *js = api_format_response(&r, &res);
+        cJSON *o = cJSON_Parse(js);
+        if (!k) {
+            cJSON *c0 = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), *msg = cJSON_GetObjectItem(c0, "message");
+            ck_assert_str_eq(cJSON_GetObjectItem(c0, "finish_reason")->valuestring, "tool_calls");
+            ck_assert(cJSON_IsNull(cJSON_GetObjectItem(msg, "content")));
+            cJSON *tc = cJSON_GetArrayItem(cJSON_GetObjectItem(msg, "tool_calls"), 0);
+            ck_assert_str_eq(cJSON_GetObjectItem(tc, "id")->valuestring, "call_1");
+            ck_assert_str_eq(cJSON_GetObjectItem(tc, "type")->valuestring, "function");
+            ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(tc, "function"), "arguments")->valuestring, "{\"city\": \"Paris\"}");
+        } else {
+            ck_assert_str_eq(cJSON_GetObjectItem(o, "stop_reason")->valuestring, "tool_use");
+            cJSON *content = cJSON_GetObjectItem(o, "content");
+            ck_assert_int_eq(cJSON_GetArraySize(content), 1);   /* no empty text block */
+            cJSON *blk = cJSON_GetArrayItem(content, 0);
+            ck_assert_str_eq(cJSON_GetObjectItem(blk, "type")->valuestring, "tool_use");
+            ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(blk, "input"), "city")->valuestring, "Paris");
+        }
+        cJSON_Delete(o);
+        free(js);
+        /* streaming: text, then the call, then the end */
+        api_stream st = { 0 };
+        char *a = api_format_stream_start(&r, &res, 5), *b = api_format_stream_text(&r, &res, &st, "Hi", 2);
+        char *c = api_format_stream_call(&r, &res, &st, &calls[0]), *d = api_format_stream_finish(&r, &res, &st);
+        if (k) {
+            ck_assert_ptr_null(strstr(a, "content_block_start"));
+            ck_assert_ptr_nonnull(strstr(b, "\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\""));
+            ck_assert_ptr_nonnull(strstr(c, "\"content_block_stop\",\"index\":0"));
+            ck_assert_ptr_nonnull(strstr(c, "\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"call_1\",\"name\":\"get_weather\",\"input\":{}}"));
+            ck_assert_ptr_nonnull(strstr(c, "\"input_json_delta\",\"partial_json\":\"{\\\"city\\\": \\\"Paris\\\"}\""));
+            ck_assert_ptr_null(strstr(d, "content_block_stop"));
+            ck_assert_ptr_nonnull(strstr(d, "\"stop_reason\":\"tool_use\""));
+        } else {
+            ck_assert_ptr_nonnull(strstr(c, "\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"\"}}]"));
+            ck_assert_ptr_nonnull(strstr(c, "\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]"));
+            ck_assert_ptr_nonnull(strstr(d, "\"finish_reason\":\"tool_calls\""));
+        }
+        free(a); free(b); free(c); free(d);
+        api_request_free(&r);
+    }
+    char id[40];
+    api_tool_call_id(id, true, 12345, 678);
+    ck_assert_int_eq(strncmp(id, "toolu_", 6), 0);
+    ck_assert_uint_eq(strlen(id), 30);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("api");
     TCase *tc = tcase_create("api");
@@ -689,6 +952,11 @@ int main(void) {
     tcase_add_test(tc, response_format_parsed);
     tcase_add_test(tc, utf8_strict);
     tcase_add_test(tc, logprobs_shapes);
+    tcase_add_test(tc, tools_parsed);
+    tcase_add_test(tc, toolcall_parse);
+    tcase_add_test(tc, toolcall_grammars);
+    tcase_add_test(tc, toolcall_render);
+    tcase_add_test(tc, toolcall_responses);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

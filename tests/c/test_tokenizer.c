@@ -297,12 +297,12 @@ START_TEST(test_chat_smollm) {
     tokenizer *t;
     if (!open_real(&f, &t, "test_chat_smollm")) return;
     ck_assert_int_eq(chat_template_detect(f, t), CHAT_TMPL_CHATML);
-    chat_msg m1[] = { { "user", "Hi" } };
+    chat_msg m1[] = { { .role = "user", .content = "Hi" } };
     char *p = chat_apply(CHAT_TMPL_CHATML, f, m1, 1, true);
     ck_assert_str_eq(p, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                         "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     free(p);
-    chat_msg m2[] = { { "system", "Be terse." }, { "user", "Hi" } };
+    chat_msg m2[] = { { .role = "system", .content = "Be terse." }, { .role = "user", .content = "Hi" } };
     p = chat_apply(CHAT_TMPL_CHATML, f, m2, 2, false);
     ck_assert_str_eq(p, "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
     free(p);
@@ -315,7 +315,7 @@ START_TEST(test_chat_smollm) {
 END_TEST
 
 START_TEST(test_chat_other_families) {
-    chat_msg m[] = { { "system", "S" }, { "user", " U1 " }, { "assistant", "A1" }, { "user", "U2" } };
+    chat_msg m[] = { { .role = "system", .content = "S" }, { .role = "user", .content = " U1 " }, { .role = "assistant", .content = "A1" }, { .role = "user", .content = "U2" } };
     char *p = chat_apply(CHAT_TMPL_LLAMA3, NULL, m, 4, true);
     ck_assert_str_eq(p, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
                         "<|start_header_id|>user<|end_header_id|>\n\nU1<|eot_id|>"

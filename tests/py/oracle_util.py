@@ -160,10 +160,12 @@ def write_synth_model(path: str, arch: str = "llama", *, wtype: str = "F32",
                       ffn_types=None, embd_type: str = "F32", tied: bool = True,
                       out_type: str = "F32", n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
                       n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128,
-                      n_vocab: int = 300, seed: int = 0) -> dict:
+                      n_vocab: int = 300, seed: int = 0, context_length: int = 256,
+                      chat_template: str | None = None) -> dict:
     """Writes a random llama/qwen2/qwen3 GGUF. wtype is the type of the attention matrices,
     ffn_types (gate, up, down) those of the FFN (default wtype for all); norms are F32 as the
-    llama.cpp converter writes them. Returns the hyper-parameters."""
+    llama.cpp converter writes them. chat_template: tokenizer.chat_template (none by default).
+    Returns the hyper-parameters."""
     import gguf
     from gguf import GGMLQuantizationType as QT
 
@@ -172,7 +174,9 @@ def write_synth_model(path: str, arch: str = "llama", *, wtype: str = "F32",
     ffn_types = ffn_types or (wtype, wtype, wtype)
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"synthetic-{arch}")
-    w.add_context_length(256)
+    w.add_context_length(context_length)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     w.add_block_count(n_layer)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
