@@ -683,6 +683,264 @@ static int parse_openai(const cJSON *root, api_request *r, api_error *err) {
     return openai_refusals(root, r, err);
 }
 
+
+/* ---------------------------------------------------------------- OpenAI Responses */
+/* A Responses request is parsed as the Chat Completions request it amounts to: instructions
+ * become the system message, input items become messages (message items, function_call items
+ * as an assistant's tool_calls, function_call_output items as tool messages), tools are
+ * unwrapped from Responses' flat form, text.format becomes response_format and
+ * max_output_tokens max_completion_tokens. The normalized items (history first) are kept in
+ * r->items for the conversation store. */
+
+/* content: a string, or parts {type: input_text | output_text, text} (others refused). */
+static int responses_text(const cJSON *c, sbuf *b, const char *param, api_error *err) {
+    if (cJSON_IsString(c)) { sb_str(b, c->valuestring); return 0; }
+    if (!cJSON_IsArray(c)) {
+        api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected a string or an array of content parts", param);
+        return -1;
+    }
+    const cJSON *part;
+    cJSON_ArrayForEach(part, c) {
+        const char *type = NULL, *text = NULL;
+        if (!cJSON_IsObject(part) || get_string(part, "type", &type, err) < 0 || !type) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: each content part must be an object with a type", param);
+            return -1;
+        }
+        if (strcmp(type, "input_text") && strcmp(type, "output_text") && strcmp(type, "text")) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: content part type '%.40s' is not supported (text only)", param, type);
+            return -1;
+        }
+        if (get_string(part, "text", &text, err) <= 0) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: text part without a string 'text'", param);
+            return -1;
+        }
+        sb_str(b, text);
+    }
+    return 0;
+}
+
+/* Appends the chat messages of items (an array) to msgs; also appends each item, normalized,
+ * to norm. */
+static int responses_items(const cJSON *items, cJSON *msgs, cJSON *norm, const char *what, api_error *err) {
+    const cJSON *it;
+    int i = 0;
+    cJSON_ArrayForEach(it, items) {
+        char param[48];
+        snprintf(param, sizeof param, "%s[%d]", what, i++);
+        const char *type = NULL, *role = NULL;
+        if (!cJSON_IsObject(it) || get_string(it, "type", &type, err) < 0 || get_string(it, "role", &role, err) < 0) {
+            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected an item object", param);
+            return -1;
+        }
+        if (!type) type = "message";
+        cJSON *last = cJSON_GetArrayItem(msgs, cJSON_GetArraySize(msgs) - 1);
+        if (!strcmp(type, "message")) {
+            if (!role || (strcmp(role, "user") && strcmp(role, "assistant") && strcmp(role, "system") && strcmp(role, "developer"))) {
+                api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s.role: expected user, assistant, system or developer", param);
+                return -1;
+            }
+            sbuf b = {0};
+            sb_add(&b, "", 0);
+            if (responses_text(cJSON_GetObjectItemCaseSensitive(it, "content"), &b, param, err) < 0) { free(b.p); return -1; }
+            if (b.oom) { free(b.p); return oom_err(err); }
+            cJSON *m = cJSON_CreateObject();
+            cJSON_AddStringToObject(m, "role", role);
+            cJSON_AddStringToObject(m, "content", b.p);
+            cJSON_AddItemToArray(msgs, m);
+            cJSON *n = cJSON_CreateObject();   /* normalized: a string content (roles and text are what matter) */
+            cJSON_AddStringToObject(n, "type", "message");
+            cJSON_AddStringToObject(n, "role", role);
+            cJSON_AddStringToObject(n, "content", b.p);
+            cJSON_AddItemToArray(norm, n);
+            free(b.p);
+        } else if (!strcmp(type, "function_call")) {
+            const char *call_id = NULL, *name = NULL, *args = NULL;
+            if (get_string(it, "call_id", &call_id, err) < 0 || get_string(it, "name", &name, err) < 0 || !name ||
+                get_string(it, "arguments", &args, err) < 0) {
+                api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: a function_call needs call_id, name and arguments (strings)", param);
+                return -1;
+            }
+            /* calls join the assistant message before them, or make one */
+            const char *lr = last ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(last, "role")) : NULL;
+            if (!lr || strcmp(lr, "assistant")) {
+                last = cJSON_CreateObject();
+                cJSON_AddStringToObject(last, "role", "assistant");
+                cJSON_AddNullToObject(last, "content");
+                cJSON_AddItemToArray(msgs, last);
+            }
+            cJSON *calls = cJSON_GetObjectItemCaseSensitive(last, "tool_calls");
+            if (!calls) calls = cJSON_AddArrayToObject(last, "tool_calls");
+            cJSON *c = cJSON_CreateObject(), *fn;
+            cJSON_AddStringToObject(c, "id", call_id ? call_id : "");
+            cJSON_AddStringToObject(c, "type", "function");
+            fn = cJSON_AddObjectToObject(c, "function");
+            cJSON_AddStringToObject(fn, "name", name);
+            cJSON_AddStringToObject(fn, "arguments", args ? args : "{}");
+            cJSON_AddItemToArray(calls, c);
+            cJSON *n = cJSON_CreateObject();
+            cJSON_AddStringToObject(n, "type", "function_call");
+            cJSON_AddStringToObject(n, "call_id", call_id ? call_id : "");
+            cJSON_AddStringToObject(n, "name", name);
+            cJSON_AddStringToObject(n, "arguments", args ? args : "{}");
+            cJSON_AddItemToArray(norm, n);
+        } else if (!strcmp(type, "function_call_output")) {
+            const char *call_id = NULL, *out = NULL;
+            const cJSON *o = cJSON_GetObjectItemCaseSensitive(it, "output");
+            if (get_string(it, "call_id", &call_id, err) < 0 || !call_id) {
+                api_error_set(err, 400, "invalid_request_error", param, "missing_required_parameter", "%s.call_id: required", param);
+                return -1;
+            }
+            sbuf b = {0};
+            sb_add(&b, "", 0);
+            if (cJSON_IsString(o)) out = o->valuestring;
+            else if (o && responses_text(o, &b, param, err) < 0) { free(b.p); return -1; }
+            cJSON *m = cJSON_CreateObject();
+            cJSON_AddStringToObject(m, "role", "tool");
+            cJSON_AddStringToObject(m, "tool_call_id", call_id);
+            cJSON_AddStringToObject(m, "content", out ? out : b.p);
+            cJSON_AddItemToArray(msgs, m);
+            cJSON *n = cJSON_CreateObject();
+            cJSON_AddStringToObject(n, "type", "function_call_output");
+            cJSON_AddStringToObject(n, "call_id", call_id);
+            cJSON_AddStringToObject(n, "output", out ? out : b.p);
+            cJSON_AddItemToArray(norm, n);
+            free(b.p);
+        } else {
+            api_error_set(err, 400, "invalid_request_error", param, "unsupported_parameter",
+                          "%s: input items of type '%.40s' are not supported by pcache (message, function_call, function_call_output)", param, type);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The Chat Completions body a Responses body amounts to (NULL with err). */
+static cJSON *responses_to_chat(const cJSON *root, const cJSON *history, api_request *r, api_error *err) {
+    static const char *const refused[] = { "background", "conversation", "prompt", "max_tool_calls", NULL };
+    for (int i = 0; refused[i]; i++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(root, refused[i]);
+        if (x && !cJSON_IsNull(x) && !cJSON_IsFalse(x)) { refuse(err, refused[i], refused[i]); return NULL; }
+    }
+    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "reasoning");
+    if (rs && !cJSON_IsNull(rs) && cJSON_GetObjectItemCaseSensitive(rs, "effort") &&
+        !cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(rs, "effort"))) {
+        refuse(err, "reasoning", "reasoning.effort (the model does not reason)");
+        return NULL;
+    }
+    const char *tr = NULL;
+    if (get_string(root, "truncation", &tr, err) < 0) return NULL;
+    if (tr && strcmp(tr, "disabled")) { refuse(err, "truncation", "truncation other than disabled"); return NULL; }
+    cJSON *c = cJSON_CreateObject(), *msgs = cJSON_AddArrayToObject(c, "messages"), *norm = cJSON_CreateArray();
+    const char *ins = NULL;
+    if (get_string(root, "instructions", &ins, err) < 0) goto fail;
+    if (ins && *ins) {
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddStringToObject(m, "role", "system");
+        cJSON_AddStringToObject(m, "content", ins);
+        cJSON_AddItemToArray(msgs, m);
+        if (!(r->instructions = strdup(ins))) { oom_err(err); goto fail; }
+    }
+    if (history && responses_items(history, msgs, norm, "previous_response", err) < 0) goto fail;
+    const cJSON *in = cJSON_GetObjectItemCaseSensitive(root, "input");
+    if (!in) { api_error_set(err, 400, "invalid_request_error", "input", "missing_required_parameter", "input: required"); goto fail; }
+    if (cJSON_IsString(in)) {
+        cJSON *one = cJSON_CreateArray(), *m = cJSON_CreateObject();
+        cJSON_AddStringToObject(m, "role", "user");
+        cJSON_AddStringToObject(m, "content", in->valuestring);
+        cJSON_AddItemToArray(one, m);
+        int rc = responses_items(one, msgs, norm, "input", err);
+        cJSON_Delete(one);
+        if (rc < 0) goto fail;
+    } else if (cJSON_IsArray(in)) {
+        if (responses_items(in, msgs, norm, "input", err) < 0) goto fail;
+    } else {
+        api_error_set(err, 400, "invalid_request_error", "input", "invalid_type", "input: expected a string or an array of items");
+        goto fail;
+    }
+    if (cJSON_GetArraySize(msgs) == 0 || (cJSON_GetArraySize(msgs) == 1 && ins && *ins)) {
+        api_error_set(err, 400, "invalid_request_error", "input", "invalid_value", "input: must not be empty");
+        goto fail;
+    }
+    /* sampling and limits */
+    static const char *const same[] = { "temperature", "top_p", "stream", "parallel_tool_calls", "seed", "top_k", "min_p",
+                                        "presence_penalty", "frequency_penalty", "stop", "logit_bias", "prompt_cache_key",
+                                        "cache_salt", NULL };
+    for (int i = 0; same[i]; i++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(root, same[i]);
+        if (x) cJSON_AddItemToObject(c, same[i], cJSON_Duplicate(x, true));
+    }
+    const cJSON *mo = cJSON_GetObjectItemCaseSensitive(root, "max_output_tokens");
+    if (mo && !cJSON_IsNull(mo)) cJSON_AddItemToObject(c, "max_completion_tokens", cJSON_Duplicate(mo, true));
+    /* tools: {type: function, name, description, parameters, strict} */
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
+    if (tools && !cJSON_IsNull(tools)) {
+        if (!cJSON_IsArray(tools)) { api_error_set(err, 400, "invalid_request_error", "tools", "invalid_type", "tools: expected an array"); goto fail; }
+        cJSON *ct = cJSON_AddArrayToObject(c, "tools");
+        const cJSON *t;
+        int i = 0;
+        cJSON_ArrayForEach(t, tools) {
+            char param[32];
+            snprintf(param, sizeof param, "tools[%d]", i++);
+            const char *type = NULL;
+            if (!cJSON_IsObject(t) || get_string(t, "type", &type, err) < 0 || !type) {
+                api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected an object with a type", param);
+                goto fail;
+            }
+            if (strcmp(type, "function")) { refuse(err, param, "tools other than function tools (web search, file search, ...)"); goto fail; }
+            cJSON *w = cJSON_CreateObject(), *fn;
+            cJSON_AddStringToObject(w, "type", "function");
+            fn = cJSON_AddObjectToObject(w, "function");
+            static const char *const keys[] = { "name", "description", "parameters", "strict", NULL };
+            for (int k = 0; keys[k]; k++) {
+                const cJSON *x = cJSON_GetObjectItemCaseSensitive(t, keys[k]);
+                if (x) cJSON_AddItemToObject(fn, keys[k], cJSON_Duplicate(x, true));
+            }
+            cJSON_AddItemToArray(ct, w);
+        }
+    }
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
+    if (cJSON_IsObject(tc)) {   /* {type: function, name} */
+        const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(tc, "name"));
+        cJSON *w = cJSON_CreateObject();
+        cJSON_AddStringToObject(w, "type", "function");
+        cJSON_AddStringToObject(cJSON_AddObjectToObject(w, "function"), "name", name ? name : "");
+        cJSON_AddItemToObject(c, "tool_choice", w);
+    } else if (tc) {
+        cJSON_AddItemToObject(c, "tool_choice", cJSON_Duplicate(tc, true));
+    }
+    /* text.format: {type: text | json_object | json_schema, name, schema, strict} */
+    const cJSON *text = cJSON_GetObjectItemCaseSensitive(root, "text");
+    const cJSON *fmt = cJSON_IsObject(text) ? cJSON_GetObjectItemCaseSensitive(text, "format") : NULL;
+    if (fmt && !cJSON_IsNull(fmt)) {
+        const char *ft = cJSON_IsObject(fmt) ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(fmt, "type")) : NULL;
+        if (!ft) { api_error_set(err, 400, "invalid_request_error", "text.format", "invalid_type", "text.format: expected an object with a type"); goto fail; }
+        cJSON *rf = cJSON_CreateObject();
+        cJSON_AddStringToObject(rf, "type", ft);
+        if (!strcmp(ft, "json_schema")) {
+            cJSON *js = cJSON_AddObjectToObject(rf, "json_schema");
+            static const char *const keys[] = { "name", "schema", "strict", NULL };
+            for (int k = 0; keys[k]; k++) {
+                const cJSON *x = cJSON_GetObjectItemCaseSensitive(fmt, keys[k]);
+                if (x) cJSON_AddItemToObject(js, keys[k], cJSON_Duplicate(x, true));
+            }
+        }
+        cJSON_AddItemToObject(c, "response_format", rf);
+    }
+    bool store = true;
+    if (get_bool(root, "store", &store, err) < 0) goto fail;
+    r->store = store;
+    const char *prev = NULL;
+    if (get_string(root, "previous_response_id", &prev, err) < 0) goto fail;
+    if (prev && !(r->prev_id = strdup(prev))) { oom_err(err); goto fail; }
+    if (!(r->items = cJSON_PrintUnformatted(norm))) { oom_err(err); goto fail; }
+    cJSON_Delete(norm);
+    return c;
+fail:
+    cJSON_Delete(norm);
+    cJSON_Delete(c);
+    return NULL;
+}
+
 /* ---------------------------------------------------------------- Anthropic */
 typedef struct { int n; bool seen_5m; } bp_count;
 
@@ -1054,11 +1312,22 @@ void api_request_free(api_request *r) {
     free(r->logit_bias);
     free(r->cache_salt);
     free(r->schema);
+    free(r->instructions);
+    free(r->prev_id);
+    free(r->items);
     memset(r, 0, sizeof *r);
     r->logprobs = -1;
 }
 
+static int parse_body(api_kind kind, const char *body, size_t len, const char *history, api_request *out, api_error *err);
 int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err) {
+    return parse_body(kind, body, len, NULL, out, err);
+}
+int api_parse_responses(const char *body, size_t len, const char *history, api_request *out, api_error *err) {
+    return parse_body(API_OPENAI_RESPONSES, body, len, history, out, err);
+}
+
+static int parse_body(api_kind kind, const char *body, size_t len, const char *history, api_request *out, api_error *err) {
     memset(out, 0, sizeof *out);
     out->kind = kind;
     out->max_tokens = -1;
@@ -1091,7 +1360,20 @@ int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api
     const char *model = NULL;
     if (get_string(root, "model", &model, err) < 0) goto fail;
     if (model && !(out->model = strdup(model))) { api_error_set(err, 500, "api_error", NULL, NULL, "out of memory"); goto fail; }
-    if ((api_is_anthropic(kind) ? parse_anthropic(root, out, err) : parse_openai(root, out, err)) < 0) goto fail;
+    if (kind == API_OPENAI_RESPONSES) {   /* parsed as the chat request it amounts to */
+        cJSON *hist = history ? cJSON_Parse(history) : NULL;
+        if (history && !cJSON_IsArray(hist)) { cJSON_Delete(hist); api_error_set(err, 500, "api_error", NULL, NULL, "a stored conversation is unreadable"); goto fail; }
+        cJSON *chat = responses_to_chat(root, hist, out, err);
+        cJSON_Delete(hist);
+        if (!chat) goto fail;
+        out->kind = API_OPENAI_CHAT;
+        int rc = parse_openai(chat, out, err);
+        out->kind = API_OPENAI_RESPONSES;
+        cJSON_Delete(chat);
+        if (rc < 0) goto fail;
+    } else if ((api_is_anthropic(kind) ? parse_anthropic(root, out, err) : parse_openai(root, out, err)) < 0) {
+        goto fail;
+    }
     if (parse_cache_salt(root, out, err) < 0) goto fail;
     cJSON_Delete(root);
     return 0;
@@ -1496,6 +1778,238 @@ static cJSON *anthropic_message(const api_request *r, const api_result *res, boo
     return m;
 }
 
+
+static void sse_event(sbuf *b, const char *event, cJSON *o);
+
+/* ---- Responses API output: a response object of output items (a message with output_text,
+ * function_call items), and its streamed events (each with a type and a sequence_number). */
+static void resp_id(char *out, size_t n, const char *prefix, const char *id) {
+    const char *u = strchr(id ? id : "", '_');
+    snprintf(out, n, "%s%s", prefix, u ? u + 1 : id ? id : "");
+}
+
+static cJSON *resp_message(const api_result *res, const char *text, size_t len, bool done) {
+    char mid[64];
+    resp_id(mid, sizeof mid, "msg_", res->id);
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "id", mid);
+    cJSON_AddStringToObject(m, "type", "message");
+    cJSON_AddStringToObject(m, "status", done ? "completed" : "in_progress");
+    cJSON_AddStringToObject(m, "role", "assistant");
+    cJSON *content = cJSON_AddArrayToObject(m, "content");
+    if (done) {
+        cJSON *part = cJSON_CreateObject();
+        cJSON_AddStringToObject(part, "type", "output_text");
+        cJSON_AddItemToObject(part, "text", str_n(text, len));
+        cJSON_AddArrayToObject(part, "annotations");
+        cJSON_AddArrayToObject(part, "logprobs");
+        cJSON_AddItemToArray(content, part);
+    }
+    return m;
+}
+
+static cJSON *resp_call(const api_tool_call *c, bool done) {
+    char fid[64];
+    resp_id(fid, sizeof fid, "fc_", c->id);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", fid);
+    cJSON_AddStringToObject(o, "type", "function_call");
+    cJSON_AddStringToObject(o, "status", done ? "completed" : "in_progress");
+    cJSON_AddStringToObject(o, "call_id", c->id ? c->id : "");
+    cJSON_AddStringToObject(o, "name", c->name);
+    cJSON_AddStringToObject(o, "arguments", done ? (c->arguments ? c->arguments : "{}") : "");
+    return o;
+}
+
+/* The output items: the message (if there is text, or nothing else) at position msg_item - 1
+ * (0: first), the calls in order around it. */
+static cJSON *resp_output(const api_result *res, int msg_item) {
+    cJSON *out = cJSON_CreateArray();
+    const bool msg = res->text_len > 0 || res->n_calls == 0;
+    const int at = msg_item > 0 ? msg_item - 1 : 0;
+    for (int i = 0; i <= res->n_calls; i++) {
+        if (msg && i == (at < res->n_calls ? at : res->n_calls)) cJSON_AddItemToArray(out, resp_message(res, res->text, res->text_len, true));
+        if (i < res->n_calls) cJSON_AddItemToArray(out, resp_call(&res->calls[i], true));
+    }
+    return out;
+}
+
+static cJSON *resp_object(const api_request *r, const api_result *res, bool final, int msg_item) {
+    engine_usage zero = {0};
+    const engine_usage *u = res->usage ? res->usage : &zero;
+    const bool incomplete = final && res->why == FINISH_LENGTH;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", res->id);
+    cJSON_AddStringToObject(o, "object", "response");
+    cJSON_AddNumberToObject(o, "created_at", (double)res->created);
+    cJSON_AddStringToObject(o, "status", !final ? "in_progress" : incomplete ? "incomplete" : "completed");
+    cJSON_AddNullToObject(o, "error");
+    if (incomplete) cJSON_AddStringToObject(cJSON_AddObjectToObject(o, "incomplete_details"), "reason", "max_output_tokens");
+    else cJSON_AddNullToObject(o, "incomplete_details");
+    if (r->instructions) cJSON_AddStringToObject(o, "instructions", r->instructions); else cJSON_AddNullToObject(o, "instructions");
+    if (r->max_tokens > 0) cJSON_AddNumberToObject(o, "max_output_tokens", r->max_tokens); else cJSON_AddNullToObject(o, "max_output_tokens");
+    cJSON_AddStringToObject(o, "model", res->model);
+    cJSON_AddItemToObject(o, "output", final ? resp_output(res, msg_item) : cJSON_CreateArray());
+    cJSON_AddBoolToObject(o, "parallel_tool_calls", r->parallel_tool_calls);
+    if (r->prev_id) cJSON_AddStringToObject(o, "previous_response_id", r->prev_id); else cJSON_AddNullToObject(o, "previous_response_id");
+    cJSON *rs = cJSON_AddObjectToObject(o, "reasoning");
+    cJSON_AddNullToObject(rs, "effort");
+    cJSON_AddNullToObject(rs, "summary");
+    cJSON_AddBoolToObject(o, "store", r->store);
+    cJSON_AddNumberToObject(o, "temperature", r->sp.temperature);
+    cJSON *tf = cJSON_AddObjectToObject(cJSON_AddObjectToObject(o, "text"), "format");
+    cJSON_AddStringToObject(tf, "type", r->format == API_FORMAT_JSON_SCHEMA ? "json_schema" : r->format == API_FORMAT_JSON_OBJECT ? "json_object" : "text");
+    if (r->format == API_FORMAT_JSON_SCHEMA && r->schema) cJSON_AddItemToObject(tf, "schema", cJSON_Parse(r->schema));
+    cJSON_AddStringToObject(o, "tool_choice", r->tool_choice == API_TOOL_NONE ? "none" : r->tool_choice == API_TOOL_REQUIRED ? "required" : "auto");
+    cJSON *tools = cJSON_AddArrayToObject(o, "tools");
+    for (int i = 0; i < r->n_tools; i++) {   /* back to Responses' flat form */
+        cJSON *t = cJSON_Parse(r->tools[i].json), *fn = cJSON_GetObjectItemCaseSensitive(t, "function");
+        if (fn) {
+            cJSON *flat = cJSON_Duplicate(fn, true);
+            cJSON_AddStringToObject(flat, "type", "function");
+            cJSON_AddItemToArray(tools, flat);
+        }
+        cJSON_Delete(t);
+    }
+    cJSON_AddNumberToObject(o, "top_p", r->sp.top_p);
+    cJSON_AddStringToObject(o, "truncation", "disabled");
+    if (final) {
+        cJSON *us = cJSON_AddObjectToObject(o, "usage");
+        cJSON_AddNumberToObject(us, "input_tokens", u->prompt_tokens);
+        cJSON_AddNumberToObject(cJSON_AddObjectToObject(us, "input_tokens_details"), "cached_tokens", u->cached_tokens);
+        cJSON_AddNumberToObject(us, "output_tokens", u->completion_tokens);
+        cJSON_AddNumberToObject(cJSON_AddObjectToObject(us, "output_tokens_details"), "reasoning_tokens", 0);
+        cJSON_AddNumberToObject(us, "total_tokens", u->prompt_tokens + u->completion_tokens);
+    } else {
+        cJSON_AddNullToObject(o, "usage");
+    }
+    cJSON_AddNullToObject(o, "user");
+    cJSON_AddObjectToObject(o, "metadata");
+    return o;
+}
+
+char *api_responses_output_items(const api_request *r, const api_result *res, int msg_item) {
+    (void)r;
+    return print_free(resp_output(res, msg_item));
+}
+
+static void resp_event(sbuf *b, api_stream *st, const char *type, cJSON *o) {
+    if (st->seq < 2) st->seq = 2;   /* 0 and 1: response.created, response.in_progress */
+    cJSON *e = cJSON_CreateObject();
+    cJSON_AddStringToObject(e, "type", type);
+    cJSON_AddNumberToObject(e, "sequence_number", st->seq++);
+    for (cJSON *x = o ? o->child : NULL; x;) {   /* move o's members after type and sequence_number */
+        cJSON *next = x->next;
+        cJSON_AddItemToObject(e, x->string, cJSON_DetachItemViaPointer(o, x));
+        x = next;
+    }
+    cJSON_Delete(o);
+    sse_event(b, type, e);
+}
+
+static cJSON *resp_where(const api_result *res, int index, bool content) {
+    char mid[64];
+    resp_id(mid, sizeof mid, "msg_", res->id);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "item_id", mid);
+    cJSON_AddNumberToObject(o, "output_index", index);
+    if (content) cJSON_AddNumberToObject(o, "content_index", 0);
+    return o;
+}
+
+static char *resp_stream_start(const api_request *r, const api_result *res) {
+    sbuf b = {0};
+    for (int k = 0; k < 2; k++) {
+        cJSON *e = cJSON_CreateObject();
+        const char *type = k ? "response.in_progress" : "response.created";
+        cJSON_AddStringToObject(e, "type", type);
+        cJSON_AddNumberToObject(e, "sequence_number", k);
+        cJSON_AddItemToObject(e, "response", resp_object(r, res, false, 0));
+        sse_event(&b, type, e);
+    }
+    return sb_take(&b);
+}
+
+static char *resp_stream_text(const api_result *res, api_stream *st, const char *text, size_t len) {
+    sbuf b = {0};
+    sb_add(&b, "", 0);
+    if (!st->msg_item) {
+        st->msg_item = ++st->items;
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "output_index", st->msg_item - 1);
+        cJSON_AddItemToObject(o, "item", resp_message(res, "", 0, false));
+        resp_event(&b, st, "response.output_item.added", o);
+        o = resp_where(res, st->msg_item - 1, true);
+        cJSON *part = cJSON_AddObjectToObject(o, "part");
+        cJSON_AddStringToObject(part, "type", "output_text");
+        cJSON_AddStringToObject(part, "text", "");
+        cJSON_AddArrayToObject(part, "annotations");
+        resp_event(&b, st, "response.content_part.added", o);
+    }
+    cJSON *o = resp_where(res, st->msg_item - 1, true);
+    cJSON_AddItemToObject(o, "delta", str_n(text, len));
+    cJSON_AddArrayToObject(o, "logprobs");
+    resp_event(&b, st, "response.output_text.delta", o);
+    return sb_take(&b);
+}
+
+static char *resp_stream_call(const api_tool_call *c, api_stream *st) {
+    sbuf b = {0};
+    sb_add(&b, "", 0);
+    const int idx = st->items++;
+    char fid[64];
+    resp_id(fid, sizeof fid, "fc_", c->id);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "output_index", idx);
+    cJSON_AddItemToObject(o, "item", resp_call(c, false));
+    resp_event(&b, st, "response.output_item.added", o);
+    for (int k = 0; k < 2; k++) {
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "item_id", fid);
+        cJSON_AddNumberToObject(o, "output_index", idx);
+        cJSON_AddStringToObject(o, k ? "arguments" : "delta", c->arguments ? c->arguments : "{}");
+        resp_event(&b, st, k ? "response.function_call_arguments.done" : "response.function_call_arguments.delta", o);
+    }
+    o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "output_index", idx);
+    cJSON_AddItemToObject(o, "item", resp_call(c, true));
+    resp_event(&b, st, "response.output_item.done", o);
+    st->calls++;
+    return sb_take(&b);
+}
+
+/* res->text: the whole content (outside calls), res->calls: the calls */
+static char *resp_stream_finish(const api_request *r, const api_result *res, api_stream *st) {
+    sbuf b = {0};
+    sb_add(&b, "", 0);
+    if (!st->msg_item && res->n_calls == 0) {   /* no text at all: still one (empty) message */
+        char *t = resp_stream_text(res, st, "", 0);
+        if (t) sb_str(&b, t);
+        free(t);
+    }
+    if (st->msg_item) {
+        const int idx = st->msg_item - 1;
+        cJSON *o = resp_where(res, idx, true);
+        cJSON_AddItemToObject(o, "text", str_n(res->text, res->text_len));
+        cJSON_AddArrayToObject(o, "logprobs");
+        resp_event(&b, st, "response.output_text.done", o);
+        o = resp_where(res, idx, true);
+        cJSON *part = cJSON_AddObjectToObject(o, "part");
+        cJSON_AddStringToObject(part, "type", "output_text");
+        cJSON_AddItemToObject(part, "text", str_n(res->text, res->text_len));
+        cJSON_AddArrayToObject(part, "annotations");
+        resp_event(&b, st, "response.content_part.done", o);
+        o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "output_index", idx);
+        cJSON_AddItemToObject(o, "item", resp_message(res, res->text, res->text_len, true));
+        resp_event(&b, st, "response.output_item.done", o);
+    }
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddItemToObject(o, "response", resp_object(r, res, true, st->msg_item));
+    resp_event(&b, st, res->why == FINISH_LENGTH ? "response.incomplete" : "response.completed", o);
+    return sb_take(&b);
+}
+
 char *api_format_response(const api_request *r, const api_result *res) {
     engine_usage zero = {0};
     const engine_usage *u = res->usage ? res->usage : &zero;
@@ -1504,6 +2018,7 @@ char *api_format_response(const api_request *r, const api_result *res) {
         cJSON_AddNumberToObject(o, "input_tokens", u->prompt_tokens);
         return print_free(o);
     }
+    if (r->kind == API_OPENAI_RESPONSES) return print_free(resp_object(r, res, true, 0));
     if (api_is_anthropic(r->kind)) {
         cJSON *m = anthropic_message(r, res, true);
         cJSON_AddItemToObject(m, "usage", usage_anthropic(u, true));
@@ -1581,6 +2096,7 @@ static void sse_event(sbuf *b, const char *event, cJSON *o) {
 }
 
 char *api_format_stream_start(const api_request *r, const api_result *res, int n_prompt) {
+    if (r->kind == API_OPENAI_RESPONSES) return resp_stream_start(r, res);
     sbuf b = {0};
     if (api_is_anthropic(r->kind)) {
         cJSON *o = cJSON_CreateObject();
@@ -1685,6 +2201,7 @@ static void anth_block_event(sbuf *b, const char *type, int index, cJSON *block)
 }
 
 char *api_format_stream_text(const api_request *r, const api_result *res, api_stream *st, const char *text, size_t len) {
+    if (r->kind == API_OPENAI_RESPONSES) return resp_stream_text(res, st, text, len);
     if (!api_is_anthropic(r->kind)) return api_format_stream_delta(r, res, text, len);
     sbuf b = {0};
     sb_add(&b, "", 0);
@@ -1703,6 +2220,7 @@ char *api_format_stream_text(const api_request *r, const api_result *res, api_st
 }
 
 char *api_format_stream_call(const api_request *r, const api_result *res, api_stream *st, const api_tool_call *c) {
+    if (r->kind == API_OPENAI_RESPONSES) return resp_stream_call(c, st);
     sbuf b = {0};
     sb_add(&b, "", 0);
     if (api_is_anthropic(r->kind)) {
@@ -1735,6 +2253,7 @@ char *api_format_stream_call(const api_request *r, const api_result *res, api_st
 }
 
 char *api_format_stream_finish(const api_request *r, const api_result *res, api_stream *st) {
+    if (r->kind == API_OPENAI_RESPONSES) return resp_stream_finish(r, res, st);
     sbuf b = {0};
     sb_add(&b, "", 0);
     if (api_is_anthropic(r->kind) && st->text_open) {

@@ -16,6 +16,7 @@
 typedef enum {
     API_OPENAI_CHAT,            /* POST /v1/chat/completions */
     API_OPENAI_COMPLETION,      /* POST /v1/completions */
+    API_OPENAI_RESPONSES,       /* POST /v1/responses */
     API_ANTHROPIC_MESSAGES,     /* POST /v1/messages */
     API_ANTHROPIC_COUNT_TOKENS, /* POST /v1/messages/count_tokens */
 } api_kind;
@@ -109,6 +110,13 @@ typedef struct api_request {
     char *tool_name;          /* API_TOOL_NAMED: the function (one of tools) */
     bool parallel_tool_calls; /* OpenAI parallel_tool_calls (default true); Anthropic
                                  !disable_parallel_tool_use */
+    /* Responses API */
+    char *instructions;       /* the system message of this turn (not carried to the next) */
+    char *prev_id;            /* previous_response_id */
+    bool store;               /* keep the response (and its conversation) for retrieval and
+                                 previous_response_id; default true */
+    char *items;              /* the conversation's input items as a JSON array (the previous
+                                 responses' items and outputs, then this request's input) */
 } api_request;
 /* Whether the reply is parsed for tool calls: tools given and tool_choice not none. */
 static inline bool api_tools_active(const struct api_request *r) { return r->n_tools > 0 && r->tool_choice != API_TOOL_NONE; }
@@ -126,6 +134,10 @@ enum { API_FORMAT_TEXT = 0, API_FORMAT_JSON_OBJECT, API_FORMAT_JSON_SCHEMA };
  * editor, ...), thinking enabled, mcp_servers).
  * Unknown fields are ignored (newer SDKs send fields older servers do not know). */
 int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err);
+/* A Responses request continuing a stored conversation: history is the earlier items (a JSON
+ * array: inputs and outputs), rendered before this request's input (after its instructions). */
+int api_parse_responses(const char *body, size_t len, const char *history, api_request *out, api_error *err);
+
 void api_request_free(api_request *r);
 
 /* The chat template, as a function (server: chat_apply_tools over the model's template), with
@@ -188,10 +200,19 @@ char *api_format_stream_end(const api_request *r, const api_result *res);
  * one input_json_delta); OpenAI sends delta.content, and per call a chunk with index, id, type
  * and function.name (arguments "") and one with function.arguments. api_format_stream_start
  * opens no text block for such requests; st starts zeroed. */
-typedef struct api_stream { int block; bool text_open; int calls; } api_stream;
+typedef struct api_stream {
+    int block; bool text_open; int calls;
+    int seq;                  /* Responses: the next event's sequence_number */
+    int items;                /* Responses: output items opened so far */
+    int msg_item;             /* Responses: the message item's output_index + 1 (0: none yet) */
+} api_stream;
 char *api_format_stream_text(const api_request *r, const api_result *res, api_stream *st, const char *text, size_t len);
 char *api_format_stream_call(const api_request *r, const api_result *res, api_stream *st, const api_tool_call *c);
 char *api_format_stream_finish(const api_request *r, const api_result *res, api_stream *st);
+/* Responses: the output items of a finished response (its message and function calls, as the
+ * response lists them; msg_item as api_stream's, 0 for a response not streamed), as a JSON
+ * array (malloc'ed), to store with the conversation. */
+char *api_responses_output_items(const api_request *r, const api_result *res, int msg_item);
 
 /* Usage objects (cJSON is kept out of this header: these return JSON text). */
 char *api_format_usage_openai(const engine_usage *u);

@@ -496,6 +496,7 @@ static void finish(engine *e, seq *s, finish_reason why, const char *errmsg) {
     s->phase = SEQ_DONE;
     s->finish = why;
     e->st.completion_tokens += (uint64_t)s->n_gen;
+    if (s->r.on_tokens) s->r.on_tokens(s->r.user, s->tokens + s->n_prompt, s->n_tokens - s->n_prompt);
     if (s->r.on_done) s->r.on_done(s->r.user, why, &s->u, errmsg);
 }
 

@@ -102,6 +102,10 @@ typedef struct engine_request {
      * (not for an end-of-generation token), before the text it completes is passed to on_text.
      * Costs a pass over the vocabulary per token; NULL when logprobs are not wanted. */
     void (*on_token)(void *user, const engine_token_info *ti);
+    /* Optional: called once when the request ends, before on_done, with every token it
+     * generated (those in the KV; not the end-of-generation token): a conversation can continue
+     * from exactly these tokens (the Responses API's previous_response_id). */
+    void (*on_tokens)(void *user, const int32_t *tokens, int n);
     void *user;
 } engine_request;
 

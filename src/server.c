@@ -73,6 +73,7 @@
 #include "engine.h"
 #include "gpu.h"
 #include "jsonschema.h"
+#include "respstore.h"
 #include "toolcall.h"
 #include "util.h"
 #include <cjson/cJSON.h>
@@ -93,9 +94,10 @@
 #include <unistd.h>
 
 /* ------------------------------------------------------------------------------ types */
-enum { EP_CHAT, EP_COMPLETIONS, EP_MESSAGES, EP_COUNT_TOKENS, EP_MODELS, EP_HEALTH, EP_METRICS, EP_OTHER, EP_N };
-static const char *const ep_names[EP_N] = { "chat_completions", "completions", "messages", "count_tokens",
-                                            "models", "health", "metrics", "other" };
+enum { EP_CHAT, EP_COMPLETIONS, EP_MESSAGES, EP_COUNT_TOKENS, EP_RESPONSES, EP_RESPONSE_ID, EP_MODELS, EP_HEALTH, EP_METRICS,
+       EP_OTHER, EP_N };
+static const char *const ep_names[EP_N] = { "chat_completions", "completions", "messages", "count_tokens", "responses",
+                                            "response", "models", "health", "metrics", "other" };
 
 #define N_TTFT 12
 static const double ttft_bounds[N_TTFT] = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 };
@@ -159,6 +161,10 @@ typedef struct job {
     bool tools_on;
     toolcall_parser tp;
     api_stream st;        /* streaming: blocks and calls sent */
+    char *prompt_text;    /* Responses: the rendered prompt (the stored prefix's start) */
+    char owner[18];       /* Responses: the caller's credential namespace (who may read it back) */
+    int32_t *gen;         /* Responses: the generated tokens (engine's on_tokens) */
+    int n_gen;
     size_t content_sent;  /* streaming: bytes of tp.content sent */
     char (*call_ids)[40]; /* an id per call, made as it is sent */
     int n_call_ids;
@@ -196,6 +202,8 @@ struct server {
     atomic_uint_fast64_t id_ctr;
     metrics m;
     schema_cache *schemas;    /* compiled response_format grammars */
+    respstore *responses;     /* the Responses API's stored responses */
+    double cache_ttl;         /* --cache-ttl: how long a stored response lives (as its cache entry) */
 };
 
 typedef struct conn {
@@ -207,6 +215,8 @@ typedef struct conn {
     job *job;
     char ns[18];
 } conn;
+
+static double now_mono(void);
 
 /* ------------------------------------------------------------------------------ helpers */
 void server_key_namespace(const char *key, char out[18]) {
@@ -263,6 +273,8 @@ static void job_release(job *j) {
     pthread_cond_destroy(&j->cv);
     api_request_free(&j->req);
     grammar_unref(j->er.grammar);
+    free(j->prompt_text);
+    free(j->gen);
     free(j->prompt);
     free(j->text);
     free(j->pend);
@@ -299,6 +311,16 @@ static void on_token(void *user, const engine_token_info *ti) {
         if (p) { j->lps = p; j->cap_lps = c; }
     }
     if (j->n_lps < j->cap_lps) j->lps[j->n_lps++] = *ti;
+    pthread_mutex_unlock(&j->mu);
+}
+
+static void on_tokens(void *user, const int32_t *toks, int n) {
+    job *j = user;
+    pthread_mutex_lock(&j->mu);
+    free(j->gen);
+    j->gen = n > 0 ? malloc((size_t)n * sizeof *j->gen) : NULL;
+    if (j->gen) memcpy(j->gen, toks, (size_t)n * sizeof *toks);
+    j->n_gen = j->gen ? n : 0;
     pthread_mutex_unlock(&j->mu);
 }
 
@@ -555,7 +577,7 @@ static enum MHD_Result reply_ex(server *s, struct MHD_Connection *c, int ep, int
     struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
     if (!r) { free(body); return MHD_NO; }
     MHD_add_response_header(r, "Content-Type", ctype);
-    if (status == 405) MHD_add_response_header(r, "Allow", ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
+    if (status == 405) MHD_add_response_header(r, "Allow", ep == EP_RESPONSE_ID ? "GET, DELETE, OPTIONS" : ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
     add_cors(s, c, r);
     if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
     if (retry_s > 0) {
@@ -865,6 +887,48 @@ static void job_result(job *j, api_result *res) {
     res->tok_ctx = (void *)j->srv->tok;
 }
 
+/* Responses: keeps a finished response (store: true) with its conversation, the tokens of its
+ * prompt and output and the text they render, until its cache entry would expire. res holds the
+ * content outside calls and the calls. Connection thread. */
+static void store_response(job *j, const api_result *res, int msg_item) {
+    server *s = j->srv;
+    if (j->req.kind != API_OPENAI_RESPONSES || !j->req.store || j->why == FINISH_ERROR || j->why == FINISH_ABORT) return;
+    char *out = api_responses_output_items(&j->req, res, msg_item);
+    cJSON *items = cJSON_Parse(j->req.items ? j->req.items : "[]"), *outs = out ? cJSON_Parse(out) : NULL;
+    free(out);
+    if (!items || !outs) { cJSON_Delete(items); cJSON_Delete(outs); return; }
+    for (cJSON *x = outs->child; x;) {
+        cJSON *next = x->next;
+        cJSON_AddItemToArray(items, cJSON_DetachItemViaPointer(outs, x));
+        x = next;
+    }
+    cJSON_Delete(outs);
+    resp_entry e = { 0 };
+    e.items = cJSON_PrintUnformatted(items);
+    cJSON_Delete(items);
+    e.body = api_format_response(&j->req, res);
+    pthread_mutex_lock(&j->mu);
+    /* the exact continuation: the prompt's text and tokens, then the output's (when the text is
+     * what the tokens render: not cut by a stop string) */
+    if (j->prompt_text && j->usage.stop_matched == 0 && j->gen) {
+        size_t a = strlen(j->prompt_text);
+        if ((e.prefix = malloc(a + j->text_len + 1))) {
+            memcpy(e.prefix, j->prompt_text, a);
+            if (j->text_len) memcpy(e.prefix + a, j->text, j->text_len);
+            e.prefix[a + j->text_len] = 0;
+        }
+        if ((e.tokens = malloc(((size_t)j->n_prompt + (size_t)j->n_gen) * sizeof *e.tokens))) {
+            memcpy(e.tokens, j->prompt, (size_t)j->n_prompt * sizeof *e.tokens);
+            memcpy(e.tokens + j->n_prompt, j->gen, (size_t)j->n_gen * sizeof *e.tokens);
+            e.n_tokens = j->n_prompt + j->n_gen;
+        }
+        if (!e.prefix || !e.tokens) { free(e.prefix); free(e.tokens); e.prefix = NULL; e.tokens = NULL; e.n_tokens = 0; }
+    }
+    pthread_mutex_unlock(&j->mu);
+    if (e.items && e.body) respstore_put(s->responses, j->id, j->owner, now_mono() + s->cache_ttl, &e);
+    resp_entry_free(&e);
+}
+
 static char *stream_error_event(job *j, const char *msg) {
     api_error e;
     bool anth = api_is_anthropic(j->req.kind);
@@ -929,6 +993,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                 }
                 j->lps_sent = j->n_lps;
                 if (j->tools_on) j->pend = tool_stream_events(j, &res, j->text + j->sent, j->text_len - j->sent, false);
+                else if (j->req.kind == API_OPENAI_RESPONSES)
+                    j->pend = api_format_stream_text(&j->req, &res, &j->st, j->text + j->sent, j->text_len - j->sent);
                 else j->pend = api_format_stream_delta(&j->req, &res, j->text + j->sent, j->text_len - j->sent);
                 j->sent = j->text_len;
             } else {
@@ -945,13 +1011,29 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                     res.n_lps = 0;
                     char *tail = tool_stream_events(j, &res, "", 0, true);
                     res.n_calls = j->tp.n_calls;
+                    api_tool_call *calls = j->req.kind == API_OPENAI_RESPONSES ? job_calls(j) : NULL;
+                    if (calls) {   /* the final response lists the content and the calls */
+                        res.text = j->tp.content ? j->tp.content : "";
+                        res.text_len = j->tp.n_content;
+                        res.calls = calls;
+                    }
                     char *fin = tail ? api_format_stream_finish(&j->req, &res, &j->st) : NULL;
+                    pthread_mutex_unlock(&j->mu);
+                    store_response(j, &res, j->st.msg_item);
+                    pthread_mutex_lock(&j->mu);
+                    free(calls);
                     if (tail && fin) {
                         size_t a = strlen(tail), b = strlen(fin);
                         if ((j->pend = malloc(a + b + 1))) { memcpy(j->pend, tail, a); memcpy(j->pend + a, fin, b + 1); }
                     }
                     free(tail);
                     free(fin);
+                } else if (j->req.kind == API_OPENAI_RESPONSES) {
+                    res.n_lps = 0;
+                    j->pend = api_format_stream_finish(&j->req, &res, &j->st);
+                    pthread_mutex_unlock(&j->mu);
+                    store_response(j, &res, j->st.msg_item);
+                    pthread_mutex_lock(&j->mu);
                 } else {
                     j->pend = api_format_stream_end(&j->req, &res);
                 }
@@ -1021,7 +1103,8 @@ static enum MHD_Result reply_too_long(server *s, struct MHD_Connection *c, int e
 
 static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn *cs) {
     static const api_kind kinds[] = { [EP_CHAT] = API_OPENAI_CHAT, [EP_COMPLETIONS] = API_OPENAI_COMPLETION,
-                                      [EP_MESSAGES] = API_ANTHROPIC_MESSAGES, [EP_COUNT_TOKENS] = API_ANTHROPIC_COUNT_TOKENS };
+                                      [EP_MESSAGES] = API_ANTHROPIC_MESSAGES, [EP_COUNT_TOKENS] = API_ANTHROPIC_COUNT_TOKENS,
+                                      [EP_RESPONSES] = API_OPENAI_RESPONSES };
     bool anth = cs->anthropic;
     api_error e;
     memset(&e, 0, sizeof e);
@@ -1033,6 +1116,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     j->srv = s;
     j->fd = -1;
     enum MHD_Result ret;
+    resp_entry prev = { 0 };   /* Responses: the conversation continued (previous_response_id) */
     if (api_parse(kinds[cs->ep], cs->body, cs->len, &j->req, &e) < 0) {
         if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
         ret = reply_error(s, c, cs->ep, anth, &e);
@@ -1051,6 +1135,26 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
             ret = reply_error(s, c, cs->ep, false, &e);
         }
         goto out;
+    }
+    if (j->req.cache_salt) salted_namespace(cs->ns, j->req.cache_salt, j->ns);
+    else snprintf(j->ns, sizeof j->ns, "%s", cs->ns);
+    memcpy(j->owner, cs->ns, sizeof j->owner);
+    if (j->req.kind == API_OPENAI_RESPONSES && j->req.prev_id) {
+        char pid[128];
+        snprintf(pid, sizeof pid, "%s", j->req.prev_id);
+        const double now = now_mono();
+        if (!respstore_get(s->responses, pid, cs->ns, now, now + s->cache_ttl, &prev)) {
+            api_error_set(&e, 404, "invalid_request_error", "previous_response_id", "previous_response_not_found",
+                          "Previous response with id '%.100s' not found.", pid);
+            ret = reply_error(s, c, cs->ep, false, &e);
+            goto out;
+        }
+        api_request_free(&j->req);   /* again, after the stored conversation */
+        if (api_parse_responses(cs->body, cs->len, prev.items, &j->req, &e) < 0) {
+            resp_entry_free(&prev);
+            ret = reply_error(s, c, cs->ep, false, &e);
+            goto out;
+        }
     }
     api_bp bps[ENGINE_MAX_BREAKPOINTS];
     int nbps = 0, n;
@@ -1088,8 +1192,24 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
             const char *bp = tokenizer_piece(s->tok, tokenizer_bos(s->tok), true, &bl);
             if (bp && bl && tlen >= bl && !memcmp(text, bp, bl)) add_bos = false;
         }
-        n = tokenizer_encode(s->tok, text, tlen, add_bos, true, &j->prompt, terr, sizeof terr);
-        free(text);
+        const size_t plen = prev.prefix ? strlen(prev.prefix) : 0;
+        if (plen && prev.n_tokens > 0 && tlen >= plen && !memcmp(text, prev.prefix, plen)) {
+            /* the conversation goes on from exactly the tokens of the previous response (its
+             * prompt and output, all in the prompt cache); only the rest is tokenized */
+            int32_t *rest = NULL;
+            int nr = tokenizer_encode(s->tok, text + plen, tlen - plen, false, true, &rest, terr, sizeof terr);
+            n = -1;
+            if (nr >= 0 && (j->prompt = malloc(((size_t)prev.n_tokens + (size_t)nr + 1) * sizeof *j->prompt))) {
+                memcpy(j->prompt, prev.tokens, (size_t)prev.n_tokens * sizeof *j->prompt);
+                if (nr) memcpy(j->prompt + prev.n_tokens, rest, (size_t)nr * sizeof *rest);
+                n = prev.n_tokens + nr;
+            }
+            free(rest);
+        } else {
+            n = tokenizer_encode(s->tok, text, tlen, add_bos, true, &j->prompt, terr, sizeof terr);
+        }
+        if (j->req.kind == API_OPENAI_RESPONSES) j->prompt_text = text;
+        else free(text);
         if (n < 0) {
             ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", NULL, "could not tokenize the prompt: %s", terr);
             goto out;
@@ -1154,8 +1274,6 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         }
         free(ends);
     }
-    if (j->req.cache_salt) salted_namespace(cs->ns, j->req.cache_salt, j->ns);
-    else snprintf(j->ns, sizeof j->ns, "%s", cs->ns);
     er->ns = j->ns;
     er->logit_bias = j->req.logit_bias;
     er->n_logit_bias = j->req.n_logit_bias;
@@ -1174,9 +1292,10 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     er->on_text = on_text;
     er->on_done = on_done;
     er->on_start = on_start;
+    if (j->req.kind == API_OPENAI_RESPONSES) er->on_tokens = on_tokens;
     er->user = j;
     uint64_t r1 = next_rand(s), r2 = next_rand(s);
-    snprintf(j->id, sizeof j->id, "%s%016llx%08llx", anth ? "msg_" : cs->ep == EP_CHAT ? "chatcmpl-" : "cmpl-",
+    snprintf(j->id, sizeof j->id, "%s%016llx%08llx", anth ? "msg_" : cs->ep == EP_CHAT ? "chatcmpl-" : cs->ep == EP_RESPONSES ? "resp_" : "cmpl-",
              (unsigned long long)r1, (unsigned long long)(r2 & 0xffffffffu));
     j->created = (long long)time(NULL);
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
@@ -1277,9 +1396,11 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         res.calls = calls;
         res.n_calls = j->tp.n_calls;
     }
+    store_response(j, &res, 0);
     ret = reply(s, c, cs->ep, 200, "application/json", api_format_response(&j->req, &res));
     free(calls);
 out:
+    resp_entry_free(&prev);
     job_release(j);
     return ret;
 }
@@ -1298,10 +1419,40 @@ static int route(const char *url, bool *anthropic, const char **model_name) {
     if (!strncmp(p, "/models/", 8) && p[8]) { *model_name = p + 8; return EP_MODELS; }
     if (!strcmp(p, "/chat/completions")) return EP_CHAT;
     if (!strcmp(p, "/completions")) return EP_COMPLETIONS;
+    if (!strcmp(p, "/responses")) return EP_RESPONSES;
+    if (!strncmp(p, "/responses/", 11) && p[11] && !strchr(p + 11, '/')) { *model_name = p + 11; return EP_RESPONSE_ID; }
     if (!strcmp(p, "/messages")) { *anthropic = true; return EP_MESSAGES; }
     if (!strcmp(p, "/messages/count_tokens")) { *anthropic = true; return EP_COUNT_TOKENS; }
     if (!strncmp(p, "/messages", 9)) *anthropic = true;
     return EP_OTHER;
+}
+
+/* GET /v1/responses/{id}: a stored response, DELETE: forget it; only the tenant that made it
+ * finds it. */
+static enum MHD_Result handle_response_id(server *s, struct MHD_Connection *c, const char *method, const char *id, const char *ns) {
+    const double now = now_mono();
+    if (!strcmp(method, "DELETE")) {
+        if (respstore_delete(s->responses, id, ns, now)) {
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "id", id);
+            cJSON_AddStringToObject(o, "object", "response");
+            cJSON_AddBoolToObject(o, "deleted", true);
+            char *body = cJSON_PrintUnformatted(o);
+            cJSON_Delete(o);
+            return reply(s, c, EP_RESPONSE_ID, 200, "application/json", body);
+        }
+    } else {
+        resp_entry e;
+        if (respstore_get(s->responses, id, ns, now, 0, &e)) {
+            char *body = e.body;
+            e.body = NULL;
+            resp_entry_free(&e);
+            return reply(s, c, EP_RESPONSE_ID, 200, "application/json", body);
+        }
+    }
+    api_error err;
+    api_error_set(&err, 404, "invalid_request_error", NULL, "not_found", "Response with id '%.100s' not found.", id);
+    return reply_error(s, c, EP_RESPONSE_ID, false, &err);
 }
 
 /* The answer to a CORS preflight (OPTIONS): 204, no key needed (browsers send none). */
@@ -1309,11 +1460,12 @@ static enum MHD_Result reply_preflight(server *s, struct MHD_Connection *c, int 
     struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
     if (!r) return MHD_NO;
     bool get = ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS;
-    MHD_add_response_header(r, "Allow", get ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
+    const char *allow = ep == EP_RESPONSE_ID ? "GET, DELETE, OPTIONS" : get ? "GET, HEAD, OPTIONS" : "POST, OPTIONS";
+    MHD_add_response_header(r, "Allow", allow);
     add_cors(s, c, r);
     if (cors_origin(s, c)) {
         const char *rh = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Access-Control-Request-Headers");
-        MHD_add_response_header(r, "Access-Control-Allow-Methods", get ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", allow);
         MHD_add_response_header(r, "Access-Control-Allow-Headers",
                                 rh && *rh && strlen(rh) < 2048 && !strpbrk(rh, "\r\n") ? rh
                                 : "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, "
@@ -1368,7 +1520,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                              "Unknown request URL: %s %.200s", method, url);
         if (!strcmp(method, "OPTIONS")) return reply_preflight(s, c, ep);
         bool want_get = ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS;
-        if ((want_get && !get) || (!want_get && !post))
+        if (ep == EP_RESPONSE_ID ? !get && strcmp(method, "DELETE") : (want_get && !get) || (!want_get && !post))
             return reply_err(s, c, ep, cs->anthropic, 405, "invalid_request_error", NULL, "Method %s not allowed for %.200s", method, url);
         if (ep != EP_HEALTH && ep != EP_METRICS && authorize(s, c, cs->ns) < 0) {
             if (cs->anthropic) return reply_err(s, c, ep, true, 401, "authentication_error", NULL, "invalid x-api-key");
@@ -1380,6 +1532,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             return atomic_load(&s->draining) ? reply(s, c, ep, 503, "application/json", strdup("{\"status\":\"draining\"}"))
                                              : reply(s, c, ep, 200, "application/json", strdup("{\"status\":\"ok\"}"));
         if (ep == EP_METRICS) return reply(s, c, ep, 200, "text/plain; version=0.0.4", format_metrics(s));
+        if (ep == EP_RESPONSE_ID) return handle_response_id(s, c, method, model_name, cs->ns);
         if (ep == EP_MODELS) {
             if (model_name) {   /* any name finds the served model, unless --strict-model */
                 const char *id = model_known(s, model_name);
@@ -1579,7 +1732,8 @@ int server_main(int argc, char **argv) {
         fprintf(stderr, "pcache serve: %s\n", err[0] ? err : "could not load the model");
         return 1;
     }
-    if (!(s->schemas = schema_cache_new(16))) {
+    s->cache_ttl = eo.cache_ttl_s > 0 ? eo.cache_ttl_s : 300;
+    if (!(s->responses = respstore_new(4096, (size_t)256 << 20)) || !(s->schemas = schema_cache_new(16))) {
         fprintf(stderr, "pcache serve: out of memory\n");
         engine_free(s->eng);
         return 1;
@@ -1669,6 +1823,7 @@ int server_main(int argc, char **argv) {
     MHD_stop_daemon(d);
     engine_free(s->eng);
     schema_cache_free(s->schemas);
+    respstore_free(s->responses);
     pthread_mutex_destroy(&s->q_mu);
     pthread_cond_destroy(&s->q_cv);
     pthread_mutex_destroy(&s->m.mu);
