@@ -26,7 +26,8 @@
  * the LOADING phase, which no batch includes, while the I/O thread reads and verifies the
  * blocks into the pool. At the step after the load it resumes from what loaded (the rest is
  * computed; a bad block stops the chain there), and the loaded prefix goes into the prefix
- * index (promotion). Other sequences run meanwhile.
+ * index with its records' kind and remaining lifetime (promotion). Other sequences run
+ * meanwhile. A prefix cached again (a hit) refreshes the tiers' records too (kvtier_touch).
  */
 #include "engine.h"
 #include "fingerprint.h"
