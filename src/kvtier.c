@@ -1,7 +1,8 @@
 /* kvtier: see kvtier.h.
  *
- * One mutex guards the queues (touch jobs go with the reads: they are cheap); the tiers have their own locks (kvdisk_has / kvhost_has are
- * called from the engine thread while the I/O thread writes). The write queue is a ring of
+ * One mutex guards the queues (touch jobs go with the reads: they are cheap); the tiers have
+ * their own locks (kvdisk_has / kvhost_has are called from the engine thread while the I/O
+ * thread writes). The write queue is a ring of
  * records (block id + metadata); "held" counts every block the engine has referenced for
  * writing and not yet released: queued, being written, or written and waiting for
  * kvtier_poll, so the bound is also the bound on pool blocks pinned by the tiers. */
