@@ -26,7 +26,8 @@
  * the LOADING phase, which no batch includes, while the I/O thread reads and verifies the
  * blocks into the pool. At the step after the load it resumes from what loaded (the rest is
  * computed; a bad block stops the chain there), and the loaded prefix goes into the prefix
- * index (promotion). Other sequences run meanwhile.
+ * index with its records' kind and remaining lifetime (promotion). Other sequences run
+ * meanwhile. A prefix cached again (a hit) refreshes the tiers' records too (kvtier_touch).
  */
 #include "engine.h"
 #include "fingerprint.h"
@@ -68,6 +69,8 @@ typedef struct seq {
     int n_bias;
     int gstate;              /* with r.grammar: the grammar's state after the output so far */
     kv_seq kv;               /* positions [0, kv.n_tokens) are computed */
+    int32_t spare;           /* LOADING a partial last block: the block reserved for its copy on
+                                write once the loaded prefix is shared with the index; -1: none */
     seq_phase phase;
     bool cancelled;
     sample_rng rng;
@@ -118,6 +121,8 @@ struct engine {
     uint64_t tier_hits[KVTIER_N], tier_loads;
     kvtier_item *items;      /* admission scratch: the blocks a lookup found below the pool */
     int cap_items;
+    uint64_t *touch;         /* write-through scratch: chains of blocks the tiers already hold */
+    int cap_touch;
 };
 
 static double mono_now(void *ctx) {
@@ -243,6 +248,7 @@ fail:
 }
 
 static void seq_free(engine *e, seq *s) {
+    if (s->spare >= 0) kv_block_unref(&e->kv, s->spare);
     kv_seq_release(&e->kv, &s->kv);
     free(s->kv.blocks);
     for (int i = 0; i < s->r.n_stop; i++) free(s->stop[i]);
@@ -259,6 +265,7 @@ void engine_free(engine *e) {
     if (!e) return;
     kvtier_free(e->tier);   /* first: finishes queued writes, joins the I/O thread */
     free(e->items);
+    free(e->touch);
     for (int i = 0; i < e->n_seqs; i++) seq_free(e, e->seqs[i]);
     free(e->seqs);
     vocab_trie_free(e->trie);
@@ -329,6 +336,7 @@ int engine_submit(engine *e, const engine_request *r, char *err, size_t errlen) 
     seq *s = calloc(1, sizeof *s);
     if (!s) { snprintf(err, errlen, "out of memory"); return -1; }
     s->r = *r;
+    s->spare = -1;
     s->r.grammar = NULL;   /* referenced below, once the sequence is sure to exist */
     s->ns = strdup(r->ns ? r->ns : "");
     s->cap_tokens = r->n_prompt + 64;
@@ -446,11 +454,15 @@ static bool flush_text(seq *s, bool final) {
     return false;
 }
 
-/* The prefix index just took [n - added, n) of s (kind, ttl): queues the blocks covering those
- * positions for the lower tiers, each keyed by the chain hash of its own valid tokens (a partial
- * last block by its n % KV_BLOCK tokens). */
+/* The prefix index just cached [0, n) of s (kind, ttl), of which [n - added, n) is new: queues
+ * the blocks covering the new positions for the lower tiers, each keyed by the chain hash of
+ * its own valid tokens (a partial last block by its n % KV_BLOCK tokens). The blocks before
+ * were cached already (a hit refreshed their entries): the tiers get a use of them (a touch:
+ * their expiry extended, on disk too, without a rewrite), or, when a tier lacks one or holds
+ * it with a shorter lifetime than this insertion's, the block is written again. */
 static void write_through(engine *e, const seq *s, int n, int added, int kind, double ttl, double now) {
-    if (!e->tier || added <= 0 || strlen(s->ns) > KVFILE_NS_MAX) return;
+    if (!e->tier || added < 0 || n <= 0 || strlen(s->ns) > KVFILE_NS_MAX) return;
+    double un = unix_s(e, now);
     kvfile_meta m;
     memset(&m, 0, sizeof m);
     m.model_fp = e->model_fp;
@@ -458,22 +470,30 @@ static void write_through(engine *e, const seq *s, int n, int added, int kind, d
     m.kv_dim = (uint32_t)e->kv.kv_dim;
     m.kind = kind;
     m.ttl = ttl;
-    m.expiry = unix_s(e, now) + ttl;
+    m.expiry = un + ttl;
     snprintf(m.ns, sizeof m.ns, "%s", s->ns);
+    if (e->cap_touch < blocks_for(n)) {
+        uint64_t *p = realloc(e->touch, (size_t)blocks_for(n) * sizeof *p);
+        if (p) { e->touch = p; e->cap_touch = blocks_for(n); }
+    }
+    int n_touch = 0;
     uint64_t h = kvfile_chain_root(e->model_fp, m.n_layer, m.kv_dim, s->ns);
     for (int j = 0; j * KV_BLOCK < n && j < s->kv.n_blocks; j++) {
         int len = n - j * KV_BLOCK < KV_BLOCK ? n - j * KV_BLOCK : KV_BLOCK;
         uint64_t c = kvfile_chain(h, s->tokens + j * KV_BLOCK, len);
-        if (j * KV_BLOCK + len > n - added) {
+        bool fresh = j * KV_BLOCK + len > n - added;
+        if (!fresh && n_touch < e->cap_touch && kvtier_covers(e->tier, c, kind, ttl, un)) e->touch[n_touch++] = c;
+        else {
             m.n_tokens = len;
             m.parent = h;
             m.chain = c;
             memset(m.tokens, 0, sizeof m.tokens);
             memcpy(m.tokens, s->tokens + j * KV_BLOCK, (size_t)len * sizeof(int32_t));
-            kvtier_write(e->tier, &m, s->kv.blocks[j], unix_s(e, now));
+            kvtier_write(e->tier, &m, s->kv.blocks[j], un);
         }
         h = c;
     }
+    if (n_touch) kvtier_touch(e->tier, e->touch, n_touch, un);
 }
 
 static void finish(engine *e, seq *s, finish_reason why, const char *errmsg) {
@@ -673,34 +693,46 @@ static int tier_lookup(engine *e, const seq *s, int m, int limit, double now, in
 static bool admit(engine *e, seq *s, double now, int headroom) {
     if (s->tried_epoch == e->release_epoch && blocks_obtainable(e) < blocks_for(s->n_fill) + headroom)
         return false;
-    int m = 0, load_end = 0, n_items = 0, tier = KVTIER_NONE;
+    int m = 0, n_items = 0, tier = KVTIER_NONE;
     if (!s->r.no_cache && e->o.cache_enabled) {
         m = prefix_match(e->px, s->ns, s->tokens, s->n_fill - 1, now, &s->kv);
         if (m < 0) m = 0;
-        if (e->tier && m >= 0 && (load_end = tier_lookup(e, s, m, s->n_fill - 1, now, &n_items, &tier)) > 0)
+        if (e->tier && tier_lookup(e, s, m, s->n_fill - 1, now, &n_items, &tier) > 0)
             kv_seq_truncate(&e->kv, &s->kv, m / KV_BLOCK * KV_BLOCK);   /* load from the block edge */
     }
     int need = blocks_to_write(e, s, s->n_fill) + headroom;
+    /* A partial last block, once loaded, is shared with the prefix index (load_done), so the
+     * sequence's first prefill copies it: one more block, reserved now. When the pool cannot
+     * give it, the partial block is not loaded (its few tokens are computed). */
+    bool spare = n_items > 0 && e->items[n_items - 1].n_tokens < KV_BLOCK;
+    if (spare && e->kv.n_free < need + 1) prefix_evict(e->px, need + 1 - e->kv.n_free, now);
+    if (spare && e->kv.n_free < need + 1) {
+        n_items--;
+        spare = false;
+    }
     if (e->kv.n_free < need) prefix_evict(e->px, need - e->kv.n_free, now);
     if (e->kv.n_free < need || kv_seq_prepare(&e->kv, &s->kv, s->n_fill) != 0) {
         kv_seq_release(&e->kv, &s->kv);
         s->tried_epoch = e->release_epoch;
         return false;
     }
-    if (load_end > 0) {
+    if (n_items > 0) {
         int j0 = s->kv.n_tokens / KV_BLOCK;
         for (int i = 0; i < n_items; i++) e->items[i].block = s->kv.blocks[j0 + i];
+        if (spare) s->spare = kv_block_alloc(&e->kv);
         if (kvtier_read(e->tier, s->id, s->ns, e->items, n_items, unix_s(e, now)) == 0) {
             e->tier_hits[tier]++;
             e->tier_loads++;
             s->phase = SEQ_LOADING;
             return true;
         }
+        if (s->spare >= 0) kv_block_unref(&e->kv, s->spare);
+        s->spare = -1;
     }
     if (!s->admitted) {
         s->admitted = true;
-        s->u.cached_tokens = m;
-        e->st.cached_tokens += (uint64_t)m;
+        s->u.cached_tokens = s->kv.n_tokens;
+        e->st.cached_tokens += (uint64_t)s->kv.n_tokens;
     }
     s->phase = SEQ_PREFILL;
     return true;
@@ -762,19 +794,48 @@ static void cache_prompt(engine *e, seq *s, double now) {
     if (added > 0) s->u.cache_write_auto += added;
 }
 
+/* Puts a prefix loaded from the tiers, [start, start + n_tokens) of s over items, into the
+ * prefix index (the promotion back into the pool's tier), each run of blocks with the kind and
+ * the remaining lifetime of its records: an entry at the end of every run of equal (kind, ttl,
+ * expiry), so a 1-hour breakpoint stays explicit with its expiry and the automatic rest keeps
+ * its own. */
+static void promote(engine *e, seq *s, int start, int n_tokens, const kvtier_item *items, double now) {
+    double to_engine = now - unix_s(e, now);   /* Unix seconds -> engine clock */
+    int end = start;
+    for (int i = 0; end < start + n_tokens; i++) {
+        end += items[i].n_tokens;
+        const kvtier_item *a = &items[i], *b = &items[i + 1];
+        bool last = end >= start + n_tokens;
+        if (last || b->kind != a->kind || b->ttl != a->ttl || b->expiry != a->expiry) {
+            int kind = a->kind == PREFIX_EXPLICIT ? PREFIX_EXPLICIT : PREFIX_AUTO;
+            double ttl = a->ttl > 0 ? a->ttl : e->o.cache_ttl_s;
+            prefix_insert_until(e->px, s->ns, s->tokens, end, &s->kv, kind, ttl, a->expiry + to_engine, now);
+        }
+    }
+}
+
 /* The I/O thread finished loading n_tokens of seq `id` (from position kv.n_tokens on): resume
- * it from there and put the loaded prefix into the prefix index (the promotion back into the
- * pool's tier; the tiers below already hold it, so nothing is written back). */
-static void load_done(void *ctx, int id, int n_tokens) {
+ * it from there, put the loaded prefix into the prefix index (the tiers below already hold it,
+ * so nothing is written back), and copy a loaded partial last block, now shared with the index,
+ * into the block reserved for it at admission. */
+static void load_done(void *ctx, int id, int n_tokens, const kvtier_item *items, int n_items) {
     engine *e = ctx;
+    (void)n_items;
     seq *s = NULL;
     for (int i = 0; i < e->n_seqs && !s; i++)
         if (e->seqs[i]->id == id && e->seqs[i]->phase == SEQ_LOADING) s = e->seqs[i];
     if (!s) return;
     double now = now_s(e);
+    int start = s->kv.n_tokens;
     s->kv.n_tokens += n_tokens;
-    if (n_tokens > 0)
-        prefix_insert(e->px, s->ns, s->tokens, s->kv.n_tokens, &s->kv, PREFIX_AUTO, e->o.cache_ttl_s, now);
+    if (n_tokens > 0) promote(e, s, start, n_tokens, items, now);
+    if (s->spare >= 0) {
+        /* back to the free list, and at once taken again by the copy (the list is a stack and
+         * nothing else runs in between) */
+        kv_block_unref(&e->kv, s->spare);
+        s->spare = -1;
+        if (s->kv.n_tokens % KV_BLOCK) kv_seq_prepare(&e->kv, &s->kv, s->kv.n_tokens + 1);
+    }
     if (!s->admitted) {
         s->admitted = true;
         s->u.cached_tokens = s->kv.n_tokens;

@@ -4,6 +4,17 @@
  * chain hash. Eviction scans it for its victim (expired first, then least recently used): a
  * scan of a few ten thousand entries costs less than the file it deletes.
  *
+ * Chains are eaten from their ends. A lookup walks a chain from its first block, so a block
+ * is worth nothing once its parent is gone; plain LRU would delete a document's first block
+ * first (all of a prompt's blocks share one last-use time, and a later turn's deeper blocks
+ * are newer still), leaving the rest of it unreachable. So each entry keeps its parent's chain
+ * hash and a count of the held entries whose parent it is (kids), and eviction only takes
+ * leaves (kids == 0): expired entries first, then orphans (a parent that is not held: only the
+ * pool can still reach them), then the least recently used leaf. A document thus shrinks from
+ * its end and its prefix stays servable. The counts are kept exact on every add and delete; an
+ * entry deleted while it had kids (expiry, a bad file) leaves them orphaned, counted in
+ * n_orphans, and only while that count is non-zero does adding an entry scan for its kids.
+ *
  * Threads: one thread (the engine's I/O thread) calls put, get and clear; kvdisk_has and
  * kvdisk_get_stats may be called from another (the engine thread, at admission). A mutex
  * guards the table and the counters, never a file operation that waits for the device (the
@@ -16,6 +27,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,9 +35,12 @@
 #include <unistd.h>
 
 typedef struct {
-    uint64_t chain, size;
-    double expiry, last_use;
-    int used;
+    uint64_t chain, parent, size;
+    double expiry, last_use, ttl;
+    int kids;       /* held entries whose parent is this chain */
+    int kind;
+    bool first;     /* the first block of its chain (parent is a chain root) */
+    bool used;
 } entry;
 
 struct kvdisk {
@@ -35,6 +50,7 @@ struct kvdisk {
     size_t max_record;
     entry *tab;
     size_t cap;   /* power of two */
+    uint64_t n_orphans;   /* held non-first entries whose parent is not held */
     kvdisk_stats st;
     uint8_t *buf; /* one record */
     pthread_mutex_t mu;
@@ -49,10 +65,20 @@ static entry *find(const kvdisk *d, uint64_t chain) {
     }
 }
 
+/* Kid bookkeeping for entry e joining (+1) or leaving (-1) the table. */
+static void link_parent(kvdisk *d, entry *e, int dir) {
+    if (e->first) return;
+    entry *p = find(d, e->parent);
+    if (p) p->kids += dir;
+    else d->n_orphans = dir > 0 ? d->n_orphans + 1 : d->n_orphans - 1;
+}
+
 static void del(kvdisk *d, entry *e) {
     size_t i = (size_t)(e - d->tab), j = i;
     d->st.blocks--;
     d->st.bytes -= e->size;
+    d->n_orphans += (uint64_t)e->kids;   /* its kids lose their parent */
+    link_parent(d, e, -1);
     for (;;) {
         j = (j + 1) & (d->cap - 1);
         if (!d->tab[j].used) break;
@@ -83,14 +109,31 @@ static int grow(kvdisk *d) {
     return 0;
 }
 
-static entry *add(kvdisk *d, uint64_t chain, uint64_t size, double expiry, double last_use) {
+static bool is_first(const kvdisk *d, const kvfile_meta *m) {
+    return m->parent == kvfile_chain_root(d->model_fp, d->n_layer, d->kv_dim, m->ns);
+}
+
+/* Adds the entry of record m (size bytes). link: keep the kid counts (not during the open
+ * scan, which counts them once at the end). */
+static entry *add(kvdisk *d, const kvfile_meta *m, uint64_t size, double expiry, double last_use, bool link) {
     if ((d->st.blocks + 1) * 2 > d->cap && grow(d)) return NULL;
-    size_t i = home(d, chain);
+    size_t i = home(d, m->chain);
     while (d->tab[i].used) i = (i + 1) & (d->cap - 1);
-    d->tab[i] = (entry){ chain, size, expiry, last_use, 1 };
+    entry *e = &d->tab[i];
+    *e = (entry){ .chain = m->chain, .parent = m->parent, .size = size, .expiry = expiry, .last_use = last_use,
+                  .ttl = m->ttl, .kind = m->kind, .first = is_first(d, m), .used = true };
     d->st.blocks++;
     d->st.bytes += size;
-    return &d->tab[i];
+    if (link) {
+        link_parent(d, e, +1);
+        if (d->n_orphans)   /* some of them may be this entry's kids */
+            for (size_t k = 0; k < d->cap; k++)
+                if (d->tab[k].used && !d->tab[k].first && d->tab[k].parent == e->chain && &d->tab[k] != e) {
+                    e->kids++;
+                    d->n_orphans--;
+                }
+    }
+    return e;
 }
 
 static void file_of(const kvdisk *d, uint64_t chain, char *out, size_t n) {
@@ -144,15 +187,25 @@ static int mkdirs(char *p) {
     return mkdir(p, 0755) && errno != EEXIST ? -1 : 0;
 }
 
-/* Deletes records until `need` more bytes fit: expired first, then least recently used. */
+/* Eviction class of an entry: lower goes first. Expired; an orphan leaf; a live leaf; a block
+ * with kids (taken only if nothing else is left, which a forest of chains never comes to). */
+static int evict_class(const kvdisk *d, const entry *e, double now) {
+    if (e->expiry <= now) return 0;
+    if (e->kids > 0) return 3;
+    return d->n_orphans && !e->first && !find(d, e->parent) ? 1 : 2;
+}
+
+/* Deletes records until `need` more bytes fit: expired first, then orphans, then the least
+ * recently used leaf (see the top of the file). */
 static void make_room(kvdisk *d, uint64_t need, double now) {
     while (d->st.blocks && d->st.bytes + need > d->max_bytes) {
         entry *v = NULL;
+        int vc = 4;
         for (size_t i = 0; i < d->cap; i++) {
             entry *e = &d->tab[i];
             if (!e->used) continue;
-            int ex = e->expiry <= now, vex = v && v->expiry <= now;
-            if (!v || (ex && !vex) || (ex == vex && e->last_use < v->last_use)) v = e;
+            int c = evict_class(d, e, now);
+            if (!v || c < vc || (c == vc && e->last_use < v->last_use)) { v = e; vc = c; }
         }
         if (v->expiry <= now) d->st.expired++;
         else d->st.evicted++;
@@ -160,8 +213,23 @@ static void make_room(kvdisk *d, uint64_t need, double now) {
     }
 }
 
-int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_layer, uint32_t kv_dim, uint64_t max_bytes,
-                double now, char *err, size_t errlen) {
+/* Sets a record's file times to t (Unix seconds): its last use, and the time its expiry counts
+ * from (see kvdisk.h). Best effort: a time that did not stick only lets it expire earlier. */
+static void set_file_time(const kvdisk *d, uint64_t chain, double t) {
+    char f[4096];
+    file_of(d, chain, f, sizeof f);
+    struct timespec ts[2];
+    ts[0].tv_sec = (time_t)t;
+    ts[0].tv_nsec = (long)((t - (double)ts[0].tv_sec) * 1e9);
+    if (ts[0].tv_nsec < 0 || ts[0].tv_nsec >= 1000000000L) ts[0].tv_nsec = 0;
+    ts[1] = ts[0];
+    utimensat(AT_FDCWD, f, ts, 0);
+}
+
+/* Opens the store, or with readonly only reads it: nothing is created or deleted (a missing
+ * directory is an empty store), bad, expired and temporary files are only counted. */
+static int open_store(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_layer, uint32_t kv_dim, uint64_t max_bytes,
+                      double now, bool readonly, char *err, size_t errlen) {
     *out = NULL;
     kvdisk *d = calloc(1, sizeof *d);
     if (!d) return errf(err, errlen, "kvdisk: out of memory");
@@ -176,13 +244,14 @@ int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_lay
     d->buf = malloc(d->max_record);
     if (!d->path || !d->buf || grow(d)) { kvdisk_close(d); return errf(err, errlen, "kvdisk: out of memory"); }
     snprintf(d->path, pl, "%s/%016llx-%ux%u-v%u", dir, (unsigned long long)model_fp, n_layer, kv_dim, KVFILE_VERSION);
-    if (mkdirs(d->path)) {
+    if (!readonly && mkdirs(d->path)) {
         int e = errno;
         errf(err, errlen, "kvdisk: cannot create %s: %s", d->path, strerror(e));
         kvdisk_close(d);
         return -1;
     }
     DIR *dh = opendir(d->path);
+    if (!dh && readonly && errno == ENOENT) { *out = d; return 0; }
     if (!dh) {
         int e = errno;
         errf(err, errlen, "kvdisk: cannot read %s: %s", d->path, strerror(e));
@@ -196,7 +265,11 @@ int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_lay
         size_t n = strlen(nm);
         if (nm[0] == '.' && (n < 4 || strcmp(nm + n - 4, ".tmp"))) continue;   /* ., .., not ours */
         snprintf(f, sizeof f, "%s/%s", d->path, nm);
-        if (n > 4 && !strcmp(nm + n - 4, ".tmp")) { unlink(f); continue; }   /* a write cut short */
+        if (n > 4 && !strcmp(nm + n - 4, ".tmp")) {   /* a write cut short (or, read-only, maybe in progress) */
+            if (!readonly) unlink(f);
+            d->st.temporaries++;
+            continue;
+        }
         if (n != 20 || strcmp(nm + 16, ".kvb")) continue;
         char *end;
         errno = 0;
@@ -207,17 +280,39 @@ int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_lay
         struct stat sb;
         if (end != nm + 16 || errno || len < 0 || kvfile_decode(d->buf, (size_t)len, &m, &kv, NULL, 0) || !ours(d, &m) ||
             m.chain != chain || find(d, chain)) {
-            unlink(f);
+            if (!readonly) unlink(f);
             d->st.bad_files++;
             continue;
         }
-        if (m.expiry <= now) { unlink(f); d->st.expired++; continue; }
         double mt = stat(f, &sb) ? now : (double)sb.st_mtim.tv_sec + sb.st_mtim.tv_nsec * 1e-9;
-        if (!add(d, chain, (uint64_t)len, m.expiry, mt)) { closedir(dh); kvdisk_close(d); return errf(err, errlen, "kvdisk: out of memory"); }
+        double expiry = m.expiry > mt + m.ttl ? m.expiry : mt + m.ttl;   /* touched since written */
+        if (expiry <= now) {
+            if (!readonly) unlink(f);
+            d->st.expired++;
+            continue;
+        }
+        if (!add(d, &m, (uint64_t)len, expiry, mt, false)) { closedir(dh); kvdisk_close(d); return errf(err, errlen, "kvdisk: out of memory"); }
     }
     closedir(dh);
-    make_room(d, 0, now);
+    for (size_t i = 0; i < d->cap; i++)   /* the kid counts, now that every entry is in */
+        if (d->tab[i].used) link_parent(d, &d->tab[i], +1);
+    if (!readonly) make_room(d, 0, now);
     *out = d;
+    return 0;
+}
+
+int kvdisk_open(kvdisk **out, const char *dir, uint64_t model_fp, uint32_t n_layer, uint32_t kv_dim, uint64_t max_bytes,
+                double now, char *err, size_t errlen) {
+    return open_store(out, dir, model_fp, n_layer, kv_dim, max_bytes, now, false, err, errlen);
+}
+
+int kvdisk_scan(const char *dir, uint64_t model_fp, uint32_t n_layer, uint32_t kv_dim, double now, kvdisk_stats *out,
+                char *err, size_t errlen) {
+    kvdisk *d;
+    memset(out, 0, sizeof *out);
+    if (open_store(&d, dir, model_fp, n_layer, kv_dim, UINT64_MAX, now, true, err, errlen)) return -1;
+    *out = d->st;
+    kvdisk_close(d);
     return 0;
 }
 
@@ -228,6 +323,31 @@ void kvdisk_close(kvdisk *d) {
     free(d->path);
     pthread_mutex_destroy(&d->mu);
     free(d);
+}
+
+/* A use at now: the entry lives at least its ttl from now (as a hit refreshes a pool entry). */
+static void touch(entry *e, double now) {
+    e->last_use = now;
+    if (now + e->ttl > e->expiry) e->expiry = now + e->ttl;
+}
+
+int kvdisk_touch(kvdisk *d, uint64_t chain, double now) {
+    pthread_mutex_lock(&d->mu);
+    entry *e = find(d, chain);
+    int r = e && e->expiry > now;
+    if (r) touch(e, now);
+    pthread_mutex_unlock(&d->mu);
+    if (r) set_file_time(d, chain, now);
+    return r;
+}
+
+int kvdisk_covers(const kvdisk *d, uint64_t chain, int kind, double ttl, double now) {
+    pthread_mutex_t *mu = (pthread_mutex_t *)&d->mu;
+    pthread_mutex_lock(mu);
+    const entry *e = find(d, chain);
+    int r = e && e->expiry > now && e->kind >= kind && e->ttl >= ttl;
+    pthread_mutex_unlock(mu);
+    return r;
 }
 
 int kvdisk_has(const kvdisk *d, uint64_t chain, double now) {
@@ -243,7 +363,14 @@ int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char
     if (!ours(d, m)) return errf(err, errlen, "kvdisk: a block of another model or layout");
     pthread_mutex_lock(&d->mu);
     entry *e = find(d, m->chain);
-    if (e && e->expiry >= m->expiry) { e->last_use = now; pthread_mutex_unlock(&d->mu); return 0; }
+    if (e && e->expiry > now && e->ttl >= m->ttl && e->kind >= m->kind) {
+        /* held with at least this lifetime: extend it instead of rewriting the block */
+        touch(e, now);
+        if (m->expiry > e->expiry) e->expiry = m->expiry;
+        pthread_mutex_unlock(&d->mu);
+        set_file_time(d, m->chain, now);
+        return 0;
+    }
     pthread_mutex_unlock(&d->mu);
     size_t len = kvfile_encode(m, kv, d->buf, d->max_record, err, errlen);
     if (!len) return -1;
@@ -272,9 +399,11 @@ int kvdisk_put(kvdisk *d, const kvfile_meta *m, const void *kv, double now, char
         pthread_mutex_unlock(&d->mu);
         return errf(err, errlen, "kvdisk: writing %s: %s", f, strerror(er));
     }
+    /* the file's time: its last use, never letting mtime + ttl outlive the record's expiry */
+    set_file_time(d, m->chain, m->expiry - m->ttl < now ? m->expiry - m->ttl : now);
     pthread_mutex_lock(&d->mu);
     d->st.writes++;
-    entry *a = add(d, m->chain, len, m->expiry, now);
+    entry *a = add(d, m, len, m->expiry, now, true);
     pthread_mutex_unlock(&d->mu);
     if (!a) { unlink(f); return errf(err, errlen, "kvdisk: out of memory"); }
     return 0;
@@ -306,6 +435,7 @@ int kvdisk_get(kvdisk *d, uint64_t chain, const char *ns, const int32_t *tokens,
         memcpy(kv, p, kv_block_bytes((int)d->n_layer, (int)d->kv_dim));
         pthread_mutex_lock(&d->mu);
         e->last_use = now;
+        m->expiry = e->expiry;   /* with the touches since it was written */
         d->st.hits++;
     }
     if (!r) d->st.misses++;

@@ -1,7 +1,9 @@
 /* kvhost: see kvhost.h. One arena of fixed-size slots allocated up front (the bound is the
  * budget: nothing grows later), a chained hash from chain hash to slot, and eviction by a scan
  * for the oldest slot (a scan of a few thousand slots costs less than the 0.3 MB copy it makes
- * room for). */
+ * room for). As in kvdisk.c, chains are eaten from their ends: a slot is evicted only when no
+ * held slot is its child (kids == 0), expired ones first, then orphans (parent not held), then
+ * the least recently used leaf, so a document's prefix outlives its tail. */
 #include "kvhost.h"
 #include "gpu.h"
 #include "util.h"
@@ -13,6 +15,8 @@ typedef struct {
     kvfile_meta m;
     double last_use;
     int next;       /* hash chain; -1 ends it */
+    int kids;       /* held slots whose parent is this chain */
+    bool first;     /* the first block of its chain */
     bool used;
 } slot;
 
@@ -24,6 +28,7 @@ struct kvhost {
     int *bucket;
     uint8_t *arena;
     bool pinned;
+    int n_orphans;  /* held non-first slots whose parent is not held */
     kvhost_stats st;
 };
 
@@ -35,7 +40,17 @@ static int find(const kvhost *h, uint64_t chain) {
     return -1;
 }
 
+/* Kid bookkeeping for slot i joining (+1) or leaving (-1) the store. */
+static void link_parent(kvhost *h, int i, int dir) {
+    if (h->slots[i].first) return;
+    int p = find(h, h->slots[i].m.parent);
+    if (p >= 0) h->slots[p].kids += dir;
+    else h->n_orphans += dir;
+}
+
 static void unlink_slot(kvhost *h, int i) {
+    h->n_orphans += h->slots[i].kids;   /* its kids lose their parent */
+    link_parent(h, i, -1);
     int *p = &h->bucket[bucket_of(h, h->slots[i].m.chain)];
     while (*p != i) p = &h->slots[*p].next;
     *p = h->slots[i].next;
@@ -81,14 +96,21 @@ void kvhost_free(kvhost *h) {
     free(h);
 }
 
-/* A slot for a new block: a free one, else the expired or least recently used one. */
+/* Eviction class: lower goes first (expired, orphan leaf, leaf, a slot with kids). */
+static int evict_class(const kvhost *h, const slot *s, double now) {
+    if (s->m.expiry <= now) return 0;
+    if (s->kids > 0) return 3;
+    return h->n_orphans && !s->first && find(h, s->m.parent) < 0 ? 1 : 2;
+}
+
+/* A slot for a new block: a free one, else by evict_class, least recently used first. */
 static int victim(kvhost *h, double now) {
-    int v = -1;
+    int v = -1, vc = 4;
     for (int i = 0; i < h->n_slots; i++) {
         slot *s = &h->slots[i];
         if (!s->used) return i;
-        int ex = s->m.expiry <= now, vex = v >= 0 && h->slots[v].m.expiry <= now;
-        if (v < 0 || (ex && !vex) || (ex == vex && s->last_use < h->slots[v].last_use)) v = i;
+        int c = evict_class(h, s, now);
+        if (v < 0 || c < vc || (c == vc && s->last_use < h->slots[v].last_use)) { v = i; vc = c; }
     }
     if (h->slots[v].m.expiry <= now) h->st.expired++;
     else h->st.evicted++;
@@ -96,11 +118,19 @@ static int victim(kvhost *h, double now) {
     return v;
 }
 
+/* A use at now: the block lives at least its ttl from now. */
+static void touch(slot *s, double now) {
+    s->last_use = now;
+    if (now + s->m.ttl > s->m.expiry) s->m.expiry = now + s->m.ttl;
+}
+
 void kvhost_put(kvhost *h, const kvfile_meta *m, const void *kv, double now) {
     pthread_mutex_lock(&h->mu);
     int i = find(h, m->chain);
-    if (i >= 0 && h->slots[i].m.expiry >= m->expiry && h->slots[i].m.n_tokens == m->n_tokens) {
-        h->slots[i].last_use = now;
+    if (i >= 0 && h->slots[i].m.expiry > now && h->slots[i].m.ttl >= m->ttl && h->slots[i].m.kind >= m->kind &&
+        h->slots[i].m.n_tokens == m->n_tokens) {
+        touch(&h->slots[i], now);
+        if (m->expiry > h->slots[i].m.expiry) h->slots[i].m.expiry = m->expiry;
         pthread_mutex_unlock(&h->mu);
         return;
     }
@@ -110,13 +140,37 @@ void kvhost_put(kvhost *h, const kvfile_meta *m, const void *kv, double now) {
     s->m = *m;
     s->last_use = now;
     s->used = true;
+    s->kids = 0;
+    s->first = m->parent == kvfile_chain_root(m->model_fp, m->n_layer, m->kv_dim, m->ns);
     int b = bucket_of(h, m->chain);
     s->next = h->bucket[b];
     h->bucket[b] = i;
     h->n_used++;
+    link_parent(h, i, +1);
+    for (int k = 0; h->n_orphans && k < h->n_slots; k++)   /* orphans that are its kids */
+        if (k != i && h->slots[k].used && !h->slots[k].first && h->slots[k].m.parent == m->chain) {
+            s->kids++;
+            h->n_orphans--;
+        }
     memcpy(h->arena + (size_t)i * h->block_bytes, kv, h->block_bytes);
     h->st.puts++;
     pthread_mutex_unlock(&h->mu);
+}
+
+int kvhost_touch(kvhost *h, uint64_t chain, double now) {
+    pthread_mutex_lock(&h->mu);
+    int i = find(h, chain), r = i >= 0 && h->slots[i].m.expiry > now;
+    if (r) touch(&h->slots[i], now);
+    pthread_mutex_unlock(&h->mu);
+    return r;
+}
+
+int kvhost_covers(kvhost *h, uint64_t chain, int kind, double ttl, double now) {
+    pthread_mutex_lock(&h->mu);
+    int i = find(h, chain);
+    int r = i >= 0 && h->slots[i].m.expiry > now && h->slots[i].m.kind >= kind && h->slots[i].m.ttl >= ttl;
+    pthread_mutex_unlock(&h->mu);
+    return r;
 }
 
 int kvhost_has(kvhost *h, uint64_t chain, double now) {
@@ -127,7 +181,8 @@ int kvhost_has(kvhost *h, uint64_t chain, double now) {
     return r;
 }
 
-int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv) {
+int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv,
+               kvfile_meta *out) {
     pthread_mutex_lock(&h->mu);
     h->st.lookups++;
     int i = find(h, chain), r = 0;
@@ -138,6 +193,7 @@ int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens,
             h->st.expired++;
         } else if (!strcmp(m->ns, ns ? ns : "") && m->n_tokens == n && !memcmp(m->tokens, tokens, sizeof(int32_t) * (size_t)n)) {
             memcpy(kv, h->arena + (size_t)i * h->block_bytes, h->block_bytes);
+            if (out) *out = *m;
             h->slots[i].last_use = now;
             r = 1;
         }

@@ -25,12 +25,20 @@ typedef struct kvhost_stats {
 int kvhost_create(kvhost **out, uint32_t n_layer, uint32_t kv_dim, uint64_t max_bytes, bool pinned, char *err,
                   size_t errlen);
 void kvhost_free(kvhost *h);
-/* Stores (or refreshes) the block of record m with values kv, evicting expired then least
- * recently used blocks when full. */
+/* Stores the block of record m with values kv, evicting when full: a block only while no held
+ * block continues its chain, expired first, then orphans, then least recently used (a chain is
+ * eaten from its end). A block already held, live, with at least m's kind and ttl is only
+ * refreshed (a use now: expiry at least now + its ttl, and at least m's expiry). */
 void kvhost_put(kvhost *h, const kvfile_meta *m, const void *kv, double now);
 int kvhost_has(kvhost *h, uint64_t chain, double now);
-/* Copies the block into kv when it is held, live, of namespace ns (NULL = "") with exactly these
- * n tokens. Returns 1 (hit) or 0. */
-int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv);
+/* Whether a live block of this chain is held with at least this kind and ttl. */
+int kvhost_covers(kvhost *h, uint64_t chain, int kind, double ttl, double now);
+/* A use of a held live block at now (its prefix was cached again): expiry at least now + its
+ * ttl. Returns 1, or 0 when not held. */
+int kvhost_touch(kvhost *h, uint64_t chain, double now);
+/* Copies the block into kv (and its record into *m, when m is not NULL) when it is held, live,
+ * of namespace ns (NULL = "") with exactly these n tokens. Returns 1 (hit) or 0. */
+int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv,
+               kvfile_meta *m);
 void kvhost_get_stats(kvhost *h, kvhost_stats *out);
 #endif

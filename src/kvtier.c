@@ -1,7 +1,8 @@
 /* kvtier: see kvtier.h.
  *
- * One mutex guards the queues; the tiers have their own locks (kvdisk_has / kvhost_has are
- * called from the engine thread while the I/O thread writes). The write queue is a ring of
+ * One mutex guards the queues (touch jobs go with the reads: they are cheap); the tiers have
+ * their own locks (kvdisk_has / kvhost_has are called from the engine thread while the I/O
+ * thread writes). The write queue is a ring of
  * records (block id + metadata); "held" counts every block the engine has referenced for
  * writing and not yet released: queued, being written, or written and waiting for
  * kvtier_poll, so the bound is also the bound on pool blocks pinned by the tiers. */
@@ -20,7 +21,8 @@ typedef struct wjob { kvfile_meta m; int32_t block; double now; } wjob;
 typedef struct rjob {
     int id;
     char ns[KVFILE_NS_MAX + 1];
-    kvtier_item *items;
+    kvtier_item *items;        /* a read job's blocks; NULL for a touch job */
+    uint64_t *chains;          /* a touch job's blocks */
     int n, n_tokens;           /* n_tokens: loaded so far */
     double now;
     struct rjob *next;
@@ -83,13 +85,13 @@ static void do_write(kvtier *t, wjob *w) {
 static void do_read(kvtier *t, rjob *r) {
     bool direct = !t->pool->write_block && t->pool->data;
     for (int i = 0; i < r->n; i++) {
-        const kvtier_item *it = &r->items[i];
+        kvtier_item *it = &r->items[i];
         void *dst = direct ? (void *)kv_k(t->pool, it->block, 0) : (void *)t->stage;
         int from = KVTIER_NONE;
         double t0 = mono();
-        if (t->host && kvhost_get(t->host, it->chain, r->ns, it->tokens, it->n_tokens, r->now, dst)) from = KVTIER_HOST;
+        kvfile_meta m;
+        if (t->host && kvhost_get(t->host, it->chain, r->ns, it->tokens, it->n_tokens, r->now, dst, &m)) from = KVTIER_HOST;
         else if (t->disk) {
-            kvfile_meta m;
             char err[256];
             if (kvdisk_get(t->disk, it->chain, r->ns, it->tokens, it->n_tokens, r->now, &m, dst, err, sizeof err) == 1) {
                 from = KVTIER_DISK;
@@ -97,6 +99,9 @@ static void do_read(kvtier *t, rjob *r) {
             }
         }
         if (from == KVTIER_NONE || (!direct && kv_block_write(t->pool, it->block, t->stage))) break;
+        it->kind = m.kind;
+        it->ttl = m.ttl;
+        it->expiry = m.expiry;
         double dt = mono() - t0;
         pthread_mutex_lock(&t->mu);
         kvtier_level_stats *s = &t->st.tier[from];
@@ -104,6 +109,13 @@ static void do_read(kvtier *t, rjob *r) {
         pthread_mutex_unlock(&t->mu);
         r->n_tokens += it->n_tokens;
         if (it->n_tokens < KV_BLOCK) break;   /* a partial block ends the chain */
+    }
+}
+
+static void do_touch(kvtier *t, rjob *r) {
+    for (int i = 0; i < r->n; i++) {
+        if (t->host) kvhost_touch(t->host, r->chains[i], r->now);
+        if (t->disk) kvdisk_touch(t->disk, r->chains[i], r->now);
     }
 }
 
@@ -118,7 +130,8 @@ static void *io_main(void *arg) {
             if (!t->r_head) t->r_tail = NULL;
             t->busy = true;
             pthread_mutex_unlock(&t->mu);
-            do_read(t, r);
+            if (r->items) do_read(t, r);
+            else do_touch(t, r);
             pthread_mutex_lock(&t->mu);
             r->next = t->r_done;
             t->r_done = r;
@@ -169,7 +182,7 @@ int kvtier_create(kvtier **out, const kvtier_opts *o, char *err, size_t errlen) 
     return 0;
 }
 
-void kvtier_poll(kvtier *t, void (*done)(void *ctx, int id, int n_tokens), void *ctx) {
+void kvtier_poll(kvtier *t, kvtier_done_fn done, void *ctx) {
     if (!t) return;
     pthread_mutex_lock(&t->mu);
     for (int i = 0; i < t->n_w_done; i++) kv_block_unref(t->pool, t->w_done[i]);
@@ -183,8 +196,9 @@ void kvtier_poll(kvtier *t, void (*done)(void *ctx, int id, int n_tokens), void 
     while (r) { rjob *nx = r->next; r->next = rev; rev = r; r = nx; }
     while (rev) {
         rjob *nx = rev->next;
-        if (done) done(ctx, rev->id, rev->n_tokens);
+        if (done && rev->items) done(ctx, rev->id, rev->n_tokens, rev->items, rev->n);
         free(rev->items);
+        free(rev->chains);
         free(rev);
         rev = nx;
     }
@@ -238,6 +252,34 @@ int kvtier_has(kvtier *t, uint64_t chain, double now) {
     return KVTIER_NONE;
 }
 
+bool kvtier_covers(kvtier *t, uint64_t chain, int kind, double ttl, double now) {
+    return (!t->host || kvhost_covers(t->host, chain, kind, ttl, now)) &&
+           (!t->disk || kvdisk_covers(t->disk, chain, kind, ttl, now));
+}
+
+static void queue_job(kvtier *t, rjob *r) {
+    pthread_mutex_lock(&t->mu);
+    if (t->r_tail) t->r_tail->next = r;
+    else t->r_head = r;
+    t->r_tail = r;
+    pthread_cond_signal(&t->work);
+    pthread_mutex_unlock(&t->mu);
+}
+
+int kvtier_touch(kvtier *t, const uint64_t *chains, int n, double now) {
+    if (n <= 0) return 0;
+    rjob *r = calloc(1, sizeof *r);
+    if (!r) return -1;
+    r->chains = malloc((size_t)n * sizeof *chains);
+    if (!r->chains) { free(r); return -1; }
+    memcpy(r->chains, chains, (size_t)n * sizeof *chains);
+    r->id = -1;
+    r->n = n;
+    r->now = now;
+    queue_job(t, r);
+    return 0;
+}
+
 int kvtier_read(kvtier *t, int id, const char *ns, const kvtier_item *items, int n, double now) {
     rjob *r = calloc(1, sizeof *r);
     if (!r) return -1;
@@ -271,7 +313,7 @@ void kvtier_wait(kvtier *t, double max_s) {
     pthread_mutex_unlock(&t->mu);
 }
 
-void kvtier_sync(kvtier *t, void (*done)(void *ctx, int id, int n_tokens), void *ctx) {
+void kvtier_sync(kvtier *t, kvtier_done_fn done, void *ctx) {
     pthread_mutex_lock(&t->mu);
     while (!t->paused && (t->busy || t->r_head || t->w_n)) pthread_cond_wait(&t->done_cv, &t->mu);
     pthread_mutex_unlock(&t->mu);

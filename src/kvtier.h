@@ -57,13 +57,20 @@ typedef struct kvtier_stats {
     int queue_depth;                    /* blocks held for writing now */
 } kvtier_stats;
 
-/* One block of a read job: where it goes and what it must be. */
+/* One block of a read job: where it goes and what it must be; and, once loaded, the lifetime
+ * of its record (so the promoted entry keeps its kind and remaining TTL). */
 typedef struct kvtier_item {
     uint64_t chain;
     int32_t block;                      /* pool block to load into (the engine's reference) */
     int n_tokens;
     int32_t tokens[KV_BLOCK];
+    int kind;                           /* out: PREFIX_AUTO / PREFIX_EXPLICIT */
+    double ttl, expiry;                 /* out: seconds; Unix seconds */
 } kvtier_item;
+
+/* Reports a finished read job: n_tokens valid tokens loaded, from items[0] on (the items are
+ * the job's, with their out fields filled; valid during the call). */
+typedef void (*kvtier_done_fn)(void *ctx, int id, int n_tokens, const kvtier_item *items, int n_items);
 
 int kvtier_create(kvtier **out, const kvtier_opts *o, char *err, size_t errlen);
 /* Finishes queued reads and writes, stops the thread and drops the block references it held.
@@ -77,19 +84,26 @@ int kvtier_write(kvtier *t, const kvfile_meta *m, int32_t block, double now);
 /* The tier that holds a live block of this chain hash (KVTIER_HOST before KVTIER_DISK), or
  * KVTIER_NONE. No I/O. */
 int kvtier_has(kvtier *t, uint64_t chain, double now);
+/* Whether every tier holds a live block of this chain with at least this kind and ttl, so a
+ * prefix cached again needs only kvtier_touch, not a write. No I/O. */
+bool kvtier_covers(kvtier *t, uint64_t chain, int kind, double ttl, double now);
+/* Queues a use of these held blocks at now (their prefix was cached again): each lives at
+ * least its ttl from now, on disk too (no rewrite: kvdisk.h). Returns 0 or -1 (out of memory:
+ * nothing queued). */
+int kvtier_touch(kvtier *t, const uint64_t *chains, int n, double now);
 
 /* Queues a read job (items copied) for namespace ns: block by block into the pool until one is
  * missing or bad. Its completion is reported by kvtier_poll with the same id. Returns 0 or -1
  * (out of memory: nothing queued). */
 int kvtier_read(kvtier *t, int id, const char *ns, const kvtier_item *items, int n, double now);
 
-/* Engine thread: drops the references of finished writes and calls done(ctx, id, n_tokens) for
- * each finished read job (n_tokens: the valid tokens loaded, from the first item on). */
-void kvtier_poll(kvtier *t, void (*done)(void *ctx, int id, int n_tokens), void *ctx);
+/* Engine thread: drops the references of finished writes and calls done for each finished
+ * read job, oldest first. */
+void kvtier_poll(kvtier *t, kvtier_done_fn done, void *ctx);
 /* Waits up to max_s seconds for a completion to poll (returns at once when one is there). */
 void kvtier_wait(kvtier *t, double max_s);
 /* Waits until every queued read and write is done (tests, shutdown); then polls. */
-void kvtier_sync(kvtier *t, void (*done)(void *ctx, int id, int n_tokens), void *ctx);
+void kvtier_sync(kvtier *t, kvtier_done_fn done, void *ctx);
 /* Tests: while paused the thread takes no new work (so a test can fill the queue). */
 void kvtier_pause(kvtier *t, bool paused);
 

@@ -347,8 +347,11 @@ static int cmd_tokenize(int argc, char **argv) {
 }
 
 /* pcache cache stats|clear: every store directory under --cache-dir (<fp>-<layers>x<kvdim>-v1),
- * or the one(s) of -m MODEL's fingerprint. Opening a store verifies every record (deleting
- * bad and expired ones, as the server does at start). */
+ * or the one(s) of -m MODEL's fingerprint. stats only reads (kvdisk_scan verifies every record
+ * and counts bad, expired and temporary files, deleting nothing: a running server may be
+ * writing there, and its temporaries are its writes in progress; -m hashes the model without
+ * writing the fingerprint sidecar). clear opens each store as a server does at start (deleting
+ * bad, expired and temporary files) and deletes every record. */
 static int cmd_cache(int argc, char **argv) {
     const char *dir = NULL, *model = NULL, *what = argc > 0 ? argv[0] : "";
     if (strcmp(what, "stats") && strcmp(what, "clear")) {
@@ -366,7 +369,8 @@ static int cmd_cache(int argc, char **argv) {
     if (!S_ISDIR(sb.st_mode)) { fprintf(stderr, "pcache cache: --cache-dir %s: not a directory\n", dir); return 1; }
     char err[512];
     uint64_t want = 0;
-    if (model && fingerprint_file(model, access(dir, W_OK) ? NULL : dir, &want, NULL, err, sizeof err)) {
+    bool stats = !strcmp(what, "stats");
+    if (model && fingerprint_file(model, stats || access(dir, W_OK) ? NULL : dir, &want, NULL, err, sizeof err)) {
         fprintf(stderr, "pcache cache: %s\n", err);
         return 1;
     }
@@ -385,6 +389,22 @@ static int cmd_cache(int argc, char **argv) {
         if (sscanf(de->d_name, "%16llx-%ux%u-v%u%n", &fp, &nl, &kd, &ver, &used) != 4 || de->d_name[used] || ver != KVFILE_VERSION)
             continue;
         if (model && fp != want) continue;
+        if (stats) {
+            kvdisk_stats st;
+            if (kvdisk_scan(dir, fp, nl, kd, now, &st, err, sizeof err)) {
+                fprintf(stderr, "pcache cache: %s\n", err);
+                rc = 1;
+                continue;
+            }
+            n_stores++;
+            printf("%s/%s: model_fp=%016llx layers=%u kv_dim=%u blocks=%llu bytes=%llu bad_files=%llu expired=%llu "
+                   "temporaries=%llu\n", dir, de->d_name, fp, nl, kd, (unsigned long long)st.blocks,
+                   (unsigned long long)st.bytes, (unsigned long long)st.bad_files, (unsigned long long)st.expired,
+                   (unsigned long long)st.temporaries);
+            tot_blocks += st.blocks;
+            tot_bytes += st.bytes;
+            continue;
+        }
         kvdisk *d;
         if (kvdisk_open(&d, dir, fp, nl, kd, UINT64_MAX, now, err, sizeof err)) {
             fprintf(stderr, "pcache cache: %s\n", err);
@@ -394,25 +414,17 @@ static int cmd_cache(int argc, char **argv) {
         kvdisk_stats st;
         kvdisk_get_stats(d, &st);
         n_stores++;
-        if (!strcmp(what, "clear")) {
-            int n = kvdisk_clear(d);
-            printf("%s: cleared %d blocks (%llu bytes); bad_files=%llu expired=%llu\n", kvdisk_path(d), n,
-                   (unsigned long long)st.bytes, (unsigned long long)st.bad_files, (unsigned long long)st.expired);
-            char p[4096];
-            snprintf(p, sizeof p, "%s", kvdisk_path(d));
-            kvdisk_close(d);
-            rmdir(p);
-        } else {
-            printf("%s: model_fp=%016llx layers=%u kv_dim=%u blocks=%llu bytes=%llu bad_files=%llu expired=%llu\n",
-                   kvdisk_path(d), fp, nl, kd, (unsigned long long)st.blocks, (unsigned long long)st.bytes,
-                   (unsigned long long)st.bad_files, (unsigned long long)st.expired);
-            tot_blocks += st.blocks;
-            tot_bytes += st.bytes;
-            kvdisk_close(d);
-        }
+        int n = kvdisk_clear(d);
+        printf("%s: cleared %d blocks (%llu bytes); bad_files=%llu expired=%llu temporaries=%llu\n", kvdisk_path(d), n,
+               (unsigned long long)st.bytes, (unsigned long long)st.bad_files, (unsigned long long)st.expired,
+               (unsigned long long)st.temporaries);
+        char p[4096];
+        snprintf(p, sizeof p, "%s", kvdisk_path(d));
+        kvdisk_close(d);
+        rmdir(p);
     }
     closedir(dh);
-    if (!strcmp(what, "stats"))
+    if (stats)
         printf("total: stores=%d blocks=%llu bytes=%llu\n", n_stores, (unsigned long long)tot_blocks, (unsigned long long)tot_bytes);
     else if (!n_stores) printf("nothing to clear under %s\n", dir);
     return rc;

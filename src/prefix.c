@@ -566,9 +566,11 @@ int prefix_match(prefix_index *px, const char *ns, const int32_t *tokens, int n,
     return m;
 }
 
-int prefix_insert(prefix_index *px, const char *ns, const int32_t *tokens, int n, const kv_seq *seq,
-                  int kind, double ttl_s, double now) {
+/* prefix_insert (given: false, expiry = now + ttl_s) and prefix_insert_until (given: true). */
+static int insert(prefix_index *px, const char *ns, const int32_t *tokens, int n, const kv_seq *seq, int kind,
+                  double ttl_s, double expiry, bool given, double now) {
     if (!px || !seq || n < 0 || (n > 0 && !tokens)) return -1;
+    if (!(expiry > now)) return -1;
     if (kind != PREFIX_AUTO && kind != PREFIX_EXPLICIT) return -1;
     if (!(ttl_s > 0) || ttl_s > 1e12) return -1;
     if (n == 0) return 0;
@@ -628,17 +630,31 @@ int prefix_insert(prefix_index *px, const char *ns, const int32_t *tokens, int n
         px->entries[px->n_entries++] = x;
         x->kind = kind;
         x->ttl = ttl_s;
-        x->expiry = now + ttl_s;
+        x->expiry = expiry;
         x->last_use = now;
     } else {
         if (kind > x->kind) x->kind = kind;
         if (ttl_s > x->ttl) x->ttl = ttl_s;
-        refresh(x, now);
+        if (!given) refresh(x, now);
+        else {
+            x->last_use = now;
+            if (expiry > x->expiry) x->expiry = expiry;
+        }
     }
     if (x->expiry < px->next_expiry) px->next_expiry = x->expiry;
     int added = n - leaf_start;
     px->st.tokens_inserted += (uint64_t)added;
     return added;
+}
+
+int prefix_insert(prefix_index *px, const char *ns, const int32_t *tokens, int n, const kv_seq *seq,
+                  int kind, double ttl_s, double now) {
+    return insert(px, ns, tokens, n, seq, kind, ttl_s, now + ttl_s, false, now);
+}
+
+int prefix_insert_until(prefix_index *px, const char *ns, const int32_t *tokens, int n, const kv_seq *seq,
+                        int kind, double ttl_s, double expiry, double now) {
+    return insert(px, ns, tokens, n, seq, kind, ttl_s, expiry, true, now);
 }
 
 void prefix_get_stats(const prefix_index *px, prefix_stats *out) {

@@ -68,6 +68,12 @@ int prefix_match(prefix_index *px, const char *ns, const int32_t *tokens, int n,
 int prefix_insert(prefix_index *px, const char *ns, const int32_t *tokens, int n, const kv_seq *seq,
                   int kind, double ttl_s, double now);
 
+/* prefix_insert with the entry's expiry given (> now) instead of now + ttl_s (ttl_s is still
+ * what a hit refreshes it by): an entry promoted from a lower tier keeps the remaining lifetime
+ * of its record. An existing entry's expiry becomes the later of the two. */
+int prefix_insert_until(prefix_index *px, const char *ns, const int32_t *tokens, int n, const kv_seq *seq,
+                        int kind, double ttl_s, double expiry, double now);
+
 /* Removes entries whose expiry <= now and frees the paths only they kept. Returns the number
  * of entries removed. Cheap when nothing is due (a min-expiry bound skips the scan). */
 int prefix_expire(prefix_index *px, double now);

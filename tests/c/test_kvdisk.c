@@ -188,22 +188,23 @@ END_TEST
 
 START_TEST(size_bound_expired_then_lru) {
     char *dir = tmpdir();
+    static const char *NS[] = { "a", "b", "c", "d", "e" };   /* unrelated one-block chains */
     const uint64_t rec = kvfile_size(NL, KD, 1);
     kvfile_meta m[6];
     uint8_t kv[6][BB], out[BB];
     kvdisk *d = open_at(dir, FP, 3 * rec, 1000);
-    block(&m[0], kv[0], "n", 0, 5000);
-    block(&m[1], kv[1], "n", 1, 1100);   /* expires first */
-    block(&m[2], kv[2], "n", 2, 5000);
+    block(&m[0], kv[0], NS[0], 0, 5000);
+    block(&m[1], kv[1], NS[1], 0, 1100);   /* expires first */
+    block(&m[2], kv[2], NS[2], 0, 5000);
     put(d, &m[0], kv[0], 1000);
     put(d, &m[1], kv[1], 1001);
     put(d, &m[2], kv[2], 1002);
     ck_assert_int_eq(get(d, &m[0], 1003, out), 1);   /* 0 is now the most recently used */
-    block(&m[3], kv[3], "n", 3, 5000);
+    block(&m[3], kv[3], NS[3], 0, 5000);
     put(d, &m[3], kv[3], 1200);                      /* evicts 1: expired */
     ck_assert(!kvdisk_has(d, m[1].chain, 1200));
     ck_assert_uint_eq(stats(d).expired, 1);
-    block(&m[4], kv[4], "n", 4, 5000);
+    block(&m[4], kv[4], NS[4], 0, 5000);
     put(d, &m[4], kv[4], 1201);                      /* evicts 2: least recently used */
     ck_assert(kvdisk_has(d, m[0].chain, 1201) && !kvdisk_has(d, m[2].chain, 1201));
     ck_assert(kvdisk_has(d, m[3].chain, 1201) && kvdisk_has(d, m[4].chain, 1201));
@@ -213,6 +214,170 @@ START_TEST(size_bound_expired_then_lru) {
     d = open_at(dir, FP, 2 * rec, 1202);             /* a smaller bound at start is kept too */
     ck_assert_uint_eq(stats(d).blocks, 2);
     kvdisk_close(d);
+    rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* How many blocks of the chain of namespace ns (block(), i = 0, 1, ...) a lookup walking from
+ * the first block finds. */
+static int reachable(kvdisk *d, const char *ns, int n, double now) {
+    kvfile_meta m;
+    uint8_t kv[BB];
+    int k = 0;
+    while (k < n) {
+        block(&m, kv, ns, k, 0);
+        if (!kvdisk_has(d, m.chain, now)) break;
+        k++;
+    }
+    return k;
+}
+
+/* A bound of 1.5 documents: after two are written the first one's prefix is still served (the
+ * chain is eaten from its end), also when its later blocks are newer (a second turn), and after
+ * a restart under a smaller bound. */
+START_TEST(eviction_keeps_chain_prefixes) {
+    char *dir = tmpdir();
+    const uint64_t rec = kvfile_size(NL, KD, 1);
+    kvfile_meta m;
+    uint8_t kv[BB];
+    for (int turns = 0; turns < 2; turns++) {
+        kvdisk *d = open_at(dir, FP, 9 * rec, 1000);
+        for (int i = 0; i < 6; i++) {   /* document A; with turns, blocks 3.. a later turn */
+            block(&m, kv, "A", i, 5000);
+            put(d, &m, kv, turns && i >= 3 ? 1002 : 1000);
+        }
+        for (int i = 0; i < 6; i++) {
+            block(&m, kv, "B", i, 5000);
+            put(d, &m, kv, 1003);
+        }
+        ck_assert_uint_eq(stats(d).blocks, 9);
+        ck_assert_int_eq(reachable(d, "A", 6, 1004), 3);
+        ck_assert_int_eq(reachable(d, "B", 6, 1004), 6);
+        kvdisk_close(d);
+        d = open_at(dir, FP, 7 * rec, 1005);   /* at start: the file times order the chains */
+        ck_assert_int_eq(reachable(d, "A", 6, 1006), 1);
+        ck_assert_int_eq(reachable(d, "B", 6, 1006), 6);
+        kvdisk_clear(d);
+        kvdisk_close(d);
+    }
+    /* an orphan (its parent expired) goes before a live leaf */
+    kvdisk *d = open_at(dir, FP, 3 * rec, 1000);
+    block(&m, kv, "C", 0, 1100);
+    put(d, &m, kv, 1000);
+    block(&m, kv, "C", 1, 5000);
+    put(d, &m, kv, 1001);
+    block(&m, kv, "D", 0, 5000);
+    put(d, &m, kv, 999);             /* the oldest */
+    ck_assert_int_eq(get(d, &m, 1200, kv), 1);   /* C's block 0 expires on this lookup */
+    block(&m, kv, "D", 1, 5000);
+    put(d, &m, kv, 1201);
+    block(&m, kv, "E", 0, 5000);
+    put(d, &m, kv, 1202);            /* evicts C 1, the orphan, not D */
+    ck_assert_int_eq(reachable(d, "D", 2, 1203), 2);
+    kvdisk_close(d);
+    rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* A use of a held block (kvdisk_touch, or kvdisk_put with no longer lifetime) extends its expiry
+ * to now + ttl without rewriting it, and the extension survives a restart; a longer ttl
+ * rewrites the record. */
+START_TEST(touch_extends_expiry) {
+    char *dir = tmpdir();
+    kvfile_meta m, r;
+    uint8_t kv[BB], out[BB];
+    char f[4096], err[300];
+    kvdisk *d = open_at(dir, FP, UINT64_MAX, 1000);
+    block(&m, kv, "n", 0, 1300);   /* ttl 300 */
+    put(d, &m, kv, 1000);
+    file_path(d, m.chain, f, sizeof f);
+    struct stat s0, s1;
+    ck_assert_int_eq(stat(f, &s0), 0);
+    ck_assert_int_eq(kvdisk_touch(d, m.chain, 1200), 1);
+    ck_assert(kvdisk_has(d, m.chain, 1450));
+    ck_assert_int_eq(kvdisk_get(d, m.chain, "n", m.tokens, KV_BLOCK, 1450, &r, out, err, sizeof err), 1);
+    ck_assert(r.expiry == 1500);
+    kvdisk_close(d);
+    d = open_at(dir, FP, UINT64_MAX, 1400);
+    ck_assert(kvdisk_has(d, m.chain, 1499) && !kvdisk_has(d, m.chain, 1500));
+    /* a put of the same lifetime is a use, not a write */
+    block(&m, kv, "n", 0, 1750);
+    put(d, &m, kv, 1450);
+    ck_assert(kvdisk_has(d, m.chain, 1749));
+    ck_assert_int_eq(stat(f, &s1), 0);
+    ck_assert(s1.st_ino == s0.st_ino);
+    ck_assert_uint_eq(stats(d).writes, 0);
+    /* a longer ttl (an explicit 1h breakpoint over an automatic block) rewrites it */
+    block(&m, kv, "n", 0, 1460 + 3600);
+    m.ttl = 3600;
+    m.kind = PREFIX_EXPLICIT;
+    put(d, &m, kv, 1460);
+    ck_assert_uint_eq(stats(d).writes, 1);
+    ck_assert(kvdisk_covers(d, m.chain, PREFIX_EXPLICIT, 3600, 1461));
+    ck_assert(!kvdisk_covers(d, m.chain, PREFIX_EXPLICIT, 7200, 1461));
+    kvdisk_close(d);
+    rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+static char *list_dir(const char *dir) {
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "cd %s && find . | sort", dir);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    char *buf = calloc(1, 1 << 16);
+    fread(buf, 1, (1 << 16) - 1, p);
+    pclose(p);
+    return buf;
+}
+
+/* kvdisk_scan counts what kvdisk_open would delete (bad, expired, temporaries), deleting
+ * nothing; kvdisk_open then deletes them. */
+START_TEST(scan_is_read_only) {
+    char *dir = tmpdir();
+    kvfile_meta m;
+    uint8_t kv[BB];
+    char f[4096], g[4200];
+    kvdisk *d = open_at(dir, FP, UINT64_MAX, 1000);
+    for (int i = 0; i < 3; i++) {
+        block(&m, kv, "n", i, i == 2 ? 1100 : 5000);
+        put(d, &m, kv, 1000);
+    }
+    file_path(d, 0xabcdefull, f, sizeof f);
+    FILE *o = fopen(f, "wb");
+    fputs("not a record", o);
+    fclose(o);
+    snprintf(g, sizeof g, "%s/.00000000000000aa.123.tmp", kvdisk_path(d));
+    o = fopen(g, "wb");
+    fputs("half", o);
+    fclose(o);
+    kvdisk_close(d);
+    char *before = list_dir(dir);
+    kvdisk_stats st;
+    char err[300];
+    ck_assert_int_eq(kvdisk_scan(dir, FP, NL, KD, 1200, &st, err, sizeof err), 0);
+    ck_assert_uint_eq(st.blocks, 2);
+    ck_assert_uint_eq(st.bad_files, 1);
+    ck_assert_uint_eq(st.expired, 1);
+    ck_assert_uint_eq(st.temporaries, 1);
+    char *after = list_dir(dir);
+    ck_assert_str_eq(before, after);
+    ck_assert_int_eq(kvdisk_scan(dir, FP + 1, NL, KD, 1200, &st, err, sizeof err), 0);   /* no store */
+    ck_assert_uint_eq(st.blocks, 0);
+    free(after);
+    after = list_dir(dir);
+    ck_assert_str_eq(before, after);
+    d = open_at(dir, FP, UINT64_MAX, 1200);
+    ck_assert_uint_eq(stats(d).temporaries, 1);
+    ck_assert_uint_eq(stats(d).blocks, 2);
+    kvdisk_close(d);
+    ck_assert_int_eq(kvdisk_scan(dir, FP, NL, KD, 1200, &st, err, sizeof err), 0);
+    ck_assert_uint_eq(st.bad_files + st.expired + st.temporaries, 0);
+    free(before);
+    free(after);
     rmtree(dir);
     free(dir);
 }
@@ -270,6 +435,9 @@ int main(void) {
     tcase_add_test(tc, expiry_survives_restart);
     tcase_add_test(tc, bad_files_deleted_and_counted);
     tcase_add_test(tc, size_bound_expired_then_lru);
+    tcase_add_test(tc, eviction_keeps_chain_prefixes);
+    tcase_add_test(tc, touch_extends_expiry);
+    tcase_add_test(tc, scan_is_read_only);
     tcase_add_test(tc, kill_during_writes);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

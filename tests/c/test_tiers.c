@@ -117,16 +117,16 @@ START_TEST(host_store) {
     /* 3 slots: block 1 expired at 100 (now 13 < 100: still live) - so the oldest (0) went */
     ck_assert(!kvhost_has(h, m[0].chain, 13));
     ck_assert(kvhost_has(h, m[1].chain, 13));
-    ck_assert_int_eq(kvhost_get(h, m[3].chain, "a", m[3].tokens, KV_BLOCK, 14, out), 1);
+    ck_assert_int_eq(kvhost_get(h, m[3].chain, "a", m[3].tokens, KV_BLOCK, 14, out, NULL), 1);
     hblock(&m[4], kv, "a", 3, 0);
     ck_assert_mem_eq(out, kv, bb);
     /* namespace and tokens are compared */
-    ck_assert_int_eq(kvhost_get(h, m[3].chain, "b", m[3].tokens, KV_BLOCK, 14, out), 0);
-    ck_assert_int_eq(kvhost_get(h, m[3].chain, "a", m[2].tokens, KV_BLOCK, 14, out), 0);
-    ck_assert_int_eq(kvhost_get(h, m[3].chain, "a", m[3].tokens, KV_BLOCK - 1, 14, out), 0);
+    ck_assert_int_eq(kvhost_get(h, m[3].chain, "b", m[3].tokens, KV_BLOCK, 14, out, NULL), 0);
+    ck_assert_int_eq(kvhost_get(h, m[3].chain, "a", m[2].tokens, KV_BLOCK, 14, out, NULL), 0);
+    ck_assert_int_eq(kvhost_get(h, m[3].chain, "a", m[3].tokens, KV_BLOCK - 1, 14, out, NULL), 0);
     /* expired blocks are not served, and go first */
     ck_assert(!kvhost_has(h, m[1].chain, 200));
-    ck_assert_int_eq(kvhost_get(h, m[1].chain, "a", m[1].tokens, KV_BLOCK, 200, out), 0);
+    ck_assert_int_eq(kvhost_get(h, m[1].chain, "a", m[1].tokens, KV_BLOCK, 200, out, NULL), 0);
     hblock(&m[4], kv, "a", 9, 5000);
     kvhost_put(h, &m[4], kv, 201);
     ck_assert(kvhost_has(h, m[2].chain, 201) && kvhost_has(h, m[3].chain, 201) && kvhost_has(h, m[4].chain, 201));
@@ -137,6 +137,54 @@ START_TEST(host_store) {
     kvhost_free(h);
     free(kv);
     free(out);
+}
+END_TEST
+
+/* A host tier of 9 blocks, two 6-block documents: the first one's prefix stays (chains are
+ * eaten from their ends), also when its later blocks are newer. */
+static void chain_block(kvfile_meta *m, uint8_t *kv, const char *ns, int i) {
+    memset(m, 0, sizeof *m);
+    m->model_fp = 7;
+    m->n_layer = NL;
+    m->kv_dim = KD;
+    m->n_tokens = KV_BLOCK;
+    m->ttl = 300;
+    m->expiry = 1e9;
+    snprintf(m->ns, sizeof m->ns, "%s", ns);
+    uint64_t h = kvfile_chain_root(7, NL, KD, ns);
+    for (int b = 0; b <= i; b++) {
+        for (int j = 0; j < KV_BLOCK; j++) m->tokens[j] = b * 100 + j;
+        m->parent = h;
+        h = kvfile_chain(h, m->tokens, KV_BLOCK);
+    }
+    m->chain = h;
+    memset(kv, i, kv_block_bytes(NL, KD));
+}
+
+START_TEST(host_store_keeps_chain_prefixes) {
+    size_t bb = kv_block_bytes(NL, KD);
+    uint8_t *kv = malloc(bb);
+    kvfile_meta m;
+    char err[256];
+    for (int turns = 0; turns < 2; turns++) {
+        kvhost *h;
+        ck_assert_int_eq(kvhost_create(&h, NL, KD, 9 * bb, false, err, sizeof err), 0);
+        for (int i = 0; i < 6; i++) {
+            chain_block(&m, kv, "A", i);
+            kvhost_put(h, &m, kv, turns && i >= 3 ? 12 : 10);
+        }
+        for (int i = 0; i < 6; i++) {
+            chain_block(&m, kv, "B", i);
+            kvhost_put(h, &m, kv, 13);
+        }
+        int a = 0, b = 0;
+        for (; a < 6; a++) { chain_block(&m, kv, "A", a); if (!kvhost_has(h, m.chain, 14)) break; }
+        for (; b < 6; b++) { chain_block(&m, kv, "B", b); if (!kvhost_has(h, m.chain, 14)) break; }
+        ck_assert_int_eq(a, 3);
+        ck_assert_int_eq(b, 6);
+        kvhost_free(h);
+    }
+    free(kv);
 }
 END_TEST
 
@@ -470,13 +518,137 @@ START_TEST(disk_bound_ttl_and_namespaces) {
     run_req(e, ids, n, "tenant-a", 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 32);
     engine_free(e);
-    /* and after the hour, nothing (a new engine: nothing in its pool) */
+    /* and an hour after its last use (the lookup above, which extended it), nothing (a new
+     * engine: nothing in its pool) */
     e = mk((eopts){ .dir = dir });
-    fake_now += 3700;
+    fake_now += 3700 + 600;
     run_req(e, ids, n, "tenant-a", 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 0);
     engine_free(e);
     free(ids);
+    rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* A disk bound of 1.5 prompts: after two prompts the first one's prefix is still served after
+ * a restart (a block-aligned part of it), not lost with its first block, also when the first
+ * prompt came in two turns (its later blocks newer). */
+START_TEST(disk_eviction_keeps_prefix) {
+    char *dir = tmpdir();
+    fake_now = 1000;
+    engine *e = mk((eopts){ .dir = dir, .disk = 12 * kvfile_size(30, 192, 0) });
+    int32_t *p, *q, a[120], b[120];
+    int np = encode(e, PROMPT, &p);
+    int nq = encode(e, "<|im_start|>user\nWrite a short poem about the sea at night, the lighthouse on the cliff, the "
+                       "fishing boats coming home and the gulls asleep on the harbor wall.<|im_end|>\n", &q);
+    const int na = 120, nb = 120;   /* 7 full blocks and 8 tokens each */
+    for (int i = 0; i < 120; i++) { a[i] = p[i % np]; b[i] = q[i % nq]; }
+    free(p);
+    free(q);
+    result r0, r;
+    float *ref = cold_ref(a, na, &r0), *got = malloc(sizeof(float) * NV);
+    run_req(e, a, 64, NULL, 1, NULL, 0, 0, &r);     /* a first turn: blocks 0-3 */
+    engine_cache_sync(e);
+    fake_now += 1;
+    run_req(e, a, na, NULL, 1, NULL, 0, 0, &r);     /* a second: blocks 4-6 and a partial 7, newer */
+    engine_cache_sync(e);
+    fake_now += 1;
+    run_req(e, b, nb, NULL, 1, NULL, 0, 0, &r);
+    engine_cache_sync(e);
+    engine_stats st;
+    engine_get_stats(e, &st);
+    ck_assert_uint_gt(st.tier[2].evicted, 0);
+    engine_free(e);
+    e = mk((eopts){ .dir = dir, .disk = 12 * kvfile_size(30, 192, 0) });
+    run_req(e, a, na, NULL, 16, got, 0, 0, &r);
+    ck_assert_int_eq(r.u.cached_tokens, 64);        /* 12 records: b's 8 and a's first 4 */
+    ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
+    ck_assert_str_eq(r.text, r0.text);
+    engine_free(e);
+    free(ref); free(got);
+    rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* Promoted blocks keep their records' kind and remaining TTL: a 1-hour breakpoint loaded after
+ * a restart stays in the pool past the automatic TTL (no second load). And a prefix cached
+ * again extends its disk records' expiry: a 5-minute prompt used at minute 4 is still on disk
+ * at minute 7, after a restart. */
+START_TEST(promotion_and_recache_keep_ttls) {
+    char *dir = tmpdir();
+    fake_now = 1000;
+    engine *e = mk((eopts){ .dir = dir });
+    int32_t *ids;
+    int n = encode(e, PROMPT, &ids);
+    result r;
+    run_req(e, ids, n, "a", 1, NULL, 32, 3600, &r);   /* a 1h breakpoint at 32, the rest 5 min */
+    engine_free(e);
+    e = mk((eopts){ .dir = dir });
+    fake_now += 600;                                 /* the automatic records expired */
+    run_req(e, ids, n, "a", 1, NULL, 0, 0, &r);
+    ck_assert_int_eq(r.u.cached_tokens, 32);
+    engine_stats st;
+    engine_get_stats(e, &st);
+    ck_assert_uint_eq(st.tier_loads, 1);
+    fake_now += 360;                                 /* this request's own 5-minute entry expired */
+    run_req(e, ids, n, "a", 1, NULL, 0, 0, &r);
+    ck_assert_int_eq(r.u.cached_tokens, 32);
+    engine_get_stats(e, &st);
+    ck_assert_uint_eq(st.tier_loads, 1);             /* from the pool: the promoted 1h entry */
+    engine_free(e);
+    rmtree(dir);
+    mkdir(dir, 0755);
+
+    fake_now = 1000;
+    e = mk((eopts){ .dir = dir });
+    run_req(e, ids, n, NULL, 1, NULL, 0, 0, &r);
+    fake_now += 240;
+    run_req(e, ids, n, NULL, 1, NULL, 0, 0, &r);
+    ck_assert_int_eq(r.u.cached_tokens, n - 1);      /* a pool hit, cached again */
+    engine_free(e);
+    e = mk((eopts){ .dir = dir });
+    fake_now += 420;                                 /* 7 minutes after the first write */
+    run_req(e, ids, n, NULL, 1, NULL, 0, 0, &r);
+    ck_assert_int_eq(r.u.cached_tokens, (n - 1) / KV_BLOCK * KV_BLOCK);
+    engine_free(e);
+    free(ids);
+    rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* A partial last block loaded from a tier is shared with the index once promoted, so the
+ * prefill copies it: admission reserves that block. With a pool of exactly the request's
+ * blocks it cannot, and loads only the full blocks (before, the copy evicted the promoted
+ * entry); with one more block it loads the partial block too. Logits as cold either way. */
+START_TEST(partial_block_copy_reserved) {
+    char *dir = tmpdir();
+    fake_now = 1000;
+    engine *e = mk((eopts){ .cache = true });
+    int32_t *p, ids[150];
+    int np = encode(e, PROMPT, &p);
+    engine_free(e);
+    for (int i = 0; i < 150; i++) ids[i] = p[i % np];
+    result r0, r;
+    float *ref = cold_ref(ids, 150, &r0), *got = malloc(sizeof(float) * NV);
+    for (int extra = 0; extra < 2; extra++) {
+        rmtree(dir);
+        mkdir(dir, 0755);
+        e = mk((eopts){ .dir = dir });
+        run_req(e, ids, 100, NULL, 1, NULL, 0, 0, &r);   /* blocks 0-5 and a 4-token block 6 on disk */
+        engine_free(e);
+        e = mk((eopts){ .dir = dir, .kv_mem = (size_t)(10 + extra) * 368640u });
+        run_req(e, ids, 150, NULL, 1, got, 0, 0, &r);   /* 151 tokens: the 10 blocks */
+        ck_assert_int_eq(r.u.cached_tokens, extra ? 100 : 96);
+        engine_stats st;
+        engine_get_stats(e, &st);
+        ck_assert_uint_eq(st.evictions, 0);
+        ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
+        engine_free(e);
+    }
+    free(p); free(ref); free(got);
     rmtree(dir);
     free(dir);
 }
@@ -580,6 +752,7 @@ int main(void) {
     tcase_set_timeout(tc, 1200);
     tcase_add_test(tc, fingerprint_content_and_sidecar);
     tcase_add_test(tc, host_store);
+    tcase_add_test(tc, host_store_keeps_chain_prefixes);
     tcase_add_test(tc, bad_cache_dir);
     tcase_add_test(tc, full_queue_drops);
     tcase_add_test(tc, restart_serves_prefixes);
@@ -587,6 +760,9 @@ int main(void) {
     tcase_add_test(tc, corrupt_blocks_are_refused);
     tcase_add_test(tc, disk_bound_ttl_and_namespaces);
     tcase_add_test(tc, host_tier_and_namespaces);
+    tcase_add_test(tc, disk_eviction_keeps_prefix);
+    tcase_add_test(tc, promotion_and_recache_keep_ttls);
+    tcase_add_test(tc, partial_block_copy_reserved);
     tcase_add_test(tc, killed_writers_never_corrupt);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

@@ -179,3 +179,31 @@ def test_cache_tool_and_bad_dirs(tmp_path):
         ro.chmod(0o500)
         r = run_pcache("run", "-m", MODEL, "-n", "1", "--cache-dir", str(ro), "hi")
         assert r.returncode == 1 and "not writable" in r.stderr
+
+
+def tree(d):
+    return sorted((os.path.relpath(os.path.join(r, f), d), os.path.getsize(os.path.join(r, f)))
+                  for r, _, fs in os.walk(d) for f in fs)
+
+
+def test_cache_stats_is_read_only(tmp_path):
+    """`pcache cache stats` counts bad records and temporaries (a running server's writes in
+    progress) but deletes nothing; `clear` deletes."""
+    cache = str(tmp_path / "cache")
+    r = run_pcache("run", "-m", MODEL, "-t", "2", "-n", "2", "--temp", "0", "--cache-dir", cache, DOC)
+    assert r.returncode == 0, r.stderr
+    store = glob.glob(os.path.join(cache, "*-v1"))[0]
+    with open(os.path.join(store, "00000000deadbeef.kvb"), "wb") as f:   # a bad record
+        f.write(b"not a record")
+    with open(os.path.join(store, ".00000000000000aa.4242.tmp"), "wb") as f:   # a write in progress
+        f.write(b"half a record")
+    before = tree(cache)
+    for args in (["--cache-dir", cache], ["--cache-dir", cache, "-m", MODEL]):
+        r = run_pcache("cache", "stats", *args)
+        assert r.returncode == 0, r.stderr
+        m = re.search(r"blocks=(\d+) bytes=\d+ bad_files=1 expired=0 temporaries=1", r.stdout)
+        assert m and int(m.group(1)) > 0, r.stdout
+        assert tree(cache) == before
+    r = run_pcache("cache", "clear", "--cache-dir", cache)
+    assert r.returncode == 0 and "bad_files=1" in r.stdout and "temporaries=1" in r.stdout, r.stdout
+    assert not glob.glob(os.path.join(cache, "*-v1", "*"))
