@@ -727,8 +727,9 @@ def main():
               f"idle after {idle} s" if idle is not None else f"not idle within {args.idle_timeout} s")
     # RSS: the sample at the end of warm-up (first third) vs the last sample under load and the idle one
     # Warm-up: the first third of the run, extended to the first sample at which the KV pool has
-    # been (nearly) full once: the pool's pages are only resident after their first use, so RSS
-    # grows until then whatever the server does (with a short run, a third may end before that).
+    # been (nearly) full once. The server touches its pool's pages at start (kv.c), so the pool is
+    # resident from the first sample; the extension remains for what a loaded machine ramps up
+    # slowly (connection threads and their malloc arenas as the clients arrive).
     warm_t = args.duration / 3.0
     pool_warm_t = next((s["t"] for s in samples if m_get(s, "pcache_kv_blocks_used") is not None and
                         m_get(s, "pcache_kv_blocks_total") and

@@ -60,6 +60,11 @@ int kv_pool_init(kv_pool *p, int n_layer, int kv_dim, size_t mem_bytes, char *er
         snprintf(err, errlen, "kv: out of memory allocating %zu KV blocks (%zu bytes)", n, n * block_bytes);
         return -1;
     }
+    /* Touch every page now: the pool is resident from the start, so the process's memory does
+     * not creep up as blocks are first used (a server's RSS is flat after start-up), and a pool
+     * the machine cannot back shows at start, not mid-run. calloc's zero pages are only mapped;
+     * a volatile write per page makes them real (memset after calloc may be optimized away). */
+    for (size_t off = 0; off < n * block_bytes; off += 4096) ((volatile char *)p->data)[off] = 0;
     /* Stack with block 0 on top: blocks are handed out in increasing order from a fresh pool. */
     for (size_t i = 0; i < n; i++) p->free_list[i] = (int32_t)(n - 1 - i);
     p->n_free = (int)n;
