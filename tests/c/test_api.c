@@ -498,6 +498,56 @@ START_TEST(params_honoured) {
 END_TEST
 
 #define CHAT_X "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+START_TEST(responses_parsed_as_chat) {
+    api_request r;
+    api_error e;
+    const char *body = "{\"model\":\"m\",\"instructions\":\"Be brief.\",\"input\":[{\"role\":\"user\",\"content\":[{\"type\":\"input_text\",\"text\":\"a\"},"
+                       "{\"type\":\"input_text\",\"text\":\"b\"}]},{\"type\":\"function_call\",\"call_id\":\"call_1\",\"name\":\"f\",\"arguments\":\"{}\"},"
+                       "{\"type\":\"function_call_output\",\"call_id\":\"call_1\",\"output\":\"42\"}],\"max_output_tokens\":7,\"store\":false,"
+                       "\"previous_response_id\":\"resp_x\",\"tools\":[{\"type\":\"function\",\"name\":\"f\",\"parameters\":{\"type\":\"object\"}}],"
+                       "\"tool_choice\":{\"type\":\"function\",\"name\":\"f\"}}";
+    ck_assert_int_eq(api_parse(API_OPENAI_RESPONSES, body, strlen(body), &r, &e), 0);
+    ck_assert_int_eq(r.kind, API_OPENAI_RESPONSES);
+    ck_assert_int_eq(r.n_msgs, 4);   /* system, user, assistant (the call), tool */
+    ck_assert_str_eq(r.msgs[0].role, "system");
+    ck_assert_str_eq(r.msgs[0].content, "Be brief.");
+    ck_assert_str_eq(r.msgs[1].content, "ab");
+    ck_assert_str_eq(r.msgs[2].role, "assistant");
+    ck_assert_int_eq(r.msgs[2].n_calls, 1);
+    ck_assert_str_eq(r.msgs[2].calls[0].id, "call_1");
+    ck_assert_str_eq(r.msgs[3].role, "tool");
+    ck_assert_str_eq(r.msgs[3].content, "42");
+    ck_assert_int_eq(r.max_tokens, 7);
+    ck_assert(!r.store);
+    ck_assert_str_eq(r.prev_id, "resp_x");
+    ck_assert_int_eq(r.n_tools, 1);
+    ck_assert_int_eq(r.tool_choice, API_TOOL_NAMED);
+    ck_assert_ptr_nonnull(strstr(r.items, "function_call_output"));
+    api_request_free(&r);
+    /* a stored conversation goes between the instructions and the new input */
+    const char *b2 = "{\"instructions\":\"I\",\"input\":\"next\",\"text\":{\"format\":{\"type\":\"json_object\"}}}";
+    ck_assert_int_eq(api_parse_responses(b2, strlen(b2), "[{\"type\":\"message\",\"role\":\"user\",\"content\":\"first\"},"
+                                                       "{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"reply\"}]", &r, &e), 0);
+    ck_assert_int_eq(r.n_msgs, 4);
+    ck_assert_str_eq(r.msgs[0].content, "I");
+    ck_assert_str_eq(r.msgs[1].content, "first");
+    ck_assert_str_eq(r.msgs[2].content, "reply");
+    ck_assert_str_eq(r.msgs[3].content, "next");
+    ck_assert_int_eq(r.format, API_FORMAT_JSON_OBJECT);
+    ck_assert(r.store);
+    ck_assert_ptr_nonnull(strstr(r.items, "\"first\""));
+    ck_assert_ptr_nonnull(strstr(r.items, "\"next\""));
+    api_request_free(&r);
+    const char *bad[] = { "{\"input\":[{\"type\":\"reasoning\"}]}", "{\"input\":\"x\",\"background\":true}", "{\"input\":3}", "{}",
+                          "{\"input\":\"x\",\"tools\":[{\"type\":\"file_search\"}]}", "{\"input\":[]}" };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ck_assert_msg(api_parse(API_OPENAI_RESPONSES, bad[i], strlen(bad[i]), &r, &e) < 0, "accepted %s", bad[i]);
+        ck_assert_int_eq(e.status, 400);
+        api_request_free(&r);
+    }
+}
+END_TEST
+
 START_TEST(response_format_parsed) {
     api_request r;
     api_error e;
@@ -950,6 +1000,7 @@ int main(void) {
     tcase_add_test(tc, params_honoured);
     tcase_add_test(tc, params_refused);
     tcase_add_test(tc, response_format_parsed);
+    tcase_add_test(tc, responses_parsed_as_chat);
     tcase_add_test(tc, utf8_strict);
     tcase_add_test(tc, logprobs_shapes);
     tcase_add_test(tc, tools_parsed);
