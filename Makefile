@@ -120,6 +120,7 @@ bench: .deps/bench.stamp model
 	PYTHONPATH=$(PEER_PY) python3 bench/bench_cache.py --model $(MODEL) --pcache $(BUILD)/pcache
 	PYTHONPATH=$(PEER_PY) python3 bench/bench_server.py --model $(MODEL) --pcache $(BUILD)/pcache
 	python3 bench/bench_tiers.py --model $(MODEL) --pcache $(BUILD)/pcache
+	$(BUILD)/pcache-tool bench-grammar $(MODEL) bench/schema_planets.json | tee bench/grammar_results.json
 
 # The server under load (bench/soak.py): 64 clients, a quarter-size KV pool, disconnects.
 # In `make test` (CI) it runs 60 s of load on the optimized build, before the sanitizer suite
