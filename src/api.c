@@ -490,9 +490,11 @@ static int parse_openai_tools(const cJSON *root, api_request *r, api_error *err)
 }
 
 /* ---------------------------------------------------------------- OpenAI */
-/* content: string | null | array of {type:"text", text} (other part types: 400). */
-static int openai_content(const cJSON *c, sbuf *out, const char *param, api_error *err) {
-    if (!c || cJSON_IsNull(c)) return 0;
+/* content: string | array of {type:"text" | "input_text", text} (other part types: 400); null
+ * (no content) too, unless null_ok is false; output_ok also takes "output_text" parts (the
+ * Responses API, where an earlier reply comes back as input). */
+static int content_parts(const cJSON *c, bool null_ok, bool output_ok, sbuf *out, const char *param, api_error *err) {
+    if (null_ok && (!c || cJSON_IsNull(c))) return 0;
     if (cJSON_IsString(c)) { sb_str(out, c->valuestring); return 0; }
     if (!cJSON_IsArray(c)) {
         api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected a string or an array of content parts", param);
@@ -505,7 +507,7 @@ static int openai_content(const cJSON *c, sbuf *out, const char *param, api_erro
             api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: each content part must be an object with a type", param);
             return -1;
         }
-        if (strcmp(type, "text") && strcmp(type, "input_text")) {
+        if (strcmp(type, "text") && strcmp(type, "input_text") && !(output_ok && !strcmp(type, "output_text"))) {
             api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: content part type '%.40s' is not supported (text only)", param, type);
             return -1;
         }
@@ -539,7 +541,7 @@ static int parse_openai_messages(const cJSON *root, api_request *r, api_error *e
         else if (!strcmp(role, "assistant")) out_role = "assistant";
         else if (!strcmp(role, "tool") || !strcmp(role, "function")) out_role = "tool";
         else { api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s.role: '%.40s' is not one of system, developer, user, assistant, tool", param, role); return -1; }
-        if (openai_content(cJSON_GetObjectItemCaseSensitive(m, "content"), &b, param, err) < 0) { free(b.p); return -1; }
+        if (content_parts(cJSON_GetObjectItemCaseSensitive(m, "content"), true, false, &b, param, err) < 0) { free(b.p); return -1; }
         if (add_msg(r, out_role, sb_take(&b), err) < 0) return -1;
         const cJSON *calls = cJSON_GetObjectItemCaseSensitive(m, "tool_calls");
         if (calls && !cJSON_IsNull(calls) && !strcmp(out_role, "assistant")) {
@@ -692,33 +694,6 @@ static int parse_openai(const cJSON *root, api_request *r, api_error *err) {
  * max_output_tokens max_completion_tokens. The normalized items (history first) are kept in
  * r->items for the conversation store. */
 
-/* content: a string, or parts {type: input_text | output_text, text} (others refused). */
-static int responses_text(const cJSON *c, sbuf *b, const char *param, api_error *err) {
-    if (cJSON_IsString(c)) { sb_str(b, c->valuestring); return 0; }
-    if (!cJSON_IsArray(c)) {
-        api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: expected a string or an array of content parts", param);
-        return -1;
-    }
-    const cJSON *part;
-    cJSON_ArrayForEach(part, c) {
-        const char *type = NULL, *text = NULL;
-        if (!cJSON_IsObject(part) || get_string(part, "type", &type, err) < 0 || !type) {
-            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: each content part must be an object with a type", param);
-            return -1;
-        }
-        if (strcmp(type, "input_text") && strcmp(type, "output_text") && strcmp(type, "text")) {
-            api_error_set(err, 400, "invalid_request_error", param, "invalid_value", "%s: content part type '%.40s' is not supported (text only)", param, type);
-            return -1;
-        }
-        if (get_string(part, "text", &text, err) <= 0) {
-            api_error_set(err, 400, "invalid_request_error", param, "invalid_type", "%s: text part without a string 'text'", param);
-            return -1;
-        }
-        sb_str(b, text);
-    }
-    return 0;
-}
-
 /* Appends the chat messages of items (an array) to msgs; also appends each item, normalized,
  * to norm. */
 static int responses_items(const cJSON *items, cJSON *msgs, cJSON *norm, const char *what, api_error *err) {
@@ -741,7 +716,7 @@ static int responses_items(const cJSON *items, cJSON *msgs, cJSON *norm, const c
             }
             sbuf b = {0};
             sb_add(&b, "", 0);
-            if (responses_text(cJSON_GetObjectItemCaseSensitive(it, "content"), &b, param, err) < 0) { free(b.p); return -1; }
+            if (content_parts(cJSON_GetObjectItemCaseSensitive(it, "content"), false, true, &b, param, err) < 0) { free(b.p); return -1; }
             if (b.oom) { free(b.p); return oom_err(err); }
             cJSON *m = cJSON_CreateObject();
             cJSON_AddStringToObject(m, "role", role);
@@ -793,7 +768,7 @@ static int responses_items(const cJSON *items, cJSON *msgs, cJSON *norm, const c
             sbuf b = {0};
             sb_add(&b, "", 0);
             if (cJSON_IsString(o)) out = o->valuestring;
-            else if (o && responses_text(o, &b, param, err) < 0) { free(b.p); return -1; }
+            else if (o && content_parts(o, false, true, &b, param, err) < 0) { free(b.p); return -1; }
             cJSON *m = cJSON_CreateObject();
             cJSON_AddStringToObject(m, "role", "tool");
             cJSON_AddStringToObject(m, "tool_call_id", call_id);
