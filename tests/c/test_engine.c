@@ -10,29 +10,10 @@
 #include "engine.h"
 #include "kv.h"
 #include "util.h"
+#include "engine_harness.h"
 
 static double fake_now;
 static double fake_clock(void *ctx) { (void)ctx; return fake_now; }
-
-typedef struct {
-    bool done;
-    finish_reason why;
-    engine_usage u;
-    char text[4096];
-    size_t n;
-} result;
-
-static void on_text(void *user, const char *t, size_t n) {
-    result *r = user;
-    if (r->n + n < sizeof r->text) { memcpy(r->text + r->n, t, n); r->n += n; r->text[r->n] = 0; }
-}
-static void on_done(void *user, finish_reason why, const engine_usage *u, const char *err) {
-    result *r = user;
-    r->done = true;
-    r->why = why;
-    r->u = *u;
-    if (err) fprintf(stderr, "engine error: %s\n", err);
-}
 
 static const char *model_path(void) { return default_model_path(); }
 
@@ -43,27 +24,6 @@ static engine *make_engine(size_t kv_mem, int max_batch, bool cache) {
     char err[512];
     if (engine_create(&e, &o, err, sizeof err)) { fprintf(stderr, "%s\n", err); return NULL; }
     return e;
-}
-
-static int encode(engine *e, const char *text, int32_t **ids) {
-    char err[256];
-    return tokenizer_encode(engine_tok(e), text, strlen(text), false, true, ids, err, sizeof err);
-}
-
-/* Submits and runs to completion (alone). */
-static void run_req(engine *e, const int32_t *ids, int n, const char *ns, int max_tokens, float *logits,
-                    const int *bps, int n_bps, double bp_ttl, result *r) {
-    memset(r, 0, sizeof *r);
-    engine_request q = { .ns = ns, .prompt = ids, .n_prompt = n, .max_tokens = max_tokens,
-                         .prompt_logits = logits, .on_text = on_text, .on_done = on_done, .user = r };
-    sample_params_default(&q.sp);
-    q.sp.temperature = 0;
-    for (int i = 0; i < n_bps; i++) { q.breakpoints[i].pos = bps[i]; q.breakpoints[i].ttl_s = bp_ttl; }
-    q.n_breakpoints = n_bps;
-    char err[256];
-    ck_assert_int_ge(engine_submit(e, &q, err, sizeof err), 0);
-    while (!r->done) engine_step(e);
-    ck_assert_int_ne(r->why, FINISH_ERROR);
 }
 
 static const char *PROMPT =

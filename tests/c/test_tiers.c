@@ -21,6 +21,7 @@
 #include "kvhost.h"
 #include "prefix.h"
 #include "util.h"
+#include "engine_harness.h"
 
 static double fake_now = 1000;
 static double fake_clock(void *ctx) { (void)ctx; return fake_now; }
@@ -197,26 +198,6 @@ static const char *PROMPT =
     "and the reason for its red color.<|im_end|>\n<|im_start|>assistant\n";
 #define NV 49152
 
-typedef struct {
-    bool done;
-    finish_reason why;
-    engine_usage u;
-    char text[4096];
-    size_t n;
-} result;
-
-static void on_text(void *user, const char *t, size_t n) {
-    result *r = user;
-    if (r->n + n < sizeof r->text) { memcpy(r->text + r->n, t, n); r->n += n; r->text[r->n] = 0; }
-}
-static void on_done(void *user, finish_reason why, const engine_usage *u, const char *err) {
-    result *r = user;
-    r->done = true;
-    r->why = why;
-    r->u = *u;
-    if (err) fprintf(stderr, "engine error: %s\n", err);
-}
-
 typedef struct { const char *model, *dir; size_t kv_mem, disk, host; int queue; bool cache; } eopts;
 
 static engine *mk(eopts o) {
@@ -230,23 +211,10 @@ static engine *mk(eopts o) {
     return e;
 }
 
-static int encode(engine *e, const char *text, int32_t **ids) {
-    char err[256];
-    return tokenizer_encode(engine_tok(e), text, strlen(text), false, true, ids, err, sizeof err);
-}
-
-static void run_req(engine *e, const int32_t *ids, int n, const char *ns, int max_tokens, float *logits, int bp, double bp_ttl,
-                    result *r) {
-    memset(r, 0, sizeof *r);
-    engine_request q = { .ns = ns, .prompt = ids, .n_prompt = n, .max_tokens = max_tokens, .prompt_logits = logits,
-                         .on_text = on_text, .on_done = on_done, .user = r };
-    sample_params_default(&q.sp);
-    q.sp.temperature = 0;
-    if (bp > 0) { q.breakpoints[0].pos = bp; q.breakpoints[0].ttl_s = bp_ttl; q.n_breakpoints = 1; }
-    char err[256];
-    ck_assert_int_ge(engine_submit(e, &q, err, sizeof err), 0);
-    while (!r->done) engine_step(e);
-    ck_assert_int_ne(r->why, FINISH_ERROR);
+/* run_req with one breakpoint at bp (none when bp <= 0) */
+static void run_bp(engine *e, const int32_t *ids, int n, const char *ns, int max_tokens, float *logits, int bp, double bp_ttl,
+                   result *r) {
+    run_req(e, ids, n, ns, max_tokens, logits, &bp, bp > 0, bp_ttl, r);
 }
 
 /* The cold reference: logits of the last prompt position and the greedy text. */
@@ -254,7 +222,7 @@ static float *cold_ref(const int32_t *ids, int n, result *r) {
     float *lg = malloc(sizeof(float) * NV);
     engine *e = mk((eopts){ .cache = true });
     ck_assert_ptr_nonnull(e);
-    run_req(e, ids, n, NULL, 16, lg, 0, 0, r);
+    run_bp(e, ids, n, NULL, 16, lg, 0, 0, r);
     engine_free(e);
     return lg;
 }
@@ -281,7 +249,7 @@ START_TEST(restart_serves_prefixes) {
     ck_assert_int_gt(n, 48);
     result r0, r;
     float *ref = cold_ref(ids, n, &r0), *got = malloc(sizeof(float) * NV);
-    run_req(e, ids, n, NULL, 16, got, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 16, got, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 0);
     engine_cache_sync(e);
     engine_stats st;
@@ -294,7 +262,7 @@ START_TEST(restart_serves_prefixes) {
     /* restart: the same directory serves every full block of the prompt */
     for (int chunked = 0; chunked < 2; chunked++) {
         e = mk((eopts){ .dir = dir });
-        run_req(e, ids, n, NULL, 16, got, 0, 0, &r);
+        run_bp(e, ids, n, NULL, 16, got, 0, 0, &r);
         ck_assert_int_eq(r.u.cached_tokens, (n - 1) / KV_BLOCK * KV_BLOCK);
         ck_assert_msg(memcmp(ref, got, sizeof(float) * NV) == 0, "logits differ after a restart");
         ck_assert_str_eq(r.text, r0.text);
@@ -303,7 +271,7 @@ START_TEST(restart_serves_prefixes) {
         ck_assert_uint_eq(st.tier[2].tokens_served, (uint64_t)r.u.cached_tokens);
         ck_assert_uint_eq(st.tier[2].hits, 1);
         /* promoted into the pool: the next request is a pool hit */
-        run_req(e, ids, n, NULL, 16, got, 0, 0, &r);
+        run_bp(e, ids, n, NULL, 16, got, 0, 0, &r);
         ck_assert_int_eq(r.u.cached_tokens, n - 1);
         ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
         engine_free(e);
@@ -315,7 +283,7 @@ START_TEST(restart_serves_prefixes) {
     alt[40] = alt[40] == 100 ? 101 : 100;
     result ra;
     float *ref_alt = cold_ref(alt, n, &ra);
-    run_req(e, alt, n, NULL, 16, got, 0, 0, &r);
+    run_bp(e, alt, n, NULL, 16, got, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 32);
     ck_assert(memcmp(ref_alt, got, sizeof(float) * NV) == 0);
     ck_assert_str_eq(r.text, ra.text);
@@ -351,19 +319,19 @@ START_TEST(other_model_never_reuses) {
     int32_t *ids;
     int n = encode(e, PROMPT, &ids);
     result r;
-    run_req(e, ids, n, NULL, 4, NULL, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 4, NULL, 0, 0, &r);
     uint64_t fp = engine_model_fp(e);
     engine_free(e);
     /* a copy of the same bytes is the same model */
     e = mk((eopts){ .model = same, .dir = cache });
     ck_assert(engine_model_fp(e) == fp);
-    run_req(e, ids, n, NULL, 4, NULL, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 4, NULL, 0, 0, &r);
     ck_assert_int_gt(r.u.cached_tokens, 0);
     engine_free(e);
     /* one flipped weight byte: another fingerprint, another store, nothing reused */
     e = mk((eopts){ .model = flipped, .dir = cache });
     ck_assert(engine_model_fp(e) != fp);
-    run_req(e, ids, n, NULL, 4, NULL, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 4, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 0);
     engine_stats st;
     engine_get_stats(e, &st);
@@ -396,7 +364,7 @@ START_TEST(corrupt_blocks_are_refused) {
     int n = encode(e, PROMPT, &ids);
     result r0, r;
     float *ref = cold_ref(ids, n, &r0), *got = malloc(sizeof(float) * NV);
-    run_req(e, ids, n, NULL, 16, NULL, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 16, NULL, 0, 0, &r);
     engine_cache_sync(e);
     char *f0 = store_file(e, chain_of(e, "", ids, 0)), *f1 = store_file(e, chain_of(e, "", ids, 1));
     char *f2 = store_file(e, chain_of(e, "", ids, 2)), *f3 = store_file(e, 0xdeadbeefull);
@@ -411,7 +379,7 @@ START_TEST(corrupt_blocks_are_refused) {
     ck_assert_uint_eq(st.tier[2].bad_files, 2);
     /* after start: block 1 corrupted under the running engine; found bad on read */
     corrupt(f1, 0);
-    run_req(e, ids, n, NULL, 16, got, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 16, got, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 16);   /* block 0 only */
     ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
     ck_assert_str_eq(r.text, r0.text);
@@ -451,7 +419,7 @@ START_TEST(killed_writers_never_corrupt) {
             engine *e = mk((eopts){ .dir = dir });
             for (int k = 0;; k++) {
                 result r;
-                run_req(e, ids[k % 3], n[k % 3] - (k / 3) % 7, k % 2 ? "t1" : NULL, 8, NULL, 0, 0, &r);
+                run_bp(e, ids[k % 3], n[k % 3] - (k / 3) % 7, k % 2 ? "t1" : NULL, 8, NULL, 0, 0, &r);
             }
         }
         usleep(200000 + (useconds_t)(rand() % 1500) * 1000);
@@ -463,7 +431,7 @@ START_TEST(killed_writers_never_corrupt) {
     float *got = malloc(sizeof(float) * NV);
     for (int i = 0; i < 3; i++) {
         result r;
-        run_req(e, ids[i], n[i], NULL, 16, got, 0, 0, &r);
+        run_bp(e, ids[i], n[i], NULL, 16, got, 0, 0, &r);
         ck_assert_msg(memcmp(ref[i], got, sizeof(float) * NV) == 0, "prompt %d: logits differ after killed writers", i);
         ck_assert_str_eq(r.text, r0[i].text);
         free(ids[i]);
@@ -494,7 +462,7 @@ START_TEST(disk_bound_ttl_and_namespaces) {
     int n = encode(e, PROMPT, &ids);
     result r;
     /* tenant-a: a 1h breakpoint at 32 (two blocks), the rest automatic (5 min) */
-    run_req(e, ids, n, "tenant-a", 1, NULL, 32, 3600, &r);
+    run_bp(e, ids, n, "tenant-a", 1, NULL, 32, 3600, &r);
     engine_cache_sync(e);
     engine_stats st;
     engine_get_stats(e, &st);
@@ -508,21 +476,21 @@ START_TEST(disk_bound_ttl_and_namespaces) {
     rmtree(dir);
     mkdir(dir, 0755);
     e = mk((eopts){ .dir = dir });
-    run_req(e, ids, n, "tenant-a", 1, NULL, 32, 3600, &r);
+    run_bp(e, ids, n, "tenant-a", 1, NULL, 32, 3600, &r);
     engine_free(e);
     /* restart 10 minutes later: the automatic blocks expired, the 1h ones are served */
     e = mk((eopts){ .dir = dir });
     fake_now += 600;
-    run_req(e, ids, n, "tenant-b", 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, "tenant-b", 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 0);   /* another tenant never finds a's blocks */
-    run_req(e, ids, n, "tenant-a", 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, "tenant-a", 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 32);
     engine_free(e);
     /* and an hour after its last use (the lookup above, which extended it), nothing (a new
      * engine: nothing in its pool) */
     e = mk((eopts){ .dir = dir });
     fake_now += 3700 + 600;
-    run_req(e, ids, n, "tenant-a", 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, "tenant-a", 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 0);
     engine_free(e);
     free(ids);
@@ -548,20 +516,20 @@ START_TEST(disk_eviction_keeps_prefix) {
     free(q);
     result r0, r;
     float *ref = cold_ref(a, na, &r0), *got = malloc(sizeof(float) * NV);
-    run_req(e, a, 64, NULL, 1, NULL, 0, 0, &r);     /* a first turn: blocks 0-3 */
+    run_bp(e, a, 64, NULL, 1, NULL, 0, 0, &r);     /* a first turn: blocks 0-3 */
     engine_cache_sync(e);
     fake_now += 1;
-    run_req(e, a, na, NULL, 1, NULL, 0, 0, &r);     /* a second: blocks 4-6 and a partial 7, newer */
+    run_bp(e, a, na, NULL, 1, NULL, 0, 0, &r);     /* a second: blocks 4-6 and a partial 7, newer */
     engine_cache_sync(e);
     fake_now += 1;
-    run_req(e, b, nb, NULL, 1, NULL, 0, 0, &r);
+    run_bp(e, b, nb, NULL, 1, NULL, 0, 0, &r);
     engine_cache_sync(e);
     engine_stats st;
     engine_get_stats(e, &st);
     ck_assert_uint_gt(st.tier[2].evicted, 0);
     engine_free(e);
     e = mk((eopts){ .dir = dir, .disk = 12 * kvfile_size(30, 192, 0) });
-    run_req(e, a, na, NULL, 16, got, 0, 0, &r);
+    run_bp(e, a, na, NULL, 16, got, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 64);        /* 12 records: b's 8 and a's first 4 */
     ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
     ck_assert_str_eq(r.text, r0.text);
@@ -583,17 +551,17 @@ START_TEST(promotion_and_recache_keep_ttls) {
     int32_t *ids;
     int n = encode(e, PROMPT, &ids);
     result r;
-    run_req(e, ids, n, "a", 1, NULL, 32, 3600, &r);   /* a 1h breakpoint at 32, the rest 5 min */
+    run_bp(e, ids, n, "a", 1, NULL, 32, 3600, &r);   /* a 1h breakpoint at 32, the rest 5 min */
     engine_free(e);
     e = mk((eopts){ .dir = dir });
     fake_now += 600;                                 /* the automatic records expired */
-    run_req(e, ids, n, "a", 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, "a", 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 32);
     engine_stats st;
     engine_get_stats(e, &st);
     ck_assert_uint_eq(st.tier_loads, 1);
     fake_now += 360;                                 /* this request's own 5-minute entry expired */
-    run_req(e, ids, n, "a", 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, "a", 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 32);
     engine_get_stats(e, &st);
     ck_assert_uint_eq(st.tier_loads, 1);             /* from the pool: the promoted 1h entry */
@@ -603,14 +571,14 @@ START_TEST(promotion_and_recache_keep_ttls) {
 
     fake_now = 1000;
     e = mk((eopts){ .dir = dir });
-    run_req(e, ids, n, NULL, 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 1, NULL, 0, 0, &r);
     fake_now += 240;
-    run_req(e, ids, n, NULL, 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, n - 1);      /* a pool hit, cached again */
     engine_free(e);
     e = mk((eopts){ .dir = dir });
     fake_now += 420;                                 /* 7 minutes after the first write */
-    run_req(e, ids, n, NULL, 1, NULL, 0, 0, &r);
+    run_bp(e, ids, n, NULL, 1, NULL, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, (n - 1) / KV_BLOCK * KV_BLOCK);
     engine_free(e);
     free(ids);
@@ -637,10 +605,10 @@ START_TEST(partial_block_copy_reserved) {
         rmtree(dir);
         mkdir(dir, 0755);
         e = mk((eopts){ .dir = dir });
-        run_req(e, ids, 100, NULL, 1, NULL, 0, 0, &r);   /* blocks 0-5 and a 4-token block 6 on disk */
+        run_bp(e, ids, 100, NULL, 1, NULL, 0, 0, &r);   /* blocks 0-5 and a 4-token block 6 on disk */
         engine_free(e);
         e = mk((eopts){ .dir = dir, .kv_mem = (size_t)(10 + extra) * 368640u });
-        run_req(e, ids, 150, NULL, 1, got, 0, 0, &r);   /* 151 tokens: the 10 blocks */
+        run_bp(e, ids, 150, NULL, 1, got, 0, 0, &r);   /* 151 tokens: the 10 blocks */
         ck_assert_int_eq(r.u.cached_tokens, extra ? 100 : 96);
         engine_stats st;
         engine_get_stats(e, &st);
@@ -664,7 +632,7 @@ START_TEST(host_tier_and_namespaces) {
     ck_assert_int_le(n, 9 * KV_BLOCK);
     result r0, r;
     float *ref = cold_ref(ids, n, &r0), *got = malloc(sizeof(float) * NV);
-    run_req(e, ids, n, "tenant-a", 16, NULL, 0, 0, &r);
+    run_bp(e, ids, n, "tenant-a", 16, NULL, 0, 0, &r);
     engine_cache_sync(e);
     /* other traffic pushes tenant-a's blocks out of the pool */
     char text[300];
@@ -673,11 +641,11 @@ START_TEST(host_tier_and_namespaces) {
                  "its digits, and whether it is prime or not, with reasons and examples.", i, i * 7 + 3);
         int32_t *o;
         int no = encode(e, text, &o);
-        run_req(e, o, no, "other", 4, NULL, 0, 0, &r);
+        run_bp(e, o, no, "other", 4, NULL, 0, 0, &r);
         free(o);
     }
     engine_cache_sync(e);
-    run_req(e, ids, n, "tenant-b", 16, got, 0, 0, &r);
+    run_bp(e, ids, n, "tenant-b", 16, got, 0, 0, &r);
     ck_assert_int_eq(r.u.cached_tokens, 0);
     ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
     engine_stats st;
@@ -690,10 +658,10 @@ START_TEST(host_tier_and_namespaces) {
                  "its cube, its digits, and whether it is prime or not, with reasons.", i, i * 11 + 5);
         int32_t *o;
         int no = encode(e, text, &o);
-        run_req(e, o, no, "other", 4, NULL, 0, 0, &r);
+        run_bp(e, o, no, "other", 4, NULL, 0, 0, &r);
         free(o);
     }
-    run_req(e, ids, n, "tenant-a", 16, got, 0, 0, &r);
+    run_bp(e, ids, n, "tenant-a", 16, got, 0, 0, &r);
     ck_assert_int_ge(r.u.cached_tokens, (n - 1) / KV_BLOCK * KV_BLOCK);
     ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
     ck_assert_str_eq(r.text, r0.text);
@@ -713,7 +681,7 @@ START_TEST(full_queue_drops) {
     int n = encode(e, PROMPT, &ids);
     result r;
     engine_cache_pause(e, true);
-    run_req(e, ids, n, NULL, 4, NULL, 0, 0, &r);   /* completes with the I/O thread stopped */
+    run_bp(e, ids, n, NULL, 4, NULL, 0, 0, &r);   /* completes with the I/O thread stopped */
     engine_stats st;
     engine_get_stats(e, &st);
     ck_assert_int_eq(st.tier_queue_depth, 2);
