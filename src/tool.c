@@ -223,7 +223,7 @@ static double median3(double *v, int n) { qsort(v, (size_t)n, sizeof *v, cmp_dbl
  * at batch 1 (128 tokens) and aggregate over 32 streams (128 + 128 each), and the prompt time of
  * 8000 cached + 192 new tokens. Medians of 3. Random token ids (1000..30000). */
 static int cmd_bench_engine(int argc, char **argv) {
-    if (argc < 1) { fprintf(stderr, "usage: pcache-tool bench-engine MODEL [cpu|cuda|auto] [decode]\n"); return 2; }
+    if (argc < 1) { fprintf(stderr, "usage: pcache-tool bench-engine MODEL [cpu|cuda|auto] [decode|prefill]\n"); return 2; }
     engine_opts o = { .model_path = argv[0], .cache_enabled = true, .device = argc > 1 ? argv[1] : "auto",
                       .max_batch_tokens = 2048 };
     engine *e;
@@ -239,6 +239,18 @@ static int cmd_bench_engine(int argc, char **argv) {
     double v[3], pp512 = 0, pp8192 = 0, tg1, tg32, cached_ms = 0;
     const int L = engine_n_ctx(e) > 8193 ? 8192 : engine_n_ctx(e) - 2, C = L - 192;   /* long prompt, cached part */
     const bool decode_only = argc > 2 && !strcmp(argv[2], "decode");                     /* quick A/B runs */
+    if (argc > 2 && !strcmp(argv[2], "prefill")) {   /* one cold long prompt, then 192 new after it cached (profiles) */
+        b_submit(e, ids + 5000, 64, 4, r); b_wait(e, r, 1);
+        b_submit(e, ids, L, 1, r); b_wait(e, r, 1);
+        const double cold = r[0].u.prefill_s;
+        int32_t *q = malloc(sizeof(int32_t) * L);
+        memcpy(q, ids, sizeof(int32_t) * C);
+        for (int i = C; i < L; i++) q[i] = 1000 + i % 29000;
+        b_submit(e, q, L, 1, r); b_wait(e, r, 1);
+        printf("{\"cold_ms\": %.2f, \"cached_new192_ms\": %.2f, \"cached\": %d}\n", cold * 1000, r[0].u.ttft_s * 1000, r[0].u.cached_tokens);
+        free(q); free(ids); engine_free(e);
+        return 0;
+    }
     b_submit(e, ids + 5000, 64, 4, r); b_wait(e, r, 1);                     /* warm-up */
     for (int k = 0; k < 3 && !decode_only; k++) { b_submit(e, ids + 100 * k + 1, 512, 1, r); b_wait(e, r, 1); v[k] = 512 / r[0].u.prefill_s; }
     if (!decode_only) pp512 = median3(v, 3);
@@ -855,7 +867,7 @@ typedef struct { const char *name; int (*fn)(int argc, char **argv); const char 
 static const subcommand commands[] = {
     { "gpu-matmul", cmd_gpu_matmul, "TYPE ROWS COLS N WFILE : the CUDA matmul against a double reference (JSON)" },
     { "gpu-bench-matmul", cmd_gpu_bench_matmul, "M K N... : the CUDA matmul's ms and TFLOP/s (JSON lines)" },
-    { "bench-engine", cmd_bench_engine, "MODEL [cpu|cuda|auto] [decode] : prefill, decode (1 and 32 streams), cached-prefix TTFT (JSON); decode: only those" },
+    { "bench-engine", cmd_bench_engine, "MODEL [cpu|cuda|auto] [decode|prefill] : prefill, decode (1 and 32 streams), cached-prefix TTFT (JSON); decode: only those; prefill: one cold long prompt and one cached" },
     { "logits", cmd_logits, "MODEL [--all] < ids.json : raw float32 logits of the last (or every) position" },
     { "generate", cmd_generate, "MODEL N < ids.json : greedy continuation ids as JSON" },
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },

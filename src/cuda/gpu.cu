@@ -720,11 +720,22 @@ __global__ void k_rope_kv(const float *__restrict__ qkv, int ld, __half *__restr
  * the block table); per tile S = Q K^T (m16n8k16), the causal mask per row (key <= the row's
  * position), an online softmax in base 2, O += P V with P as fp16. Output fp16.
  *
+ * Segments (split-KV, flash-decoding style): the keys are cut into segments of seg_tiles * 64
+ * positions from 0, a length fixed per process (attn_seg: a function of the context size, never
+ * of the batch), and every row's keys are always reduced segment by segment: block z of a
+ * (query tile, KV head) walks segment z only, from a fresh softmax state, and a row whose keys
+ * span more than one segment leaves its segment's unnormalized output, max and sum in `part`;
+ * k_flash_merge then folds a row's segments in ascending order (fixed arithmetic) and
+ * normalizes. A row within the first segment is written directly. So a few queries over a long
+ * cached prefix (a prompt after a cache hit, a decode step at a long context) run on
+ * tiles x heads x segments blocks instead of tiles x heads, each walking at most seg_tiles tiles.
+ *
  * Batch invariance: a row's arithmetic depends only on its own query, its position and the
- * keys; key tiles always start at multiples of 64 from 0, and a tile past a row's position
- * (present because another row of the block reaches further) is masked to exact no-ops
- * (p = 0, rescale by exp2(0) = 1). So a token's output is the same in a prefill tile of 64, as
- * the one decode token of its sequence, or next to any other tokens. */
+ * keys; key tiles always start at multiples of 64 from its segment's start, segments at
+ * multiples of the segment length from 0, and a tile past a row's position (present because
+ * another row of the block reaches further) is masked to exact no-ops (p = 0, rescale by
+ * exp2(0) = 1). So a token's output is the same in a prefill tile of 64, as the one decode token
+ * of its sequence, or next to any other tokens. */
 #define FA_ROWS 64
 #define FA_KT 64
 template <int HD>
@@ -732,7 +743,8 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
                                                const int *__restrict__ bt, const int *__restrict__ bt_off,
                                                const int *__restrict__ pos, const int2 *__restrict__ tiles,
                                                __half *__restrict__ out, int n_head, int n_head_kv, size_t block_elems,
-                                               int layer, float scale_log2) {
+                                               int layer, float scale_log2, float *__restrict__ part, int seg_tiles,
+                                               int n_seg) {
     constexpr int LD = HD + 8, KS = HD / 16, DN = HD / 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __half *Qs = (__half *)fa_smem;                 /* FA_ROWS x LD */
@@ -745,6 +757,11 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int q_dim = n_head * HD, kv_dim = n_head_kv * HD;
     const int nrows = nq * G;
+    const int n_keys = pos[t0 + nq - 1] + 1;        /* a sequence's tokens come in position order */
+    const int n_tiles = (n_keys + FA_KT - 1) / FA_KT;
+    const int seg = blockIdx.z, kt0 = seg * seg_tiles;   /* this block's segment: key tiles [kt0, kt1) */
+    if (kt0 >= n_tiles) return;                     /* no row of the tile reaches it */
+    const int kt1 = n_tiles < kt0 + seg_tiles ? n_tiles : kt0 + seg_tiles;
     if (tid < FA_ROWS) spos[tid] = tid < nrows ? pos[t0 + tid / G] : 0;   /* padding rows see key 0 only */
     /* Q rows */
     for (int i = tid; i < FA_ROWS * (HD / 8); i += 128) {
@@ -754,8 +771,6 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
         cp_async16(Qs + r * LD + c, src, ok);
     }
     const int *tab = bt + bt_off[t0];
-    const int n_keys = pos[t0 + nq - 1] + 1;        /* a sequence's tokens come in position order */
-    const int n_tiles = (n_keys + FA_KT - 1) / FA_KT;
     const size_t koff = (size_t)(layer * 2 + 0) * 16 * kv_dim + (size_t)g * HD;
     const size_t voff = (size_t)(layer * 2 + 1) * 16 * kv_dim + (size_t)g * HD;
     auto load_kv = [&](int slot, int kt) {
@@ -768,7 +783,7 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
             cp_async16(vs + j * LD + c, ok ? base + voff : kv, ok);
         }
     };
-    load_kv(0, 0);
+    load_kv(0, kt0);
     cp_commit();
     const int wr = warp * 16;                       /* the warp's first row */
     const bool active = wr < nrows;
@@ -779,12 +794,13 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
     for (int i = 0; i < DN; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
     int p_lo = 0, p_hi = 0;
-    for (int kt = 0; kt < n_tiles; kt++) {
-        if (kt + 1 < n_tiles) load_kv((kt + 1) & 1, kt + 1);
+    for (int kt = kt0; kt < kt1; kt++) {
+        const int slot = (kt - kt0) & 1;
+        if (kt + 1 < kt1) load_kv(slot ^ 1, kt + 1);
         cp_commit();
         cp_wait<1>();
         __syncthreads();
-        if (kt == 0) {
+        if (kt == kt0) {
             p_lo = spos[r_lo];
             p_hi = spos[r_hi];
             if (active) {
@@ -793,7 +809,7 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
             }
         }
         if (active) {
-            const __half *ks_ = Ks + (kt & 1) * FA_KT * LD, *vs_ = Vs + (kt & 1) * FA_KT * LD;
+            const __half *ks_ = Ks + slot * FA_KT * LD, *vs_ = Vs + slot * FA_KT * LD;
             float s[8][4];
 #pragma unroll
             for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
@@ -863,19 +879,53 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
     }
     cp_wait<0>();
     if (!active) return;
+    /* a row's last segment is p / seg_len: one segment, the output; several, this one's partial */
+    const int seg_len = seg_tiles * FA_KT;
+    const int last_lo = p_lo / seg_len, last_hi = p_hi / seg_len;
+    const bool own_lo = r_lo < nrows && seg <= last_lo, own_hi = r_hi < nrows && seg <= last_hi;
     const float i_lo = 1.0f / l_lo, i_hi = 1.0f / l_hi;
+    float *pp_lo = own_lo && last_lo ? part + ((size_t)(t0 + r_lo / G) * n_head + g * G + r_lo % G) * n_seg * (HD + 2) + (size_t)seg * (HD + 2) : NULL;
+    float *pp_hi = own_hi && last_hi ? part + ((size_t)(t0 + r_hi / G) * n_head + g * G + r_hi % G) * n_seg * (HD + 2) + (size_t)seg * (HD + 2) : NULL;
 #pragma unroll
     for (int d = 0; d < DN; d++) {
         const int col = 8 * d + 2 * (lane & 3);
-        if (r_lo < nrows) {
+        if (pp_lo) *(float2 *)(pp_lo + col) = make_float2(o[d][0], o[d][1]);
+        else if (own_lo) {
             __half2 *dst = (__half2 *)(out + (size_t)(t0 + r_lo / G) * q_dim + (size_t)(g * G + r_lo % G) * HD + col);
             *dst = __floats2half2_rn(o[d][0] * i_lo, o[d][1] * i_lo);
         }
-        if (r_hi < nrows) {
+        if (pp_hi) *(float2 *)(pp_hi + col) = make_float2(o[d][2], o[d][3]);
+        else if (own_hi) {
             __half2 *dst = (__half2 *)(out + (size_t)(t0 + r_hi / G) * q_dim + (size_t)(g * G + r_hi % G) * HD + col);
             *dst = __floats2half2_rn(o[d][2] * i_hi, o[d][3] * i_hi);
         }
     }
+    if ((lane & 3) == 0) {
+        if (pp_lo) { pp_lo[HD] = m_lo; pp_lo[HD + 1] = l_lo; }
+        if (pp_hi) { pp_hi[HD] = m_hi; pp_hi[HD + 1] = l_hi; }
+    }
+}
+
+/* Folds the segments of each row whose keys span several (k_flash's partials), in ascending
+ * order: max, then both sides rescaled to it, then the sum, with rounding fixed (no
+ * contraction), so the result depends on the row alone. One block per (token, query head), one
+ * thread per output dimension. */
+template <int HD>
+__global__ void __launch_bounds__(HD) k_flash_merge(const float *__restrict__ part, const int *__restrict__ pos,
+                                                     __half *__restrict__ out, int n_head, int seg_len, int n_seg) {
+    const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    const int ns = pos[t] / seg_len + 1;
+    if (ns == 1) return;
+    const float *p = part + ((size_t)t * n_head + h) * n_seg * (HD + 2);
+    float M = p[HD], L = p[HD + 1], O = p[d];
+    for (int s = 1; s < ns; s++) {
+        const float *q = p + (size_t)s * (HD + 2);
+        const float m = q[HD], Mn = fmaxf(M, m), a = exp2f(M - Mn), b = exp2f(m - Mn);
+        L = __fadd_rn(__fmul_rn(L, a), __fmul_rn(q[HD + 1], b));
+        O = __fadd_rn(__fmul_rn(O, a), __fmul_rn(q[d], b));
+        M = Mn;
+    }
+    out[(size_t)t * n_head * HD + (size_t)h * HD + d] = __float2half(O * (1.0f / L));
 }
 
 /* Attention for other head dims (multiples of 32 up to 256): one warp per (token, query head),
@@ -985,6 +1035,8 @@ struct gpu_backend {
     cudaStream_t io_st;   /* the cache tiers' block copies (gpu_read_block / gpu_write_block) */
     size_t mem_weights, mem_kv, mem_scratch;
     float *part;   /* split matmuls' partial sums (matmul_on) */
+    float *fa_part;   /* attention segments' partials (k_flash, k_flash_merge) */
+    int fa_seg_tiles, fa_n_seg;
     size_t part_cap;
     int *cnt, cnt_cap;
     char device[128];
@@ -1187,11 +1239,12 @@ static bool wg_usable(void) {
     ok = 1;
     return true;
 }
-/* Whether prefill batches use k_mmwg by default: PCACHE_WGMMA=1 (off until it is measured on
- * the GPU machine; PCACHE_MM=wg|wg128 forces it for the tests either way). */
+/* Whether prefill batches use k_mmwg: on a Hopper unless PCACHE_WGMMA=0 (A/B runs; PCACHE_MM=wg|wg128
+ * forces it for the tests either way). Measured on an H200 (2026-12-01, bench/gpu_gemm): an 8B
+ * layer at 512 / 2048 tokens 0.54 / 1.83 ms against k_mm's 1.40 / 4.17. */
 static bool wg_default(void) {
     static int on = -1;
-    if (on < 0) on = env_int("PCACHE_WGMMA", 0) && wg_usable();
+    if (on < 0) on = env_int("PCACHE_WGMMA", 1) && wg_usable();
     return on;
 }
 static bool tmap_2d(CUtensorMap *m, const void *p, int inner, int outer, int ld, int box_outer) {
@@ -1359,6 +1412,17 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
 
 /* The split's workspace: partial sums for n tokens of the matrices that may split (rows x
  * chunks each), and the tile tickets (zeroed once; each split leaves them at 0). */
+/* The attention's segment length (in key tiles of 64) and the most segments a row can have, for
+ * a context of max_ctx positions: 1024 positions, or a 16th of the context when that is longer.
+ * A function of the context size alone (k_flash: batch invariance). */
+static void attn_seg(int max_ctx, int *seg_tiles, int *n_seg) {
+    int t = (max_ctx / 16 + FA_KT - 1) / FA_KT;
+    if (t < 1024 / FA_KT) t = 1024 / FA_KT;
+    *seg_tiles = t;
+    *n_seg = (max_ctx + t * FA_KT - 1) / (t * FA_KT);
+    if (*n_seg < 1) *n_seg = 1;
+}
+
 static cudaError_t split_alloc(gpu_backend *g, size_t part_elems, size_t *acct) {
     cudaError_t e;
     g->cnt_cap = 1 << 16;
@@ -1482,6 +1546,12 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
             if (e > pe) pe = e;
         }
         CK(split_alloc(g, 64 * pe, &g->mem_scratch), "split workspace");
+        /* attention segments: 1024 positions, or a 16th of the context when that is longer (at
+         * most 16 segments a row); partials for every row of a full batch */
+        attn_seg(max_ctx, &g->fa_seg_tiles, &g->fa_n_seg);
+        if (g->fa_n_seg > 1 && (c->head_dim == 64 || c->head_dim == 128))
+            CK(dalloc(g, (void **)&g->fa_part, T * c->n_head * g->fa_n_seg * (c->head_dim + 2) * f4, &g->mem_scratch),
+               "attention segments");
     }
     /* KV pool: what was asked, or what is free minus a margin */
     {
@@ -1606,15 +1676,19 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
                                                            d->slot_block, d->pos, c->n_head, c->n_head_kv, hd, c->rope_dim,
                                                            c->rope_neox, c->rms_eps, g->block_elems, l);
         if (hd == 64 || hd == 128) {
-            dim3 fg(n_tiles, c->n_head_kv);
+            dim3 fg(n_tiles, c->n_head_kv, g->fa_n_seg), mg(n, c->n_head);
             const size_t smem = (size_t)(FA_ROWS + 4 * FA_KT) * (hd + 8) * sizeof(__half);
             const float sl2 = scale * 1.4426950408889634f;
-            if (hd == 64)
+            const int sn = g->fa_n_seg, sl = g->fa_seg_tiles * FA_KT;
+            if (hd == 64) {
                 k_flash<64><<<fg, 128, smem, st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
-                                                   c->n_head_kv, g->block_elems, l, sl2);
-            else
+                                                   c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn);
+                if (sn > 1) k_flash_merge<64><<<mg, 64, 0, st>>>(g->fa_part, d->pos, g->att, c->n_head, sl, sn);
+            } else {
                 k_flash<128><<<fg, 128, smem, st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
-                                                    c->n_head_kv, g->block_elems, l, sl2);
+                                                    c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn);
+                if (sn > 1) k_flash_merge<128><<<mg, 128, 0, st>>>(g->fa_part, d->pos, g->att, c->n_head, sl, sn);
+            }
         } else {
             const int hpb = 4;
             dim3 ag(n, (c->n_head + hpb - 1) / hpb);

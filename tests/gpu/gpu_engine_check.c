@@ -1,10 +1,12 @@
-/* gpu_engine_check MODEL: on the CUDA backend, caching changes speed, never answers. For a
+/* gpu_engine_check MODEL [N]: on the CUDA backend, caching changes speed, never answers. For a
  * random prompt it compares the last-position logits (memcmp) and the greedy text of
  *   - a cold run with the cache off,
  *   - runs whose prefix (1 token, inside a block, on a block edge, half, all but one) came from
  *     the cache, each with prefill chunks of 7 and 512 tokens,
  *   - a run batched with four other requests arriving one step apart,
  *   - a run whose prefix block is shared and copied on write.
+ * N (default 70) is the prompt's length; past 1024 the attention's segments (k_flash) come into
+ * play, and prefixes ending on and next to segment edges are checked too.
  * Prints one line per check and "N passed, N failed"; exits non-zero on a failure. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,13 +60,14 @@ static void run(engine *e, const int32_t *ids, int n, float *logits, result *r) 
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) { fprintf(stderr, "usage: gpu_engine_check MODEL\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: gpu_engine_check MODEL [N]\n"); return 2; }
+    const int N = argc > 2 ? atoi(argv[2]) : 70;
+    if (N < 40) { fprintf(stderr, "N must be at least 40\n"); return 2; }
     char why[200];
     if (!gpu_available(why, sizeof why)) { fprintf(stderr, "no GPU: %s\n", why); return 2; }
     engine *cold = make(argv[1], 512, false);
     const int nv = tokenizer_n_vocab(engine_tok(cold));
-    enum { N = 70 };
-    int32_t ids[N];
+    int32_t *ids = malloc(sizeof(int32_t) * N), *fork = malloc(sizeof(int32_t) * N);
     uint64_t st = 99;
     for (int i = 0; i < N; i++) { st = st * 6364136223846793005ull + 1; ids[i] = (int32_t)((st >> 33) % (uint64_t)nv); }
     float *ref = malloc(sizeof(float) * nv), *got = malloc(sizeof(float) * nv);
@@ -72,8 +75,10 @@ int main(int argc, char **argv) {
     run(cold, ids, N, ref, &r0);
     engine_free(cold);
     char what[160];
-    int splits[] = { 1, 5, 16, 17, 35, N - 1 };
-    for (size_t k = 0; k < sizeof splits / sizeof *splits; k++)
+    int splits[10] = { 1, 5, 16, 17, N / 2, N - 1 }, n_splits = 6;
+    for (int edge = 1024; edge <= 2048 && n_splits < 10; edge += 1024)   /* segment edges */
+        if (edge + 1 < N) { splits[n_splits++] = edge; splits[n_splits++] = edge + 1; }
+    for (int k = 0; k < n_splits; k++)
         for (int chunk = 7; chunk <= 512; chunk += 505) {
             engine *e = make(argv[1], chunk, true);
             result w;
@@ -87,10 +92,11 @@ int main(int argc, char **argv) {
     {
         engine *e = make(argv[1], 64, true);
         result others[4];
-        int32_t alt[4][N];
+        int32_t *altj[4];
         for (int j = 0; j < 4; j++) {
-            for (int i = 0; i < N; i++) alt[j][i] = (ids[i] + 17 * (j + 1)) % nv;
-            submit(e, alt[j], N - 10 * j, NULL, &others[j]);
+            altj[j] = malloc(sizeof(int32_t) * N);
+            for (int i = 0; i < N; i++) altj[j][i] = (ids[i] + 17 * (j + 1)) % nv;
+            submit(e, altj[j], N - 10 * j, NULL, &others[j]);
             engine_step(e);
         }
         submit(e, ids, N, got, &r);
@@ -98,14 +104,14 @@ int main(int argc, char **argv) {
         check(!memcmp(ref, got, sizeof(float) * nv) && !strcmp(r.text, r0.text),
               "batched with four other requests: logits bit-identical, same text");
         engine_free(e);
+        for (int j = 0; j < 4; j++) free(altj[j]);
     }
     /* copy on write: a cached prefix ending inside a block, then two requests that extend it */
     {
         engine *e = make(argv[1], 512, true);
         result w, a, b;
         run(e, ids, 21, NULL, &w);
-        int32_t fork[N];
-        memcpy(fork, ids, sizeof fork);
+        memcpy(fork, ids, sizeof(int32_t) * N);
         fork[25] = (fork[25] + 1) % nv;
         submit(e, fork, N, NULL, &a);
         submit(e, ids, N, got, &b);
@@ -116,6 +122,8 @@ int main(int argc, char **argv) {
     }
     free(ref);
     free(got);
+    free(ids);
+    free(fork);
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

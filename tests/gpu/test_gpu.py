@@ -176,3 +176,24 @@ def test_engine_cache_transparency_on_gpu(tmp_path):
         out = run([CHECK, path]).decode()
         print(name, out)
         assert "0 failed" in out
+
+
+@pytest.mark.parametrize("name", ["llama-f16-hd128-gqa4", "llama-quant-hd64-gqa8"])
+def test_long_context_segments(tmp_path, name):
+    """Past 1024 positions the attention's keys go in segments (k_flash, k_flash_merge): close to
+    the CPU at every position of a 2600-token prompt, and the engine's transparency checks with
+    prefixes ending on and next to the segment edges (1024, 2048) stay bit-identical."""
+    arch, kw = MODELS[name]
+    path = str(tmp_path / f"{name}.gguf")
+    hp = write_synth_model(path, arch, seed=5, n_layer=2, n_vocab=400, context_length=4096, **kw)
+    ids = list(np.random.default_rng(3).integers(0, hp["n_vocab"], 2600))
+    cpu = logits(path, ids, hp["n_vocab"], "cpu")
+    gpu = logits(path, ids, hp["n_vocab"], "cuda")
+    assert np.isfinite(gpu).all()
+    for lo, hi in ((0, 1024), (1024, 2048), (2048, 2600)):
+        rel = float(np.linalg.norm(gpu[lo:hi] - cpu[lo:hi]) / np.linalg.norm(cpu[lo:hi]))
+        print(f"{name} positions {lo}..{hi}: rel {rel:.2e}")
+        assert rel < 5e-2, (lo, hi, rel)
+    out = run([CHECK, path, "2600"]).decode()
+    print(out)
+    assert "0 failed" in out and "prefix of 1025" in out and "prefix of 2049" in out
