@@ -13,6 +13,13 @@ with `pcache tokenize` (bench_cache.py's text generator).
             pool (--kv-mem) holding about K of them: the hit rate (prompt tokens served from any
             cache) of the requests after each document's first, and TTFT p50/p99 of those, with
             and without --cache-dir.
+  host      (--host, the GPU benchmark) D distinct ~P-token documents asked about twice, in the
+            same order, with a GPU KV pool holding half of them (the working set is twice the
+            pool): on the second pass every document was pushed out of the pool. TTFT of the
+            second pass recomputing the prefixes vs bringing them back from the host-RAM tier
+            (--cache-host-mem). E.g. on the GPU machine with the synthetic 8B F16 model:
+            bench_tiers.py --host --model l8b-f16.gguf --device cuda --kv-token-bytes 131072
+            --prefix-tokens 8000
 
 Timings on a shared 2-core machine are noisy. Writes bench/tiers_results.json (or --out) and
 prints a markdown table.
@@ -98,6 +105,25 @@ def bench_capacity(args, tmp):
     return out
 
 
+def bench_host(args, tmp):
+    docs = [sized_text(args.pcache, args.model, args.prefix_tokens, seed=300 + i)[0] for i in range(args.host_docs)]
+    qs = questions(2 * len(docs))
+    prompts = [d + qs[k] for k, d in enumerate(docs)] + [d + qs[len(docs) + k] for k, d in enumerate(docs)]
+    per_doc = (args.prefix_tokens + 64) * args.kv_token_bytes
+    kv_mem = int(len(docs) / 2 * per_doc)
+    host = int(len(docs) * per_doc * 1.5)
+    out = {"docs": len(docs), "kv_mem_bytes": kv_mem, "host_bytes": host, "device": args.device}
+    for name, extra in (("recompute", []), ("host_ram", ["--cache-host-mem", str(host)])):
+        res = run_prompts(args, prompts, ["--device", args.device, "--kv-mem", str(kv_mem), *extra])
+        first, second = res[:len(docs)], res[len(docs):]
+        out[name] = {"ttft_ms": [r["ttft_ms"] for r in second], "cached_tokens": [r["cached_tokens"] for r in second],
+                     "prompt_tokens": [r["prompt_tokens"] for r in second],
+                     "ttft_p50_ms": statistics.median(r["ttft_ms"] for r in second),
+                     "first_pass_p50_ms": statistics.median(r["ttft_ms"] for r in first)}
+    out["speedup"] = out["recompute"]["ttft_p50_ms"] / out["host_ram"]["ttft_p50_ms"]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pcache", default="build/pcache")
@@ -109,12 +135,27 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="times each document is asked about")
     ap.add_argument("--pool-docs", type=float, default=10, help="documents the KV pool holds")
     ap.add_argument("--skip-capacity", action="store_true")
+    ap.add_argument("--host", action="store_true", help="only the host-RAM tier benchmark (GPU)")
+    ap.add_argument("--host-docs", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kv-token-bytes", type=int, default=KV_TOKEN_BYTES, help="KV bytes a token (8B: 131072)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiers_results.json"))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="pcache-bench-tiers-")
     try:
         res = {"date": time.strftime("%Y-%m-%d"), "machine": os.uname().nodename + f", {os.cpu_count()} cores",
-               "args": vars(args), "restart": bench_restart(args, tmp)}
+               "args": vars(args)}
+        if args.host:
+            res["host"] = h = bench_host(args, tmp)
+            for k in ("recompute", "host_ram"):
+                v = h[k]
+                print(f"| host {k} | second pass TTFT p50 {v['ttft_p50_ms']:.1f} ms | cached {v['cached_tokens']} of {v['prompt_tokens']} "
+                      f"| first pass p50 {v['first_pass_p50_ms']:.1f} ms |")
+            print(f"| host-RAM tier vs recomputing | {h['speedup']:.1f}x |")
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+            return
+        res["restart"] = bench_restart(args, tmp)
         r = res["restart"]
         print(f"| restart ({r['prompt_tokens']} tokens) | cold {r['cold_ttft_ms']:.0f} ms | warm pool {r['warm_pool_ttft_ms']:.0f} ms "
               f"| warm disk after restart {r['warm_disk_ttft_ms']:.0f} ms ({r['disk_cached_tokens']} cached) "

@@ -178,6 +178,10 @@ static int tiers_create(engine *e, char *err, size_t errlen) {
                        .disk_bytes = o->cache_disk_bytes ? o->cache_disk_bytes : (uint64_t)10 << 30,
                        .host_bytes = o->cache_host_bytes, .host_pinned = e->gpu != NULL,
                        .queue_blocks = o->cache_write_queue, .now = e->unix0 };
+    /* Default bound: 256 blocks, or half the pool when that is more, so the blocks of one long
+     * prompt of a big model (an 8B model's 8000 tokens: 500 blocks of 2 MiB) are queued whole
+     * rather than dropped; queued blocks are ones the index holds anyway. */
+    if (!to.queue_blocks) to.queue_blocks = e->kv.n_blocks / 2 > 256 ? e->kv.n_blocks / 2 : 256;
     return kvtier_create(&e->tier, &to, err, errlen);
 }
 

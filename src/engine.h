@@ -33,7 +33,7 @@ typedef struct engine_opts {
     const char *cache_dir;
     size_t cache_disk_bytes;     /* the disk tier's bound; 0 = 10 GiB */
     size_t cache_host_bytes;     /* the host-RAM tier's bound; 0 = no host tier */
-    int cache_write_queue;       /* blocks that may wait to be written; 0 = 256 */
+    int cache_write_queue;       /* blocks that may wait to be written; 0 = 256 or half the pool if more */
 } engine_opts;
 
 typedef struct engine_usage {

@@ -181,8 +181,8 @@ int kvhost_has(kvhost *h, uint64_t chain, double now) {
     return r;
 }
 
-int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv,
-               kvfile_meta *out) {
+int kvhost_get_with(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now,
+                    int (*sink)(void *ctx, const void *kv), void *ctx, kvfile_meta *out) {
     pthread_mutex_lock(&h->mu);
     h->st.lookups++;
     int i = find(h, chain), r = 0;
@@ -192,16 +192,31 @@ int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens,
             unlink_slot(h, i);
             h->st.expired++;
         } else if (!strcmp(m->ns, ns ? ns : "") && m->n_tokens == n && !memcmp(m->tokens, tokens, sizeof(int32_t) * (size_t)n)) {
-            memcpy(kv, h->arena + (size_t)i * h->block_bytes, h->block_bytes);
-            if (out) *out = *m;
-            h->slots[i].last_use = now;
-            r = 1;
+            if (sink(ctx, h->arena + (size_t)i * h->block_bytes)) r = -1;
+            else {
+                if (out) *out = *m;
+                h->slots[i].last_use = now;
+                r = 1;
+            }
         }
     }
-    if (r) h->st.hits++;
+    if (r == 1) h->st.hits++;
     else h->st.misses++;
     pthread_mutex_unlock(&h->mu);
     return r;
+}
+
+typedef struct { void *dst; size_t n; } copy_sink;
+static int copy_to(void *ctx, const void *kv) {
+    copy_sink *c = ctx;
+    memcpy(c->dst, kv, c->n);
+    return 0;
+}
+
+int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv,
+               kvfile_meta *out) {
+    copy_sink c = { kv, h->block_bytes };
+    return kvhost_get_with(h, chain, ns, tokens, n, now, copy_to, &c, out) == 1;
 }
 
 void kvhost_get_stats(kvhost *h, kvhost_stats *out) {

@@ -36,6 +36,12 @@ int kvhost_covers(kvhost *h, uint64_t chain, int kind, double ttl, double now);
 /* A use of a held live block at now (its prefix was cached again): expiry at least now + its
  * ttl. Returns 1, or 0 when not held. */
 int kvhost_touch(kvhost *h, uint64_t chain, double now);
+/* On a hit (as kvhost_get) hands the held block's bytes to sink(ctx, bytes) under the store's
+ * lock instead of copying them out: a promotion on the GPU backend copies straight from the
+ * page-locked arena into the pool (one DMA, no bounce buffer). Returns 1 (hit, sink returned 0),
+ * 0 (miss) or -1 (sink failed: not counted as a hit). */
+int kvhost_get_with(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now,
+                    int (*sink)(void *ctx, const void *kv), void *ctx, kvfile_meta *out);
 /* Copies the block into kv (and its record into *m, when m is not NULL) when it is held, live,
  * of namespace ns (NULL = "") with exactly these n tokens. Returns 1 (hit) or 0. */
 int kvhost_get(kvhost *h, uint64_t chain, const char *ns, const int32_t *tokens, int n, double now, void *kv,

@@ -7,6 +7,7 @@
  * writing and not yet released: queued, being written, or written and waiting for
  * kvtier_poll, so the bound is also the bound on pool blocks pinned by the tiers. */
 #include "kvtier.h"
+#include "gpu.h"
 #include "kvdisk.h"
 #include "kvhost.h"
 #include "util.h"
@@ -34,6 +35,7 @@ struct kvtier {
     kvhost *host;
     size_t block_bytes;
     uint8_t *stage;            /* one block: the I/O thread's bounce buffer */
+    bool stage_pinned;         /* page-locked (gpu_host_alloc) */
     pthread_t th;
     bool started;
     pthread_mutex_t mu;
@@ -82,23 +84,42 @@ static void do_write(kvtier *t, wjob *w) {
     }
 }
 
+/* kvhost_get_with's sink on a pool stored elsewhere (GPU): the block straight into its slot. */
+typedef struct { kv_pool *pool; int32_t block; } pool_sink;
+static int into_pool(void *ctx, const void *kv) {
+    pool_sink *p = ctx;
+    return kv_block_write(p->pool, p->block, kv) ? -1 : 0;
+}
+
 static void do_read(kvtier *t, rjob *r) {
     bool direct = !t->pool->write_block && t->pool->data;
     for (int i = 0; i < r->n; i++) {
         kvtier_item *it = &r->items[i];
         void *dst = direct ? (void *)kv_k(t->pool, it->block, 0) : (void *)t->stage;
         int from = KVTIER_NONE;
+        bool loaded = direct;   /* in the pool already (not via the bounce buffer) */
         double t0 = mono();
         kvfile_meta m;
-        if (t->host && kvhost_get(t->host, it->chain, r->ns, it->tokens, it->n_tokens, r->now, dst, &m)) from = KVTIER_HOST;
-        else if (t->disk) {
+        if (t->host) {
+            int rc;
+            if (direct) rc = kvhost_get(t->host, it->chain, r->ns, it->tokens, it->n_tokens, r->now, dst, &m);
+            else {
+                pool_sink ps = { t->pool, it->block };
+                rc = kvhost_get_with(t->host, it->chain, r->ns, it->tokens, it->n_tokens, r->now, into_pool, &ps, &m);
+                if (rc < 0) break;
+                loaded = true;
+            }
+            if (rc == 1) from = KVTIER_HOST;
+        }
+        if (from == KVTIER_NONE && t->disk) {
             char err[256];
+            loaded = direct;
             if (kvdisk_get(t->disk, it->chain, r->ns, it->tokens, it->n_tokens, r->now, &m, dst, err, sizeof err) == 1) {
                 from = KVTIER_DISK;
                 if (t->host) kvhost_put(t->host, &m, dst, r->now);   /* the host tier keeps what was read */
             }
         }
-        if (from == KVTIER_NONE || (!direct && kv_block_write(t->pool, it->block, t->stage))) break;
+        if (from == KVTIER_NONE || (!loaded && kv_block_write(t->pool, it->block, t->stage))) break;
         it->kind = m.kind;
         it->ttl = m.ttl;
         it->expiry = m.expiry;
@@ -164,7 +185,8 @@ int kvtier_create(kvtier **out, const kvtier_opts *o, char *err, size_t errlen) 
     pthread_cond_init(&t->done_cv, NULL);
     t->wq = malloc((size_t)t->cap * sizeof *t->wq);
     t->w_done = malloc((size_t)t->cap * sizeof *t->w_done);
-    t->stage = malloc(t->block_bytes);
+    t->stage_pinned = o->host_pinned;   /* the GPU backend: the disk tier's blocks go to the pool by DMA too */
+    t->stage = t->stage_pinned ? gpu_host_alloc(t->block_bytes) : malloc(t->block_bytes);
     if (!t->wq || !t->w_done || !t->stage) { kvtier_free(t); return errf(err, errlen, "kvtier: out of memory"); }
     if (o->host_bytes &&
         kvhost_create(&t->host, (uint32_t)o->pool->n_layer, (uint32_t)o->pool->kv_dim, o->host_bytes, o->host_pinned, err, errlen)) {
@@ -219,7 +241,8 @@ void kvtier_free(kvtier *t) {
     kvhost_free(t->host);
     free(t->wq);
     free(t->w_done);
-    free(t->stage);
+    if (t->stage_pinned) gpu_host_free(t->stage);
+    else free(t->stage);
     pthread_cond_destroy(&t->work);
     pthread_cond_destroy(&t->done_cv);
     pthread_mutex_destroy(&t->mu);

@@ -74,6 +74,27 @@ def test_restart_serves_earlier_prefixes(tmp_path, cold):
         stop(srv)
 
 
+def test_host_tier_brings_back_evicted_prefixes(tmp_path, cold):
+    """A prefix pushed out of a small KV pool by other documents is brought back from the host-RAM
+    tier (--cache-host-mem, no disk): counted as cached tokens and as host promotions, with the
+    cold server's answer. On the CUDA backend (PCACHE_SERVE_ARGS="--device cuda") the blocks go
+    through pinned memory and the copy stream."""
+    srv = launch(tmp_path, ["--kv-mem", "16M", "--cache-host-mem", "256M"])
+    try:
+        text, top, cached, n = complete(srv, DOC + QUESTIONS[0])
+        assert cached == 0 and (text, top) == cold[QUESTIONS[0]]
+        for i in range(8):   # other documents, 4.5x the pool in all (the host tier holds them all)
+            complete(srv, f"Report {i}. " + " ".join(f"item{i}-{j} weighs {j * 7 % 13} kilograms," for j in range(40)))
+        before = metric(srv, "pcache_cache_tier_promotions_total", "host") or 0
+        text, top, cached, n = complete(srv, DOC + QUESTIONS[1])
+        assert (text, top) == cold[QUESTIONS[1]]
+        assert cached >= len(DOC) // 8 // 16 * 16 // 2, cached
+        assert metric(srv, "pcache_cache_tier_promotions_total", "host") > before
+        assert metric(srv, "pcache_cache_tier_tokens_served_total", "host") > 0
+    finally:
+        stop(srv)
+
+
 def test_corrupt_and_foreign_files_are_refused(tmp_path, cold):
     cache = str(tmp_path / "cache")
     srv = launch(tmp_path, ["--kv-mem", "64M", "--cache-dir", cache])
