@@ -1312,33 +1312,43 @@ static cudaError_t kernels_setup() {
 
 
 /* The chunk length along k (mm_out.kc) of a rows x cols matrix: part of every output's
- * arithmetic, so a function of the matrix alone, never of the batch. A decode batch has one tile
- * per 32 rows; chunks are cut so that those tiles times the chunks make about 512 blocks (an
- * 8B model's o: 4 chunks, q|k|v: 3, down: 4; gate|up and the output layer have tiles enough and
- * stay one chunk), each at least 1024 long, a multiple of 256. Every chunk boundary costs a prefill
- * an extra pass of red.adds over y, hence few and long chunks. PCACHE_KC=N (a multiple of 256)
- * makes every matrix's chunks N long, for the tests and A/B runs. */
+ * arithmetic, so a function of the matrix alone (its shape and whether decode reads it as Q4_0),
+ * never of the batch. A decode batch has one tile per 32 rows; chunks are cut so that those tiles
+ * times the chunks make about `blocks` blocks, each at least `min_len` long, a multiple of 256.
+ * Q4_0 matrices (decode reads 4.5 bits a weight, so a block's work is short): 512 blocks, chunks
+ * of at least 1024 (an 8B model's o: 4 chunks, q|k|v: 3, down: 4); fp16 ones: 256 blocks, at
+ * least 2048 (o: 2, q|k|v: 2, down: 4). Measured on an H200 (2026-12-01, 8B decode at batch 1 /
+ * 32 streams): fp16 151.0 / 2838 tok/s with Q4_0's rule, 161.4 / 2948 with its own (1024 blocks:
+ * 156.5 / 2512); Q4_0 175.8 with its rule, 155.2 with fp16's. Every chunk boundary costs a
+ * prefill an extra pass of red.adds over y, hence few and long chunks. PCACHE_KC=N (a multiple of
+ * 256) makes every matrix's chunks N long, for the tests and A/B runs; PCACHE_KC_BLOCKS and
+ * PCACHE_KC_MIN replace both rules' figures. */
 static int env_int(const char *name, int dflt) {
     const char *v = getenv(name);
     return v && *v ? atoi(v) : dflt;
 }
-static int mm_kc(int rows, int cols) {
+static int mm_kc(int rows, int cols, bool q4) {
     static int forced = -1, blocks, min_len;
     if (forced < 0) {
         const int k = env_int("PCACHE_KC", 0);
         forced = k >= 256 && k % 256 == 0 ? k : 0;
-        blocks = env_int("PCACHE_KC_BLOCKS", 512);   /* A/B runs of the rule itself */
-        min_len = env_int("PCACHE_KC_MIN", 1024);
-        if (blocks < 1) blocks = 1;
-        if (min_len < 256) min_len = 256;
+        blocks = env_int("PCACHE_KC_BLOCKS", 0);   /* A/B runs of the rule itself */
+        min_len = env_int("PCACHE_KC_MIN", 0);
     }
     if (forced) return forced;
-    const int tiles = (rows + 31) / 32, by_fill = (blocks + tiles - 1) / tiles, by_len = (cols + min_len - 1) / min_len;
+    int b = blocks > 0 ? blocks : q4 ? 512 : 256, ml = min_len > 0 ? min_len : q4 ? 1024 : 2048;
+    if (ml < 256) ml = 256;
+    const int tiles = (rows + 31) / 32, by_fill = (b + tiles - 1) / tiles, by_len = (cols + ml - 1) / ml;
     const int nch = by_fill < by_len ? by_fill : by_len;
     const int kc = (cols + nch - 1) / nch;
     return (kc + 255) / 256 * 256;
 }
-static size_t mm_chunks(int rows, int cols) { const int kc = mm_kc(rows, cols); return (size_t)((cols + kc - 1) / kc); }
+static size_t mm_chunks(int rows, int cols, bool q4) { const int kc = mm_kc(rows, cols, q4); return (size_t)((cols + kc - 1) / kc); }
+/* The most chunks either rule gives (workspace sizes). */
+static size_t mm_chunks_max(int rows, int cols) {
+    const size_t a = mm_chunks(rows, cols, false), b = mm_chunks(rows, cols, true);
+    return a > b ? a : b;
+}
 
 /* y (+)= x . W^T (+ bias). The shape is picked from the batch size and the grid's fill, and a
  * decode batch (up to 64 tokens) runs the chunks of k side by side (split); every choice gives
@@ -1366,7 +1376,7 @@ static int split_forced(void) {
 }
 static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy,
                       int accumulate) {
-    mm_out o = { y, ldy, w->bias, accumulate, mm_kc(w->rows, w->cols), NULL, NULL };
+    mm_out o = { y, ldy, w->bias, accumulate, mm_kc(w->rows, w->cols, w->q4 != NULL), NULL, NULL };
     int f = mm_forced();
     if (f == 1 || w->cols % 8 || ldx % 8 || ((uintptr_t)x & 15) || ((uintptr_t)w->w & 15)) {
         dim3 grid((w->rows + MM_BM - 1) / MM_BM, (n + MM_BN - 1) / MM_BN);
@@ -1378,7 +1388,7 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     if (!f && n > 64 && wg_default())   /* 256-row tiles when they fill the GPU */
         f = (size_t)((w->rows + 255) / 256) * ((n + WG_TOK - 1) / WG_TOK) >= (size_t)n_sms() ? 10 : 11;
     if (f >= 10) {   /* the warpgroup kernel: prefill, never split */
-        const int nch = (int)mm_chunks(w->rows, w->cols);
+        const int nch = (int)mm_chunks(w->rows, w->cols, w->q4 != NULL);
         if (f == 10 ? wg_launch<WG_256>(st, w, x, ldx, n, o, nch) : wg_launch<WG_128>(st, w, x, ldx, n, o, nch)) return;
         f = 0;
     }
@@ -1391,7 +1401,7 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     }
     /* tile rows x tokens of each shape (f = 2..9) */
     static const short tbm[10] = { 0, 0, 128, 64, 32, 32, 32, 32, 32, 32 }, tbn[10] = { 0, 0, 128, 128, 8, 32, 64, 8, 32, 64 };
-    const int nz = (int)mm_chunks(w->rows, w->cols);
+    const int nz = (int)mm_chunks(w->rows, w->cols, w->q4 != NULL);
     const size_t tiles = (size_t)((w->rows + tbm[f] - 1) / tbm[f]) * ((n + tbn[f] - 1) / tbn[f]);
     const int sf = split_forced();
     const bool split = nz > 1 && sf != 0 && g->part && (size_t)nz * n * w->rows <= g->part_cap && tiles <= (size_t)g->cnt_cap &&
@@ -1542,7 +1552,7 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         size_t pe = 0;
         const dmat *ws[4] = { &g->layers[0].wqkv, &g->layers[0].wo, &g->layers[0].gu, &g->layers[0].down };
         for (int i = 0; c->n_layer > 0 && i < 4; i++) {
-            const size_t e = (size_t)ws[i]->rows * mm_chunks(ws[i]->rows, ws[i]->cols);
+            const size_t e = (size_t)ws[i]->rows * mm_chunks_max(ws[i]->rows, ws[i]->cols);
             if (e > pe) pe = e;
         }
         CK(split_alloc(g, 64 * pe, &g->mem_scratch), "split workspace");
@@ -1811,7 +1821,7 @@ extern "C" int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols
     CK(dalloc(&g, (void **)&dy, (size_t)n * rows * sizeof(float), NULL), "y");
     CK(cudaMemcpy(dx, hx, (size_t)n * cols * sizeof(__half), cudaMemcpyHostToDevice), "x upload");
     if (y0) CK(cudaMemcpy(dy, y0, (size_t)n * rows * sizeof(float), cudaMemcpyHostToDevice), "y upload");
-    CK(split_alloc(&g, (size_t)n * rows * mm_chunks(rows, cols), NULL), "split workspace");
+    CK(split_alloc(&g, (size_t)n * rows * mm_chunks_max(rows, cols), NULL), "split workspace");
     if (bias) {
         CK(dalloc(&g, (void **)&db, (size_t)rows * sizeof(float), NULL), "bias");
         CK(cudaMemcpy(db, bias, (size_t)rows * sizeof(float), cudaMemcpyHostToDevice), "bias upload");
@@ -1848,7 +1858,7 @@ extern "C" int gpu_bench_matmul(int M, int K, int N, int reps, double *ms_out, c
     CK(dalloc(&g, (void **)&dy, (size_t)N * M * sizeof(float), NULL), "y");
     CK(cudaMemset(d.w, 0x33, (size_t)M * K * sizeof(__half)), "w");
     CK(cudaMemset(dx, 0x31, (size_t)N * K * sizeof(__half)), "x");
-    CK(split_alloc(&g, (size_t)N * M * mm_chunks(M, K), NULL), "split workspace");
+    CK(split_alloc(&g, (size_t)N * M * mm_chunks_max(M, K), NULL), "split workspace");
     CK(cudaEventCreate(&e0), "event");
     CK(cudaEventCreate(&e1), "event");
     for (int r = 0; r < reps + 1; r++) {
