@@ -98,7 +98,10 @@ def questions(n):
     for i in range(n):
         t = _TOPICS[i % len(_TOPICS)]
         f = _FORMS[(i // len(_TOPICS) + i) % len(_FORMS)]
-        qs.append(f.format(t=t))
+        q = f.format(t=t)
+        if i >= len(_TOPICS) * len(_FORMS):   # past the 96 combinations: numbered variants
+            q += f" Answer as note {i // (len(_TOPICS) * len(_FORMS)) + 1}."
+        qs.append(q)
     assert len(set(qs)) == n, "question list too short for n"
     return qs
 
