@@ -422,3 +422,47 @@ char *chat_apply_tools(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs,
     default: return generic_tools(tmpl, f, msgs, n, tools, n_tools, add_generation_prompt);
     }
 }
+
+/* ---------------------------------------------------------------- thinking models */
+/* A literal of the template's Jinja source, with its newlines written as the escape "\n" (as
+ * templates write them) or as they are. */
+static bool tmpl_has_text(gguf_str s, const char *lit) {
+    if (memmem_g(s, lit)) return true;
+    char esc[128];
+    size_t n = 0;
+    for (const char *p = lit; *p && n + 2 < sizeof esc; p++) {
+        if (*p == '\n') { esc[n++] = '\\'; esc[n++] = 'n'; }
+        else esc[n++] = *p;
+    }
+    esc[n] = 0;
+    return memmem_g(s, esc) != NULL;
+}
+
+chat_think chat_think_detect(const gguf_file *f, const tokenizer *t) {
+    chat_think th = { 0 };
+    gguf_str s = template_of(f);
+    th.thinks = memmem_g(s, "<think>") || (t && tokenizer_find(t, "<think>") >= 0 && tokenizer_find(t, "</think>") >= 0);
+    if (!th.thinks) return th;
+    th.gen_opens = tmpl_has_text(s, "<|im_start|>assistant\n<think>\n");
+    th.can_disable = memmem_g(s, "enable_thinking") && tmpl_has_text(s, "<think>\n\n</think>\n\n");
+    return th;
+}
+
+const char *chat_think_suffix(const chat_think *th, bool no_thinking) {
+    if (!th) return "";
+    if (no_thinking && th->can_disable) return "<think>\n\n</think>\n\n";
+    if (th->gen_opens) return "<think>\n";
+    return "";
+}
+
+char *chat_render(chat_tmpl tmpl, const gguf_file *f, const chat_think *th, const chat_msg *msgs, int n,
+                  const char *const *tools, int n_tools, bool add_generation_prompt, bool no_thinking) {
+    char *s = chat_apply_tools(tmpl, f, msgs, n, tools, n_tools, add_generation_prompt);
+    const char *sfx = add_generation_prompt ? chat_think_suffix(th, no_thinking) : "";
+    if (!s || !*sfx) return s;
+    size_t a = strlen(s), b = strlen(sfx);
+    char *o = realloc(s, a + b + 1);
+    if (!o) { free(s); return NULL; }
+    memcpy(o + a, sfx, b + 1);
+    return o;
+}

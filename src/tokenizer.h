@@ -71,4 +71,22 @@ char *chat_apply(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n
  * with tools and no message to put them in). */
 char *chat_apply_tools(chat_tmpl tmpl, const gguf_file *f, const chat_msg *msgs, int n, const char *const *tools,
                        int n_tools, bool add_generation_prompt);
+
+/* Thinking models: what the template does with reasoning blocks (<think> ... </think>, see
+ * reasoning.h). Detected from the template's text (and the vocabulary), as the family is. */
+typedef struct chat_think {
+    bool thinks;      /* the template writes <think>, or the vocabulary has <think> and </think> */
+    bool gen_opens;   /* ChatML: the generation prompt ends with "<think>\n" (QwQ, Qwen3 thinking-only
+                         templates): the reply starts inside the block */
+    bool can_disable; /* the template takes enable_thinking (Qwen3): false ends the generation
+                         prompt with an empty block, "<think>\n\n</think>\n\n" */
+} chat_think;
+chat_think chat_think_detect(const gguf_file *f, const tokenizer *t);
+/* What the template writes after the generation prompt ("" when nothing): no_thinking is the
+ * template argument enable_thinking = false (no effect where the template does not take it, as
+ * with Jinja). */
+const char *chat_think_suffix(const chat_think *th, bool no_thinking);
+/* chat_apply_tools, then that suffix when add_generation_prompt (th may be NULL: none). */
+char *chat_render(chat_tmpl tmpl, const gguf_file *f, const chat_think *th, const chat_msg *msgs, int n,
+                  const char *const *tools, int n_tools, bool add_generation_prompt, bool no_thinking);
 #endif

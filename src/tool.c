@@ -483,10 +483,10 @@ static int cmd_chat(int argc, char **argv) {
 
 /* An API request body on stdin (OpenAI chat, or Anthropic messages with --anthropic) -> the
  * prompt the server renders for it with the model's template (tools and tool turns included). */
-typedef struct { gguf_file *f; chat_tmpl tmpl; } render_ctx;
+typedef struct { gguf_file *f; chat_tmpl tmpl; chat_think think; bool no_thinking; } render_ctx;
 static char *render_fn(void *ctx, const chat_msg *msgs, int n, const char *const *tools, int n_tools, bool gen) {
     render_ctx *rc = ctx;
-    return chat_apply_tools(rc->tmpl, rc->f, msgs, n, tools, n_tools, gen);
+    return chat_render(rc->tmpl, rc->f, &rc->think, msgs, n, tools, n_tools, gen, rc->no_thinking);
 }
 
 static int cmd_render(int argc, char **argv) {
@@ -501,7 +501,7 @@ static int cmd_render(int argc, char **argv) {
     api_error e;
     int rc = 1;
     if (body && api_parse(anth ? API_ANTHROPIC_MESSAGES : API_OPENAI_CHAT, body, len, &r, &e) == 0) {
-        render_ctx ctx = { f, chat_template_detect(f, t) };
+        render_ctx ctx = { f, chat_template_detect(f, t), chat_think_detect(f, t), r.no_thinking };
         char *prompt = NULL;
         size_t plen;
         api_bp bps[ENGINE_MAX_BREAKPOINTS];
