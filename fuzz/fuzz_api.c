@@ -75,6 +75,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(api_format_stream_start(&r, &res, 10));
     free(api_format_stream_delta(&r, &res, "d", 1));
     free(api_format_stream_end(&r, &res));
+    /* a thinking model's reply (as the server marks it), whole and streamed with its blocks */
+    r.think = size > 1 && (data[1] & 1);
+    res.reasoning = "why\xe2\x82\xac";
+    res.reasoning_len = r.think ? 6 : 0;
+    res.reasoning_tokens = r.think ? 2 : 0;
+    api_stream st = { 0 };
+    free(api_format_response(&r, &res));
+    free(api_format_stream_start(&r, &res, 10));
+    free(api_format_stream_reasoning(&r, &res, &st));
+    free(api_format_stream_text(&r, &res, &st, "t", 1));
+    free(api_format_stream_finish(&r, &res, &st));
     api_request_free(&r);
     return 0;
 }

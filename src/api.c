@@ -305,12 +305,6 @@ static int openai_refusals(const cJSON *root, api_request *r, api_error *err) {
 }
 
 static int anthropic_refusals(const cJSON *root, api_error *err) {
-    const cJSON *th = cJSON_GetObjectItemCaseSensitive(root, "thinking");
-    if (th && !cJSON_IsNull(th)) {
-        const char *t = NULL;
-        if (!cJSON_IsObject(th) || get_string(th, "type", &t, err) < 0) return -1;
-        if (t && !strcmp(t, "enabled")) return refuse(err, "thinking", "extended thinking");
-    }
     const cJSON *mcp = cJSON_GetObjectItemCaseSensitive(root, "mcp_servers");
     if (cJSON_IsArray(mcp) && cJSON_GetArraySize(mcp) > 0) return refuse(err, "mcp_servers", "MCP servers");
     return 0;
@@ -780,9 +774,13 @@ static int responses_items(const cJSON *items, cJSON *msgs, cJSON *norm, const c
             cJSON_AddStringToObject(n, "output", out ? out : b.p);
             cJSON_AddItemToArray(norm, n);
             free(b.p);
+        } else if (!strcmp(type, "reasoning")) {
+            /* an earlier turn's reasoning (as responses return it, and clients that manage the
+             * conversation send it back): not part of the prompt, as thinking models' templates
+             * drop the reasoning of earlier turns (and Anthropic thinking blocks are dropped) */
         } else {
             api_error_set(err, 400, "invalid_request_error", param, "unsupported_parameter",
-                          "%s: input items of type '%.40s' are not supported by pcache (message, function_call, function_call_output)", param, type);
+                          "%s: input items of type '%.40s' are not supported by pcache (message, function_call, function_call_output, reasoning)", param, type);
             return -1;
         }
     }
@@ -795,12 +793,6 @@ static cJSON *responses_to_chat(const cJSON *root, const cJSON *history, api_req
     for (int i = 0; refused[i]; i++) {
         const cJSON *x = cJSON_GetObjectItemCaseSensitive(root, refused[i]);
         if (x && !cJSON_IsNull(x) && !cJSON_IsFalse(x)) { refuse(err, refused[i], refused[i]); return NULL; }
-    }
-    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "reasoning");
-    if (rs && !cJSON_IsNull(rs) && cJSON_GetObjectItemCaseSensitive(rs, "effort") &&
-        !cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(rs, "effort"))) {
-        refuse(err, "reasoning", "reasoning.effort (the model does not reason)");
-        return NULL;
     }
     const char *tr = NULL;
     if (get_string(root, "truncation", &tr, err) < 0) return NULL;
@@ -1271,6 +1263,87 @@ static int parse_anthropic(const cJSON *root, api_request *r, api_error *err) {
     return anthropic_refusals(root, err);
 }
 
+/* ---------------------------------------------------------------- thinking models */
+/* What a request says about reasoning blocks: reasoning_format (llama.cpp's: "none" leaves the
+ * block inline in the content), chat_template_kwargs.enable_thinking (vLLM's and llama.cpp's
+ * way to turn Qwen3's thinking off), Anthropic `thinking` and Responses `reasoning` (their
+ * levels, budget_tokens and effort, are not used: see want_thinking). Whether the model reasons
+ * at all is the server's to check. */
+static int parse_reasoning(const cJSON *root, api_kind kind, api_request *r, api_error *err) {
+    const char *rf = NULL;
+    if (get_string(root, "reasoning_format", &rf, err) < 0) return -1;
+    if (rf) {
+        if (!strcmp(rf, "none")) r->reasoning_format = API_REASONING_NONE;
+        else if (!strcmp(rf, "auto") || !strcmp(rf, "deepseek")) r->reasoning_format = API_REASONING_SPLIT;
+        else {
+            api_error_set(err, 400, "invalid_request_error", "reasoning_format", "invalid_value",
+                          "reasoning_format: '%.60s' is not supported (none, auto or deepseek)", rf);
+            return -1;
+        }
+    }
+    const cJSON *kw = cJSON_GetObjectItemCaseSensitive(root, "chat_template_kwargs");
+    if (kw && !cJSON_IsNull(kw)) {
+        if (!cJSON_IsObject(kw)) {
+            api_error_set(err, 400, "invalid_request_error", "chat_template_kwargs", "invalid_type", "chat_template_kwargs: expected an object");
+            return -1;
+        }
+        const cJSON *x;
+        cJSON_ArrayForEach(x, kw) {
+            if (!strcmp(x->string, "enable_thinking")) {
+                if (!cJSON_IsBool(x)) {
+                    api_error_set(err, 400, "invalid_request_error", "chat_template_kwargs.enable_thinking", "invalid_type",
+                                  "chat_template_kwargs.enable_thinking: expected a boolean");
+                    return -1;
+                }
+                r->no_thinking = cJSON_IsFalse(x);
+            } else {   /* templates are rendered by pcache's own code, which knows only this one */
+                api_error_set(err, 400, "invalid_request_error", "chat_template_kwargs", "unsupported_parameter",
+                              "chat_template_kwargs: the template argument '%.60s' is not supported by pcache (only enable_thinking)", x->string);
+                return -1;
+            }
+        }
+    }
+    if (api_is_anthropic(kind)) {
+        const cJSON *th = cJSON_GetObjectItemCaseSensitive(root, "thinking");
+        if (th && !cJSON_IsNull(th)) {
+            const char *t = NULL;
+            if (!cJSON_IsObject(th) || get_string(th, "type", &t, err) < 0 || !t) {
+                api_error_set(err, 400, "invalid_request_error", "thinking", NULL, "thinking: expected an object with a type");
+                return -1;
+            }
+            if (!strcmp(t, "enabled") || !strcmp(t, "adaptive")) r->want_thinking = "thinking";
+            else if (!strcmp(t, "disabled")) r->no_thinking = true;
+            else {
+                api_error_set(err, 400, "invalid_request_error", "thinking.type", NULL,
+                              "thinking.type: expected 'enabled', 'adaptive' or 'disabled', not '%.40s'", t);
+                return -1;
+            }
+        }
+    }
+    if (kind == API_OPENAI_RESPONSES) {
+        const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "reasoning");
+        if (rs && !cJSON_IsNull(rs)) {
+            const char *effort = NULL, *summary = NULL;
+            if (!cJSON_IsObject(rs) || get_string(rs, "effort", &effort, err) < 0 || get_string(rs, "summary", &summary, err) < 0) {
+                api_error_set(err, 400, "invalid_request_error", "reasoning", "invalid_type", "reasoning: expected an object (effort, summary)");
+                return -1;
+            }
+            static const char *const efforts[] = { "minimal", "low", "medium", "high", "xhigh", NULL };
+            bool known = !effort || !strcmp(effort, "none");
+            for (int i = 0; efforts[i] && !known; i++) known = !strcmp(effort, efforts[i]);
+            if (!known) {
+                api_error_set(err, 400, "invalid_request_error", "reasoning.effort", "invalid_value",
+                              "reasoning.effort: '%.40s' is not one of none, minimal, low, medium, high, xhigh", effort);
+                return -1;
+            }
+            /* summary: the reasoning is returned whole (as reasoning_text), never summarized */
+            if (effort && !strcmp(effort, "none")) r->no_thinking = true;
+            else if (effort) r->want_thinking = "reasoning";
+        }
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- entry points */
 void api_request_free(api_request *r) {
     if (!r) return;
@@ -1350,6 +1423,7 @@ static int parse_body(api_kind kind, const char *body, size_t len, const char *h
         goto fail;
     }
     if (parse_cache_salt(root, out, err) < 0) goto fail;
+    if (parse_reasoning(root, kind, out, err) < 0) goto fail;
     cJSON_Delete(root);
     return 0;
 fail:
@@ -1564,7 +1638,7 @@ static cJSON *openai_call(const api_tool_call *c, int index, bool stream_head, b
     return o;
 }
 
-static cJSON *usage_openai(const engine_usage *u) {
+static cJSON *usage_openai(const engine_usage *u, int reasoning_tokens) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "prompt_tokens", u->prompt_tokens);
     cJSON_AddNumberToObject(o, "completion_tokens", u->completion_tokens);
@@ -1573,7 +1647,7 @@ static cJSON *usage_openai(const engine_usage *u) {
     cJSON_AddNumberToObject(pd, "cached_tokens", u->cached_tokens);
     cJSON_AddNumberToObject(pd, "audio_tokens", 0);
     cJSON *cd = cJSON_AddObjectToObject(o, "completion_tokens_details");
-    cJSON_AddNumberToObject(cd, "reasoning_tokens", 0);
+    cJSON_AddNumberToObject(cd, "reasoning_tokens", reasoning_tokens);
     cJSON_AddNumberToObject(cd, "audio_tokens", 0);
     cJSON_AddNumberToObject(cd, "accepted_prediction_tokens", 0);
     cJSON_AddNumberToObject(cd, "rejected_prediction_tokens", 0);
@@ -1598,7 +1672,7 @@ static cJSON *usage_anthropic(const engine_usage *u, bool with_output) {
 }
 
 char *api_format_usage_openai(const engine_usage *u) {
-    cJSON *o = usage_openai(u);
+    cJSON *o = usage_openai(u, 0);
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     return s;
@@ -1728,7 +1802,14 @@ static cJSON *anthropic_message(const api_request *r, const api_result *res, boo
     cJSON_AddStringToObject(m, "model", res->model);
     cJSON *content = cJSON_AddArrayToObject(m, "content");
     if (final) {
-        if (res->text_len > 0 || res->n_calls == 0) {
+        if (res->reasoning_len > 0) {   /* no signature: nothing to verify it with */
+            cJSON *blk = cJSON_CreateObject();
+            cJSON_AddStringToObject(blk, "type", "thinking");
+            cJSON_AddItemToObject(blk, "thinking", str_n(res->reasoning, res->reasoning_len));
+            cJSON_AddStringToObject(blk, "signature", "");
+            cJSON_AddItemToArray(content, blk);
+        }
+        if (res->text_len > 0 || (res->n_calls == 0 && res->reasoning_len == 0)) {
             cJSON *blk = cJSON_CreateObject();
             cJSON_AddStringToObject(blk, "type", "text");
             cJSON_AddItemToObject(blk, "text", str_n(res->text, res->text_len));
@@ -1796,12 +1877,32 @@ static cJSON *resp_call(const api_tool_call *c, bool done) {
     return o;
 }
 
-/* The output items: the message (if there is text, or nothing else) at position msg_item - 1
- * (0: first), the calls in order around it. */
+static cJSON *resp_reasoning(const api_result *res, bool done) {
+    char rid[64];
+    resp_id(rid, sizeof rid, "rs_", res->id);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", rid);
+    cJSON_AddStringToObject(o, "type", "reasoning");
+    cJSON_AddArrayToObject(o, "summary");
+    cJSON *content = cJSON_AddArrayToObject(o, "content");
+    if (done) {
+        cJSON *part = cJSON_CreateObject();
+        cJSON_AddStringToObject(part, "type", "reasoning_text");
+        cJSON_AddItemToObject(part, "text", str_n(res->reasoning, res->reasoning_len));
+        cJSON_AddItemToArray(content, part);
+    }
+    cJSON_AddStringToObject(o, "status", done ? "completed" : "in_progress");
+    return o;
+}
+
+/* The output items: the reasoning (if any) first; the message (if there is text, or nothing
+ * else) at position msg_item - 1 (0: first after the reasoning), the calls in order around it. */
 static cJSON *resp_output(const api_result *res, int msg_item) {
     cJSON *out = cJSON_CreateArray();
     const bool msg = res->text_len > 0 || res->n_calls == 0;
-    const int at = msg_item > 0 ? msg_item - 1 : 0;
+    const int first = res->reasoning_len > 0;
+    if (first) cJSON_AddItemToArray(out, resp_reasoning(res, true));
+    const int at = msg_item > first ? msg_item - 1 - first : 0;
     for (int i = 0; i <= res->n_calls; i++) {
         if (msg && i == (at < res->n_calls ? at : res->n_calls)) cJSON_AddItemToArray(out, resp_message(res, res->text, res->text_len, true));
         if (i < res->n_calls) cJSON_AddItemToArray(out, resp_call(&res->calls[i], true));
@@ -1853,7 +1954,7 @@ static cJSON *resp_object(const api_request *r, const api_result *res, bool fina
         cJSON_AddNumberToObject(us, "input_tokens", u->prompt_tokens);
         cJSON_AddNumberToObject(cJSON_AddObjectToObject(us, "input_tokens_details"), "cached_tokens", u->cached_tokens);
         cJSON_AddNumberToObject(us, "output_tokens", u->completion_tokens);
-        cJSON_AddNumberToObject(cJSON_AddObjectToObject(us, "output_tokens_details"), "reasoning_tokens", 0);
+        cJSON_AddNumberToObject(cJSON_AddObjectToObject(us, "output_tokens_details"), "reasoning_tokens", res->reasoning_tokens);
         cJSON_AddNumberToObject(us, "total_tokens", u->prompt_tokens + u->completion_tokens);
     } else {
         cJSON_AddNullToObject(o, "usage");
@@ -1905,9 +2006,57 @@ static char *resp_stream_start(const api_request *r, const api_result *res) {
     return sb_take(&b);
 }
 
+static cJSON *resp_reasoning_where(const api_result *res, const api_stream *st) {
+    char rid[64];
+    resp_id(rid, sizeof rid, "rs_", res->id);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "item_id", rid);
+    cJSON_AddNumberToObject(o, "output_index", st->reasoning_item - 1);
+    cJSON_AddNumberToObject(o, "content_index", 0);
+    return o;
+}
+
+static void resp_stream_reasoning(sbuf *b, const api_result *res, api_stream *st, const char *text, size_t len) {
+    if (!st->reasoning_item) {
+        st->reasoning_item = ++st->items;
+        st->think_open = true;
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "output_index", st->reasoning_item - 1);
+        cJSON_AddItemToObject(o, "item", resp_reasoning(res, false));
+        resp_event(b, st, "response.output_item.added", o);
+        o = resp_reasoning_where(res, st);
+        cJSON *part = cJSON_AddObjectToObject(o, "part");
+        cJSON_AddStringToObject(part, "type", "reasoning_text");
+        cJSON_AddStringToObject(part, "text", "");
+        resp_event(b, st, "response.content_part.added", o);
+    }
+    cJSON *o = resp_reasoning_where(res, st);
+    cJSON_AddItemToObject(o, "delta", str_n(text, len));
+    resp_event(b, st, "response.reasoning_text.delta", o);
+}
+
+/* The reasoning item's last events (res->reasoning is then all of it). */
+static void resp_close_reasoning(sbuf *b, const api_result *res, api_stream *st) {
+    if (!st->think_open) return;
+    st->think_open = false;
+    cJSON *o = resp_reasoning_where(res, st);
+    cJSON_AddItemToObject(o, "text", str_n(res->reasoning, res->reasoning_len));
+    resp_event(b, st, "response.reasoning_text.done", o);
+    o = resp_reasoning_where(res, st);
+    cJSON *part = cJSON_AddObjectToObject(o, "part");
+    cJSON_AddStringToObject(part, "type", "reasoning_text");
+    cJSON_AddItemToObject(part, "text", str_n(res->reasoning, res->reasoning_len));
+    resp_event(b, st, "response.content_part.done", o);
+    o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "output_index", st->reasoning_item - 1);
+    cJSON_AddItemToObject(o, "item", resp_reasoning(res, true));
+    resp_event(b, st, "response.output_item.done", o);
+}
+
 static char *resp_stream_text(const api_result *res, api_stream *st, const char *text, size_t len) {
     sbuf b = {0};
     sb_add(&b, "", 0);
+    resp_close_reasoning(&b, res, st);
     if (!st->msg_item) {
         st->msg_item = ++st->items;
         cJSON *o = cJSON_CreateObject();
@@ -1928,9 +2077,10 @@ static char *resp_stream_text(const api_result *res, api_stream *st, const char 
     return sb_take(&b);
 }
 
-static char *resp_stream_call(const api_tool_call *c, api_stream *st) {
+static char *resp_stream_call(const api_result *res, const api_tool_call *c, api_stream *st) {
     sbuf b = {0};
     sb_add(&b, "", 0);
+    resp_close_reasoning(&b, res, st);
     const int idx = st->items++;
     char fid[64];
     resp_id(fid, sizeof fid, "fc_", c->id);
@@ -1957,6 +2107,7 @@ static char *resp_stream_call(const api_tool_call *c, api_stream *st) {
 static char *resp_stream_finish(const api_request *r, const api_result *res, api_stream *st) {
     sbuf b = {0};
     sb_add(&b, "", 0);
+    resp_close_reasoning(&b, res, st);
     if (!st->msg_item && res->n_calls == 0) {   /* no text at all: still one (empty) message */
         char *t = resp_stream_text(res, st, "", 0);
         if (t) sb_str(&b, t);
@@ -2013,6 +2164,10 @@ char *api_format_response(const api_request *r, const api_result *res) {
         cJSON_AddStringToObject(msg, "role", "assistant");
         if (res->n_calls > 0 && res->text_len == 0) cJSON_AddNullToObject(msg, "content");
         else cJSON_AddItemToObject(msg, "content", str_n(res->text, res->text_len));
+        if (r->think) {
+            if (res->reasoning_len > 0) cJSON_AddItemToObject(msg, "reasoning_content", str_n(res->reasoning, res->reasoning_len));
+            else cJSON_AddNullToObject(msg, "reasoning_content");
+        }
         cJSON_AddNullToObject(msg, "refusal");
         if (res->n_calls > 0) {
             cJSON *calls = cJSON_AddArrayToObject(msg, "tool_calls");
@@ -2025,7 +2180,7 @@ char *api_format_response(const api_request *r, const api_result *res) {
     add_logprobs(c, r, res, true);
     cJSON_AddStringToObject(c, "finish_reason", openai_finish_res(res));
     cJSON_AddItemToArray(choices, c);
-    cJSON_AddItemToObject(o, "usage", usage_openai(u));
+    cJSON_AddItemToObject(o, "usage", usage_openai(u, res->reasoning_tokens));
     cJSON_AddNullToObject(o, "system_fingerprint");
     return print_free(o);
 }
@@ -2085,7 +2240,7 @@ char *api_format_stream_start(const api_request *r, const api_result *res, int n
         cJSON_AddItemToObject(m, "usage", usage_anthropic(res->usage ? res->usage : &u, true));
         cJSON_AddItemToObject(o, "message", m);
         sse_event(&b, "message_start", o);
-        if (!api_tools_active(r)) {   /* with tools, blocks open as text and calls come */
+        if (!api_stream_blocks(r)) {   /* with tools or reasoning, blocks open as they come */
             o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "type", "content_block_start");
             cJSON_AddNumberToObject(o, "index", 0);
@@ -2127,7 +2282,7 @@ char *api_format_stream_end(const api_request *r, const api_result *res) {
     const engine_usage *u = res->usage ? res->usage : &zero;
     if (api_is_anthropic(r->kind)) {
         cJSON *o;
-        if (!api_tools_active(r)) {   /* with tools: api_format_stream_finish closes the open block */
+        if (!api_stream_blocks(r)) {   /* else api_format_stream_finish closes the open block */
             o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "type", "content_block_stop");
             cJSON_AddNumberToObject(o, "index", 0);
@@ -2158,7 +2313,7 @@ char *api_format_stream_end(const api_request *r, const api_result *res) {
             cJSON_AddStringToObject(o, "model", res->model);
             cJSON_AddNullToObject(o, "system_fingerprint");
             cJSON_AddArrayToObject(o, "choices");
-            cJSON_AddItemToObject(o, "usage", usage_openai(u));
+            cJSON_AddItemToObject(o, "usage", usage_openai(u, res->reasoning_tokens));
             sse_data(&b, o);
         }
         sb_str(&b, "data: [DONE]\n\n");
@@ -2175,11 +2330,51 @@ static void anth_block_event(sbuf *b, const char *type, int index, cJSON *block)
     sse_event(b, type, o);
 }
 
+/* Anthropic: closes the thinking block (no signature_delta: there is no signature). */
+static void anth_close_thinking(sbuf *b, api_stream *st) {
+    if (!st->think_open) return;
+    anth_block_event(b, "content_block_stop", st->block++, NULL);
+    st->think_open = false;
+}
+
+char *api_format_stream_reasoning(const api_request *r, const api_result *res, api_stream *st) {
+    sbuf b = {0};
+    sb_add(&b, "", 0);
+    if (res->reasoning_len <= st->reasoning_sent) return sb_take(&b);
+    const char *text = res->reasoning + st->reasoning_sent;
+    const size_t len = res->reasoning_len - st->reasoning_sent;
+    st->reasoning_sent = res->reasoning_len;
+    if (r->kind == API_OPENAI_RESPONSES) {
+        resp_stream_reasoning(&b, res, st, text, len);
+    } else if (api_is_anthropic(r->kind)) {
+        if (!st->think_open) {
+            cJSON *blk = cJSON_CreateObject();
+            cJSON_AddStringToObject(blk, "type", "thinking");
+            cJSON_AddStringToObject(blk, "thinking", "");
+            cJSON_AddStringToObject(blk, "signature", "");
+            anth_block_event(&b, "content_block_start", st->block, blk);
+            st->think_open = true;
+        }
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "thinking_delta");
+        cJSON_AddItemToObject(d, "thinking", str_n(text, len));
+        anth_block_event(&b, "content_block_delta", st->block, d);
+    } else {   /* delta.reasoning_content, as vLLM, llama.cpp and DeepSeek stream it */
+        cJSON *o = openai_chunk(r, res, false, NULL, 0, NULL, true);
+        cJSON *delta = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(o, "choices"), 0), "delta");
+        cJSON *rc = str_n(text, len);
+        if (!cJSON_AddItemToObject(delta, "reasoning_content", rc)) cJSON_Delete(rc);   /* no delta: not chat */
+        sse_data(&b, o);
+    }
+    return sb_take(&b);
+}
+
 char *api_format_stream_text(const api_request *r, const api_result *res, api_stream *st, const char *text, size_t len) {
     if (r->kind == API_OPENAI_RESPONSES) return resp_stream_text(res, st, text, len);
     if (!api_is_anthropic(r->kind)) return api_format_stream_delta(r, res, text, len);
     sbuf b = {0};
     sb_add(&b, "", 0);
+    anth_close_thinking(&b, st);
     if (!st->text_open) {
         cJSON *blk = cJSON_CreateObject();
         cJSON_AddStringToObject(blk, "type", "text");
@@ -2195,10 +2390,11 @@ char *api_format_stream_text(const api_request *r, const api_result *res, api_st
 }
 
 char *api_format_stream_call(const api_request *r, const api_result *res, api_stream *st, const api_tool_call *c) {
-    if (r->kind == API_OPENAI_RESPONSES) return resp_stream_call(c, st);
+    if (r->kind == API_OPENAI_RESPONSES) return resp_stream_call(res, c, st);
     sbuf b = {0};
     sb_add(&b, "", 0);
     if (api_is_anthropic(r->kind)) {
+        anth_close_thinking(&b, st);
         if (st->text_open) {
             anth_block_event(&b, "content_block_stop", st->block++, NULL);
             st->text_open = false;
@@ -2231,9 +2427,20 @@ char *api_format_stream_finish(const api_request *r, const api_result *res, api_
     if (r->kind == API_OPENAI_RESPONSES) return resp_stream_finish(r, res, st);
     sbuf b = {0};
     sb_add(&b, "", 0);
-    if (api_is_anthropic(r->kind) && st->text_open) {
-        anth_block_event(&b, "content_block_stop", st->block++, NULL);
-        st->text_open = false;
+    if (api_is_anthropic(r->kind)) {
+        anth_close_thinking(&b, st);
+        if (!st->text_open && st->block == 0 && res->n_calls == 0) {
+            /* nothing at all: one empty text block, as the response has when not streamed */
+            cJSON *blk = cJSON_CreateObject();
+            cJSON_AddStringToObject(blk, "type", "text");
+            cJSON_AddStringToObject(blk, "text", "");
+            anth_block_event(&b, "content_block_start", st->block, blk);
+            st->text_open = true;
+        }
+        if (st->text_open) {
+            anth_block_event(&b, "content_block_stop", st->block++, NULL);
+            st->text_open = false;
+        }
     }
     char *end = api_format_stream_end(r, res);
     if (!end) { free(b.p); return NULL; }

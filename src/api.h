@@ -117,9 +117,28 @@ typedef struct api_request {
                                  previous_response_id; default true */
     char *items;              /* the conversation's input items as a JSON array (the previous
                                  responses' items and outputs, then this request's input) */
+    /* Thinking models (reasoning.h) */
+    int reasoning_format;     /* llama.cpp's reasoning_format: API_REASONING_SPLIT ("auto",
+                                 "deepseek", the default) or API_REASONING_NONE (left inline) */
+    bool no_thinking;         /* the template argument enable_thinking = false: chat_template_kwargs
+                                 {"enable_thinking": false}, Anthropic thinking disabled, Responses
+                                 reasoning.effort "none" */
+    const char *want_thinking;/* the parameter that asks for reasoning (Anthropic "thinking" enabled,
+                                 Responses "reasoning"), NULL when none: the server refuses it for a
+                                 model that does not reason. Its level (budget_tokens, effort) is
+                                 not used: nothing bounds the reasoning but max_tokens. */
+    bool think;               /* set by the server: the output is split into reasoning and content
+                                 (a thinking model, a chat kind, reasoning_format not none, no
+                                 grammar from the first token) */
 } api_request;
 /* Whether the reply is parsed for tool calls: tools given and tool_choice not none. */
 static inline bool api_tools_active(const struct api_request *r) { return r->n_tools > 0 && r->tool_choice != API_TOOL_NONE; }
+enum { API_REASONING_SPLIT = 0, API_REASONING_NONE };
+/* Whether content blocks (Anthropic) and output items are opened as text comes (api_stream):
+ * with tool calls or a reasoning block before the text. */
+static inline bool api_stream_blocks(const struct api_request *r) {
+    return api_tools_active(r) || r->think;
+}
 enum { API_FORMAT_TEXT = 0, API_FORMAT_JSON_OBJECT, API_FORMAT_JSON_SCHEMA };
 #define API_MAX_LOGIT_BIAS 1024
 #define API_MAX_CACHE_SALT 256
@@ -131,7 +150,8 @@ enum { API_FORMAT_TEXT = 0, API_FORMAT_JSON_OBJECT, API_FORMAT_JSON_SCHEMA };
  * echo, suffix, functions with a function_call forcing one (use tools), tools of a type other
  * than function, response_format other than text together with tools, audio, modalities other
  * than text, prediction, web_search_options; Anthropic: server tools (web search, bash, text
- * editor, ...), thinking enabled, mcp_servers).
+ * editor, ...), mcp_servers). Asking for reasoning (Anthropic thinking, Responses reasoning.effort)
+ * is parsed here and refused by the server when the model does not reason.
  * Unknown fields are ignored (newer SDKs send fields older servers do not know). */
 int api_parse(api_kind kind, const char *body, size_t len, api_request *out, api_error *err);
 /* A Responses request continuing a stored conversation: history is the earlier items (a JSON
@@ -184,6 +204,11 @@ typedef struct api_result {
      * tool_calls / tool_use. */
     const api_tool_call *calls;
     int n_calls;
+    /* The reasoning (req.think; text is then the content after it): all of it so far when
+     * streaming. reasoning_tokens: the tokens it took (usage's reasoning_tokens). */
+    const char *reasoning;
+    size_t reasoning_len;
+    int reasoning_tokens;
 } api_result;
 
 /* Non-streamed response bodies (JSON). */
@@ -202,12 +227,21 @@ char *api_format_stream_end(const api_request *r, const api_result *res);
  * opens no text block for such requests; st starts zeroed. */
 typedef struct api_stream {
     int block; bool text_open; int calls;
+    bool think_open;          /* a thinking block (Anthropic) / reasoning item (Responses) is open */
+    int reasoning_item;       /* Responses: the reasoning item's output_index + 1 (0: none yet) */
+    size_t reasoning_sent;    /* bytes of reasoning sent */
     int seq;                  /* Responses: the next event's sequence_number */
     int items;                /* Responses: output items opened so far */
     int msg_item;             /* Responses: the message item's output_index + 1 (0: none yet) */
 } api_stream;
 char *api_format_stream_text(const api_request *r, const api_result *res, api_stream *st, const char *text, size_t len);
 char *api_format_stream_call(const api_request *r, const api_result *res, api_stream *st, const api_tool_call *c);
+/* Reasoning (req.think): res->reasoning[st->reasoning_sent .. res->reasoning_len) as OpenAI
+ * delta.reasoning_content, an Anthropic thinking block's thinking_delta (the block opened first)
+ * or a Responses reasoning item's response.reasoning_text.delta (the item opened first). Text
+ * and calls after it close the block / item (with res->reasoning then complete). "" when
+ * nothing is new. */
+char *api_format_stream_reasoning(const api_request *r, const api_result *res, api_stream *st);
 char *api_format_stream_finish(const api_request *r, const api_result *res, api_stream *st);
 /* Responses: the output items of a finished response (its message and function calls, as the
  * response lists them; msg_item as api_stream's, 0 for a response not streamed), as a JSON

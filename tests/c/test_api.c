@@ -538,7 +538,7 @@ START_TEST(responses_parsed_as_chat) {
     ck_assert_ptr_nonnull(strstr(r.items, "\"first\""));
     ck_assert_ptr_nonnull(strstr(r.items, "\"next\""));
     api_request_free(&r);
-    const char *bad[] = { "{\"input\":[{\"type\":\"reasoning\"}]}", "{\"input\":\"x\",\"background\":true}", "{\"input\":3}", "{}",
+    const char *bad[] = { "{\"input\":[{\"type\":\"web_search_call\"}]}", "{\"input\":\"x\",\"background\":true}", "{\"input\":3}", "{}",
                           "{\"input\":\"x\",\"tools\":[{\"type\":\"file_search\"}]}", "{\"input\":[]}" };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         ck_assert_msg(api_parse(API_OPENAI_RESPONSES, bad[i], strlen(bad[i]), &r, &e) < 0, "accepted %s", bad[i]);
@@ -598,7 +598,14 @@ START_TEST(params_refused) {
         { API_OPENAI_COMPLETION, COMP_X "\"logprobs\":6}", "logprobs" },
         { API_ANTHROPIC_MESSAGES, ANTH_X "\"tool_choice\":{\"type\":\"any\"}}", "tool_choice" },
         { API_ANTHROPIC_MESSAGES, ANTH_X "\"tool_choice\":{\"type\":\"tool\",\"name\":\"f\"}}", "tool_choice" },
-        { API_ANTHROPIC_MESSAGES, ANTH_X "\"thinking\":{\"type\":\"enabled\",\"budget_tokens\":1024}}", "thinking" },
+        { API_ANTHROPIC_MESSAGES, ANTH_X "\"thinking\":{\"type\":\"sometimes\"}}", "thinking" },
+        { API_ANTHROPIC_MESSAGES, ANTH_X "\"thinking\":true}", "thinking" },
+        { API_OPENAI_CHAT, CHAT_X "\"reasoning_format\":\"deepseek-legacy\"}", "deepseek-legacy" },
+        { API_OPENAI_CHAT, CHAT_X "\"reasoning_format\":\"bogus\"}", "reasoning_format" },
+        { API_OPENAI_CHAT, CHAT_X "\"reasoning_format\":1}", "reasoning_format" },
+        { API_OPENAI_CHAT, CHAT_X "\"chat_template_kwargs\":{\"enable_thinking\":\"no\"}}", "enable_thinking" },
+        { API_OPENAI_CHAT, CHAT_X "\"chat_template_kwargs\":{\"custom_flag\":1}}", "custom_flag" },
+        { API_OPENAI_CHAT, CHAT_X "\"chat_template_kwargs\":[]}", "chat_template_kwargs" },
         { API_ANTHROPIC_MESSAGES, ANTH_X "\"mcp_servers\":[{\"url\":\"x\"}]}", "mcp_servers" },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -982,6 +989,219 @@ START_TEST(toolcall_responses) {
 }
 END_TEST
 
+/* Thinking models: what requests say (reasoning_format, enable_thinking, Anthropic thinking,
+ * Responses reasoning) and how reasoning is returned in each API, whole and streamed. */
+START_TEST(reasoning_requests) {
+    api_request r;
+    api_error e;
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"reasoning_format\":\"none\"}", &r, &e), 0);
+    ck_assert_int_eq(r.reasoning_format, API_REASONING_NONE);
+    ck_assert(!r.no_thinking && !r.want_thinking && !r.think);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"reasoning_format\":\"deepseek\",\"chat_template_kwargs\":{\"enable_thinking\":false}}", &r, &e), 0);
+    ck_assert_int_eq(r.reasoning_format, API_REASONING_SPLIT);
+    ck_assert(r.no_thinking);
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"reasoning_format\":\"auto\",\"chat_template_kwargs\":{\"enable_thinking\":true}}", &r, &e), 0);
+    ck_assert(!r.no_thinking);
+    api_request_free(&r);
+    /* Anthropic: enabled (budget not used) / adaptive ask for reasoning; disabled turns it off */
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, ANTH_X "\"thinking\":{\"type\":\"enabled\",\"budget_tokens\":1024}}", &r, &e), 0);
+    ck_assert_str_eq(r.want_thinking, "thinking");
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, ANTH_X "\"thinking\":{\"type\":\"disabled\"}}", &r, &e), 0);
+    ck_assert(r.no_thinking && !r.want_thinking);
+    api_request_free(&r);
+    /* Responses: effort asks for reasoning ("none" turns it off); reasoning items in the input
+     * (an earlier turn's) are accepted and left out of the prompt */
+    ck_assert_int_eq(parse(API_OPENAI_RESPONSES, "{\"input\":\"x\",\"reasoning\":{\"effort\":\"high\",\"summary\":\"auto\"}}", &r, &e), 0);
+    ck_assert_str_eq(r.want_thinking, "reasoning");
+    api_request_free(&r);
+    ck_assert_int_eq(parse(API_OPENAI_RESPONSES, "{\"input\":\"x\",\"reasoning\":{\"effort\":\"none\"}}", &r, &e), 0);
+    ck_assert(r.no_thinking && !r.want_thinking);
+    api_request_free(&r);
+    expect_bad(API_OPENAI_RESPONSES, "{\"input\":\"x\",\"reasoning\":{\"effort\":\"max\"}}", 400, "reasoning.effort");
+    ck_assert_int_eq(parse(API_OPENAI_RESPONSES, "{\"input\":[{\"role\":\"user\",\"content\":\"q\"},"
+                                                 "{\"type\":\"reasoning\",\"id\":\"rs_1\",\"summary\":[],\"content\":[{\"type\":\"reasoning_text\",\"text\":\"hm\"}]},"
+                                                 "{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"a\"},"
+                                                 "{\"role\":\"user\",\"content\":\"next\"}]}", &r, &e), 0);
+    ck_assert_int_eq(r.n_msgs, 3);
+    ck_assert_str_eq(r.msgs[1].content, "a");
+    ck_assert_ptr_null(strstr(r.items, "hm"));
+    api_request_free(&r);
+}
+END_TEST
+
+/* Concatenates and frees the events. */
+static char *cat_free(char **parts, int n) {
+    size_t cap = 1;
+    for (int i = 0; i < n; i++) { ck_assert_ptr_nonnull(parts[i]); cap += strlen(parts[i]); }
+    char *all = malloc(cap);
+    all[0] = 0;
+    for (int i = 0; i < n; i++) { strcat(all, parts[i]); free(parts[i]); }
+    return all;
+}
+
+static void expect_order(const char *all, const char *const *order, int n) {
+    const char *at = all;
+    for (int i = 0; i < n; i++) {
+        const char *q = strstr(at, order[i]);
+        ck_assert_msg(q != NULL, "missing or out of order: %s in\n%s", order[i], all);
+        at = q + strlen(order[i]);
+    }
+}
+
+START_TEST(reasoning_responses) {
+    api_request r;
+    api_error e;
+    engine_usage u = { .prompt_tokens = 5, .completion_tokens = 9 };
+    api_result res = { .id = "resp_abc", .model = "m", .text = "Paris.", .text_len = 6, .why = FINISH_STOP, .usage = &u,
+                       .reasoning = "Think \"hard\".", .reasoning_len = 13, .reasoning_tokens = 4 };
+    /* OpenAI chat: message.reasoning_content, usage's reasoning_tokens */
+    ck_assert_int_eq(parse(API_OPENAI_CHAT, CHAT_X "\"stream\":true,\"stream_options\":{\"include_usage\":true}}", &r, &e), 0);
+    r.think = true;
+    cJSON *o = parse_json(api_format_response(&r, &res));
+    cJSON *msg = cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), "message");
+    ck_assert_str_eq(cJSON_GetObjectItem(msg, "reasoning_content")->valuestring, "Think \"hard\".");
+    ck_assert_str_eq(cJSON_GetObjectItem(msg, "content")->valuestring, "Paris.");
+    ck_assert_int_eq(num(o, "usage.completion_tokens_details.reasoning_tokens"), 4);
+    ck_assert_int_eq(num(o, "usage.completion_tokens"), 9);
+    cJSON_Delete(o);
+    api_result none = res;
+    none.reasoning_len = 0;
+    o = parse_json(api_format_response(&r, &none));
+    msg = cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), "message");
+    ck_assert(cJSON_IsNull(cJSON_GetObjectItem(msg, "reasoning_content")));
+    cJSON_Delete(o);
+    r.think = false;   /* not a thinking model: no such field */
+    o = parse_json(api_format_response(&r, &none));
+    msg = cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), "message");
+    ck_assert_ptr_null(cJSON_GetObjectItem(msg, "reasoning_content"));
+    cJSON_Delete(o);
+    r.think = true;
+    {   /* streamed: delta.reasoning_content chunks, then delta.content */
+        api_stream st = { 0 };
+        api_result part = res;
+        part.reasoning_len = 5;
+        char *ev[5];
+        ev[0] = api_format_stream_reasoning(&r, &part, &st);
+        ev[1] = api_format_stream_reasoning(&r, &part, &st);   /* nothing new: "" */
+        ck_assert_str_eq(ev[1], "");
+        ev[2] = api_format_stream_reasoning(&r, &res, &st);
+        ev[3] = api_format_stream_text(&r, &res, &st, "Paris.", 6);
+        ev[4] = api_format_stream_finish(&r, &res, &st);
+        ck_assert_ptr_nonnull(strstr(ev[0], "\"delta\":{\"reasoning_content\":\"Think\"}"));
+        ck_assert_ptr_nonnull(strstr(ev[2], "\"delta\":{\"reasoning_content\":\" \\\"hard\\\".\"}"));
+        ck_assert_ptr_nonnull(strstr(ev[3], "\"delta\":{\"content\":\"Paris.\"}"));
+        ck_assert_ptr_nonnull(strstr(ev[4], "\"reasoning_tokens\":4"));
+        free(cat_free(ev, 5));
+    }
+    api_request_free(&r);
+
+    /* Anthropic: a thinking block (empty signature) before the text block */
+    ck_assert_int_eq(parse(API_ANTHROPIC_MESSAGES, ANTH_X "\"thinking\":{\"type\":\"enabled\",\"budget_tokens\":2000}}", &r, &e), 0);
+    r.think = true;
+    o = parse_json(api_format_response(&r, &res));
+    cJSON *content = cJSON_GetObjectItem(o, "content");
+    ck_assert_int_eq(cJSON_GetArraySize(content), 2);
+    cJSON *b0 = cJSON_GetArrayItem(content, 0), *b1 = cJSON_GetArrayItem(content, 1);
+    ck_assert_str_eq(cJSON_GetObjectItem(b0, "type")->valuestring, "thinking");
+    ck_assert_str_eq(cJSON_GetObjectItem(b0, "thinking")->valuestring, "Think \"hard\".");
+    ck_assert_str_eq(cJSON_GetObjectItem(b0, "signature")->valuestring, "");
+    ck_assert_str_eq(cJSON_GetObjectItem(b1, "type")->valuestring, "text");
+    ck_assert_str_eq(cJSON_GetObjectItem(b1, "text")->valuestring, "Paris.");
+    cJSON_Delete(o);
+    api_result only = res;   /* cut off while thinking: the thinking block alone */
+    only.text_len = 0;
+    o = parse_json(api_format_response(&r, &only));
+    ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(o, "content")), 1);
+    cJSON_Delete(o);
+    {
+        api_stream st = { 0 };
+        char *ev[4];
+        ev[0] = api_format_stream_start(&r, &res, 5);
+        ck_assert_ptr_null(strstr(ev[0], "content_block_start"));
+        ev[1] = api_format_stream_reasoning(&r, &res, &st);
+        ev[2] = api_format_stream_text(&r, &res, &st, "Paris.", 6);
+        ev[3] = api_format_stream_finish(&r, &res, &st);
+        char *all = cat_free(ev, 4);
+        const char *order[] = {
+            "event: message_start", "event: ping",
+            "\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}",
+            "\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Think \\\"hard\\\".\"}",
+            "\"content_block_stop\",\"index\":0",
+            "\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}",
+            "\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"Paris.\"}",
+            "\"content_block_stop\",\"index\":1", "event: message_delta", "event: message_stop" };
+        expect_order(all, order, 10);
+        ck_assert_ptr_null(strstr(all, "\"index\":2"));
+        free(all);
+        /* thinking only: no text block at all */
+        api_stream st2 = { 0 };
+        ev[0] = api_format_stream_reasoning(&r, &only, &st2);
+        ev[1] = api_format_stream_finish(&r, &only, &st2);
+        all = cat_free(ev, 2);
+        ck_assert_ptr_null(strstr(all, "\"type\":\"text\""));
+        ck_assert_ptr_nonnull(strstr(all, "\"content_block_stop\",\"index\":0"));
+        free(all);
+    }
+    api_request_free(&r);
+
+    /* Responses: a reasoning item (reasoning_text content, empty summary) before the message */
+    ck_assert_int_eq(parse(API_OPENAI_RESPONSES, "{\"input\":\"x\",\"stream\":true}", &r, &e), 0);
+    r.think = true;
+    o = parse_json(api_format_response(&r, &res));
+    cJSON *out = cJSON_GetObjectItem(o, "output");
+    ck_assert_int_eq(cJSON_GetArraySize(out), 2);
+    cJSON *it = cJSON_GetArrayItem(out, 0);
+    ck_assert_str_eq(cJSON_GetObjectItem(it, "type")->valuestring, "reasoning");
+    ck_assert_str_eq(cJSON_GetObjectItem(it, "id")->valuestring, "rs_abc");
+    ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(it, "summary")), 0);
+    cJSON *rt = cJSON_GetArrayItem(cJSON_GetObjectItem(it, "content"), 0);
+    ck_assert_str_eq(cJSON_GetObjectItem(rt, "type")->valuestring, "reasoning_text");
+    ck_assert_str_eq(cJSON_GetObjectItem(rt, "text")->valuestring, "Think \"hard\".");
+    ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(out, 1), "type")->valuestring, "message");
+    ck_assert_int_eq(num(o, "usage.output_tokens_details.reasoning_tokens"), 4);
+    cJSON_Delete(o);
+    {
+        api_stream st = { 0 };
+        api_tool_call call = { "call_1", "f", "{}" };
+        char *ev[6];
+        ev[0] = api_format_stream_start(&r, &res, 5);
+        ev[1] = api_format_stream_reasoning(&r, &res, &st);
+        ev[2] = api_format_stream_text(&r, &res, &st, "Paris.", 6);
+        ev[3] = api_format_stream_call(&r, &res, &st, &call);
+        api_result fin = res;
+        fin.calls = &call;
+        fin.n_calls = 1;
+        ev[4] = api_format_stream_finish(&r, &fin, &st);
+        char *items = api_responses_output_items(&r, &fin, st.msg_item);
+        ev[5] = strdup("");
+        char *all = cat_free(ev, 6);
+        const char *order[] = {
+            "\"response.output_item.added\",\"sequence_number\":2,\"output_index\":0,\"item\":{\"id\":\"rs_abc\",\"type\":\"reasoning\"",
+            "\"response.content_part.added\",\"sequence_number\":3,\"item_id\":\"rs_abc\",\"output_index\":0,\"content_index\":0,\"part\":{\"type\":\"reasoning_text\"",
+            "\"response.reasoning_text.delta\",\"sequence_number\":4,\"item_id\":\"rs_abc\",\"output_index\":0,\"content_index\":0,\"delta\":\"Think",
+            "\"response.reasoning_text.done\"", "\"text\":\"Think \\\"hard\\\".\"",
+            "\"response.content_part.done\"", "\"response.output_item.done\"", "\"status\":\"completed\"",
+            "\"response.output_item.added\"", "\"output_index\":1,\"item\":{\"id\":\"msg_abc\"",
+            "\"response.output_text.delta\"",
+            "\"response.output_item.added\"", "\"output_index\":2,\"item\":{\"id\":\"fc_1\"",
+            "\"response.output_text.done\"", "\"response.completed\"" };
+        expect_order(all, order, 15);
+        free(all);
+        /* the stored items (and the final response) list them in the streamed order */
+        cJSON *arr = parse_json(items);
+        ck_assert_int_eq(cJSON_GetArraySize(arr), 3);
+        ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(arr, 0), "type")->valuestring, "reasoning");
+        ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(arr, 1), "type")->valuestring, "message");
+        ck_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(arr, 2), "type")->valuestring, "function_call");
+        cJSON_Delete(arr);
+    }
+    api_request_free(&r);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("api");
     TCase *tc = tcase_create("api");
@@ -1008,6 +1228,8 @@ int main(void) {
     tcase_add_test(tc, toolcall_grammars);
     tcase_add_test(tc, toolcall_render);
     tcase_add_test(tc, toolcall_responses);
+    tcase_add_test(tc, reasoning_requests);
+    tcase_add_test(tc, reasoning_responses);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
