@@ -62,6 +62,16 @@
  *   in-flight requests run to completion for up to --drain-timeout seconds; what is left then
  *   ends with an error event on its stream (a 503 when not streamed). A second signal stops at
  *   once.
+ * - Thinking models (the template or vocabulary has <think>): chat, messages and responses
+ *   output is split by reasoning.h into the reasoning block and the content after it, the
+ *   reasoning returned as OpenAI reasoning_content, Anthropic thinking blocks or a Responses
+ *   reasoning item, streamed as it comes; tool calls are parsed from the content only. Not
+ *   split: with reasoning_format "none" (inline, as llama.cpp), and when a grammar constrains
+ *   the reply from its first token (response_format, forced tool calls: the reply is then the
+ *   JSON or the calls, with no block). Whether the reply starts inside a block is read from
+ *   what follows the generation prompt (a template's "<think>\n", an Anthropic prefill). A
+ *   request that asks for reasoning (Anthropic thinking enabled, Responses reasoning.effort)
+ *   is a 400 for a model that does not reason.
  * - Anthropic streaming: message_start is sent once the prompt is in the KV (the engine's
  *   on_start), so it carries the real input / cache_creation / cache_read split, as
  *   Anthropic's does; message_delta repeats the final numbers with output_tokens.
@@ -73,6 +83,7 @@
 #include "engine.h"
 #include "gpu.h"
 #include "jsonschema.h"
+#include "reasoning.h"
 #include "respstore.h"
 #include "toolcall.h"
 #include "util.h"
@@ -168,6 +179,10 @@ typedef struct job {
     size_t content_sent;  /* streaming: bytes of tp.content sent */
     char (*call_ids)[40]; /* an id per call, made as it is sent */
     int n_call_ids;
+    /* reasoning (req.think): the output split into reasoning and content (which goes on to the
+     * tool-call parser when tools_on) */
+    reasoning_parser rp;
+    size_t rp_used;       /* streaming: bytes of rp.content passed on */
     struct job *next, *cnext, *rnext;
 } job;
 
@@ -176,6 +191,7 @@ struct server {
     const tokenizer *tok;
     const gguf_file *gf;
     chat_tmpl tmpl;
+    chat_think think;         /* what the template does with <think> blocks */
     int n_ctx;
     char model_id[256], model_file[256], model_stem[256];
     const char **aliases;     /* --alias: more names for the model (argv strings) */
@@ -280,6 +296,7 @@ static void job_release(job *j) {
     free(j->pend);
     free(j->lps);
     toolcall_parser_free(&j->tp);
+    reasoning_free(&j->rp);
     free(j->call_ids);
     free(j);
 }
@@ -829,6 +846,69 @@ static char *tool_stream_events(job *j, api_result *res, const char *text, size_
     return out;
 }
 
+/* Whether the reply starts inside a <think> block: what follows the generation prompt (the
+ * template's "<think>\n", then an Anthropic prefill) opens one and does not close it. */
+static bool reply_starts_inside(const server *s, const api_request *r) {
+    const char *sfx = chat_think_suffix(&s->think, r->no_thinking);
+    const char *pre = r->assistant_prefill && r->n_msgs > 0 ? r->msgs[r->n_msgs - 1].content : "";
+    size_t a = strlen(sfx), b = strlen(pre);
+    char *tail = malloc(a + b + 1);
+    if (!tail) return false;
+    memcpy(tail, sfx, a);
+    memcpy(tail + a, pre, b + 1);
+    const char *open = NULL;
+    for (const char *p = tail; (p = strstr(p, REASONING_OPEN)) != NULL; p++) open = p;
+    const bool inside = open && !strstr(open, REASONING_CLOSE);
+    free(tail);
+    return inside;
+}
+
+/* The reasoning of a finished output (rp fed to the end) into res, with the number of generated
+ * tokens that wrote the block: all of them when it never closed, else those whose text reaches
+ * the end of its </think> (detokenized as the engine did, so the byte counts agree). Under j->mu
+ * or after the job is done. */
+static void job_reasoning_result(job *j, api_result *res) {
+    res->reasoning = j->rp.reasoning ? j->rp.reasoning : "";
+    res->reasoning_len = j->rp.n_reasoning;
+    int k = 0;
+    if (j->rp.reasoning_end > 0 && j->rp.reasoning_end >= j->rp.fed) k = j->n_gen;
+    else {
+        detok_state ds = { 0 };
+        char buf[256];
+        for (size_t acc = 0; k < j->n_gen && acc < j->rp.reasoning_end; k++)
+            acc += detok_feed(j->srv->tok, &ds, j->gen[k], buf, sizeof buf);
+    }
+    res->reasoning_tokens = k;
+}
+
+/* Streaming with reasoning or tools: feeds new output to the splitter (req.think) and formats
+ * the reasoning it released, then passes the new content on (to the tool-call parser when
+ * tools_on) and formats that. Connection thread, under j->mu. */
+static char *stream_events(job *j, api_result *res, const char *text, size_t len, bool final) {
+    char *head = strdup("");
+    if (!head) return NULL;
+    if (j->req.think) {
+        free(head);
+        if (!reasoning_feed(&j->rp, text, len, final)) return NULL;
+        res->reasoning = j->rp.reasoning ? j->rp.reasoning : "";
+        res->reasoning_len = j->rp.n_reasoning;
+        if (!(head = api_format_stream_reasoning(&j->req, res, &j->st))) return NULL;
+        if (*head) res->n_lps = 0;   /* logprobs go with the first chunk after them */
+        text = j->rp.content ? j->rp.content + j->rp_used : "";
+        len = j->rp.n_content - j->rp_used;
+        j->rp_used = j->rp.n_content;
+    }
+    char *tail = j->tools_on ? tool_stream_events(j, res, text, len, final)
+                 : len ? api_format_stream_text(&j->req, res, &j->st, text, len) : strdup("");
+    if (!tail) { free(head); return NULL; }
+    size_t a = strlen(head), b = strlen(tail);
+    char *out = realloc(head, a + b + 1);
+    if (out) memcpy(out + a, tail, b + 1);
+    else free(head);
+    free(tail);
+    return out;
+}
+
 /* The grammar of the request's tool calls: forced calls (tool_choice required / named, Anthropic
  * any / tool) from the first token; with tool_choice auto and a strict function, free text then
  * constrained calls. Strict functions' schemas must compile (else a 400 naming the keyword);
@@ -992,7 +1072,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                     j->lp_off += pl;
                 }
                 j->lps_sent = j->n_lps;
-                if (j->tools_on) j->pend = tool_stream_events(j, &res, j->text + j->sent, j->text_len - j->sent, false);
+                if (j->tools_on || j->req.think) j->pend = stream_events(j, &res, j->text + j->sent, j->text_len - j->sent, false);
                 else if (j->req.kind == API_OPENAI_RESPONSES)
                     j->pend = api_format_stream_text(&j->req, &res, &j->st, j->text + j->sent, j->text_len - j->sent);
                 else j->pend = api_format_stream_delta(&j->req, &res, j->text + j->sent, j->text_len - j->sent);
@@ -1007,11 +1087,16 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                     j->pend = malloc(a + b + 1);
                     if (j->pend) { memcpy(j->pend, ev ? ev : "", a); memcpy(j->pend + a, end ? end : "", b); j->pend[a + b] = 0; }
                     free(ev); free(end);
-                } else if (j->tools_on) {
+                } else if (j->tools_on || j->req.think) {
                     res.n_lps = 0;
-                    char *tail = tool_stream_events(j, &res, "", 0, true);
-                    res.n_calls = j->tp.n_calls;
-                    api_tool_call *calls = j->req.kind == API_OPENAI_RESPONSES ? job_calls(j) : NULL;
+                    char *tail = stream_events(j, &res, "", 0, true);
+                    if (j->req.think) {   /* the final response's content: after the reasoning */
+                        job_reasoning_result(j, &res);
+                        res.text = j->rp.content ? j->rp.content : "";
+                        res.text_len = j->rp.n_content;
+                    }
+                    res.n_calls = j->tools_on ? j->tp.n_calls : 0;
+                    api_tool_call *calls = j->tools_on && j->req.kind == API_OPENAI_RESPONSES ? job_calls(j) : NULL;
                     if (calls) {   /* the final response lists the content and the calls */
                         res.text = j->tp.content ? j->tp.content : "";
                         res.text_len = j->tp.n_content;
@@ -1048,9 +1133,10 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
 
 static void stream_free(void *cls) { job_release(cls); }
 
+typedef struct { server *s; bool no_thinking; } render_ctx;
 static char *render_tmpl(void *ctx, const chat_msg *msgs, int n, const char *const *tools, int n_tools, bool add_gen) {
-    server *s = ctx;
-    return chat_apply_tools(s->tmpl, s->gf, msgs, n, tools, n_tools, add_gen);
+    const render_ctx *rc = ctx;
+    return chat_render(rc->s->tmpl, rc->s->gf, &rc->s->think, msgs, n, tools, n_tools, add_gen, rc->no_thinking);
 }
 
 /* The served model's own names: its GGUF general.name, its file name (with or without .gguf),
@@ -1136,6 +1222,12 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         }
         goto out;
     }
+    if (j->req.want_thinking && !s->think.thinks) {
+        api_error_set(&e, 400, "invalid_request_error", j->req.want_thinking, "unsupported_parameter",
+                      "%s: the model does not reason (its chat template writes no <think> blocks)", j->req.want_thinking);
+        ret = reply_error(s, c, cs->ep, anth, &e);
+        goto out;
+    }
     if (j->req.cache_salt) salted_namespace(cs->ns, j->req.cache_salt, j->ns);
     else snprintf(j->ns, sizeof j->ns, "%s", cs->ns);
     memcpy(j->owner, cs->ns, sizeof j->owner);
@@ -1179,7 +1271,8 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     } else {
         char *text = NULL;
         size_t tlen = 0;
-        if (api_render(&j->req, render_tmpl, s, &text, &tlen, bps, &nbps, &e) < 0) {
+        render_ctx rc = { s, j->req.no_thinking };
+        if (api_render(&j->req, render_tmpl, &rc, &text, &tlen, bps, &nbps, &e) < 0) {
             if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
             ret = reply_error(s, c, cs->ep, anth, &e);
             goto out;
@@ -1253,6 +1346,12 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         j->tools_on = true;
         toolcall_parser_init(&j->tp, fmt);
     }
+    const bool forced_calls = j->tools_on && (j->req.tool_choice == API_TOOL_REQUIRED || j->req.tool_choice == API_TOOL_NAMED);
+    if (s->think.thinks && j->req.reasoning_format == API_REASONING_SPLIT && j->req.kind != API_OPENAI_COMPLETION &&
+        j->req.format == API_FORMAT_TEXT && !forced_calls) {
+        j->req.think = true;
+        reasoning_init(&j->rp, reply_starts_inside(s, &j->req));
+    }
     /* Byte breakpoints -> token positions (whole tokens inside the prefix). */
     if (nbps > 0) {
         size_t *ends = malloc((size_t)n * sizeof *ends);
@@ -1292,7 +1391,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     er->on_text = on_text;
     er->on_done = on_done;
     er->on_start = on_start;
-    if (j->req.kind == API_OPENAI_RESPONSES) er->on_tokens = on_tokens;
+    if (j->req.kind == API_OPENAI_RESPONSES || j->req.think) er->on_tokens = on_tokens;
     er->user = j;
     uint64_t r1 = next_rand(s), r2 = next_rand(s);
     snprintf(j->id, sizeof j->id, "%s%016llx%08llx", anth ? "msg_" : cs->ep == EP_CHAT ? "chatcmpl-" : cs->ep == EP_RESPONSES ? "resp_" : "cmpl-",
@@ -1386,8 +1485,17 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     api_result res;
     job_result(j, &res);
     api_tool_call *calls = NULL;
+    if (j->req.think) {
+        if (!reasoning_feed(&j->rp, res.text, res.text_len, true)) {
+            ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "out of memory");
+            goto out;
+        }
+        job_reasoning_result(j, &res);
+        res.text = j->rp.content ? j->rp.content : "";
+        res.text_len = j->rp.n_content;
+    }
     if (j->tools_on) {
-        if (!toolcall_feed(&j->tp, j->text ? j->text : "", j->text_len, true) || !(calls = job_calls(j))) {
+        if (!toolcall_feed(&j->tp, res.text, res.text_len, true) || !(calls = job_calls(j))) {
             ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "out of memory");
             goto out;
         }
@@ -1742,6 +1850,7 @@ int server_main(int argc, char **argv) {
     s->tok = engine_tok(s->eng);
     s->gf = engine_gguf(s->eng);
     s->tmpl = chat_template_detect(s->gf, s->tok);
+    s->think = chat_think_detect(s->gf, s->tok);
     s->n_ctx = engine_n_ctx(s->eng);
     const char *base = strrchr(eo.model_path, '/');
     base = base ? base + 1 : eo.model_path;
