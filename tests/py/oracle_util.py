@@ -158,14 +158,18 @@ def synth_vocab(n_vocab: int):
 
 def write_synth_model(path: str, arch: str = "llama", *, wtype: str = "F32",
                       ffn_types=None, embd_type: str = "F32", tied: bool = True,
-                      out_type: str = "F32", n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                      out_type: str = "F32", out_scale: float = 4.0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
                       n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128,
                       n_vocab: int = 300, seed: int = 0, context_length: int = 256,
-                      chat_template: str | None = None) -> dict:
+                      chat_template: str | None = None, added_tokens=(), unused_tokens=()) -> dict:
     """Writes a random llama/qwen2/qwen3 GGUF. wtype is the type of the attention matrices,
     ffn_types (gate, up, down) those of the FFN (default wtype for all); norms are F32 as the
-    llama.cpp converter writes them. chat_template: tokenizer.chat_template (none by default).
-    Returns the hyper-parameters."""
+    llama.cpp converter writes them; out_scale scales the untied output matrix (a small one
+    makes the next-token distribution nearly uniform). chat_template: tokenizer.chat_template (none by default).
+    added_tokens: more tokens at the end of the vocabulary (n_vocab includes them), user-defined
+    as the converter writes Qwen3's <think> and </think> (matched whole in text, rendered in
+    output). unused_tokens: ids typed unused (they render as nothing). Returns the
+    hyper-parameters."""
     import gguf
     from gguf import GGMLQuantizationType as QT
 
@@ -189,7 +193,10 @@ def write_synth_model(path: str, arch: str = "llama", *, wtype: str = "F32",
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(n_vocab)
-    toks, types, merges = synth_vocab(n_vocab)
+    toks, types, merges = synth_vocab(n_vocab - len(added_tokens))
+    toks, types = toks + list(added_tokens), types + [4] * len(added_tokens)
+    for i in unused_tokens:
+        types[i] = 5
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "smollm")
     w.add_token_list(toks)
@@ -219,7 +226,7 @@ def write_synth_model(path: str, arch: str = "llama", *, wtype: str = "F32",
     add("token_embd.weight", rng.standard_normal((n_vocab, n_embd)), embd_type)
     add("output_norm.weight", norm(n_embd))
     if not tied:
-        add("output.weight", mat(n_vocab, n_embd) * 4, out_type)
+        add("output.weight", mat(n_vocab, n_embd) * out_scale, out_type)
     for i in range(n_layer):
         p = f"blk.{i}."
         add(p + "attn_norm.weight", norm(n_embd))
