@@ -301,18 +301,27 @@ static void job_release(job *j) {
     free(j);
 }
 
+/* A generated NUL byte (a byte-fallback token) becomes U+FFFD: the reply's text is a C string
+ * for the JSON library, which would otherwise end it there (and the streamed and whole replies
+ * would differ). */
 static void on_text(void *user, const char *text, size_t len) {
     job *j = user;
+    size_t need = len;
+    for (size_t i = 0; i < len; i++) need += text[i] ? 0 : 2;
     pthread_mutex_lock(&j->mu);
-    if (j->text_len + len + 1 > j->text_cap) {
+    if (j->text_len + need + 1 > j->text_cap) {
         size_t c = j->text_cap ? j->text_cap : 256;
-        while (c < j->text_len + len + 1) c *= 2;
+        while (c < j->text_len + need + 1) c *= 2;
         char *p = realloc(j->text, c);
         if (p) { j->text = p; j->text_cap = c; }
     }
-    if (j->text_len + len + 1 <= j->text_cap) {
-        memcpy(j->text + j->text_len, text, len);
-        j->text_len += len;
+    if (j->text_len + need + 1 <= j->text_cap) {
+        char *d = j->text + j->text_len;
+        for (size_t i = 0; i < len; i++) {
+            if (text[i]) *d++ = text[i];
+            else { memcpy(d, "\xEF\xBF\xBD", 3); d += 3; }
+        }
+        j->text_len += need;
         j->text[j->text_len] = 0;
     }
     pthread_cond_broadcast(&j->cv);

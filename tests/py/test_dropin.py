@@ -357,3 +357,13 @@ def test_context_overflow_anthropic(server, model, n_ctx):
     assert err["type"] == "invalid_request_error" and "exceed context limit" in err["message"] and f"> {n_ctx}" in err["message"]
     with pytest.raises(anthropic.BadRequestError):
         an(server).messages.create(model=model, max_tokens=n_ctx, messages=HI)
+
+
+def test_generated_nul_bytes_are_replaced_alike_whole_and_streamed(server):
+    """A byte-fallback token for byte 0 (SmolLM2's id 190, "Ā") forced by logit_bias: the reply's
+    text carries U+FFFD for each, whole and streamed alike (a NUL would end the JSON library's
+    string and cut the whole reply short)."""
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0, "logit_bias": {"190": 100}}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    streamed = "".join(c.choices[0].text for c in oa(server).completions.create(model="x", stream=True, **body))
+    assert whole == "\ufffd" * 3 and streamed == whole, (whole, streamed)
