@@ -55,6 +55,31 @@ char *api_format_error(bool anthropic, const api_error *e) {
     return s;
 }
 
+const char *api_anthropic_type(int status) {
+    switch (status) {
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 413: return "request_too_large";
+    case 429: return "rate_limit_error";
+    case 500: return "api_error";
+    case 503: case 529: return "overloaded_error";
+    default: return "invalid_request_error";
+    }
+}
+
+char *api_format_stream_error(bool anthropic, const char *msg) {
+    api_error e;
+    api_error_set(&e, 500, anthropic ? "api_error" : "server_error", NULL, NULL, "%s", msg);
+    char *js = api_format_error(anthropic, &e);
+    if (!js) return NULL;
+    size_t n = strlen(js) + 64;
+    char *out = malloc(n);
+    if (out) snprintf(out, n, anthropic ? "event: error\ndata: %s\n\n" : "data: %s\n\n", js);
+    free(js);
+    return out;
+}
+
 /* ---------------------------------------------------------------- small growable string */
 typedef struct { char *p; size_t n, cap; bool oom; } sbuf;
 static void sb_add(sbuf *b, const char *s, size_t n) {

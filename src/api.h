@@ -38,6 +38,11 @@ void api_error_set(api_error *e, int status, const char *type, const char *param
                    const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 /* The error body in the shape of the API (malloc'ed JSON). */
 char *api_format_error(bool anthropic, const api_error *e);
+/* Anthropic's error type for an HTTP status (invalid_request_error, authentication_error, ...). */
+const char *api_anthropic_type(int status);
+/* The event that ends a stream that failed midway (malloc'ed): OpenAI `data: {"error": ...}`
+ * (the caller adds `data: [DONE]`), Anthropic `event: error` with an api_error. */
+char *api_format_stream_error(bool anthropic, const char *msg);
 
 #define API_MAX_STOP 16
 #define API_MAX_BODY (8u << 20)

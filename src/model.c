@@ -164,6 +164,47 @@ static int repack_weights(model *m, char *err, size_t errlen) {
     return 0;
 }
 
+/* The model's shape from its metadata (and the vocabulary size from token_embd's shape); no
+ * weights are read. */
+int model_config_read(const gguf_file *f, model_config *c, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    gguf_str archs;
+    if (gguf_get_str(f, "general.architecture", &archs) != GGUF_OK) {
+        snprintf(err, errlen, "model: general.architecture missing");
+        return -1;
+    }
+    char arch[32];
+    snprintf(arch, sizeof arch, "%.*s", (int)(archs.len < 31 ? archs.len : 31), archs.ptr);
+    if (strcmp(arch, "llama") == 0) c->arch = ARCH_LLAMA;
+    else if (strcmp(arch, "qwen2") == 0) c->arch = ARCH_QWEN2;
+    else if (strcmp(arch, "qwen3") == 0) c->arch = ARCH_QWEN3;
+    else { snprintf(err, errlen, "model: unsupported architecture '%s' (supported: llama, qwen2, qwen3)", arch); return -1; }
+    c->rope_neox = c->arch != ARCH_LLAMA;
+
+    if (get_u32_req(f, arch, "block_count", &c->n_layer, err, errlen) ||
+        get_u32_req(f, arch, "embedding_length", &c->n_embd, err, errlen) ||
+        get_u32_req(f, arch, "feed_forward_length", &c->n_ff, err, errlen) ||
+        get_u32_req(f, arch, "attention.head_count", &c->n_head, err, errlen))
+        return -1;
+    c->n_head_kv = get_u32_opt(f, arch, "attention.head_count_kv", c->n_head);
+    c->head_dim = get_u32_opt(f, arch, "attention.key_length", c->n_embd / c->n_head);
+    c->rope_dim = get_u32_opt(f, arch, "rope.dimension_count", c->head_dim);
+    c->n_ctx_train = get_u32_opt(f, arch, "context_length", 2048);
+    c->rope_base = get_f32_opt(f, arch, "rope.freq_base", 10000.0f);
+    c->rms_eps = get_f32_opt(f, arch, "attention.layer_norm_rms_epsilon", 1e-5f);
+    if (c->n_head % c->n_head_kv != 0 || c->n_head / c->n_head_kv > 64 || c->head_dim % 8 != 0 || c->rope_dim > c->head_dim ||
+        c->rope_dim % 2 != 0 || c->head_dim > 1024) {
+        snprintf(err, errlen, "model: inconsistent attention shape (heads %d, kv heads %d, head dim %d, rope dim %d)",
+                 c->n_head, c->n_head_kv, c->head_dim, c->rope_dim);
+        return -1;
+    }
+    const gguf_tensor *te = gguf_find_tensor(f, "token_embd.weight");
+    if (!te) { snprintf(err, errlen, "model: tensor 'token_embd.weight' missing"); return -1; }
+    c->n_vocab = (int)te->ne[1];
+    if (te->ne[1] < 1 || te->ne[1] > (1 << 22)) { snprintf(err, errlen, "model: bad vocabulary size"); return -1; }
+    return 0;
+}
+
 int model_load(model **out, const char *path, char *err, size_t errlen) {
     return model_load_ex(out, path, true, err, errlen);
 }
@@ -175,42 +216,7 @@ int model_load_ex(model **out, const char *path, bool repack, char *err, size_t 
     if (gguf_open(&m->f, path, err, errlen) != GGUF_OK) { free(m); return -1; }
     const gguf_file *f = m->f;
     model_config *c = &m->c;
-
-    gguf_str archs;
-    if (gguf_get_str(f, "general.architecture", &archs) != GGUF_OK) {
-        snprintf(err, errlen, "model: general.architecture missing");
-        goto fail;
-    }
-    char arch[32];
-    snprintf(arch, sizeof arch, "%.*s", (int)(archs.len < 31 ? archs.len : 31), archs.ptr);
-    if (strcmp(arch, "llama") == 0) c->arch = ARCH_LLAMA;
-    else if (strcmp(arch, "qwen2") == 0) c->arch = ARCH_QWEN2;
-    else if (strcmp(arch, "qwen3") == 0) c->arch = ARCH_QWEN3;
-    else { snprintf(err, errlen, "model: unsupported architecture '%s' (supported: llama, qwen2, qwen3)", arch); goto fail; }
-    c->rope_neox = c->arch != ARCH_LLAMA;
-
-    if (get_u32_req(f, arch, "block_count", &c->n_layer, err, errlen) ||
-        get_u32_req(f, arch, "embedding_length", &c->n_embd, err, errlen) ||
-        get_u32_req(f, arch, "feed_forward_length", &c->n_ff, err, errlen) ||
-        get_u32_req(f, arch, "attention.head_count", &c->n_head, err, errlen))
-        goto fail;
-    c->n_head_kv = get_u32_opt(f, arch, "attention.head_count_kv", c->n_head);
-    c->head_dim = get_u32_opt(f, arch, "attention.key_length", c->n_embd / c->n_head);
-    c->rope_dim = get_u32_opt(f, arch, "rope.dimension_count", c->head_dim);
-    c->n_ctx_train = get_u32_opt(f, arch, "context_length", 2048);
-    c->rope_base = get_f32_opt(f, arch, "rope.freq_base", 10000.0f);
-    c->rms_eps = get_f32_opt(f, arch, "attention.layer_norm_rms_epsilon", 1e-5f);
-    if (c->n_head % c->n_head_kv != 0 || c->n_head / c->n_head_kv > 64 || c->head_dim % 8 != 0 || c->rope_dim > c->head_dim ||
-        c->rope_dim % 2 != 0 || c->head_dim > 1024) {
-        snprintf(err, errlen, "model: inconsistent attention shape (heads %d, kv heads %d, head dim %d, rope dim %d)",
-                 c->n_head, c->n_head_kv, c->head_dim, c->rope_dim);
-        goto fail;
-    }
-    const gguf_tensor *te = gguf_find_tensor(f, "token_embd.weight");
-    if (!te) { snprintf(err, errlen, "model: tensor 'token_embd.weight' missing"); goto fail; }
-    c->n_vocab = (int)te->ne[1];
-    if (te->ne[1] < 1 || te->ne[1] > (1 << 22)) { snprintf(err, errlen, "model: bad vocabulary size"); goto fail; }
-
+    if (model_config_read(f, c, err, errlen)) goto fail;
     int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
     if (load_mat(f, "token_embd.weight", c->n_embd, c->n_vocab, false, &m->tok_embd, err, errlen) ||
         load_vec(f, "output_norm.weight", c->n_embd, false, &m->output_norm, err, errlen) ||
@@ -250,7 +256,7 @@ int model_load_ex(model **out, const char *path, bool repack, char *err, size_t 
     if (gguf_get_str(f, "general.name", &gname) == GGUF_OK)
         snprintf(m->name, sizeof m->name, "%.*s", (int)(gname.len < 127 ? gname.len : 127), gname.ptr);
     else
-        snprintf(m->name, sizeof m->name, "%s", arch);
+        snprintf(m->name, sizeof m->name, "%s", c->arch == ARCH_QWEN2 ? "qwen2" : c->arch == ARCH_QWEN3 ? "qwen3" : "llama");
     *out = m;
     return 0;
 fail:

@@ -49,6 +49,8 @@ typedef struct model {
 } model;
 
 int model_load(model **out, const char *path, char *err, size_t errlen);
+/* Only the shape, from the metadata (the router needs n_layer and the KV width, not weights). */
+int model_config_read(const gguf_file *f, model_config *c, char *err, size_t errlen);
 /* repack = false keeps every matrix in the file's row layout (a GPU backend reads them so). */
 int model_load_ex(model **out, const char *path, bool repack, char *err, size_t errlen);
 void model_free(model *m);

@@ -83,6 +83,7 @@
 #include "engine.h"
 #include "gpu.h"
 #include "jsonschema.h"
+#include "prompt.h"
 #include "reasoning.h"
 #include "respstore.h"
 #include "toolcall.h"
@@ -192,6 +193,7 @@ struct server {
     const gguf_file *gf;
     chat_tmpl tmpl;
     chat_think think;         /* what the template does with <think> blocks */
+    prompt_model pm;          /* tok, gf, tmpl and think, for prompt_tokens */
     int n_ctx;
     char model_id[256], model_file[256], model_stem[256];
     const char **aliases;     /* --alias: more names for the model (argv strings) */
@@ -240,15 +242,6 @@ void server_key_namespace(const char *key, char out[18]) {
     uint64_t h = 1469598103934665603ull;
     for (const unsigned char *p = (const unsigned char *)key; *p; p++) { h ^= *p; h *= 1099511628211ull; }
     snprintf(out, 18, "k%016llx", (unsigned long long)h);
-}
-
-/* A namespace split by a request's cache_salt: "s" + FNV-1a-64 over namespace, 0x1f, salt. */
-static void salted_namespace(const char *ns, const char *salt, char out[18]) {
-    uint64_t h = 1469598103934665603ull;
-    for (const unsigned char *p = (const unsigned char *)ns; *p; p++) { h ^= *p; h *= 1099511628211ull; }
-    h ^= 0x1f; h *= 1099511628211ull;
-    for (const unsigned char *p = (const unsigned char *)salt; *p; p++) { h ^= *p; h *= 1099511628211ull; }
-    snprintf(out, 18, "s%016llx", (unsigned long long)h);
 }
 
 static uint64_t mix64(uint64_t x) {
@@ -655,19 +648,6 @@ static enum MHD_Result reply_retry(server *s, struct MHD_Connection *c, int ep, 
     return ret;
 }
 
-static const char *anth_type(int status) {
-    switch (status) {
-    case 401: return "authentication_error";
-    case 403: return "permission_error";
-    case 404: return "not_found_error";
-    case 413: return "request_too_large";
-    case 429: return "rate_limit_error";
-    case 500: return "api_error";
-    case 503: case 529: return "overloaded_error";
-    default: return "invalid_request_error";
-    }
-}
-
 /* One entry of the model list under the name `id` (the served model or an --alias of it). */
 static cJSON *model_entry(server *s, const char *id) {
     cJSON *m = cJSON_CreateObject();
@@ -1019,16 +999,7 @@ static void store_response(job *j, const api_result *res, int msg_item) {
 }
 
 static char *stream_error_event(job *j, const char *msg) {
-    api_error e;
-    bool anth = api_is_anthropic(j->req.kind);
-    api_error_set(&e, 500, anth ? "api_error" : "server_error", NULL, NULL, "%s", msg);
-    char *js = api_format_error(anth, &e);
-    if (!js) return NULL;
-    size_t n = strlen(js) + 64;
-    char *out = malloc(n);
-    if (out) snprintf(out, n, anth ? "event: error\ndata: %s\n\n" : "data: %s\n\n", js);
-    free(js);
-    return out;
+    return api_format_stream_error(api_is_anthropic(j->req.kind), msg);
 }
 
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
@@ -1142,12 +1113,6 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
 
 static void stream_free(void *cls) { job_release(cls); }
 
-typedef struct { server *s; bool no_thinking; } render_ctx;
-static char *render_tmpl(void *ctx, const chat_msg *msgs, int n, const char *const *tools, int n_tools, bool add_gen) {
-    const render_ctx *rc = ctx;
-    return chat_render(rc->s->tmpl, rc->s->gf, &rc->s->think, msgs, n, tools, n_tools, add_gen, rc->no_thinking);
-}
-
 /* The served model's own names: its GGUF general.name, its file name (with or without .gguf),
  * "default" and each --alias. Returns the alias matched (to name a /models/{alias} entry), the
  * model id for the others, NULL for an unknown name. */
@@ -1212,8 +1177,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     j->fd = -1;
     enum MHD_Result ret;
     resp_entry prev = { 0 };   /* Responses: the conversation continued (previous_response_id) */
-    if (api_parse(kinds[cs->ep], cs->body, cs->len, &j->req, &e) < 0) {
-        if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
+    if (prompt_parse(kinds[cs->ep], cs->body, cs->len, &j->req, &e) < 0) {
         ret = reply_error(s, c, cs->ep, anth, &e);
         goto out;
     }
@@ -1237,8 +1201,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         ret = reply_error(s, c, cs->ep, anth, &e);
         goto out;
     }
-    if (j->req.cache_salt) salted_namespace(cs->ns, j->req.cache_salt, j->ns);
-    else snprintf(j->ns, sizeof j->ns, "%s", cs->ns);
+    prompt_namespace(cs->ns, j->req.cache_salt, j->ns);
     memcpy(j->owner, cs->ns, sizeof j->owner);
     if (j->req.kind == API_OPENAI_RESPONSES && j->req.prev_id) {
         char pid[128];
@@ -1257,66 +1220,18 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
             goto out;
         }
     }
-    api_bp bps[ENGINE_MAX_BREAKPOINTS];
-    int nbps = 0, n;
-    bool add_bos = false;
-    if (j->req.prompt_ids) {
-        /* A prompt given as token ids goes to the engine as it is: no BOS, no tokenization. */
-        int nv = tokenizer_n_vocab(s->tok);
-        for (int i = 0; i < j->req.n_prompt_ids; i++)
-            if (j->req.prompt_ids[i] >= nv) {
-                char param[32];
-                snprintf(param, sizeof param, "prompt[%d]", i);
-                api_error_set(&e, 400, "invalid_request_error", param, "invalid_value",
-                              "%s: token id %d is out of range: the vocabulary has %d tokens (ids 0 to %d)", param,
-                              j->req.prompt_ids[i], nv, nv - 1);
-                ret = reply_error(s, c, cs->ep, false, &e);
-                goto out;
-            }
-        j->prompt = j->req.prompt_ids;
-        n = j->req.n_prompt_ids;
-        j->req.prompt_ids = NULL;
-        j->req.n_prompt_ids = 0;
-    } else {
-        char *text = NULL;
-        size_t tlen = 0;
-        render_ctx rc = { s, j->req.no_thinking };
-        if (api_render(&j->req, render_tmpl, &rc, &text, &tlen, bps, &nbps, &e) < 0) {
-            if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(e.status));
-            ret = reply_error(s, c, cs->ep, anth, &e);
-            goto out;
-        }
-        /* Tokenize once; BOS only if the model wants it and the template did not write it. */
-        char terr[256] = "";
-        add_bos = tokenizer_add_bos(s->tok);
-        if (add_bos) {
-            size_t bl = 0;
-            const char *bp = tokenizer_piece(s->tok, tokenizer_bos(s->tok), true, &bl);
-            if (bp && bl && tlen >= bl && !memcmp(text, bp, bl)) add_bos = false;
-        }
-        const size_t plen = prev.prefix ? strlen(prev.prefix) : 0;
-        if (plen && prev.n_tokens > 0 && tlen >= plen && !memcmp(text, prev.prefix, plen)) {
-            /* the conversation goes on from exactly the tokens of the previous response (its
-             * prompt and output, all in the prompt cache); only the rest is tokenized */
-            int32_t *rest = NULL;
-            int nr = tokenizer_encode(s->tok, text + plen, tlen - plen, false, true, &rest, terr, sizeof terr);
-            n = -1;
-            if (nr >= 0 && (j->prompt = malloc(((size_t)prev.n_tokens + (size_t)nr + 1) * sizeof *j->prompt))) {
-                memcpy(j->prompt, prev.tokens, (size_t)prev.n_tokens * sizeof *j->prompt);
-                if (nr) memcpy(j->prompt + prev.n_tokens, rest, (size_t)nr * sizeof *rest);
-                n = prev.n_tokens + nr;
-            }
-            free(rest);
-        } else {
-            n = tokenizer_encode(s->tok, text, tlen, add_bos, true, &j->prompt, terr, sizeof terr);
-        }
-        if (j->req.kind == API_OPENAI_RESPONSES) j->prompt_text = text;
-        else free(text);
-        if (n < 0) {
-            ret = reply_err(s, c, cs->ep, anth, 400, "invalid_request_error", NULL, "could not tokenize the prompt: %s", terr);
-            goto out;
-        }
+    /* The prompt's tokens (prompt.c: the router tokenizes requests with the same function). */
+    prompt pr;
+    const prompt_prev pv = { prev.prefix, prev.tokens, prev.n_tokens };
+    if (prompt_tokens(&s->pm, &j->req, &pv, &pr, &e) < 0) {
+        ret = reply_error(s, c, cs->ep, anth, &e);
+        goto out;
     }
+    const int n = pr.n;
+    const bool add_bos = pr.add_bos;
+    j->prompt = pr.tokens;
+    if (j->req.kind == API_OPENAI_RESPONSES) j->prompt_text = pr.text;
+    else free(pr.text);
     j->n_prompt = n;
     if (cs->ep == EP_COUNT_TOKENS) {
         engine_usage u = { .prompt_tokens = n };
@@ -1348,7 +1263,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         er->grammar = tool_grammar(s, &j->req, fmt, gerr, sizeof gerr);
         if (!er->grammar && gerr[0]) {
             api_error_set(&e, 400, "invalid_request_error", "tools", "invalid_function_parameters", "tools: %s", gerr);
-            if (anth) snprintf(e.type, sizeof e.type, "%s", anth_type(400));
+            if (anth) snprintf(e.type, sizeof e.type, "%s", api_anthropic_type(400));
             ret = reply_error(s, c, cs->ep, anth, &e);
             goto out;
         }
@@ -1362,7 +1277,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         reasoning_init(&j->rp, reply_starts_inside(s, &j->req));
     }
     /* Byte breakpoints -> token positions (whole tokens inside the prefix). */
-    if (nbps > 0) {
+    if (pr.n_bps > 0) {
         size_t *ends = malloc((size_t)n * sizeof *ends);
         if (!ends) { ret = reply_err(s, c, cs->ep, anth, 500, anth ? "api_error" : "server_error", NULL, "out of memory"); goto out; }
         size_t acc = 0;
@@ -1372,12 +1287,12 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
             acc += pl;
             ends[i] = acc;
         }
-        for (int b = 0; b < nbps; b++) {
-            int pos = api_byte_to_token(ends, n, bps[b].off);
+        for (int b = 0; b < pr.n_bps; b++) {
+            int pos = api_byte_to_token(ends, n, pr.bps[b].off);
             if (pos <= 0) continue;
             if (er->n_breakpoints > 0 && er->breakpoints[er->n_breakpoints - 1].pos >= pos) continue;
             er->breakpoints[er->n_breakpoints].pos = pos;
-            er->breakpoints[er->n_breakpoints].ttl_s = bps[b].ttl_s;
+            er->breakpoints[er->n_breakpoints].ttl_s = pr.bps[b].ttl_s;
             er->n_breakpoints++;
         }
         free(ends);
@@ -1860,6 +1775,7 @@ int server_main(int argc, char **argv) {
     s->gf = engine_gguf(s->eng);
     s->tmpl = chat_template_detect(s->gf, s->tok);
     s->think = chat_think_detect(s->gf, s->tok);
+    s->pm = (prompt_model){ s->tok, s->gf, s->tmpl, s->think };
     s->n_ctx = engine_n_ctx(s->eng);
     const char *base = strrchr(eo.model_path, '/');
     base = base ? base + 1 : eo.model_path;
