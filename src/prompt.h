@@ -23,7 +23,7 @@ typedef struct prompt_model {
 } prompt_model;
 
 /* A request's prompt. tokens (n of them) and text are owned: prompt_free. */
-typedef struct prompt {
+typedef struct rendered_prompt {
     int32_t *tokens;
     int n;
     bool add_bos;             /* the model wants a BOS and the template did not write one */
@@ -31,7 +31,7 @@ typedef struct prompt {
     size_t text_len;
     api_bp bps[ENGINE_MAX_BREAKPOINTS]; /* cache breakpoints as byte offsets into text */
     int n_bps;
-} prompt;
+} rendered_prompt;
 
 /* A conversation continued from a stored response (Responses previous_response_id): when the
  * rendered text starts with prefix, its tokens are exactly `tokens` (the stored prompt and
@@ -50,8 +50,8 @@ int prompt_parse(api_kind kind, const char *body, size_t len, api_request *req, 
  * with the model's chat template (enable_thinking as the request sets it) and tokenized (BOS
  * only if the model wants one and the template did not write it). prev may be NULL. Returns 0, or -1 with *e (a 400 in the
  * request's API's words) and *out empty. */
-int prompt_tokens(const prompt_model *m, api_request *req, const prompt_prev *prev, prompt *out, api_error *e);
-void prompt_free(prompt *p);
+int prompt_tokens(const prompt_model *m, api_request *req, const prompt_prev *prev, rendered_prompt *out, api_error *e);
+void prompt_free(rendered_prompt *p);
 
 /* The cache namespace of a request: the credential's namespace ns, or, with a cache_salt, "s" +
  * FNV-1a-64 over ns, 0x1f and the salt. out needs 18 bytes. */

@@ -1221,7 +1221,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
         }
     }
     /* The prompt's tokens (prompt.c: the router tokenizes requests with the same function). */
-    prompt pr;
+    rendered_prompt pr;
     const prompt_prev pv = { prev.prefix, prev.tokens, prev.n_tokens };
     if (prompt_tokens(&s->pm, &j->req, &pv, &pr, &e) < 0) {
         ret = reply_error(s, c, cs->ep, anth, &e);

@@ -7,6 +7,10 @@
 #include "grammar.h"
 #include "jsonschema.h"
 #include "kv.h"
+#include "kvevent.h"
+#include "fingerprint.h"
+#include "prompt.h"
+#include "server.h"
 #include "model.h"
 #include "quant.h"
 #include "threadpool.h"
@@ -517,6 +521,65 @@ static int cmd_render(int argc, char **argv) {
     return rc;
 }
 
+/* An API request body on stdin -> its prompt's token count and the chain hashes of its full
+ * blocks (kvevent.h) in the namespace a replica uses (the --key credential's, split by the
+ * body's cache_salt): what `pcache route` computes, for tests that publish KV events. */
+static int cmd_chains(int argc, char **argv) {
+    static const char *const kinds[] = { "chat", "completions", "responses", "messages" };
+    static const api_kind kv[] = { API_OPENAI_CHAT, API_OPENAI_COMPLETION, API_OPENAI_RESPONSES, API_ANTHROPIC_MESSAGES };
+    if (argc < 2) { fprintf(stderr, "usage: pcache-tool chains MODEL chat|completions|responses|messages [--key KEY] < request.json\n"); return 2; }
+    int k = -1;
+    for (int i = 0; i < 4; i++) if (!strcmp(argv[1], kinds[i])) k = i;
+    if (k < 0) { fprintf(stderr, "chains: unknown kind %s\n", argv[1]); return 2; }
+    char key_ns[18] = "";
+    if (argc > 3 && !strcmp(argv[2], "--key")) server_key_namespace(argv[3], key_ns);
+    gguf_file *f;
+    tokenizer *t;
+    if (tok_open(argv[0], &f, &t)) return 1;
+    char err[512] = "";
+    model_config mc;
+    uint64_t fp;
+    if (model_config_read(f, &mc, err, sizeof err) || fingerprint_file(argv[0], NULL, &fp, NULL, err, sizeof err)) {
+        fprintf(stderr, "chains: %s\n", err);
+        tokenizer_free(t);
+        gguf_close(f);
+        return 1;
+    }
+    size_t len;
+    char *body = read_stream(stdin, &len);
+    api_request r;
+    api_error e;
+    rendered_prompt pr;
+    int rc = 1;
+    prompt_model pm = { t, f, chat_template_detect(f, t) };
+    if (body && prompt_parse(kv[k], body, len, &r, &e) == 0) {
+        if (prompt_tokens(&pm, &r, NULL, &pr, &e) == 0) {
+            char ns[18];
+            prompt_namespace(key_ns, r.cache_salt, ns);
+            int nb = pr.n / KV_BLOCK;
+            uint64_t *ch = malloc(((size_t)nb + 1) * sizeof *ch);
+            nb = ch ? kvevent_prompt_chains(fp, (uint32_t)mc.n_layer, (uint32_t)(mc.n_head_kv * mc.head_dim), ns, pr.tokens, pr.n, ch, nb) : 0;
+            char h[17];
+            kvevent_hex64(fp, h);
+            printf("{\"tokens\":%d,\"ns\":\"%s\",\"fp\":\"%s\",\"layout\":\"%dx%d\",\"chains\":[", pr.n, ns, h, mc.n_layer,
+                   mc.n_head_kv * mc.head_dim);
+            for (int i = 0; i < nb; i++) {
+                kvevent_hex64(ch[i], h);
+                printf("%s\"%s\"", i ? "," : "", h);
+            }
+            printf("]}\n");
+            free(ch);
+            prompt_free(&pr);
+            rc = 0;
+        } else fprintf(stderr, "chains: %d %s\n", e.status, e.message);
+        api_request_free(&r);
+    } else if (body) fprintf(stderr, "chains: %d %s\n", e.status, e.message);
+    free(body);
+    tokenizer_free(t);
+    gguf_close(f);
+    return rc;
+}
+
 /* ---- quant subcommands (owned by the quant module) ---- */
 
 /* Raw blocks of TYPE on stdin -> N float32 (little-endian) on stdout, via the scalar reference
@@ -873,6 +936,7 @@ static const subcommand commands[] = {
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },
     { "detokenize", cmd_detokenize, "MODEL [--special] < ids.json : text (streaming detokenizer)" },
     { "render", cmd_render, "MODEL [--anthropic] < request.json : the prompt the server renders for an API request" },
+    { "chains", cmd_chains, "MODEL chat|completions|responses|messages [--key KEY] < request.json : the prompt's KV block chain hashes, as the router computes them (JSON)" },
     { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
     { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
     { "bench-bw", cmd_bench_bw, "MB THREADS [REPS] : read bandwidth over an MB-megabyte buffer" },

@@ -1,0 +1,96 @@
+/* routing: see routing.h. */
+#include "routing.h"
+#include <string.h>
+
+static const char *const REASONS[RR_N] = { "prefix", "affinity", "load", "round_robin", "least_loaded", "response", "other" };
+static const char *const POLICIES[] = { "cache", "round-robin", "least-loaded" };
+
+const char *route_reason_name(route_reason r) { return r >= 0 && r < RR_N ? REASONS[r] : "unknown"; }
+const char *route_policy_name(route_policy p) { return p >= 0 && p <= ROUTE_LEAST_LOADED ? POLICIES[p] : "unknown"; }
+
+int route_policy_parse(const char *s) {
+    for (int i = 0; s && i <= ROUTE_LEAST_LOADED; i++)
+        if (!strcmp(s, POLICIES[i])) return i;
+    return -1;
+}
+
+static uint64_t mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+#define FNV_OFF 1469598103934665603ull
+#define FNV_PRIME 1099511628211ull
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) { h ^= b[i]; h *= FNV_PRIME; }
+    return h;
+}
+
+uint64_t route_hash(const char *s) { return fnv(FNV_OFF, s, strlen(s)); }
+
+uint64_t route_affinity(const char *ns, const char *cache_key, const int32_t *tokens, int n) {
+    uint64_t h = fnv(FNV_OFF, ns, strlen(ns));
+    h = fnv(h, "\x1f", 1);
+    if (cache_key && *cache_key) return fnv(fnv(h, "c", 1), cache_key, strlen(cache_key));
+    if (ns[0]) return fnv(h, "n", 1);   /* a key's (or a cache_salt's) namespace: it alone */
+    h = fnv(h, "t", 1);
+    for (int i = 0; i < n; i++) h = fnv(h, &tokens[i], sizeof tokens[i]);
+    return h;
+}
+
+/* Rendezvous weight of replica c for key a: the highest wins. */
+static uint64_t weight(const route_cand *c, uint64_t a) { return mix64(a ^ mix64(c->id)); }
+
+/* Whether x is preferred to y: lower load, then longer match (when by_match), then affinity. */
+static bool better_loaded(const route_cand *x, const route_cand *y, uint64_t a, bool by_match) {
+    if (x->load != y->load) return x->load < y->load;
+    if (by_match && x->match != y->match) return x->match > y->match;
+    return weight(x, a) > weight(y, a);
+}
+
+int route_choose(route_policy p, const route_cand *c, int n, uint64_t affinity, int threshold, uint64_t rr,
+                 route_reason *why) {
+    int n_ok = 0, least = -1, min_load = 0, best_match = 0;
+    for (int i = 0; i < n; i++) {
+        if (!c[i].healthy) continue;
+        if (!n_ok || c[i].load < min_load) min_load = c[i].load;
+        if (c[i].match > best_match) best_match = c[i].match;
+        n_ok++;
+    }
+    if (!n_ok) { *why = RR_N; return -1; }
+    if (p == ROUTE_ROUND_ROBIN) {
+        int k = (int)(rr % (uint64_t)n_ok);
+        for (int i = 0; i < n; i++)
+            if (c[i].healthy && k-- == 0) { *why = RR_ROUND_ROBIN; return i; }
+    }
+    if (p == ROUTE_LEAST_LOADED) {
+        /* ties rotate with the counter, so equal loads spread as round-robin does */
+        int start = (int)(rr % (uint64_t)n);
+        for (int k = 0; k < n; k++) {
+            int i = (start + k) % n;
+            if (c[i].healthy && (least < 0 || c[i].load < c[least].load)) least = i;
+        }
+        *why = RR_LEAST_LOADED;
+        return least;
+    }
+    int pick = -1;
+    if (best_match > 0) {
+        for (int i = 0; i < n; i++)
+            if (c[i].healthy && c[i].match == best_match && (pick < 0 || better_loaded(&c[i], &c[pick], affinity, false))) pick = i;
+        *why = RR_PREFIX;
+    } else {
+        for (int i = 0; i < n; i++)
+            if (c[i].healthy && (pick < 0 || weight(&c[i], affinity) > weight(&c[pick], affinity))) pick = i;
+        *why = RR_AFFINITY;
+    }
+    if (threshold >= 0 && c[pick].load > min_load + threshold) {
+        for (int i = 0; i < n; i++)
+            if (c[i].healthy && (least < 0 || better_loaded(&c[i], &c[least], affinity, true))) least = i;
+        *why = RR_LOAD;
+        return least;
+    }
+    return pick;
+}
