@@ -16,9 +16,9 @@
  *   restarting (a new instance id), drops its predictions.
  * - Load: each replica's queue (running + waiting) as its /health last said, plus what this
  *   router has sent it since that poll and not finished.
- * The choice itself is routing.c's (a pure function): the longest cached prefix unless that
- * replica is overloaded by more than --load-threshold, else affinity by prompt_cache_key / API
- * key / prompt, else the least loaded.
+ * The choice itself is routing.c's (a pure function): the longest cached prefix (when it covers
+ * --min-match of the prompt) unless that replica is overloaded by more than --load-threshold,
+ * else affinity by prompt_cache_key / API key / prompt, else the least loaded.
  *
  * Forwarding. libmicrohttpd runs one thread per client connection; that thread forwards with
  * libcurl (a multi handle it drives itself, so it can also watch the client's socket). Every
@@ -193,6 +193,7 @@ typedef struct router {
     /* options */
     route_policy policy;
     int threshold;
+    double min_match;         /* the fraction of a prompt a prefix must cover to count */
     double health_s, predict_ttl_s;
     char **keys;
     int n_keys;
@@ -1023,8 +1024,17 @@ static enum MHD_Result handle(router *rt, struct MHD_Connection *c, conn *cs, co
         route_reason why;
         int pick;
         if (owner >= 0 && !tried[owner] && cand[owner].healthy) { pick = owner; why = RR_RESPONSE; }
-        else if (gen && !p.prev_id) pick = route_choose(rt->policy, cand, n, p.affinity, rt->threshold, atomic_fetch_add(&rt->rr, 1), &why);
-        else { pick = route_choose(ROUTE_LEAST_LOADED, cand, n, 0, 0, atomic_fetch_add(&rt->rr, 1), &why); why = RR_OTHER; }
+        else if (gen && !p.prev_id) {
+            /* a prefix counts from --min-match of the prompt on (at least one block) */
+            int mm = (int)(rt->min_match * p.n_tokens / KV_BLOCK + 0.999);
+            if (mm > p.n_chains) mm = p.n_chains;   /* the last partial block is never held */
+            route_params rp = { rt->policy, rt->threshold, mm, p.affinity, atomic_fetch_add(&rt->rr, 1) };
+            pick = route_choose(&rp, cand, n, &why);
+        } else {
+            route_params rp = { ROUTE_LEAST_LOADED, 0, 1, 0, atomic_fetch_add(&rt->rr, 1) };
+            pick = route_choose(&rp, cand, n, &why);
+            why = RR_OTHER;
+        }
         if (pick < 0) break;
         tried[pick] = true;
         pthread_mutex_lock(&rt->mu);
@@ -1332,6 +1342,8 @@ static void usage(FILE *f) {
             "  --policy P            cache (default), round-robin or least-loaded\n"
             "  --load-threshold N    cache policy: leave the replica holding the longest prefix when its load exceeds\n"
             "                        the least loaded one's by more than N requests (default 4)\n"
+            "  --min-match F         cache policy: a cached prefix counts when it covers at least this fraction of the\n"
+            "                        prompt (default 0.5; below, affinity decides)\n"
             "  --predict-ttl T       how long the router assumes a replica keeps a prompt it sent there (default 5m)\n"
             "  --health-interval T   seconds between /health polls of each replica (default 1)\n"
             "  --timeout S           drop clients idle for S seconds while sending a request (default 30)\n"
@@ -1363,6 +1375,7 @@ int router_main(int argc, char **argv) {
     unsigned timeout = 30;
     double drain_s = 30;
     rt->threshold = 4;
+    rt->min_match = 0.5;
     rt->health_s = 1;
     rt->predict_ttl_s = 300;
     rt->keys = calloc((size_t)argc + 1, sizeof *rt->keys);
@@ -1399,6 +1412,7 @@ int router_main(int argc, char **argv) {
         else if (!strcmp(a, "--api-key")) { NEED(); if (!*v) { fprintf(stderr, "pcache route: empty --api-key\n"); return 2; } rt->keys[rt->n_keys++] = (char *)v; }
         else if (!strcmp(a, "--policy")) { NEED(); int p = route_policy_parse(v); if (p < 0) { fprintf(stderr, "pcache route: bad --policy %s (cache, round-robin or least-loaded)\n", v); return 2; } rt->policy = (route_policy)p; }
         else if (!strcmp(a, "--load-threshold")) { NEED(); char *e; long t = strtol(v, &e, 10); if (*e || t < 0 || t > 1000000) { fprintf(stderr, "pcache route: bad --load-threshold %s\n", v); return 2; } rt->threshold = (int)t; }
+        else if (!strcmp(a, "--min-match")) { NEED(); char *e; rt->min_match = strtod(v, &e); if (*e || !(rt->min_match >= 0 && rt->min_match <= 1)) { fprintf(stderr, "pcache route: bad --min-match %s (0 to 1)\n", v); return 2; } }
         else if (!strcmp(a, "--predict-ttl")) { NEED(); if (parse_duration(v, &rt->predict_ttl_s) < 0 || rt->predict_ttl_s < 0 || rt->predict_ttl_s > 1e8) { fprintf(stderr, "pcache route: bad --predict-ttl %s\n", v); return 2; } }
         else if (!strcmp(a, "--health-interval")) { NEED(); if (parse_duration(v, &rt->health_s) < 0 || rt->health_s < 0.05 || rt->health_s > 3600) { fprintf(stderr, "pcache route: bad --health-interval %s\n", v); return 2; } }
         else if (!strcmp(a, "--timeout")) { NEED(); long t = atol(v); if (t < 1 || t > 86400) { fprintf(stderr, "pcache route: bad --timeout %s\n", v); return 2; } timeout = (unsigned)t; }

@@ -51,8 +51,10 @@ static bool better_loaded(const route_cand *x, const route_cand *y, uint64_t a, 
     return weight(x, a) > weight(y, a);
 }
 
-int route_choose(route_policy p, const route_cand *c, int n, uint64_t affinity, int threshold, uint64_t rr,
-                 route_reason *why) {
+int route_choose(const route_params *rp, const route_cand *c, int n, route_reason *why) {
+    const route_policy p = rp->policy;
+    const uint64_t affinity = rp->affinity, rr = rp->rr;
+    const int threshold = rp->threshold, min_match = rp->min_match > 1 ? rp->min_match : 1;
     int n_ok = 0, least = -1, min_load = 0, best_match = 0;
     for (int i = 0; i < n; i++) {
         if (!c[i].healthy) continue;
@@ -77,7 +79,7 @@ int route_choose(route_policy p, const route_cand *c, int n, uint64_t affinity, 
         return least;
     }
     int pick = -1;
-    if (best_match > 0) {
+    if (best_match >= min_match) {
         for (int i = 0; i < n; i++)
             if (c[i].healthy && c[i].match == best_match && (pick < 0 || better_loaded(&c[i], &c[pick], affinity, false))) pick = i;
         *why = RR_PREFIX;

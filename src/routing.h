@@ -4,10 +4,14 @@
  * Inputs per replica: whether it is healthy, its load (requests it is running or queueing, as
  * its /health last said plus what this router sent since), and how many leading blocks of the
  * request's prompt it holds (kvindex.h), plus a stable id for hashing. The cache policy (the
- * default; SGLang's cache-aware router is the model, with its load guard):
+ * default; SGLang's cache-aware router is the model, with its load guard and its cache
+ * threshold):
  *   1. prefer the replica holding the longest prefix of the prompt; among equal holders the
- *      least loaded; among equally loaded ones the affinity order (below);
- *   2. when no replica holds any block of it, prefer the affinity replica: rendezvous hashing
+ *      least loaded; among equally loaded ones the affinity order (below). A prefix counts only
+ *      from min_match blocks on (the router asks for half the prompt): otherwise the chat
+ *      template's preamble, which every chat prompt starts with, would pull every new
+ *      conversation to the first replica that served one;
+ *   2. when no replica holds such a prefix, prefer the affinity replica: rendezvous hashing
  *      of the request's affinity key (prompt_cache_key, else the API key, else the prompt
  *      itself) over the healthy replicas, so the same key lands on the same replica while it
  *      is up, and losing a replica moves only the keys that were on it;
@@ -47,11 +51,17 @@ typedef struct route_cand {
     uint64_t id;      /* a stable hash of the replica (its URL) */
 } route_cand;
 
-/* The replica to send a request to: an index into c[0..n), or -1 when none is healthy. rr is a
- * counter the caller increments per request (round-robin and least-loaded tie breaks);
- * threshold is the load difference the cache policy tolerates. *why gets the reason. */
-int route_choose(route_policy p, const route_cand *c, int n, uint64_t affinity, int threshold, uint64_t rr,
-                 route_reason *why);
+typedef struct route_params {
+    route_policy policy;
+    int threshold;    /* cache: the load difference tolerated for a prefix or the affinity */
+    int min_match;    /* cache: the fewest leading blocks that count as a prefix (>= 1) */
+    uint64_t affinity;/* route_affinity */
+    uint64_t rr;      /* a counter the caller increments per request (round-robin, ties) */
+} route_params;
+
+/* The replica to send a request to: an index into c[0..n), or -1 when none is healthy. *why
+ * gets the reason. */
+int route_choose(const route_params *p, const route_cand *c, int n, route_reason *why);
 
 /* The affinity key of a request: FNV-1a-64 over its cache namespace (prompt.h) and, in order of
  * preference, prompt_cache_key (non-NULL and non-empty), else nothing more when the namespace

@@ -187,42 +187,59 @@ START_TEST(randomized_against_list) {
 }
 END_TEST
 
+static int choose(route_policy p, const route_cand *c, int n, uint64_t affinity, int threshold, uint64_t rr, route_reason *why) {
+    route_params rp = { .policy = p, .threshold = threshold, .min_match = 1, .affinity = affinity, .rr = rr };
+    return route_choose(&rp, c, n, why);
+}
+
 static route_cand cand(bool healthy, int load, int match, uint64_t id) { return (route_cand){ healthy, load, match, id }; }
 
 START_TEST(choose_longest_prefix) {
     route_reason why;
     route_cand c[3] = { cand(true, 0, 2, 11), cand(true, 1, 5, 22), cand(true, 0, 3, 33) };
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 1);
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 1);
     ck_assert_int_eq(why, RR_PREFIX);
     /* equal prefixes: the least loaded */
     c[0].match = 5;
     c[0].load = 3;
     c[2].match = 5;
     c[2].load = 2;
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 1);
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 1);
     c[1].load = 2;   /* equal loads too: the affinity order decides, the same way every time */
-    int p = route_choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why);
+    int p = choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why);
     ck_assert(p == 1 || p == 2);
-    for (uint64_t rr = 0; rr < 10; rr++) ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 4, rr, &why), p);
+    for (uint64_t rr = 0; rr < 10; rr++) ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 4, rr, &why), p);
     /* an unhealthy holder is skipped */
     c[0] = cand(false, 0, 9, 11);
-    ck_assert_int_ne(route_choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 0);
+    ck_assert_int_ne(choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 0);
+    /* a prefix shorter than min_match does not count: affinity decides */
+    route_cand d[3] = { cand(true, 0, 2, 11), cand(true, 0, 0, 22), cand(true, 0, 0, 33) };
+    route_params rp = { .policy = ROUTE_CACHE, .threshold = 4, .min_match = 3 };
+    int by_affinity[3] = { 0 };
+    for (rp.affinity = 0; rp.affinity < 300; rp.affinity++) {
+        by_affinity[route_choose(&rp, d, 3, &why)]++;
+        ck_assert_int_eq(why, RR_AFFINITY);
+    }
+    ck_assert(by_affinity[0] && by_affinity[1] && by_affinity[2]);
+    d[0].match = 3;
+    ck_assert_int_eq(route_choose(&rp, d, 3, &why), 0);
+    ck_assert_int_eq(why, RR_PREFIX);
 }
 END_TEST
 
 START_TEST(choose_load_threshold) {
     route_reason why;
     route_cand c[3] = { cand(true, 6, 8, 11), cand(true, 2, 0, 22), cand(true, 3, 1, 33) };
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 0);   /* 6 <= 2 + 4 */
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 0);   /* 6 <= 2 + 4 */
     ck_assert_int_eq(why, RR_PREFIX);
     c[0].load = 7;                                                            /* 7 > 2 + 4 */
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 1);
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 1);
     ck_assert_int_eq(why, RR_LOAD);
     c[2].load = 2;   /* equally least loaded: the longer prefix */
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 2);
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 0, 0, &why), 2);    /* threshold 0 */
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 4, 0, &why), 2);
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 0, 0, &why), 2);    /* threshold 0 */
     c[0].load = 2;
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 7, 0, 0, &why), 0);
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 7, 0, 0, &why), 0);
 }
 END_TEST
 
@@ -232,9 +249,9 @@ START_TEST(choose_affinity) {
     int hits[4] = { 0 };
     int first[1000];
     for (uint64_t a = 0; a < 1000; a++) {
-        int p = route_choose(ROUTE_CACHE, c, 4, a * 0x9e3779b97f4a7c15ull, 4, a, &why);
+        int p = choose(ROUTE_CACHE, c, 4, a * 0x9e3779b97f4a7c15ull, 4, a, &why);
         ck_assert_int_eq(why, RR_AFFINITY);
-        ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 4, a * 0x9e3779b97f4a7c15ull, 4, a + 1, &why), p);   /* stable */
+        ck_assert_int_eq(choose(ROUTE_CACHE, c, 4, a * 0x9e3779b97f4a7c15ull, 4, a + 1, &why), p);   /* stable */
         first[a] = p;
         hits[p]++;
     }
@@ -242,16 +259,16 @@ START_TEST(choose_affinity) {
     /* a replica goes: only its keys move */
     c[2].healthy = false;
     for (uint64_t a = 0; a < 1000; a++) {
-        int p = route_choose(ROUTE_CACHE, c, 4, a * 0x9e3779b97f4a7c15ull, 4, 0, &why);
+        int p = choose(ROUTE_CACHE, c, 4, a * 0x9e3779b97f4a7c15ull, 4, 0, &why);
         ck_assert_int_ne(p, 2);
         if (first[a] != 2) ck_assert_int_eq(p, first[a]);
     }
     /* the affinity replica overloaded: the least loaded */
     c[2].healthy = true;
     uint64_t a = 0;
-    while (route_choose(ROUTE_CACHE, c, 4, a, 4, 0, &why) != 3) a++;
+    while (choose(ROUTE_CACHE, c, 4, a, 4, 0, &why) != 3) a++;
     c[3].load = 5;
-    ck_assert_int_ne(route_choose(ROUTE_CACHE, c, 4, a, 4, 0, &why), 3);
+    ck_assert_int_ne(choose(ROUTE_CACHE, c, 4, a, 4, 0, &why), 3);
     ck_assert_int_eq(why, RR_LOAD);
     /* affinity keys: prompt_cache_key first, then the namespace, then the prompt */
     int32_t t1[3] = { 1, 2, 3 }, t2[3] = { 1, 2, 4 };
@@ -268,20 +285,20 @@ END_TEST
 START_TEST(choose_baselines) {
     route_reason why;
     route_cand c[3] = { cand(true, 5, 9, 11), cand(false, 0, 0, 22), cand(true, 1, 0, 33) };
-    ck_assert_int_eq(route_choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 0, &why), 0);
+    ck_assert_int_eq(choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 0, &why), 0);
     ck_assert_int_eq(why, RR_ROUND_ROBIN);
-    ck_assert_int_eq(route_choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 1, &why), 2);
-    ck_assert_int_eq(route_choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 2, &why), 0);
-    ck_assert_int_eq(route_choose(ROUTE_LEAST_LOADED, c, 3, 0, 4, 0, &why), 2);
+    ck_assert_int_eq(choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 1, &why), 2);
+    ck_assert_int_eq(choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 2, &why), 0);
+    ck_assert_int_eq(choose(ROUTE_LEAST_LOADED, c, 3, 0, 4, 0, &why), 2);
     ck_assert_int_eq(why, RR_LEAST_LOADED);
     c[0].load = 1;   /* equal: the counter rotates them */
     int seen[3] = { 0 };
-    for (uint64_t rr = 0; rr < 6; rr++) seen[route_choose(ROUTE_LEAST_LOADED, c, 3, 0, 4, rr, &why)]++;
+    for (uint64_t rr = 0; rr < 6; rr++) seen[choose(ROUTE_LEAST_LOADED, c, 3, 0, 4, rr, &why)]++;
     ck_assert(seen[0] > 0 && seen[2] > 0 && seen[1] == 0);
     c[0].healthy = c[2].healthy = false;
-    ck_assert_int_eq(route_choose(ROUTE_CACHE, c, 3, 0, 4, 0, &why), -1);
-    ck_assert_int_eq(route_choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 0, &why), -1);
-    ck_assert_int_eq(route_choose(ROUTE_LEAST_LOADED, c, 3, 0, 4, 0, &why), -1);
+    ck_assert_int_eq(choose(ROUTE_CACHE, c, 3, 0, 4, 0, &why), -1);
+    ck_assert_int_eq(choose(ROUTE_ROUND_ROBIN, c, 3, 0, 4, 0, &why), -1);
+    ck_assert_int_eq(choose(ROUTE_LEAST_LOADED, c, 3, 0, 4, 0, &why), -1);
     ck_assert_int_eq(route_policy_parse("round-robin"), ROUTE_ROUND_ROBIN);
     ck_assert_int_eq(route_policy_parse("cache"), ROUTE_CACHE);
     ck_assert_int_eq(route_policy_parse("random"), -1);
