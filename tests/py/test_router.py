@@ -337,29 +337,30 @@ def test_hello_resets_a_replica(cluster):
 
 
 def test_load_spreads_when_prefixes_are_equal(cluster):
-    """All three hold the shared system prompt: concurrent requests go to the least loaded."""
+    """All three hold the prefix the requests share: concurrent requests go to the least loaded."""
     need_instances(cluster)
     system = DOC * 2 + "(spreading test)"
-    ch = chains({"messages": [{"role": "system", "content": system}, {"role": "user", "content": "q"}]})["chains"]
-    shared = ch[:-1]   # the blocks of the system prompt every question shares
+    bodies = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}],
+               "max_tokens": 64, "ignore_eos": True, "temperature": 0} for i in range(6)]
+    all_chains = [chains(b)["chains"] for b in bodies]
+    shared = []   # the leading blocks all six have in common
+    for blocks in zip(*all_chains):
+        if len(set(blocks)) > 1:
+            break
+        shared.append(blocks[0])
+    assert len(shared) >= 5
     for r in cluster.reps:
         publish(cluster, r.base, "store", shared)
     for r in cluster.reps:
         wait_blocks(cluster, r.base, len(shared))
     before = per_replica(metrics(cluster.router), "pcache_router_replica_requests_total")
     results = []
-
-    def one(i):
-        results.append(post(cluster.router.base, "/v1/chat/completions",
-                            {"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}],
-                             "max_tokens": 48, "ignore_eos": True, "temperature": 0}))
-
     threads = []
-    for i in range(6):
-        t = threading.Thread(target=one, args=(i,))
+    for b in bodies:
+        t = threading.Thread(target=lambda b=b: results.append(post(cluster.router.base, "/v1/chat/completions", b)))
         t.start()
         threads.append(t)
-        time.sleep(0.15)   # each sees the ones before it in flight
+        time.sleep(0.1)   # each sees the ones before it in flight
     for t in threads:
         t.join()
     assert all(st == 200 for st, _ in results), results
