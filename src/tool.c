@@ -524,13 +524,13 @@ static int cmd_render(int argc, char **argv) {
 /* An API request body on stdin -> its prompt's token count and the chain hashes of its full
  * blocks (kvevent.h) in the namespace a replica uses (the --key credential's, split by the
  * body's cache_salt): what `pcache route` computes, for tests that publish KV events. */
-static int cmd_chains(int argc, char **argv) {
+static int cmd_request_chains(int argc, char **argv) {
     static const char *const kinds[] = { "chat", "completions", "responses", "messages" };
     static const api_kind kv[] = { API_OPENAI_CHAT, API_OPENAI_COMPLETION, API_OPENAI_RESPONSES, API_ANTHROPIC_MESSAGES };
-    if (argc < 2) { fprintf(stderr, "usage: pcache-tool chains MODEL chat|completions|responses|messages [--key KEY] < request.json\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: pcache-tool request-chains MODEL chat|completions|responses|messages [--key KEY] < request.json\n"); return 2; }
     int k = -1;
     for (int i = 0; i < 4; i++) if (!strcmp(argv[1], kinds[i])) k = i;
-    if (k < 0) { fprintf(stderr, "chains: unknown kind %s\n", argv[1]); return 2; }
+    if (k < 0) { fprintf(stderr, "request-chains: unknown kind %s\n", argv[1]); return 2; }
     char key_ns[18] = "";
     if (argc > 3 && !strcmp(argv[2], "--key")) server_key_namespace(argv[3], key_ns);
     gguf_file *f;
@@ -540,7 +540,7 @@ static int cmd_chains(int argc, char **argv) {
     model_config mc;
     uint64_t fp;
     if (model_config_read(f, &mc, err, sizeof err) || fingerprint_file(argv[0], NULL, &fp, NULL, err, sizeof err)) {
-        fprintf(stderr, "chains: %s\n", err);
+        fprintf(stderr, "request-chains: %s\n", err);
         tokenizer_free(t);
         gguf_close(f);
         return 1;
@@ -571,9 +571,9 @@ static int cmd_chains(int argc, char **argv) {
             free(ch);
             prompt_free(&pr);
             rc = 0;
-        } else fprintf(stderr, "chains: %d %s\n", e.status, e.message);
+        } else fprintf(stderr, "request-chains: %d %s\n", e.status, e.message);
         api_request_free(&r);
-    } else if (body) fprintf(stderr, "chains: %d %s\n", e.status, e.message);
+    } else if (body) fprintf(stderr, "request-chains: %d %s\n", e.status, e.message);
     free(body);
     tokenizer_free(t);
     gguf_close(f);
@@ -936,7 +936,7 @@ static const subcommand commands[] = {
     { "tokenize", cmd_tokenize, "MODEL [--no-special] [--bos] [--batch] < text : token ids as JSON (--batch: JSON array of strings in, one id array per line out)" },
     { "detokenize", cmd_detokenize, "MODEL [--special] < ids.json : text (streaming detokenizer)" },
     { "render", cmd_render, "MODEL [--anthropic] < request.json : the prompt the server renders for an API request" },
-    { "chains", cmd_chains, "MODEL chat|completions|responses|messages [--key KEY] < request.json : the prompt's KV block chain hashes, as the router computes them (JSON)" },
+    { "request-chains", cmd_request_chains, "MODEL chat|completions|responses|messages [--key KEY] < request.json : the prompt's KV block chain hashes, as the router computes them (JSON)" },
     { "chat", cmd_chat, "MODEL [--no-gen] < messages.json : prompt rendered by the chat template" },
     { "dequant", cmd_dequant, "TYPE N < raw_bytes : N float32 from the scalar reference dequantizer" },
     { "bench-bw", cmd_bench_bw, "MB THREADS [REPS] : read bandwidth over an MB-megabyte buffer" },

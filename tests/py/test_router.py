@@ -3,7 +3,7 @@
 Which replica served a request is read from the router's /metrics
 (pcache_router_replica_requests_total before and after). The index the router builds from KV
 events is fed here by XADDs of the test's own (kvevent.h's format, chain hashes from
-`pcache-tool chains`, the router's own computation) to the instance ids the replicas' /health
+`pcache-tool request-chains`, the router's own computation) to the instance ids the replicas' /health
 report: so the tests of routing by events hold whether or not the replicas publish events
 themselves (the replica side of issue 14); they are skipped where /health has no instance id.
 """
@@ -200,7 +200,7 @@ def decision(m, reason):
 
 
 def chains(body, kind="chat", key=None):
-    args = [os.path.join(BUILD, "pcache-tool"), "chains", MODEL, kind] + (["--key", key] if key else [])
+    args = [os.path.join(BUILD, "pcache-tool"), "request-chains", MODEL, kind] + (["--key", key] if key else [])
     return json.loads(subprocess.run(args, input=json.dumps(body), capture_output=True, text=True, check=True).stdout)
 
 
