@@ -634,8 +634,12 @@ typedef struct { char *p; size_t n, cap; bool oom; } qbuf;
 static enum MHD_Result collect_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
     qbuf *q = cls;
     char *k = curl_easy_escape(NULL, key, 0), *v = value ? curl_easy_escape(NULL, value, 0) : NULL;
-    size_t need = (k ? strlen(k) : 0) + (v ? strlen(v) : 0) + 3;
-    if (!k || (value && !v) || (q->n + need + 1 > q->cap && !(q->p = realloc(q->p, q->cap = 2 * (q->n + need + 1))))) {
+    size_t want = q->n + (k ? strlen(k) : 0) + (v ? strlen(v) : 0) + 3;
+    if (k && (!value || v) && want > q->cap) {
+        char *g = realloc(q->p, 2 * want);
+        if (g) { q->p = g; q->cap = 2 * want; }
+    }
+    if (!k || (value && !v) || want > q->cap) {
         q->oom = true;
         curl_free(k);
         curl_free(v);
