@@ -4,6 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+prompt_model prompt_model_of(const tokenizer *t, const gguf_file *f) {
+    return (prompt_model){ t, f, chat_template_detect(f, t), chat_think_detect(f, t) };
+}
+
 int prompt_parse(api_kind kind, const char *body, size_t len, api_request *req, api_error *e) {
     if (api_parse(kind, body, len, req, e) == 0) return 0;
     if (api_is_anthropic(kind)) snprintf(e->type, sizeof e->type, "%s", api_anthropic_type(e->status));

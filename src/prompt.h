@@ -22,6 +22,10 @@ typedef struct prompt_model {
     chat_think think;         /* chat_think_detect: what the template does with <think> blocks */
 } prompt_model;
 
+/* The model's chat template family and thinking behaviour, detected once: the one place that
+ * decides how the server, the router and the tools render prompts. */
+prompt_model prompt_model_of(const tokenizer *t, const gguf_file *f);
+
 /* A request's prompt. tokens (n of them) and text are owned: prompt_free. */
 typedef struct rendered_prompt {
     int32_t *tokens;

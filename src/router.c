@@ -1367,7 +1367,7 @@ static int load_model(router *rt, const char *path) {
     }
     rt->n_layer = (uint32_t)mc.n_layer;
     rt->kv_dim = (uint32_t)(mc.n_head_kv * mc.head_dim);
-    rt->pm = (prompt_model){ rt->tok, rt->gf, chat_template_detect(rt->gf, rt->tok) };
+    rt->pm = prompt_model_of(rt->tok, rt->gf);
     return 0;
 }
 

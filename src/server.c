@@ -1773,9 +1773,9 @@ int server_main(int argc, char **argv) {
     engine_get_stats(s->eng, &s->m.es);   /* /metrics before the first request (the tiers' start-up scan) */
     s->tok = engine_tok(s->eng);
     s->gf = engine_gguf(s->eng);
-    s->tmpl = chat_template_detect(s->gf, s->tok);
-    s->think = chat_think_detect(s->gf, s->tok);
-    s->pm = (prompt_model){ s->tok, s->gf, s->tmpl, s->think };
+    s->pm = prompt_model_of(s->tok, s->gf);
+    s->tmpl = s->pm.tmpl;
+    s->think = s->pm.think;
     s->n_ctx = engine_n_ctx(s->eng);
     const char *base = strrchr(eo.model_path, '/');
     base = base ? base + 1 : eo.model_path;

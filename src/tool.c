@@ -551,7 +551,7 @@ static int cmd_request_chains(int argc, char **argv) {
     api_error e;
     rendered_prompt pr;
     int rc = 1;
-    prompt_model pm = { t, f, chat_template_detect(f, t) };
+    prompt_model pm = prompt_model_of(t, f);
     if (body && prompt_parse(kv[k], body, len, &r, &e) == 0) {
         if (prompt_tokens(&pm, &r, NULL, &pr, &e) == 0) {
             char ns[18];

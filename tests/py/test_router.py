@@ -284,7 +284,7 @@ def test_bad_input_gets_the_replicas_errors(cluster):
     """Malformed requests are answered by the router in the replica's words (api.c's parser)."""
     rt, rep = cluster.router, cluster.reps[0]
     cases = [("/v1/chat/completions", '{"messages": 3}'), ("/v1/chat/completions", "{not json"),
-             ("/v1/messages", '{"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "thinking": {"type": "enabled", "budget_tokens": 1024}}'),
+             ("/v1/messages", '{"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}'),
              ("/v1/completions", '{"prompt": [1, 2, 99999999]}'), ("/v1/chat/completions", '{"messages": [], "n": 2}')]
     before = metrics(rt)
     for path, body in cases:
