@@ -336,6 +336,40 @@ def test_hello_resets_a_replica(cluster):
         time.sleep(0.05)
 
 
+def test_router_names_blocks_as_the_replicas_do(cluster):
+    """A router without predictions (--predict-ttl 0) routes a resend by prefix only from the
+    replica's own KV events: the chain hashes it computes for each API's request are the ones the
+    replica published for it (same tokenization, template, namespace)."""
+    need_instances(cluster)
+    if not serve_supports_redis():
+        pytest.skip("the replicas publish no KV events yet (the replica side of issue 14)")
+    rt = launch_router(cluster.dir, cluster.reps, ["--redis", cluster.redis.url, "--predict-ttl", "0"])
+    try:
+        text = DOC + "(naming test) What did the keeper log?"
+        cases = [("/v1/chat/completions", chat(text), {}),
+                 ("/v1/completions", {"prompt": text, "max_tokens": 3}, {}),
+                 ("/v1/messages", {"model": "x", "max_tokens": 3, "system": "Be brief.",
+                                   "messages": [{"role": "user", "content": text}]}, {"x-api-key": "sk-naming"}),
+                 ("/v1/responses", {"model": "x", "input": text, "max_output_tokens": 3, "store": False}, {}),
+                 ("/v1/chat/completions", chat(text, cache_salt="salty"), {"Authorization": "Bearer sk-naming"})]
+        for path, body, hdrs in cases:
+            (st, _), to = served_by(rt, lambda: post(rt.base, path, body, hdrs))
+            assert st == 200
+            deadline = time.time() + 10
+            m0 = metrics(rt)
+            while True:   # until its events are in the router's index
+                (st, _), to2 = served_by(rt, lambda: post(rt.base, path, body, hdrs))
+                m1 = metrics(rt)
+                if decision(m1, "prefix") > decision(m0, "prefix"):
+                    break
+                assert time.time() < deadline, (path, "a resend was never routed by the replica's events")
+                m0 = m1
+                time.sleep(0.2)
+            assert st == 200 and to2 == to, (path, to, to2)
+    finally:
+        stop_router(rt)
+
+
 def test_load_spreads_when_prefixes_are_equal(cluster):
     """All three hold the prefix the requests share: concurrent requests go to the least loaded."""
     need_instances(cluster)
