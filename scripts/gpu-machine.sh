@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # For a GPU machine that reaches no package registry (this project's lent H100): carries the
-# build libraries (Debian's libcjson, libmicrohttpd, PCRE2, zlib) and the GPU suite's Python packages
+# build libraries (Debian's libcjson, libmicrohttpd, PCRE2, zlib, hiredis) and the GPU suite's Python packages
 # (gguf, pytest) there as files, in the ignored folder .gpu/.
 #   bash scripts/gpu-machine.sh prepare      here: download them into .gpu/
 #   source scripts/gpu-machine.sh setup      there: unpack into .gpu/root and /tmp/site, export
@@ -14,7 +14,7 @@ prepare)
   mkdir -p "$here/.git/info"
   grep -qx '/.gpu/' "$here/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$here/.git/info/exclude"
   (cd "$here/.gpu/debs" && apt-get download libcjson-dev libcjson1 libmicrohttpd-dev libmicrohttpd12 \
-     libpcre2-dev libpcre2-8-0 zlib1g-dev zlib1g libgnutls30 libnettle8 libhogweed6 libp11-kit0 libtasn1-6 libidn2-0 \
+     libpcre2-dev libpcre2-8-0 zlib1g-dev zlib1g libhiredis-dev libhiredis0.14 libgnutls30 libnettle8 libhogweed6 libp11-kit0 libtasn1-6 libidn2-0 \
      libunistring2 libgmp10 libffi8 >/dev/null)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$here/.gpu/whl" \
