@@ -51,6 +51,7 @@
 #include "kvindex.h"
 #include "model.h"
 #include "prompt.h"
+#include "redis.h"
 #include "routing.h"
 #include "server.h"
 #include "tokenizer.h"
@@ -76,89 +77,6 @@
 
 #define MAX_REPLICAS 64
 #define MAX_RESPONSE_BODY ((size_t)64 << 20)   /* a non-streamed answer larger is a 502 */
-
-/* ------------------------------------------------------------------------------ redis url */
-static int hexv(char c) {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
-/* s[0..n) with %XX decoded into out (cap bytes, NUL-terminated). */
-static int pct_decode(const char *s, size_t n, char *out, size_t cap) {
-    size_t o = 0;
-    for (size_t i = 0; i < n; i++) {
-        int c = (unsigned char)s[i];
-        if (c == '%') {
-            if (i + 2 >= n) return -1;
-            int hi = hexv(s[i + 1]), lo = hexv(s[i + 2]);
-            if (hi < 0 || lo < 0) return -1;
-            c = hi << 4 | lo;
-            i += 2;
-        }
-        if (o + 1 >= cap) return -1;
-        out[o++] = (char)c;
-    }
-    out[o] = 0;
-    return 0;
-}
-
-/* A Redis URL, redis://[[user]:password@]host[:port][/db] (user and password may be
- * percent-encoded). Returns 0, or -1 with err. */
-typedef struct redis_url {
-    char host[256];
-    int port;
-    char user[128], password[256];
-    int db;
-} redis_url;
-
-static int redis_url_parse(const char *url, redis_url *out, char *err, size_t errlen) {
-    memset(out, 0, sizeof *out);
-    out->port = 6379;
-    const char *p = url;
-    if (!strncmp(p, "redis://", 8)) p += 8;
-    else if (strstr(p, "://")) return errf(err, errlen, "bad Redis URL '%s': only redis:// is supported", url);
-    const char *at = strrchr(p, '@');
-    if (at) {
-        const char *colon = memchr(p, ':', (size_t)(at - p));
-        if (colon) {
-            if (pct_decode(p, (size_t)(colon - p), out->user, sizeof out->user) ||
-                pct_decode(colon + 1, (size_t)(at - colon - 1), out->password, sizeof out->password))
-                return errf(err, errlen, "bad Redis URL: user or password malformed or too long");
-        } else if (pct_decode(p, (size_t)(at - p), out->password, sizeof out->password))
-            return errf(err, errlen, "bad Redis URL: password malformed or too long");
-        p = at + 1;
-    }
-    const char *slash = strchr(p, '/');
-    size_t hl = slash ? (size_t)(slash - p) : strlen(p);
-    const char *hp = p;
-    size_t hostlen = hl;
-    if (hl && hp[0] == '[') {   /* [v6]:port */
-        const char *rb = memchr(hp, ']', hl);
-        if (!rb) return errf(err, errlen, "bad Redis URL '%s'", url);
-        hostlen = (size_t)(rb - hp - 1);
-        hp++;
-        const char *rest = rb + 1;
-        if (rest < p + hl && *rest == ':') out->port = atoi(rest + 1);
-    } else {
-        const char *colon = memchr(hp, ':', hl);
-        if (colon) {
-            hostlen = (size_t)(colon - hp);
-            char *end;
-            long port = strtol(colon + 1, &end, 10);
-            if (end != p + hl || port < 1 || port > 65535) return errf(err, errlen, "bad port in Redis URL '%s'", url);
-            out->port = (int)port;
-        }
-    }
-    if (hostlen == 0) snprintf(out->host, sizeof out->host, "127.0.0.1");
-    else if (hostlen >= sizeof out->host) return errf(err, errlen, "Redis host too long");
-    else { memcpy(out->host, hp, hostlen); out->host[hostlen] = 0; }
-    if (slash && slash[1]) {
-        char *end;
-        long db = strtol(slash + 1, &end, 10);
-        if (*end || db < 0 || db > 1000000) return errf(err, errlen, "bad database number in Redis URL '%s'", url);
-        out->db = (int)db;
-    }
-    return 0;
-}
 
 /* ------------------------------------------------------------------------------ types */
 typedef struct replica {
@@ -280,7 +198,7 @@ static int rep_load(const replica *r) {
 }
 
 /* ------------------------------------------------------------------------------ events thread */
-static redisContext *redis_connect(router *rt, char *err, size_t errlen) {
+static redisContext *events_connect(router *rt, char *err, size_t errlen) {
     struct timeval tv = { 2, 0 };
     redisContext *c = redisConnectWithTimeout(rt->redis.host, rt->redis.port, tv);
     if (!c || c->err) {
@@ -381,7 +299,7 @@ static void *events_main(void *arg) {
     bool warned = false;
     while (!atomic_load(&rt->stopping)) {
         if (!c) {
-            if (!(c = redis_connect(rt, err, sizeof err))) {
+            if (!(c = events_connect(rt, err, sizeof err))) {
                 if (!warned) { logf_("redis %s:%d: %s (retrying)", rt->redis.host, rt->redis.port, err); warned = true; }
                 pthread_mutex_lock(&rt->mu);
                 snprintf(rt->redis_err, sizeof rt->redis_err, "%s", err);
@@ -1407,7 +1325,7 @@ int router_main(int argc, char **argv) {
         else if (!strcmp(a, "--redis")) {
             NEED();
             char err[200];
-            if (redis_url_parse(v, &rt->redis, err, sizeof err)) { fprintf(stderr, "pcache route: %s\n", err); return 2; }
+            if (redis_url_parse(v, getenv("REDIS_PASSWORD"), &rt->redis, err, sizeof err)) { fprintf(stderr, "pcache route: %s\n", err); return 2; }
             rt->redis_on = true;
         }
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED(); model_path = v; }
