@@ -34,6 +34,7 @@
 #include "gpu.h"
 #include "grammar.h"
 #include "kv.h"
+#include "kvevent.h"
 #include "kvtier.h"
 #include "model.h"
 #include "prefix.h"
@@ -44,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -71,6 +73,10 @@ typedef struct seq {
     kv_seq kv;               /* positions [0, kv.n_tokens) are computed */
     int32_t spare;           /* LOADING a partial last block: the block reserved for its copy on
                                 write once the loaded prefix is shared with the index; -1: none */
+    kvtier_item *remote;     /* LOADING: full blocks to ask Redis for after the local tiers' load */
+    int n_remote, cap_remote;
+    int remote_at;           /* the position the first of them starts at */
+    bool from_redis;         /* LOADING: the load in flight is a Redis read */
     seq_phase phase;
     bool cancelled;
     sample_rng rng;
@@ -123,6 +129,17 @@ struct engine {
     int cap_items;
     uint64_t *touch;         /* write-through scratch: chains of blocks the tiers already hold */
     int cap_touch;
+    /* the cluster (NULL: none): see "The cluster" above */
+    kvredis *rd;
+    chainset announced;      /* full blocks announced as held (store events not yet undone) */
+    uint64_t *ev_store, *ev_touch;   /* write-through scratch: chains to announce, to touch in Redis */
+    int cap_ev;
+    uint64_t rd_gen;         /* kvredis_generation whose hello was followed by our state */
+    uint64_t rd_mark;        /* evictions (index and tiers) at the last reconciliation */
+    double rd_last;          /* when the last reconciliation ran */
+    bool rd_dirty;           /* reconcile at the next tick regardless of the marks */
+    uint64_t rd_fetches, rd_computes, rd_hits, rd_tokens;
+    double prefill_tok_s;    /* measured prefill seconds per token (moving average) */
 };
 
 static double mono_now(void *ctx) {
@@ -159,10 +176,12 @@ static int cache_dir_ok(const char *dir, char *err, size_t errlen) {
 }
 
 /* Sets up the tiers below the pool: the model fingerprint (cached in the directory's
- * sidecar), the host-RAM store and the disk store, and the I/O thread. */
+ * sidecar), the host-RAM store and the disk store, and the I/O thread; and the cluster's Redis
+ * client. */
 static int tiers_create(engine *e, char *err, size_t errlen) {
     const engine_opts *o = &e->o;
-    if (!o->cache_dir && !o->cache_host_bytes) return 0;
+    bool local = o->cache_dir || o->cache_host_bytes;
+    if (!local && !o->redis_url) return 0;
     if (o->cache_dir && cache_dir_ok(o->cache_dir, err, errlen)) return -1;
     if (fingerprint_file(o->model_path, o->cache_dir, &e->model_fp, NULL, err, errlen)) return -1;
     struct timespec ts;
@@ -180,9 +199,16 @@ static int tiers_create(engine *e, char *err, size_t errlen) {
                        .queue_blocks = o->cache_write_queue, .now = e->unix0 };
     /* Default bound: 256 blocks, or half the pool when that is more, so the blocks of one long
      * prompt of a big model (an 8B model's 8000 tokens: 500 blocks of 2 MiB) are queued whole
-     * rather than dropped; queued blocks are ones the index holds anyway. */
+     * rather than dropped; queued blocks are ones the index holds anyway. The same for Redis. */
     if (!to.queue_blocks) to.queue_blocks = e->kv.n_blocks / 2 > 256 ? e->kv.n_blocks / 2 : 256;
-    return kvtier_create(&e->tier, &to, err, errlen);
+    if (local && kvtier_create(&e->tier, &to, err, errlen)) return -1;
+    if (!o->redis_url) return 0;
+    kvredis_opts ro = { .pool = &e->kv, .model_fp = e->model_fp, .instance = o->instance, .timeout_s = o->redis_timeout_s,
+                        .write_queue = to.queue_blocks };
+    if (redis_url_parse(o->redis_url, o->redis_password, &ro.url, err, errlen)) return -1;
+    if (!ro.instance && getrandom(&ro.instance, sizeof ro.instance, 0) != sizeof ro.instance)
+        ro.instance = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
+    return kvredis_create(&e->rd, &ro, err, errlen);
 }
 
 int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) {
@@ -253,6 +279,7 @@ fail:
 
 static void seq_free(engine *e, seq *s) {
     if (s->spare >= 0) kv_block_unref(&e->kv, s->spare);
+    free(s->remote);
     kv_seq_release(&e->kv, &s->kv);
     free(s->kv.blocks);
     for (int i = 0; i < s->r.n_stop; i++) free(s->stop[i]);
@@ -267,7 +294,11 @@ static void seq_free(engine *e, seq *s) {
 
 void engine_free(engine *e) {
     if (!e) return;
-    kvtier_free(e->tier);   /* first: finishes queued writes, joins the I/O thread */
+    kvredis_free(e->rd);    /* first: bye, joins its thread */
+    chainset_free(&e->announced);
+    free(e->ev_store);
+    free(e->ev_touch);
+    kvtier_free(e->tier);   /* finishes queued writes, joins the I/O thread */
     free(e->items);
     free(e->touch);
     for (int i = 0; i < e->n_seqs; i++) seq_free(e, e->seqs[i]);
@@ -463,9 +494,12 @@ static bool flush_text(seq *s, bool final) {
  * its own valid tokens (a partial last block by its n % KV_BLOCK tokens). The blocks before
  * were cached already (a hit refreshed their entries): the tiers get a use of them (a touch:
  * their expiry extended, on disk too, without a rewrite), or, when a tier lacks one or holds
- * it with a shorter lifetime than this insertion's, the block is written again. */
+ * it with a shorter lifetime than this insertion's, the block is written again.
+ * With Redis, the same for its full blocks: new ones are written through and announced (a
+ * store event for those not announced yet), the others touched (their records live at least
+ * ttl more). */
 static void write_through(engine *e, const seq *s, int n, int added, int kind, double ttl, double now) {
-    if (!e->tier || added < 0 || n <= 0 || strlen(s->ns) > KVFILE_NS_MAX) return;
+    if ((!e->tier && !e->rd) || added < 0 || n <= 0 || strlen(s->ns) > KVFILE_NS_MAX) return;
     double un = unix_s(e, now);
     kvfile_meta m;
     memset(&m, 0, sizeof m);
@@ -476,28 +510,41 @@ static void write_through(engine *e, const seq *s, int n, int added, int kind, d
     m.ttl = ttl;
     m.expiry = un + ttl;
     snprintf(m.ns, sizeof m.ns, "%s", s->ns);
-    if (e->cap_touch < blocks_for(n)) {
-        uint64_t *p = realloc(e->touch, (size_t)blocks_for(n) * sizeof *p);
-        if (p) { e->touch = p; e->cap_touch = blocks_for(n); }
+    int nb = blocks_for(n);
+    if (e->cap_touch < nb) {
+        uint64_t *p = realloc(e->touch, (size_t)nb * sizeof *p);
+        if (p) { e->touch = p; e->cap_touch = nb; }
     }
-    int n_touch = 0;
+    if (e->rd && e->cap_ev < nb) {
+        uint64_t *p = realloc(e->ev_store, (size_t)nb * sizeof *p), *q = p ? realloc(e->ev_touch, (size_t)nb * sizeof *q) : NULL;
+        if (p) e->ev_store = p;
+        if (q) { e->ev_touch = q; e->cap_ev = nb; }
+    }
+    int n_touch = 0, n_store = 0, n_rtouch = 0;
     uint64_t h = kvfile_chain_root(e->model_fp, m.n_layer, m.kv_dim, s->ns);
     for (int j = 0; j * KV_BLOCK < n && j < s->kv.n_blocks; j++) {
         int len = n - j * KV_BLOCK < KV_BLOCK ? n - j * KV_BLOCK : KV_BLOCK;
         uint64_t c = kvfile_chain(h, s->tokens + j * KV_BLOCK, len);
         bool fresh = j * KV_BLOCK + len > n - added;
-        if (!fresh && n_touch < e->cap_touch && kvtier_covers(e->tier, c, kind, ttl, un)) e->touch[n_touch++] = c;
-        else {
-            m.n_tokens = len;
-            m.parent = h;
-            m.chain = c;
-            memset(m.tokens, 0, sizeof m.tokens);
-            memcpy(m.tokens, s->tokens + j * KV_BLOCK, (size_t)len * sizeof(int32_t));
-            kvtier_write(e->tier, &m, s->kv.blocks[j], un);
+        m.n_tokens = len;
+        m.parent = h;
+        m.chain = c;
+        memset(m.tokens, 0, sizeof m.tokens);
+        memcpy(m.tokens, s->tokens + j * KV_BLOCK, (size_t)len * sizeof(int32_t));
+        if (e->tier) {
+            if (!fresh && n_touch < e->cap_touch && kvtier_covers(e->tier, c, kind, ttl, un)) e->touch[n_touch++] = c;
+            else kvtier_write(e->tier, &m, s->kv.blocks[j], un);
+        }
+        if (e->rd && len == KV_BLOCK && j < e->cap_ev) {
+            if (fresh) kvredis_write(e->rd, &m, s->kv.blocks[j], un);
+            else e->ev_touch[n_rtouch++] = c;
+            if (chainset_add(&e->announced, c) == 1) e->ev_store[n_store++] = c;
         }
         h = c;
     }
     if (n_touch) kvtier_touch(e->tier, e->touch, n_touch, un);
+    if (n_store) kvredis_publish(e->rd, KVEV_STORE, e->ev_store, n_store);
+    if (n_rtouch) kvredis_touch(e->rd, e->ev_touch, n_rtouch, ttl);
 }
 
 static void finish(engine *e, seq *s, finish_reason why, const char *errmsg) {
@@ -694,15 +741,66 @@ static int tier_lookup(engine *e, const seq *s, int m, int limit, double now, in
     return end > m ? end : 0;
 }
 
+/* The cluster's part of a lookup: the full blocks from position `from` (rounded down to a block
+ * edge: a partial pool match is reloaded whole) up to limit that Redis may hold, when fetching
+ * them pays (kvredis_fetch_pays: the measured transfer against the measured prefill rate).
+ * Fills s->remote (pool blocks not yet set) and returns how many (0: none, or computing pays);
+ * *n_cand gets how many full blocks were considered. */
+static int redis_plan(engine *e, seq *s, int from, int limit, int *n_cand) {
+    *n_cand = 0;
+    s->n_remote = 0;
+    if (!e->rd || !kvredis_connected(e->rd) || strlen(s->ns) > KVFILE_NS_MAX) return 0;
+    int b0 = from / KV_BLOCK, b1 = limit / KV_BLOCK;
+    if (b1 <= b0) return 0;
+    *n_cand = b1 - b0;
+    kvredis_stats st;
+    kvredis_get_stats(e->rd, &st);
+    if (!kvredis_fetch_pays(st.rtt_s, st.block_s, b1 - b0, e->prefill_tok_s)) return 0;
+    if (s->cap_remote < b1 - b0) {
+        kvtier_item *p = realloc(s->remote, (size_t)(b1 - b0) * sizeof *p);
+        if (!p) return 0;
+        s->remote = p;
+        s->cap_remote = b1 - b0;
+    }
+    uint64_t h = kvfile_chain_root(e->model_fp, (uint32_t)e->kv.n_layer, (uint32_t)e->kv.kv_dim, s->ns);
+    for (int b = 0; b < b0; b++) h = kvfile_chain(h, s->tokens + b * KV_BLOCK, KV_BLOCK);
+    for (int b = b0; b < b1; b++) {
+        kvtier_item *it = &s->remote[b - b0];
+        memset(it, 0, sizeof *it);
+        it->chain = h = kvfile_chain(h, s->tokens + b * KV_BLOCK, KV_BLOCK);
+        it->block = -1;
+        it->n_tokens = KV_BLOCK;
+        memcpy(it->tokens, s->tokens + b * KV_BLOCK, sizeof it->tokens);
+    }
+    s->remote_at = b0 * KV_BLOCK;
+    return s->n_remote = b1 - b0;
+}
+
+/* Queues the Redis read of s->remote into the sequence's blocks from position remote_at (its
+ * KV ends there). Returns true when queued (the sequence is LOADING). */
+static bool start_remote(engine *e, seq *s, double now) {
+    int j0 = s->remote_at / KV_BLOCK, n = s->n_remote;
+    s->n_remote = 0;
+    if (n <= 0 || s->kv.n_tokens != s->remote_at || j0 + n > s->kv.n_blocks) return false;
+    for (int i = 0; i < n; i++) s->remote[i].block = s->kv.blocks[j0 + i];
+    if (kvredis_read(e->rd, s->id, s->ns, s->remote, n, unix_s(e, now))) return false;
+    s->from_redis = true;
+    s->phase = SEQ_LOADING;
+    return true;
+}
+
 static bool admit(engine *e, seq *s, double now, int headroom) {
     if (s->tried_epoch == e->release_epoch && blocks_obtainable(e) < blocks_for(s->n_fill) + headroom)
         return false;
-    int m = 0, n_items = 0, tier = KVTIER_NONE;
+    int m = 0, n_items = 0, tier = KVTIER_NONE, n_cand = 0;
+    s->n_remote = 0;
     if (!s->r.no_cache && e->o.cache_enabled) {
         m = prefix_match(e->px, s->ns, s->tokens, s->n_fill - 1, now, &s->kv);
         if (m < 0) m = 0;
-        if (e->tier && tier_lookup(e, s, m, s->n_fill - 1, now, &n_items, &tier) > 0)
-            kv_seq_truncate(&e->kv, &s->kv, m / KV_BLOCK * KV_BLOCK);   /* load from the block edge */
+        int end = e->tier ? tier_lookup(e, s, m, s->n_fill - 1, now, &n_items, &tier) : 0;
+        /* Redis continues what the pool and the local tiers found, from a block edge */
+        if (!end || end % KV_BLOCK == 0) redis_plan(e, s, end ? end : m, s->n_fill - 1, &n_cand);
+        if (end > 0 || s->n_remote > 0) kv_seq_truncate(&e->kv, &s->kv, m / KV_BLOCK * KV_BLOCK);   /* load from the block edge */
     }
     int need = blocks_to_write(e, s, s->n_fill) + headroom;
     /* A partial last block, once loaded, is shared with the prefix index (load_done), so the
@@ -718,7 +816,12 @@ static bool admit(engine *e, seq *s, double now, int headroom) {
     if (e->kv.n_free < need || kv_seq_prepare(&e->kv, &s->kv, s->n_fill) != 0) {
         kv_seq_release(&e->kv, &s->kv);
         s->tried_epoch = e->release_epoch;
+        s->n_remote = 0;
         return false;
+    }
+    if (n_cand > 0) {
+        if (s->n_remote > 0) e->rd_fetches++;
+        else e->rd_computes++;
     }
     if (n_items > 0) {
         int j0 = s->kv.n_tokens / KV_BLOCK;
@@ -727,12 +830,15 @@ static bool admit(engine *e, seq *s, double now, int headroom) {
         if (kvtier_read(e->tier, s->id, s->ns, e->items, n_items, unix_s(e, now)) == 0) {
             e->tier_hits[tier]++;
             e->tier_loads++;
+            s->from_redis = false;
             s->phase = SEQ_LOADING;
-            return true;
+            return true;   /* Redis (s->remote) after, when the whole local load succeeds */
         }
         if (s->spare >= 0) kv_block_unref(&e->kv, s->spare);
         s->spare = -1;
+        s->n_remote = 0;
     }
+    if (s->n_remote > 0 && start_remote(e, s, now)) return true;
     if (!s->admitted) {
         s->admitted = true;
         s->u.cached_tokens = s->kv.n_tokens;
@@ -798,6 +904,19 @@ static void cache_prompt(engine *e, seq *s, double now) {
     if (added > 0) s->u.cache_write_auto += added;
 }
 
+/* The cluster: the full blocks of a load (n_tokens over items) are held now: announces those
+ * not announced yet. */
+static void announce_loaded(engine *e, const kvtier_item *items, int n_tokens) {
+    if (!e->rd || n_tokens <= 0) return;
+    uint64_t add[64];
+    int n = 0;
+    for (int i = 0, at = 0; at < n_tokens; at += items[i].n_tokens, i++) {
+        if (items[i].n_tokens == KV_BLOCK && chainset_add(&e->announced, items[i].chain) == 1) add[n++] = items[i].chain;
+        if (n == 64) { kvredis_publish(e->rd, KVEV_STORE, add, n); n = 0; }
+    }
+    if (n) kvredis_publish(e->rd, KVEV_STORE, add, n);
+}
+
 /* Puts a prefix loaded from the tiers, [start, start + n_tokens) of s over items, into the
  * prefix index (the promotion back into the pool's tier), each run of blocks with the kind and
  * the remaining lifetime of its records: an entry at the end of every run of equal (kind, ttl,
@@ -833,6 +952,15 @@ static void load_done(void *ctx, int id, int n_tokens, const kvtier_item *items,
     int start = s->kv.n_tokens;
     s->kv.n_tokens += n_tokens;
     if (n_tokens > 0) promote(e, s, start, n_tokens, items, now);
+    if (s->from_redis) {
+        e->rd_tokens += (uint64_t)n_tokens;
+        e->rd_hits += n_tokens > 0;
+    }
+    announce_loaded(e, items, n_tokens);
+    /* the local tiers' load is complete: Redis may continue it */
+    if (!s->from_redis && s->n_remote > 0 && start_remote(e, s, now)) return;
+    s->n_remote = 0;
+    s->from_redis = false;
     if (s->spare >= 0) {
         /* back to the free list, and at once taken again by the copy (the list is a stack and
          * nothing else runs in between) */
@@ -863,6 +991,147 @@ static void compact(engine *e) {
     e->n_seqs = j;
 }
 
+/* ---- the cluster (Redis): what this replica tells the others it holds ----
+ * Rule: a full block is held while the prefix index holds it (an entry's path covers it) or a
+ * local lower tier (host RAM, disk) does; Redis does not count (it is not local). The engine
+ * announces (store) every full block as the index takes it (write-through, and promotions from
+ * the tiers or Redis), and keeps the set of announced chains. Evictions are found by
+ * reconciliation, at most once a second and only when something was evicted or expired (the
+ * index's and the tiers' counters moved): the chains of every index entry are recomputed
+ * (O(tokens in entries)), and an announced chain neither there nor in a local tier is evicted.
+ * So a router may believe a block held up to a second after it went (it then routes to a
+ * replica that recomputes or fetches it from Redis), never the reverse for longer than an event
+ * takes to travel. After a reconnect (Redis's hello forgot us) or dropped events, the whole set
+ * is announced again. */
+typedef struct { engine *e; chainset *held; } held_ctx;
+static int held_visit(void *user, const prefix_entry_info *en) {
+    held_ctx *c = user;
+    engine *e = c->e;
+    if (strlen(en->ns) > KVFILE_NS_MAX) return 0;
+    uint64_t h = kvfile_chain_root(e->model_fp, (uint32_t)e->kv.n_layer, (uint32_t)e->kv.kv_dim, en->ns);
+    for (int b = 0; (b + 1) * KV_BLOCK <= en->n_tokens; b++) {
+        h = kvfile_chain(h, en->tokens + b * KV_BLOCK, KV_BLOCK);
+        if (chainset_add(c->held, h) < 0) return -1;
+    }
+    return 0;
+}
+
+/* Publishes op for the chains in list (n) in entries of at most KVEVENT_MAX_CHAINS. */
+static void publish_list(engine *e, int op, const uint64_t *list, size_t n) {
+    for (size_t at = 0; at < n; at += KVEVENT_MAX_CHAINS)
+        kvredis_publish(e->rd, op, list + at, (int)(n - at < KVEVENT_MAX_CHAINS ? n - at : KVEVENT_MAX_CHAINS));
+}
+
+/* Every announced chain (malloc'ed; *n gets the count), or NULL. */
+static uint64_t *announced_list(engine *e, size_t *n) {
+    *n = chainset_size(&e->announced);
+    uint64_t *all = malloc((*n ? *n : 1) * sizeof *all);
+    size_t pos = 0, got = 0;
+    if (all) while (got < *n) {
+        size_t k = chainset_list(&e->announced, &pos, all + got, *n - got);
+        if (!k) break;
+        got += k;
+    }
+    return all;
+}
+
+static void reconcile(engine *e, double now) {
+    chainset held = {0};
+    held_ctx c = { e, &held };
+    size_t n = 0;
+    uint64_t *all = announced_list(e, &n);
+    if (!all || prefix_visit(e->px, held_visit, &c)) {
+        free(all);
+        chainset_free(&held);
+        e->rd_dirty = true;   /* out of memory: try again later */
+        return;
+    }
+    double un = unix_s(e, now);
+    size_t n_evict = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!chainset_has(&held, all[i]) && (!e->tier || !kvtier_has(e->tier, all[i], un))) {
+            chainset_del(&e->announced, all[i]);
+            all[n_evict++] = all[i];
+        }
+    publish_list(e, KVEV_EVICT, all, n_evict);
+    free(all);
+    /* and what the index holds but was not announced (a missed event) */
+    size_t pos = 0, k;
+    uint64_t buf[KVEVENT_MAX_CHAINS];
+    size_t n_store = 0;
+    while ((k = chainset_list(&held, &pos, buf + n_store, KVEVENT_MAX_CHAINS - n_store)) > 0) {
+        size_t j = n_store;
+        for (size_t i = n_store; i < n_store + k; i++)
+            if (chainset_add(&e->announced, buf[i]) == 1) buf[j++] = buf[i];
+        n_store = j;
+        if (n_store == KVEVENT_MAX_CHAINS) { publish_list(e, KVEV_STORE, buf, n_store); n_store = 0; }
+    }
+    publish_list(e, KVEV_STORE, buf, n_store);
+    chainset_free(&held);
+}
+
+/* Evictions and expiries so far, in the index and the local tiers. */
+static uint64_t evict_mark(engine *e) {
+    prefix_stats ps;
+    prefix_get_stats(e->px, &ps);
+    uint64_t m = ps.evictions;
+    if (e->tier) {
+        kvtier_stats ts;
+        kvtier_get_stats(e->tier, &ts);
+        for (int t = KVTIER_HOST; t < KVTIER_N; t++) m += ts.tier[t].expired + ts.tier[t].evicted;
+    }
+    return m;
+}
+
+static void cluster_tick(engine *e, double now) {
+    if (!e->rd) return;
+    uint64_t gen = kvredis_generation(e->rd);
+    bool again = gen != e->rd_gen, hello = kvredis_take_resync(e->rd);
+    if (!again && !hello && now - e->rd_last < 1.0 && now >= e->rd_last) return;
+    e->rd_last = now;
+    uint64_t mark = evict_mark(e);
+    if (mark != e->rd_mark || e->rd_dirty) {
+        e->rd_mark = mark;
+        e->rd_dirty = false;
+        reconcile(e, now);
+    }
+    if ((again || hello) && kvredis_connected(e->rd)) {
+        /* Redis heard a hello (ours at connect, or this one after dropped events): say again
+         * everything we hold */
+        e->rd_gen = gen;
+        if (hello) kvredis_publish(e->rd, KVEV_HELLO, NULL, 0);
+        size_t n = 0;
+        uint64_t *all = announced_list(e, &n);
+        if (all) publish_list(e, KVEV_STORE, all, n);
+        else e->rd_gen = 0;
+        free(all);
+    }
+}
+
+int engine_cache_clear(engine *e) {
+    double now = now_s(e);
+    int freed = prefix_evict(e->px, e->kv.n_blocks + 1, now);
+    if (e->rd) {
+        size_t n = 0;
+        uint64_t *all = announced_list(e, &n);
+        chainset_clear(&e->announced);
+        kvredis_publish(e->rd, KVEV_CLEAR, NULL, 0);
+        if (all) {
+            double un = unix_s(e, now);
+            size_t k = 0;
+            for (size_t i = 0; i < n; i++)
+                if (e->tier && kvtier_has(e->tier, all[i], un)) {
+                    chainset_add(&e->announced, all[i]);
+                    all[k++] = all[i];
+                }
+            publish_list(e, KVEV_STORE, all, k);
+        }
+        free(all);
+        e->rd_mark = evict_mark(e);
+    }
+    return freed;
+}
+
 int engine_step(engine *e) {
     double now = now_s(e), t_step = now;
     if (now - e->last_expire > 1.0) {
@@ -870,6 +1139,8 @@ int engine_step(engine *e) {
         e->last_expire = now;
     }
     kvtier_poll(e->tier, load_done, e);
+    kvredis_poll(e->rd, load_done, e);
+    cluster_tick(e, now);
     for (int i = 0; i < e->n_seqs; i++) {
         seq *s = e->seqs[i];
         if (s->cancelled && s->phase != SEQ_DONE && s->phase != SEQ_LOADING) finish(e, s, FINISH_ABORT, NULL);
@@ -889,8 +1160,9 @@ int engine_step(engine *e) {
 
     /* Build the batch: decode tokens (oldest first, each may need a block), then prefill
      * chunks (their blocks were reserved at admission). */
-    int n = 0, budget = e->o.max_batch_tokens;
+    int n = 0, n_decode = 0, budget = e->o.max_batch_tokens;
     for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) n_decode = n;
         for (int i = 0; i < e->n_seqs; i++) {
             seq *s = e->seqs[i];
             int start = s->kv.n_tokens, count;
@@ -921,7 +1193,10 @@ int engine_step(engine *e) {
          * Otherwise, with admission reserving blocks this only happens when the one queued
          * request cannot get blocks with nothing else running (memory allocation failed):
          * fail it rather than spin. */
-        if (n_loading(e) > 0) kvtier_wait(e->tier, 0.005);
+        if (n_loading(e) > 0) {
+            if (e->tier) kvtier_wait(e->tier, 0.005);
+            if (e->rd) kvredis_wait(e->rd, 0.005);
+        }
         else if (n_active(e) == 0)
             for (int i = 0; i < e->n_seqs; i++)
                 if (e->seqs[i]->phase == SEQ_QUEUED && e->seqs[i]->tried_epoch == e->release_epoch) {
@@ -933,10 +1208,17 @@ int engine_step(engine *e) {
     }
     model_batch b = { .n = n, .tokens = e->b_tok, .pos = e->b_pos, .seqs = e->b_seq, .want_logits = e->b_logits };
     char err[256];
-    double t_fwd = now_s(e);
+    double t_fwd = now_s(e), t_real = mono_now(NULL);
     int frc = e->gpu ? gpu_forward(e->gpu, &e->kv, &b, e->logits, err, sizeof err)
                      : model_forward(e->m, e->mctx, e->tp, &e->kv, &b, e->logits, err, sizeof err);
     e->prof_fwd_s += now_s(e) - t_fwd;
+    /* the prefill rate, for the cluster's fetch-or-compute rule: steps with a prefill chunk of at
+     * least a block (a step's time over its tokens; attention makes later positions dearer, so
+     * this is the rate at the positions being prefilled, a fair guess for the next prompt's) */
+    if (n - n_decode >= KV_BLOCK) {
+        double per = (mono_now(NULL) - t_real) / n;
+        e->prefill_tok_s = e->prefill_tok_s > 0 ? 0.75 * e->prefill_tok_s + 0.25 * per : per;
+    }
     if (frc != 0) {
         for (int i = 0; i < n; i++)
             if (e->b_owner[i]->phase != SEQ_DONE) finish(e, e->b_owner[i], FINISH_ERROR, err);
@@ -968,6 +1250,18 @@ int engine_step(engine *e) {
     return e->n_seqs;
 }
 
+static void cluster_stats(const engine *e, engine_stats *s) {
+    s->prefill_tok_s = e->prefill_tok_s;
+    if (!e->rd) return;
+    s->redis_on = true;
+    kvredis_get_stats(e->rd, &s->redis);
+    s->redis_fetches = e->rd_fetches;
+    s->redis_computes = e->rd_computes;
+    s->redis_hits = e->rd_hits;
+    s->redis_tokens = e->rd_tokens;
+    s->redis_announced = (int)chainset_size(&e->announced);
+}
+
 void engine_get_stats(const engine *e, engine_stats *s) {
     *s = e->st;
     s->kv_blocks_total = e->kv.n_blocks;
@@ -985,6 +1279,7 @@ void engine_get_stats(const engine *e, engine_stats *s) {
     s->cache_entries = ps.entries;
     s->cache_tokens = ps.cached_tokens;
     s->cache_blocks = ps.blocks_held;
+    cluster_stats(e, s);
     if (!e->tier) return;
     kvtier_stats ts;
     kvtier_get_stats(e->tier, &ts);
@@ -1005,7 +1300,10 @@ void engine_get_stats(const engine *e, engine_stats *s) {
 
 uint64_t engine_model_fp(const engine *e) { return e->model_fp; }
 const char *engine_cache_path(const engine *e) { return kvtier_disk_path(e->tier); }
-void engine_cache_sync(engine *e) { if (e->tier) kvtier_sync(e->tier, load_done, e); }
+void engine_cache_sync(engine *e) {
+    if (e->tier) kvtier_sync(e->tier, load_done, e);
+    if (e->rd) kvredis_sync(e->rd, load_done, e);
+}
 void engine_cache_pause(engine *e, bool paused) { if (e->tier) kvtier_pause(e->tier, paused); }
 
 const char *engine_device(const engine *e, struct gpu_mem *mem) {

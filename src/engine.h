@@ -14,6 +14,7 @@
 #include "sample.h"
 #include "tokenizer.h"
 #include "gguf.h"
+#include "kvredis.h"
 
 typedef struct engine_opts {
     const char *model_path;
@@ -33,7 +34,15 @@ typedef struct engine_opts {
     const char *cache_dir;
     size_t cache_disk_bytes;     /* the disk tier's bound; 0 = 10 GiB */
     size_t cache_host_bytes;     /* the host-RAM tier's bound; 0 = no host tier */
-    int cache_write_queue;       /* blocks that may wait to be written; 0 = 256 or half the pool if more */
+    int cache_write_queue;       /* blocks that may wait to be written (per tier: local, Redis); 0 = 256 or half the pool if more */
+    /* The cluster (issue 14; kvredis.h): with redis_url (redis.h's URL), the engine publishes its
+     * KV events to Redis (kvevent.h), writes the blocks it caches through to Redis, and on a
+     * local miss fetches a prefix from Redis when that is cheaper than computing it. Redis down
+     * or slow: the local caches only (counted). NULL: off. */
+    const char *redis_url;
+    const char *redis_password;  /* when the URL has none (e.g. $REDIS_PASSWORD); NULL: none */
+    uint64_t instance;           /* this process's instance id in the events; 0 = random */
+    double redis_timeout_s;      /* connect and command timeout; 0 = 1 s */
 } engine_opts;
 
 typedef struct engine_usage {
@@ -136,6 +145,15 @@ typedef struct engine_stats {
     uint64_t tier_writes_dropped;  /* blocks not written: the write queue was full */
     int tier_queue_depth;
     uint64_t tier_loads;           /* admissions that waited for a load from a lower tier */
+    /* the cluster (redis_url); all zero when off */
+    bool redis_on;
+    kvredis_stats redis;
+    uint64_t redis_fetches;        /* admissions that asked Redis for blocks (the transfer was cheaper) */
+    uint64_t redis_computes;       /* admissions that computed blocks Redis may hold (computing was cheaper) */
+    uint64_t redis_hits;           /* admissions that loaded >= 1 block from Redis */
+    uint64_t redis_tokens;         /* prompt tokens loaded from Redis instead of computed */
+    int redis_announced;           /* full blocks announced to the cluster as held */
+    double prefill_tok_s;          /* measured prefill seconds per token (moving average; 0: none yet) */
 } engine_stats;
 
 typedef struct engine engine;
@@ -162,13 +180,18 @@ void engine_cancel(engine *e, int id);
  * still active afterwards. */
 int engine_step(engine *e);
 void engine_get_stats(const engine *e, engine_stats *s);
-/* The model file's fingerprint (0 without cache tiers) and the disk store's directory (NULL). */
+/* The model file's fingerprint (0 without cache tiers or Redis) and the disk store's directory
+ * (NULL). */
 uint64_t engine_model_fp(const engine *e);
 const char *engine_cache_path(const engine *e);
 /* For tests: waits until the cache tiers' queued reads and writes are done (and collected);
  * pauses / resumes their I/O thread (a paused thread takes no work: the write queue fills). */
 void engine_cache_sync(engine *e);
 void engine_cache_pause(engine *e, bool paused);
+/* Drops every prefix-cache entry (blocks running sequences hold stay theirs); the lower tiers
+ * keep theirs. With Redis, publishes clear, then a store of what the lower tiers still hold.
+ * Returns the number of KV blocks freed. */
+int engine_cache_clear(engine *e);
 
 /* "cpu" or "cuda" (the backend in use); with cuda, *mem (if not NULL) gets its memory by use. */
 struct gpu_mem;
