@@ -83,8 +83,10 @@
 #include "engine.h"
 #include "gpu.h"
 #include "jsonschema.h"
+#include "kvevent.h"
 #include "prompt.h"
 #include "reasoning.h"
+#include "redis.h"
 #include "respstore.h"
 #include "toolcall.h"
 #include "util.h"
@@ -222,6 +224,8 @@ struct server {
     schema_cache *schemas;    /* compiled response_format grammars */
     respstore *responses;     /* the Responses API's stored responses */
     double cache_ttl;         /* --cache-ttl: how long a stored response lives (as its cache entry) */
+    char instance[17];        /* this process's instance id (kvevent.h), hex */
+    char fingerprint[17];     /* the model fingerprint, hex ("" when not computed: no tiers, no Redis) */
 };
 
 typedef struct conn {
@@ -235,6 +239,7 @@ typedef struct conn {
 } conn;
 
 static double now_mono(void);
+static int in_flight(server *s);
 
 /* ------------------------------------------------------------------------------ helpers */
 void server_key_namespace(const char *key, char out[18]) {
@@ -698,6 +703,52 @@ static void ob_printf(obuf *b, const char *fmt, ...) {
     }
 }
 
+/* GET /health: status, and what a router needs (kvevent.h): the instance id of this process's
+ * KV events, the model fingerprint (with Redis or cache tiers) and the requests running or
+ * waiting. 503 while draining. */
+static enum MHD_Result reply_health(server *s, struct MHD_Connection *c) {
+    bool draining = atomic_load(&s->draining);
+    char body[192];
+    snprintf(body, sizeof body, "{\"status\":\"%s\",\"instance\":\"%s\"%s%s%s,\"queue\":%d}", draining ? "draining" : "ok",
+             s->instance, s->fingerprint[0] ? ",\"fingerprint\":\"" : "", s->fingerprint, s->fingerprint[0] ? "\"" : "", in_flight(s));
+    return reply(s, c, EP_HEALTH, draining ? 503 : 200, "application/json", strdup(body));
+}
+
+/* The cluster's Redis client (--redis). */
+static void format_redis_metrics(obuf *b, const engine_stats *es) {
+    const kvredis_stats *r = &es->redis;
+#define GAUGE(name, help, fmt, v) ob_printf(b, "# HELP pcache_redis_" name " " help "\n# TYPE pcache_redis_" name " gauge\npcache_redis_" name " " fmt "\n", v);
+#define COUNTER(name, help, v) ob_printf(b, "# HELP pcache_redis_" name " " help "\n# TYPE pcache_redis_" name " counter\npcache_redis_" name " %llu\n", (unsigned long long)(v));
+    GAUGE("connected", "1 while connected to Redis.", "%d", r->connected ? 1 : 0)
+    COUNTER("reconnects_total", "Connections to Redis made again after one was lost or refused.", r->connects > 1 ? r->connects - 1 : 0)
+    COUNTER("errors_total", "Failed connects and commands (timeouts included) and error replies.", r->errors)
+    COUNTER("events_published_total", "KV events appended to the cluster's stream.", r->events_published)
+    COUNTER("events_dropped_total", "KV events not published (Redis down, queue full, error).", r->events_dropped)
+    COUNTER("blocks_written_total", "KV blocks written through to the shared tier.", r->blocks_written)
+    COUNTER("bytes_written_total", "Bytes of the records written.", r->bytes_written)
+    COUNTER("writes_dropped_total", "KV blocks not written (Redis down, queue full).", r->writes_dropped)
+    COUNTER("blocks_read_total", "KV blocks loaded from the shared tier (verified).", r->blocks_read)
+    COUNTER("bytes_read_total", "Bytes of the records loaded.", r->bytes_read)
+    COUNTER("read_hits_total", "Blocks asked for and found good.", r->read_hits)
+    COUNTER("read_misses_total", "Blocks asked for and absent.", r->read_misses)
+    COUNTER("bad_records_total", "Records refused: checksum, size, model, layout, namespace, chain or tokens.", r->bad_records)
+    COUNTER("touches_total", "Records whose lifetime a cache hit extended.", r->touches)
+    COUNTER("hits_total", "Requests that loaded cached blocks from Redis.", es->redis_hits)
+    COUNTER("tokens_served_total", "Prompt tokens loaded from Redis instead of computed.", es->redis_tokens)
+    ob_printf(b, "# HELP pcache_redis_decisions_total Local misses Redis might serve: fetched (the transfer was cheaper) or computed.\n"
+                 "# TYPE pcache_redis_decisions_total counter\npcache_redis_decisions_total{decision=\"fetch\"} %llu\n"
+                 "pcache_redis_decisions_total{decision=\"compute\"} %llu\n",
+              (unsigned long long)es->redis_fetches, (unsigned long long)es->redis_computes);
+    GAUGE("announced_blocks", "Full KV blocks announced to the cluster as held here.", "%d", es->redis_announced)
+    GAUGE("write_queue", "KV blocks waiting to be written to Redis.", "%d", r->write_queue_depth)
+    GAUGE("rtt_seconds", "Estimated round trip to Redis.", "%.6f", r->rtt_s)
+    GAUGE("block_seconds", "Estimated time to fetch and load one KV block from Redis.", "%.6f", r->block_s)
+    ob_printf(b, "# HELP pcache_prefill_seconds_per_token Measured prefill time per token (moving average).\n"
+                 "# TYPE pcache_prefill_seconds_per_token gauge\npcache_prefill_seconds_per_token %.6f\n", es->prefill_tok_s);
+#undef GAUGE
+#undef COUNTER
+}
+
 static char *format_metrics(server *s) {
     metrics m;
     pthread_mutex_lock(&s->m.mu);
@@ -776,6 +827,7 @@ static char *format_metrics(server *s) {
         ob_printf(&b, "# HELP pcache_cache_tier_loads_total Requests that waited for blocks loaded from a lower tier.\n# TYPE pcache_cache_tier_loads_total counter\npcache_cache_tier_loads_total %llu\n",
                   (unsigned long long)m.es.tier_loads);
     }
+    if (m.es.redis_on) format_redis_metrics(&b, &m.es);
     ob_printf(&b, "# HELP pcache_draining 1 while the server drains for shutdown.\n# TYPE pcache_draining gauge\npcache_draining %d\n", atomic_load(&s->draining) ? 1 : 0);
 
     return b.p ? b.p : strdup("");
@@ -1560,9 +1612,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             api_error_set(&e, 401, "invalid_request_error", NULL, "invalid_api_key", "Incorrect API key provided.");
             return reply_error(s, c, ep, false, &e);
         }
-        if (ep == EP_HEALTH)
-            return atomic_load(&s->draining) ? reply(s, c, ep, 503, "application/json", strdup("{\"status\":\"draining\"}"))
-                                             : reply(s, c, ep, 200, "application/json", strdup("{\"status\":\"ok\"}"));
+        if (ep == EP_HEALTH) return reply_health(s, c);
         if (ep == EP_METRICS) return reply(s, c, ep, 200, "text/plain; version=0.0.4", format_metrics(s));
         if (ep == EP_RESPONSE_ID) return handle_response_id(s, c, method, model_name, cs->ns);
         if (ep == EP_MODELS) {
@@ -1675,6 +1725,10 @@ static void usage(FILE *f) {
             "  --strict-model        refuse (404) a `model` that is not one of the model's names (its GGUF name,\n"
             "                        file name, \"default\" or an --alias), and require `model`; by default any\n"
             "                        name, or none, is served by the one model and replies name it\n"
+            "  --redis URL           join a cluster through Redis: redis://[[user]:password@]host[:port][/db]\n"
+            "                        (the password may instead be in $REDIS_PASSWORD): publish KV events,\n"
+            "                        share KV blocks (write-through; fetched on a local miss when cheaper)\n"
+            "  --redis-timeout S     Redis connect and command timeout (default 1)\n"
             "  --cors-origins LIST   browser origins allowed to call the API: comma-separated (e.g.\n"
             "                        https://app.example.com,http://localhost:5173), * for any, \"\" for none\n"
             "                        (default: http(s)://localhost, 127.0.0.1 and [::1], any port)\n"
@@ -1743,6 +1797,14 @@ int server_main(int argc, char **argv) {
         else if (!strcmp(a, "--alias")) { NEED(); if (!*v || strlen(v) > 200) { fprintf(stderr, "pcache serve: bad --alias '%s'\n", v); return 2; } s->aliases[s->n_aliases++] = v; }
         else if (!strcmp(a, "--strict-model")) s->strict_model = true;
         else if (!strcmp(a, "--cors-origins")) { NEED(); if (parse_cors(s, v, &cors_list) < 0) { fprintf(stderr, "pcache serve: bad --cors-origins '%s' (comma-separated origins such as https://app.example.com, or *)\n", v); return 2; } }
+        else if (!strcmp(a, "--redis")) {
+            NEED();
+            redis_url u;
+            char uerr[256];
+            if (redis_url_parse(v, NULL, &u, uerr, sizeof uerr) < 0) { fprintf(stderr, "pcache serve: %s\n", uerr); return 2; }
+            eo.redis_url = v;
+        }
+        else if (!strcmp(a, "--redis-timeout")) { NEED(); if (parse_duration(v, &eo.redis_timeout_s) < 0 || eo.redis_timeout_s <= 0 || eo.redis_timeout_s > 60) { fprintf(stderr, "pcache serve: bad --redis-timeout %s\n", v); return 2; } }
         else if (!strcmp(a, "--drain-timeout")) { NEED(); if (parse_duration(v, &drain_s) < 0 || drain_s < 0) { fprintf(stderr, "pcache serve: bad --drain-timeout %s\n", v); return 2; } }
         else { fprintf(stderr, "pcache serve: unknown option %s\n", a); usage(stderr); return 2; }
 #undef NEED
@@ -1759,12 +1821,19 @@ int server_main(int argc, char **argv) {
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    uint64_t inst = 0;
+    while (!inst && getrandom(&inst, sizeof inst, 0) == sizeof inst) {}
+    if (!inst) inst = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
+    kvevent_hex64(inst, s->instance);
+    eo.instance = inst;
+    eo.redis_password = getenv("REDIS_PASSWORD");
     char err[512] = "";
     if (engine_create(&s->eng, &eo, err, sizeof err) < 0) {
         fprintf(stderr, "pcache serve: %s\n", err[0] ? err : "could not load the model");
         return 1;
     }
     s->cache_ttl = eo.cache_ttl_s > 0 ? eo.cache_ttl_s : 300;
+    if (engine_model_fp(s->eng)) kvevent_hex64(engine_model_fp(s->eng), s->fingerprint);
     if (!(s->responses = respstore_new(4096, (size_t)256 << 20)) || !(s->schemas = schema_cache_new(16))) {
         fprintf(stderr, "pcache serve: out of memory\n");
         engine_free(s->eng);
