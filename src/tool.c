@@ -925,6 +925,34 @@ static int cmd_bench_grammar(int argc, char **argv) {
     return 0;
 }
 
+/* The cluster's block names (kvevent.h) of a prompt's full blocks: what a replica announces and
+ * a router looks up. */
+static int cmd_kv_chains(int argc, char **argv) {
+    uint64_t fp;
+    unsigned n_layer, kv_dim;
+    char tail;
+    if (argc < 2 || kvevent_parse_hex64(argv[0], &fp) || sscanf(argv[1], "%ux%u%c", &n_layer, &kv_dim, &tail) != 2) {
+        fprintf(stderr, "usage: pcache-tool kv-chains FP LAYERSxKVDIM [NAMESPACE] < ids.json\n");
+        return 2;
+    }
+    int32_t *ids;
+    int n = read_ids(&ids);
+    if (n < 0) return 1;
+    int cap = n / KV_BLOCK + 1;
+    uint64_t *ch = malloc((size_t)cap * sizeof *ch);
+    int m = kvevent_prompt_chains(fp, n_layer, kv_dim, argc > 2 ? argv[2] : NULL, ids, n, ch, cap);
+    fputc('[', stdout);
+    for (int i = 0; i < m; i++) {
+        char hex[17];
+        kvevent_hex64(ch[i], hex);
+        printf(i ? ", \"%s\"" : "\"%s\"", hex);
+    }
+    fputs("]\n", stdout);
+    free(ch);
+    free(ids);
+    return 0;
+}
+
 typedef struct { const char *name; int (*fn)(int argc, char **argv); const char *help; } subcommand;
 
 static const subcommand commands[] = {
@@ -943,6 +971,7 @@ static const subcommand commands[] = {
     { "grammar-check", cmd_grammar_check, "SCHEMA|-|--batch < text : complete, prefix or rejected under the schema's grammar" },
     { "grammar-sample", cmd_grammar_sample, "MODEL SCHEMA|-|--batch SEED N : random token walks through the schema's grammar (JSON lines)" },
     { "bench-grammar", cmd_bench_grammar, "MODEL SCHEMA|- [PROMPT] : decode tok/s with and without the grammar (JSON)" },
+    { "kv-chains", cmd_kv_chains, "FP LAYERSxKVDIM [NAMESPACE] < ids.json : the chain hashes (hex) of the prompt's full KV blocks (kvevent.h)" },
     { "bench-dot", cmd_bench_dot, "TYPE N ITERS [ROWS] : ns per vec_dot / vec_dot_n / vec_dot_ref" },
 };
 
