@@ -8,6 +8,7 @@
 #include "kvredis.h"
 #include "kvevent.h"
 #include "util.h"
+#include <errno.h>
 #include <hiredis/hiredis.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -181,6 +182,9 @@ size_t chainset_list(const chainset *s, size_t *pos, uint64_t *out, size_t cap) 
 
 /* ------------------------------------------------------------------ the thread's Redis work */
 static void disconnect(kvredis *r, const char *why) {
+    pthread_mutex_lock(&r->mu);
+    r->st.errors++;
+    pthread_mutex_unlock(&r->mu);
     if (r->c) {
         fprintf(stderr, "pcache: redis: connection lost (%s); local caches only until it is back\n", why);
         fflush(stderr);
@@ -501,7 +505,21 @@ static void *redis_main(void *arg) {
             pthread_mutex_lock(&r->mu);
             r->w_done[r->n_w_done++] = w.block;
         } else {
-            pthread_cond_wait(&r->work, &r->mu);
+            /* idle: a PING a second notices a Redis that went away (or restarted and lost our
+             * hello) before the next event would */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            if (pthread_cond_timedwait(&r->work, &r->mu, &ts) == ETIMEDOUT && !r->stop && !r->r_head && !r->ev_n && !r->t_head && !r->w_n) {
+                r->busy = true;
+                pthread_mutex_unlock(&r->mu);
+                redisReply *rep = redisCommand(r->c, "PING");
+                if (!rep) disconnect(r, r->c->errstr);
+                else freeReplyObject(rep);
+                pthread_mutex_lock(&r->mu);
+                r->busy = false;
+                pthread_cond_broadcast(&r->done_cv);
+            }
             continue;
         }
         r->busy = false;

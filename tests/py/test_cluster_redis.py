@@ -10,6 +10,7 @@ re-announce what they hold. The C tests (tests/c/test_redis.c) compare logits bi
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +32,8 @@ DOC2 = ("In the valley below the old mill, the river split in two around an isla
         "nested every spring. ") * 6
 DOC3 = ("The orchestra tuned for an hour before the concert, the oboe giving the A and the strings answering "
         "it one desk at a time. ") * 6
+DOC4 = ("The caravan crossed the salt flats at night, guided by a boy who read the stars and sang to the "
+        "camels. ") * 6
 MORE = [("Every morning the baker on Quay Street lit the ovens at four and sold the first loaves by six, "
          "always to the same fishermen. ") * 3 + f"Question {i}: what happened next?" for i in range(6)]
 
@@ -96,8 +99,9 @@ def health(srv):
 @pytest.fixture(scope="module")
 def prompts():
     return {name: tokenize(text) for name, text in
-            [("shared", DOC + "Summarize the log."), ("ns", DOC2 + "Where did the herons nest?"),
-             ("bad", DOC3 + "Who gave the A?")] + [(f"more{i}", t) for i, t in enumerate(MORE)]}
+            [("shared", DOC + "On the last page of the log, the keeper wrote that"),
+             ("ns", DOC2 + "One spring the herons did not come back, because"),
+             ("bad", DOC3 + "Who gave the A?"), ("stall", DOC4 + "When the sun rose, the boy")] + [(f"more{i}", t) for i, t in enumerate(MORE)]}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,9 @@ def cold(tmp_path_factory, prompts):
     """Answers of a server without any cache: the reference."""
     srv = launch(tmp_path_factory.mktemp("cold"), ["--kv-mem", "64M", "--no-cache"])
     try:
-        yield {k: complete(srv, ids)[:2] for k, ids in prompts.items()}
+        ans = {k: complete(srv, ids)[:2] for k, ids in prompts.items()}
+        assert all(text and top for text, top in ans.values()), ans   # texts to compare, not an end at once
+        yield ans
     finally:
         stop(srv)
 
@@ -217,6 +223,28 @@ def test_corrupt_record_refused(cluster, prompts, cold):
     assert cached == 3 * 16   # the blocks before the bad one
     assert (text, top) == cold["bad"]
     assert metric(b, "pcache_redis_bad_records_total") == bad0 + 1
+
+
+def test_redis_stalled(cluster, prompts, cold):
+    """Redis stopped (SIGSTOP: connections accepted, never answered) while B would fetch a
+    prefix: B's read times out (--redis-timeout, 1 s), it computes instead, and answers."""
+    red, a, b = cluster
+    ids = prompts["stall"]
+    assert complete(a, ids)[2] == 0
+    written(a, len(ids) // 16)
+    err0 = metric(b, "pcache_redis_errors_total")
+    red.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        text, top, cached = complete(b, ids)
+        took = time.time() - t0
+    finally:
+        red.proc.send_signal(signal.SIGCONT)
+    assert (text, top) == cold["stall"]
+    assert took < 10
+    assert metric(b, "pcache_redis_errors_total") > err0
+    wait_for(lambda: metric(a, "pcache_redis_connected") == 1 and metric(b, "pcache_redis_connected") == 1,
+             timeout=30, what="both replicas to reconnect")
 
 
 def test_redis_killed_and_restarted(cluster, prompts, cold):
