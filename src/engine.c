@@ -1300,6 +1300,12 @@ void engine_get_stats(const engine *e, engine_stats *s) {
 
 uint64_t engine_model_fp(const engine *e) { return e->model_fp; }
 const char *engine_cache_path(const engine *e) { return kvtier_disk_path(e->tier); }
+bool engine_redis_stats(const engine *e, kvredis_stats *out) {
+    if (!e->rd) return false;
+    kvredis_get_stats(e->rd, out);
+    return true;
+}
+
 void engine_cache_sync(engine *e) {
     if (e->tier) kvtier_sync(e->tier, load_done, e);
     if (e->rd) kvredis_sync(e->rd, load_done, e);

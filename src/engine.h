@@ -192,6 +192,9 @@ void engine_cache_pause(engine *e, bool paused);
  * keep theirs. With Redis, publishes clear, then a store of what the lower tiers still hold.
  * Returns the number of KV blocks freed. */
 int engine_cache_clear(engine *e);
+/* Any thread: the Redis client's counters now (kvredis_get_stats), fresher than a snapshot of
+ * engine_get_stats taken between engine steps. Returns false (nothing filled) without Redis. */
+bool engine_redis_stats(const engine *e, kvredis_stats *out);
 
 /* "cpu" or "cuda" (the backend in use); with cuda, *mem (if not NULL) gets its memory by use. */
 struct gpu_mem;

@@ -754,6 +754,7 @@ static char *format_metrics(server *s) {
     pthread_mutex_lock(&s->m.mu);
     memcpy(&m, &s->m, sizeof m); /* the copied mutex is never used */
     pthread_mutex_unlock(&s->m.mu);
+    engine_redis_stats(s->eng, &m.es.redis);   /* live: the engine thread may be in a long step */
     obuf b = {0};
     ob_printf(&b, "# HELP pcache_requests_total HTTP requests by endpoint and status.\n# TYPE pcache_requests_total counter\n");
     for (int e = 0; e < EP_N; e++)

@@ -232,6 +232,9 @@ def test_redis_stalled(cluster, prompts, cold):
     ids = prompts["stall"]
     assert complete(a, ids)[2] == 0
     written(a, len(ids) // 16)
+    t0 = time.time()
+    assert complete(b, ids, key=KEYS[1])[2] == 0   # what computing it costs (another namespace)
+    compute_s = time.time() - t0
     err0 = metric(b, "pcache_redis_errors_total")
     red.proc.send_signal(signal.SIGSTOP)
     try:
@@ -241,7 +244,7 @@ def test_redis_stalled(cluster, prompts, cold):
     finally:
         red.proc.send_signal(signal.SIGCONT)
     assert (text, top) == cold["stall"]
-    assert took < 10
+    assert took < 1.5 * compute_s + 3, (took, compute_s)   # one timeout (1 s), then computed
     assert metric(b, "pcache_redis_errors_total") > err0
     wait_for(lambda: metric(a, "pcache_redis_connected") == 1 and metric(b, "pcache_redis_connected") == 1,
              timeout=30, what="both replicas to reconnect")
@@ -267,17 +270,17 @@ def test_redis_killed_and_restarted(cluster, prompts, cold):
     for t in threads:
         t.start()
     try:
-        time.sleep(1.5)
+        wait_for(lambda: len(answers) >= 2, timeout=300, what="answers before the kill")
         red.kill()
         wait_for(lambda: metric(a, "pcache_redis_connected") == 0 and metric(b, "pcache_redis_connected") == 0,
                  what="both replicas to notice")
         n_down = len(answers)
-        time.sleep(1.5)
-        assert len(answers) > n_down   # served meanwhile, from the local caches
+        wait_for(lambda: len(answers) >= n_down + 2, timeout=300, what="answers while Redis is down")
         red.start()
         wait_for(lambda: metric(a, "pcache_redis_connected") == 1 and metric(b, "pcache_redis_connected") == 1,
                  timeout=30, what="both replicas to reconnect")
-        time.sleep(1.0)
+        n_up = len(answers)
+        wait_for(lambda: len(answers) >= n_up + 2, timeout=300, what="answers after the reconnect")
     finally:
         stop_flag.set()
         for t in threads:
