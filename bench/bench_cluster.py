@@ -17,10 +17,20 @@ cluster (Redis, replicas with empty caches, a router) runs:
                and TTFT p50 / p99 (streamed, to the first content token), and how many
                requests each replica served.
 
+  (c) pull    (--parts c; no router) a replica that does not hold a long prefix pulling it from
+               Redis's shared tier, against computing it: Redis and two replicas with --redis.
+               Each round uses a fresh namespace (a new cache_salt), so neither replica holds
+               the prefix: one computes the --pull-tokens prompt (TTFT of computing; it writes
+               the blocks through to Redis), then the other, cold for that namespace, is sent
+               the same prompt and loads the prefix from Redis (TTFT of pulling; its cached
+               tokens and the bytes read are recorded). The replicas swap roles every round.
+               Medians over --pull-rounds; TTFT is the client's, to the first streamed token.
+
 --replica-redis off keeps the replicas out of Redis (no events, no shared KV tier) to measure
 routing alone. Timings on this project's shared 2-core machine are noisy and every replica shares its two
 cores: compare the policies with one another, not with a real deployment. Writes
-bench/cluster_results.json (or --out) and prints a markdown table.
+bench/cluster_results.json (or --out; the parts not run keep their figures there) and prints a
+markdown table.
 """
 import argparse
 import http.client
@@ -39,6 +49,11 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cache import english_text, free_port, questions, stop, wait_http  # noqa: E402
 from sse import sse_chunks  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "py"))
+import requests  # noqa: E402
+from bench_cache import tokenize  # noqa: E402
+from redis_fixture import RedisServer  # noqa: E402
 
 POLICIES = ["cache", "round-robin", "least-loaded"]
 
@@ -219,6 +234,131 @@ def part_b_shared(cl, args):
 
 
 # ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- (c) pull
+class Replica:
+    def __init__(self, args, redis_url, log_dir, name):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(log_dir, f"{name}.log"), "w")
+        cmd = [args.pcache, "serve", "-m", args.model, "--port", str(self.port), "-t", str(args.pull_threads),
+               "--kv-mem", args.kv_mem, "--redis", redis_url]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(self.base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                sys.exit(f"replica {name} did not start: {open(self.log.name).read()[-2000:]}")
+            time.sleep(0.2)
+
+    def metrics(self):
+        out = {}
+        for line in requests.get(self.base + "/metrics", timeout=10).text.splitlines():
+            m = re.match(r"^(pcache_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+    def ttft(self, ids, salt):
+        """Streams a 1-token completion; returns (seconds to the first token, cached tokens)."""
+        t0 = time.perf_counter()
+        first = None
+        cached = None
+        with requests.post(self.base + "/v1/completions", stream=True, timeout=600,
+                           json={"prompt": ids, "max_tokens": 2, "temperature": 0, "stream": True,
+                                 "stream_options": {"include_usage": True}, "cache_salt": salt}) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                if first is None:
+                    first = time.perf_counter() - t0
+                j = json.loads(line[6:])
+                if j.get("usage"):
+                    cached = (j["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        return first, cached
+
+    def wait_written(self, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = self.metrics()
+            if m.get("pcache_redis_write_queue", 1) == 0:
+                return
+            time.sleep(0.05)
+        sys.exit("the write-through did not finish")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def part_c(args):
+    ids = tokenize(args.pcache, args.model, english_text(400, seed=21))
+    assert len(ids) > args.pull_tokens, "text too short"
+    ids = ids[:args.pull_tokens + 1]   # the prefix, plus the last token that is always computed
+    red = RedisServer().start()
+    tmp = tempfile.mkdtemp(prefix="pcache-bench-cluster-")
+    reps = [Replica(args, red.url, tmp, "a"), Replica(args, red.url, tmp, "b")]
+    try:
+        # warm-up (code paths, the prefill and Redis estimates), not timed
+        for i, r in enumerate(reps):
+            r.ttft(ids, f"warmup-{i}")
+            r.wait_written()
+        compute, pull, cached = [], [], []
+        bytes_read = []
+        for rnd in range(args.pull_rounds):
+            salt = f"round-{rnd}-{time.time()}"
+            comp, puller = (reps[0], reps[1]) if rnd % 2 == 0 else (reps[1], reps[0])
+            t, c = comp.ttft(ids, salt)
+            assert c == 0, f"the computing replica had {c} cached tokens"
+            compute.append(t)
+            comp.wait_written()
+            before = puller.metrics()
+            t, c = puller.ttft(ids, salt)
+            after = puller.metrics()
+            pull.append(t)
+            cached.append(c)
+            bytes_read.append(after["pcache_redis_bytes_read_total"] - before["pcache_redis_bytes_read_total"])
+            print(f"round {rnd}: compute {compute[-1] * 1e3:.0f} ms, pull {pull[-1] * 1e3:.0f} ms "
+                  f"({c} cached tokens, {bytes_read[-1] / 1e6:.1f} MB)", file=sys.stderr)
+        m = reps[0].metrics()
+        res = {
+            "prompt_tokens": len(ids),
+            "rounds": args.pull_rounds,
+            "compute_ttft_ms_median": 1e3 * statistics.median(compute),
+            "pull_ttft_ms_median": 1e3 * statistics.median(pull),
+            "compute_ttft_ms": [round(1e3 * x, 1) for x in compute],
+            "pull_ttft_ms": [round(1e3 * x, 1) for x in pull],
+            "pulled_cached_tokens_median": statistics.median(cached),
+            "pulled_mb_median": statistics.median(bytes_read) / 1e6,
+            "redis_block_s_estimate": m.get("pcache_redis_block_seconds"),
+            "redis_rtt_s_estimate": m.get("pcache_redis_rtt_seconds"),
+            "prefill_s_per_token_estimate": m.get("pcache_prefill_seconds_per_token"),
+            "threads": args.pull_threads,
+            "loadavg_1m": os.getloadavg()[0],
+        }
+        res["speedup"] = res["compute_ttft_ms_median"] / res["pull_ttft_ms_median"]
+        res["pull_gb_per_s"] = res["pulled_mb_median"] / 1e3 / (res["pull_ttft_ms_median"] / 1e3)
+        return res
+    finally:
+        for r in reps:
+            r.stop()
+        red.close()
+
+
+def table_c(r):
+    return "\n".join([
+        f"| {r['prompt_tokens']}-token prompt, median of {r['rounds']} | TTFT |",
+        "| --- | --- |",
+        f"| computed (no replica holds it) | {r['compute_ttft_ms_median']:.0f} ms |",
+        f"| pulled from Redis ({r['pulled_cached_tokens_median']:.0f} tokens, {r['pulled_mb_median']:.1f} MB) | "
+        f"{r['pull_ttft_ms_median']:.0f} ms ({r['speedup']:.1f}x faster) |",
+    ])
+
+
 def fmt(x, nd=0):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -234,7 +374,7 @@ def main():
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--replica-redis", choices=["on", "off"], default="on",
                     help="replicas join Redis (events and the shared KV tier) when they support it")
-    ap.add_argument("--parts", default="a,b", help="a: resends; b: sessions and shared system prompt")
+    ap.add_argument("--parts", default="a,b", help="a: resends; b: sessions and shared system prompt; c: pull a prefix from Redis")
     ap.add_argument("--resend", type=int, default=24, help="(a) distinct prompts, each sent twice")
     ap.add_argument("--sessions", type=int, default=32)
     ap.add_argument("--turns", type=int, default=8)
@@ -242,10 +382,28 @@ def main():
     ap.add_argument("--shared-sentences", type=int, default=24, help="length of the shared system prompt")
     ap.add_argument("--concurrency", type=int, default=8, help="conversations / requests in flight at once")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    ap.add_argument("--pull-tokens", type=int, default=2000, help="(c) the prefix's length")
+    ap.add_argument("--pull-rounds", type=int, default=5)
+    ap.add_argument("--pull-threads", type=int, default=2, help="(c) compute threads per replica")
     ap.add_argument("--out", default="bench/cluster_results.json")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    try:
+        with open(args.out) as f:
+            saved = json.load(f)   # the figures of the parts not run now stay
+    except (OSError, ValueError):
+        saved = {}
+    if "c" in parts:
+        saved["pull"] = part_c(args)
+        print(table_c(saved["pull"]))
+        with open(args.out, "w") as f:
+            json.dump(saved, f, indent=2)
+            f.write("\n")
+    if not parts & {"a", "b"}:
+        return
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("out",)}, "policies": {}}
+    if "pull" in saved:
+        results["pull"] = saved["pull"]
     for policy in args.policies.split(","):
         tmp = tempfile.mkdtemp(prefix=f"bench-cluster-{policy}-")
         cl = Cluster(args, policy, tmp)

@@ -9,7 +9,11 @@ import subprocess
 import tempfile
 import time
 
-from server_fixture import free_port
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RedisError(Exception):
