@@ -17,12 +17,14 @@
  * Only full blocks (KV_BLOCK tokens) are published.
  *   hello  a process started (or reconnected to Redis): forget everything earlier of this inst
  *   store  these blocks are now held (in the KV pool or a local lower tier)
- *   evict  these blocks are no longer held anywhere local
+ *   evict  these blocks are no longer held anywhere local (a replica finds evictions by
+ *          reconciling at most once a second: an evict may lag the eviction by about a second)
  *   clear  the replica dropped every block (cache clear)
  *   bye    the process is shutting down
  * A replica's /health answers {"status":"ok","instance":"<inst>","fingerprint":"<fp>",
- * "queue":<requests running + waiting>, ...}, which is how a router maps --replica URLs to
- * instance ids.
+ * "queue":<requests running + waiting>, ...} ("draining" and 503 while it shuts down), which is
+ * how a router maps --replica URLs to instance ids. "fingerprint" is there when the replica runs
+ * with --redis (or cache tiers), the only case its events exist.
  *
  * The shared KV tier stores a block's kvfile record (kvfile.h, checksummed) under the key
  * KVEVENT_BLOCK_PREFIX + "<fp>:<chain>" (hex), with the entry's remaining TTL as the Redis
