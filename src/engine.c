@@ -28,6 +28,14 @@
  * computed; a bad block stops the chain there), and the loaded prefix goes into the prefix
  * index with its records' kind and remaining lifetime (promotion). Other sequences run
  * meanwhile. A prefix cached again (a hit) refreshes the tiers' records too (kvtier_touch).
+ *
+ * The cluster (redis_url; kvredis.h): the same write-through of full blocks to Redis (its own
+ * thread and queue), and after the pool and the local tiers an admission continues the lookup
+ * in Redis, when fetching pays (kvredis_fetch_pays: the measured transfer against the measured
+ * prefill rate): the sequence waits in LOADING while the Redis thread loads and verifies what
+ * Redis holds of the remaining full blocks (after a local load, when that loaded everything it
+ * asked for). The replica also announces the blocks it holds (KV events; "the cluster (Redis)"
+ * below).
  */
 #include "engine.h"
 #include "fingerprint.h"
@@ -129,7 +137,7 @@ struct engine {
     int cap_items;
     uint64_t *touch;         /* write-through scratch: chains of blocks the tiers already hold */
     int cap_touch;
-    /* the cluster (NULL: none): see "The cluster" above */
+    /* the cluster (NULL: none): see "the cluster (Redis)" below */
     kvredis *rd;
     chainset announced;      /* full blocks announced as held (store events not yet undone) */
     uint64_t *ev_store, *ev_touch;   /* write-through scratch: chains to announce, to touch in Redis */
