@@ -750,8 +750,8 @@ static int tier_lookup(engine *e, const seq *s, int m, int limit, double now, in
 }
 
 /* The cluster's part of a lookup: the full blocks from position `from` (rounded down to a block
- * edge: a partial pool match is reloaded whole) up to limit that Redis may hold, when fetching
- * them pays (kvredis_fetch_pays: the measured transfer against the measured prefill rate).
+ * edge: the block of a partial pool match is asked for whole) up to limit that Redis may hold,
+ * when fetching them pays (kvredis_fetch_pays: the measured transfer against the measured prefill rate).
  * Fills s->remote (pool blocks not yet set) and returns how many (0: none, or computing pays);
  * *n_cand gets how many full blocks were considered. */
 static int redis_plan(engine *e, seq *s, int from, int limit, int *n_cand) {
@@ -785,12 +785,18 @@ static int redis_plan(engine *e, seq *s, int from, int limit, int *n_cand) {
 }
 
 /* Queues the Redis read of s->remote into the sequence's blocks from position remote_at (its
- * KV ends there). Returns true when queued (the sequence is LOADING). */
+ * KV ends in that block: at its start, or inside it after a partial pool match, whose block
+ * kv_seq_prepare has copied for this sequence alone, so a loaded block may overwrite it and a
+ * missing one leaves it valid). Returns true when queued (the sequence is LOADING). */
 static bool start_remote(engine *e, seq *s, double now) {
     int j0 = s->remote_at / KV_BLOCK, n = s->n_remote;
     s->n_remote = 0;
-    if (n <= 0 || s->kv.n_tokens != s->remote_at || j0 + n > s->kv.n_blocks) return false;
-    for (int i = 0; i < n; i++) s->remote[i].block = s->kv.blocks[j0 + i];
+    if (n <= 0 || s->kv.n_tokens < s->remote_at || s->kv.n_tokens >= s->remote_at + KV_BLOCK || j0 + n > s->kv.n_blocks)
+        return false;
+    for (int i = 0; i < n; i++) {
+        s->remote[i].block = s->kv.blocks[j0 + i];
+        if (e->kv.refcnt[s->remote[i].block] != 1) return false;   /* shared: never written */
+    }
     if (kvredis_read(e->rd, s->id, s->ns, s->remote, n, unix_s(e, now))) return false;
     s->from_redis = true;
     s->phase = SEQ_LOADING;
@@ -808,7 +814,9 @@ static bool admit(engine *e, seq *s, double now, int headroom) {
         int end = e->tier ? tier_lookup(e, s, m, s->n_fill - 1, now, &n_items, &tier) : 0;
         /* Redis continues what the pool and the local tiers found, from a block edge */
         if (!end || end % KV_BLOCK == 0) redis_plan(e, s, end ? end : m, s->n_fill - 1, &n_cand);
-        if (end > 0 || s->n_remote > 0) kv_seq_truncate(&e->kv, &s->kv, m / KV_BLOCK * KV_BLOCK);   /* load from the block edge */
+        /* the local tiers load from the block edge; Redis continues a partial pool match in place
+         * (start_remote) */
+        if (end > 0) kv_seq_truncate(&e->kv, &s->kv, m / KV_BLOCK * KV_BLOCK);
     }
     int need = blocks_to_write(e, s, s->n_fill) + headroom;
     /* A partial last block, once loaded, is shared with the prefix index (load_done), so the
@@ -957,12 +965,13 @@ static void load_done(void *ctx, int id, int n_tokens, const kvtier_item *items,
         if (e->seqs[i]->id == id && e->seqs[i]->phase == SEQ_LOADING) s = e->seqs[i];
     if (!s) return;
     double now = now_s(e);
-    int start = s->kv.n_tokens;
-    s->kv.n_tokens += n_tokens;
+    /* a Redis load starts at its block's edge, which a partial pool match may have passed */
+    int start = s->from_redis ? s->remote_at : s->kv.n_tokens, before = s->kv.n_tokens;
+    if (start + n_tokens > s->kv.n_tokens) s->kv.n_tokens = start + n_tokens;
     if (n_tokens > 0) promote(e, s, start, n_tokens, items, now);
     if (s->from_redis) {
-        e->rd_tokens += (uint64_t)n_tokens;
-        e->rd_hits += n_tokens > 0;
+        e->rd_tokens += (uint64_t)(s->kv.n_tokens - before);
+        e->rd_hits += s->kv.n_tokens > before;
     }
     announce_loaded(e, items, n_tokens);
     /* the local tiers' load is complete: Redis may continue it */

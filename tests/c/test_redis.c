@@ -451,6 +451,61 @@ START_TEST(cluster_engine) {
 }
 END_TEST
 
+/* A conversation's next turn on the same replica keeps the partial last block its pool matched
+ * when Redis lacks the full block there (it is asked for, in place, never at the cost of the
+ * match), with logits bit-identical to a cold run. */
+START_TEST(partial_match_kept) {
+    if (!have_redis()) return;
+    redis_start();
+    engine *cold = mk(false, false, 0);
+    int32_t *ids;
+    int n = encode(cold, PROMPT, &ids);
+    ck_assert_int_ne(n % KV_BLOCK, 0);
+    int n2 = n + 40;
+    int32_t *ids2 = malloc(sizeof(int32_t) * n2);
+    memcpy(ids2, ids, sizeof(int32_t) * n);
+    for (int i = n; i < n2; i++) ids2[i] = ids[i - n + 5];
+    float *ref = malloc(sizeof(float) * NV), *got = malloc(sizeof(float) * NV);
+    result r0, r;
+    run_req(cold, ids2, n2, NULL, 4, ref, NULL, 0, 0, &r0);
+    engine_free(cold);
+    engine *a = mk(true, true, 0xc0);
+    wait_connected(a);
+    run_req(a, ids, n, NULL, 1, NULL, NULL, 0, 0, &r);   /* caches exactly the prompt: a partial last block */
+    engine_cache_sync(a);
+    engine_stats st0;
+    engine_get_stats(a, &st0);
+    run_req(a, ids2, n2, NULL, 4, got, NULL, 0, 0, &r);
+    engine_cache_sync(a);
+    ck_assert_int_eq(r.u.cached_tokens, n);
+    ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
+    ck_assert_str_eq(r.text, r0.text);
+    engine_stats st;
+    engine_get_stats(a, &st);
+    ck_assert_uint_eq(st.redis_fetches - st0.redis_fetches, 1);   /* it did ask (from the block the match ends in) */
+    ck_assert_uint_eq(st.redis.read_misses - st0.redis.read_misses, 1);
+    ck_assert_uint_eq(st.redis_tokens, 0);
+    engine_free(a);
+    /* and when Redis has that block (a replica computed further), the match is completed */
+    engine *b = mk(true, true, 0xc1);
+    wait_connected(b);
+    run_req(b, ids, n, NULL, 1, NULL, NULL, 0, 0, &r);   /* (its full blocks from Redis) */
+    engine_get_stats(b, &st0);
+    run_req(b, ids2, n2, NULL, 4, got, NULL, 0, 0, &r);
+    ck_assert_int_eq(r.u.cached_tokens, (n2 - 1) / KV_BLOCK * KV_BLOCK);
+    ck_assert_str_eq(r.text, r0.text);
+    ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
+    engine_get_stats(b, &st);
+    ck_assert_uint_eq(st.redis_tokens - st0.redis_tokens, (uint64_t)((n2 - 1) / KV_BLOCK * KV_BLOCK - n));
+    engine_free(b);
+    free(ids);
+    free(ids2);
+    free(ref);
+    free(got);
+    redis_stop();
+}
+END_TEST
+
 /* Redis absent, then killed and restarted: the engine runs on its local cache meanwhile, the
  * client reconnects (counted), publishes hello and announces what it holds again. */
 START_TEST(cluster_reconnect) {
@@ -539,6 +594,7 @@ int main(void) {
     tcase_add_test(tc, chainset_ops);
     tcase_add_test(tc, fetch_rule);
     tcase_add_test(tc, cluster_engine);
+    tcase_add_test(tc, partial_match_kept);
     tcase_add_test(tc, cluster_reconnect);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

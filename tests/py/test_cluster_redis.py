@@ -197,7 +197,7 @@ def test_replica_pulls_prefix(cluster, prompts, cold):
 def test_namespaces_across_replicas(cluster, prompts, cold):
     red, a, b = cluster
     ids = prompts["ns"]
-    assert complete(a, ids, key=KEYS[0])[2] == 0
+    assert complete(a, ids, key=KEYS[0])[2] < 16
     written(a, len(ids) // 16)
     hits0 = metric(b, "pcache_redis_read_hits_total")
     text, top, cached = complete(b, ids, key=KEYS[1])   # another key: another namespace
@@ -210,7 +210,7 @@ def test_namespaces_across_replicas(cluster, prompts, cold):
 def test_corrupt_record_refused(cluster, prompts, cold):
     red, a, b = cluster
     ids = prompts["bad"]
-    assert complete(a, ids)[2] == 0
+    assert complete(a, ids)[2] < 16   # (at most a first token shared with earlier prompts)
     written(a, len(ids) // 16)
     fp = health(a)["fingerprint"]
     want = chains(fp, "30x192", ids, ns_of(KEYS[0]))
@@ -230,7 +230,7 @@ def test_redis_stalled(cluster, prompts, cold):
     prefix: B's read times out (--redis-timeout, 1 s), it computes instead, and answers."""
     red, a, b = cluster
     ids = prompts["stall"]
-    assert complete(a, ids)[2] == 0
+    assert complete(a, ids)[2] < 16   # (at most a first token shared with earlier prompts)
     written(a, len(ids) // 16)
     t0 = time.time()
     assert complete(b, ids, key=KEYS[1])[2] == 0   # what computing it costs (another namespace)
