@@ -165,9 +165,7 @@ typedef struct conn {
     int ep;
     bool anthropic;
     const char *resp_id;      /* EP_RESPONSE_ID: the id in the path (into url) */
-    char *body;
-    size_t len, cap, discarded;
-    bool too_large;
+    body_buf in;              /* the request body */
     bool answered;
     char ns[18];
 } conn;
@@ -893,7 +891,7 @@ static int plan_request(router *rt, conn *cs, plan *p, api_error *e) {
     static const api_kind kinds[] = { [EP_GEN_CHAT] = API_OPENAI_CHAT, [EP_GEN_COMPLETIONS] = API_OPENAI_COMPLETION,
                                       [EP_GEN_MESSAGES] = API_ANTHROPIC_MESSAGES, [EP_GEN_RESPONSES] = API_OPENAI_RESPONSES };
     memset(p, 0, sizeof *p);
-    if (prompt_parse(kinds[cs->ep], cs->body ? cs->body : "", cs->len, &p->req, e) < 0) return -1;
+    if (prompt_parse(kinds[cs->ep], cs->in.body ? cs->in.body : "", cs->in.len, &p->req, e) < 0) return -1;
     p->parsed = true;
     char ns[18];
     prompt_namespace(cs->ns, p->req.cache_salt, ns);
@@ -968,7 +966,7 @@ static enum MHD_Result handle(router *rt, struct MHD_Connection *c, conn *cs, co
             rt->reps[pick].hit_tokens += (uint64_t)cand[pick].match * KV_BLOCK;
         }
         pthread_mutex_unlock(&rt->mu);
-        if (!(f = fwd_start(rt, pick, c, method, url, query, cs->body, cs->len))) {
+        if (!(f = fwd_start(rt, pick, c, method, url, query, cs->in.body, cs->in.len))) {
             ret = reply_err(rt, c, cs->anthropic, 500, cs->anthropic ? "api_error" : "server_error", NULL, 0, "out of memory");
             goto out;
         }
@@ -1216,26 +1214,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (*upload_data_size > 0) {
         size_t n = *upload_data_size;
         *upload_data_size = 0;
-        if (cs->too_large || cs->len + n > API_MAX_BODY) {
-            cs->too_large = true;
-            cs->discarded += n;
-            return cs->discarded > 2 * (size_t)API_MAX_BODY ? MHD_NO : MHD_YES;
-        }
-        if (cs->len + n + 1 > cs->cap) {
-            size_t cap = cs->cap ? cs->cap : 4096;
-            while (cap < cs->len + n + 1) cap *= 2;
-            char *p = realloc(cs->body, cap);
-            if (!p) return MHD_NO;
-            cs->body = p;
-            cs->cap = cap;
-        }
-        memcpy(cs->body + cs->len, upload_data, n);
-        cs->len += n;
-        cs->body[cs->len] = 0;
-        return MHD_YES;
+        return body_append(&cs->in, upload_data, n, API_MAX_BODY) ? MHD_YES : MHD_NO;
     }
     cs->answered = true;
-    if (cs->too_large)
+    if (cs->in.too_large)
         return reply_err(rt, c, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL, 0,
                          "request body is larger than %u bytes", API_MAX_BODY);
     return handle(rt, c, cs, url, method);
@@ -1244,7 +1226,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
     conn *cs = *con_cls;
     if (!cs) return;
-    free(cs->body);
+    free(cs->in.body);
     free(cs);
     *con_cls = NULL;
 }

@@ -231,9 +231,7 @@ struct server {
 typedef struct conn {
     int ep;
     bool anthropic;
-    char *body;
-    size_t len, cap, discarded;
-    bool too_large;
+    body_buf in;              /* the request body */
     job *job;
     char ns[18];
 } conn;
@@ -1230,7 +1228,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     j->fd = -1;
     enum MHD_Result ret;
     resp_entry prev = { 0 };   /* Responses: the conversation continued (previous_response_id) */
-    if (prompt_parse(kinds[cs->ep], cs->body, cs->len, &j->req, &e) < 0) {
+    if (prompt_parse(kinds[cs->ep], cs->in.body, cs->in.len, &j->req, &e) < 0) {
         ret = reply_error(s, c, cs->ep, anth, &e);
         goto out;
     }
@@ -1267,7 +1265,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
             goto out;
         }
         api_request_free(&j->req);   /* again, after the stored conversation */
-        if (api_parse_responses(cs->body, cs->len, prev.items, &j->req, &e) < 0) {
+        if (api_parse_responses(cs->in.body, cs->in.len, prev.items, &j->req, &e) < 0) {
             resp_entry_free(&prev);
             ret = reply_error(s, c, cs->ep, false, &e);
             goto out;
@@ -1645,26 +1643,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (*upload_data_size > 0) {
         size_t n = *upload_data_size;
         *upload_data_size = 0;
-        if (cs->too_large || cs->len + n > API_MAX_BODY) {
-            cs->too_large = true;
-            cs->discarded += n;
-            return cs->discarded > 2 * (size_t)API_MAX_BODY ? MHD_NO : MHD_YES;
-        }
-        if (cs->len + n + 1 > cs->cap) {
-            size_t cap = cs->cap ? cs->cap : 4096;
-            while (cap < cs->len + n + 1) cap *= 2;
-            char *p = realloc(cs->body, cap);
-            if (!p) return MHD_NO;
-            cs->body = p;
-            cs->cap = cap;
-        }
-        memcpy(cs->body + cs->len, upload_data, n);
-        cs->len += n;
-        cs->body[cs->len] = 0;
-        return MHD_YES;
+        return body_append(&cs->in, upload_data, n, API_MAX_BODY) ? MHD_YES : MHD_NO;
     }
     if (cs->job) return MHD_NO; /* a response was already queued */
-    if (cs->too_large)
+    if (cs->in.too_large)
         return reply_err(s, c, cs->ep, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL,
                          "request body is larger than %u bytes", API_MAX_BODY);
     return handle_generate(s, c, cs);
@@ -1681,7 +1663,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
         pthread_mutex_unlock(&s->m.mu);
         job_release(cs->job);
     }
-    free(cs->body);
+    free(cs->in.body);
     free(cs);
     *con_cls = NULL;
 }

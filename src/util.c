@@ -89,3 +89,23 @@ int errf(char *err, size_t errlen, const char *fmt, ...) {
     }
     return -1;
 }
+
+bool body_append(body_buf *b, const char *piece, size_t n, size_t max) {
+    if (b->too_large || b->len + n > max) {
+        b->too_large = true;
+        b->discarded += n;
+        return b->discarded <= 2 * max;
+    }
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n + 1) cap *= 2;
+        char *p = realloc(b->body, cap);
+        if (!p) return false;
+        b->body = p;
+        b->cap = cap;
+    }
+    memcpy(b->body + b->len, piece, n);
+    b->len += n;
+    b->body[b->len] = 0;
+    return true;
+}
