@@ -55,7 +55,9 @@ def chat(srv, model, text, system=None, max_tokens=8, key=KEY):
 # ------------------------------------------------------------------------------ OpenAI
 def test_health_and_models(server, model):
     r = requests.get(server.base + "/health", timeout=10)
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    h = r.json()   # kvevent.h: the instance id and queue a router reads; no fingerprint without tiers or Redis
+    assert r.status_code == 200 and set(h) == {"status", "instance", "queue"}, h
+    assert h["status"] == "ok" and re.fullmatch(r"[0-9a-f]{16}", h["instance"]) and h["queue"] == 0, h
     r = requests.get(server.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert r.status_code == 200
     body = r.json()
