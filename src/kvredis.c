@@ -449,12 +449,7 @@ static void *redis_main(void *arg) {
             if (r->stop) break;
             double now = mono();
             if (now < r->next_try) {
-                struct timespec ts;
-                clock_gettime(CLOCK_REALTIME, &ts);
-                double wait = r->next_try - now;
-                long ns = ts.tv_nsec + (long)((wait - (double)(long)wait) * 1e9);
-                ts.tv_sec += (time_t)wait + ns / 1000000000L;
-                ts.tv_nsec = ns % 1000000000L;
+                const struct timespec ts = deadline_after(r->next_try - now);
                 pthread_cond_timedwait(&r->work, &r->mu, &ts);
                 continue;
             }
@@ -711,11 +706,7 @@ void kvredis_poll(kvredis *r, kvtier_done_fn done, void *ctx) {
 void kvredis_wait(kvredis *r, double max_s) {
     pthread_mutex_lock(&r->mu);
     if (!r->r_done && (r->busy || r->r_head)) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        long ns = ts.tv_nsec + (long)(max_s * 1e9);
-        ts.tv_sec += ns / 1000000000L;
-        ts.tv_nsec = ns % 1000000000L;
+        const struct timespec ts = deadline_after(max_s);
         pthread_cond_timedwait(&r->done_cv, &r->mu, &ts);
     }
     pthread_mutex_unlock(&r->mu);

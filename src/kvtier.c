@@ -326,11 +326,7 @@ int kvtier_read(kvtier *t, int id, const char *ns, const kvtier_item *items, int
 void kvtier_wait(kvtier *t, double max_s) {
     pthread_mutex_lock(&t->mu);
     if (!t->r_done && !t->n_w_done && (t->busy || t->r_head || t->w_n)) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        long ns = ts.tv_nsec + (long)(max_s * 1e9);
-        ts.tv_sec += ns / 1000000000L;
-        ts.tv_nsec = ns % 1000000000L;
+        const struct timespec ts = deadline_after(max_s);
         pthread_cond_timedwait(&t->done_cv, &t->mu, &ts);
     }
     pthread_mutex_unlock(&t->mu);

@@ -429,11 +429,7 @@ static bool peer_gone(int fd) {
 
 /* Waits on the job's cv (held) up to ms milliseconds. */
 static void job_wait(job *j, int ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += (long)ms * 1000000L;
-    ts.tv_sec += ts.tv_nsec / 1000000000L;
-    ts.tv_nsec %= 1000000000L;
+    const struct timespec ts = deadline_after(ms / 1000.0);
     pthread_cond_timedwait(&j->cv, &j->mu, &ts);
 }
 

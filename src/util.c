@@ -109,3 +109,14 @@ bool body_append(body_buf *b, const char *piece, size_t n, size_t max) {
     b->body[b->len] = 0;
     return true;
 }
+
+struct timespec deadline_after(double seconds) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (seconds < 0) seconds = 0;
+    const time_t whole = (time_t)seconds;
+    const long ns = ts.tv_nsec + (long)((seconds - (double)whole) * 1e9);
+    ts.tv_sec += whole + ns / 1000000000L;
+    ts.tv_nsec = ns % 1000000000L;
+    return ts;
+}

@@ -3,6 +3,7 @@
 #define PCACHE_UTIL_H
 #include <stddef.h>
 #include <stdbool.h>
+#include <time.h>
 
 /* "512M", "1G", "64k", "1048576" -> bytes. Returns 0 on success, -1 on a bad value. */
 int parse_size(const char *s, size_t *out);
@@ -25,6 +26,10 @@ typedef struct body_buf {
 /* Takes one piece. Returns false when the connection should be closed: out of memory, or more
  * than twice max discarded. */
 bool body_append(body_buf *b, const char *piece, size_t n, size_t max);
+
+/* The CLOCK_REALTIME instant `seconds` from now (negative: now): pthread_cond_timedwait's
+ * deadline. */
+struct timespec deadline_after(double seconds);
 
 /* The default model path: $PCACHE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf. */
 const char *default_model_path(void);
