@@ -156,16 +156,13 @@ def main():
                 print(f"| host {k} | second pass TTFT p50 {v['ttft_p50_ms']:.1f} ms | cached {v['cached_tokens']} of {v['prompt_tokens']} "
                       f"| first pass p50 {v['first_pass_p50_ms']:.1f} ms |")
             print(f"| host-RAM tier vs recomputing | {h['speedup']:.1f}x |")
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
-            return
-        if not args.skip_restart:
+        if not args.host and not args.skip_restart:
             res["restart"] = bench_restart(args, tmp)
             r = res["restart"]
             print(f"| restart ({r['prompt_tokens']} tokens) | cold {r['cold_ttft_ms']:.0f} ms | warm pool {r['warm_pool_ttft_ms']:.0f} ms "
                   f"| warm disk after restart {r['warm_disk_ttft_ms']:.0f} ms ({r['disk_cached_tokens']} cached) "
                   f"| disk/pool {r['disk_vs_pool']:.2f}x | cold/disk {r['cold_vs_disk']:.1f}x |")
-        if not args.skip_capacity:
+        if not args.host and not args.skip_capacity:
             res["capacity"] = c = bench_capacity(args, tmp)
             for k in ("pool_only", "with_disk"):
                 v = c[k]

@@ -1047,14 +1047,19 @@ static void ob_printf(obuf *b, const char *fmt, ...) {
     }
 }
 
+/* The replicas' instance ids as /health polls last saw them (has[i]: replica i answered one). */
+static void rep_instances(router *rt, uint64_t *inst, bool *has) {
+    pthread_mutex_lock(&rt->mu);
+    for (int i = 0; i < rt->n_reps; i++) { inst[i] = rt->reps[i].inst; has[i] = rt->reps[i].has_inst; }
+    pthread_mutex_unlock(&rt->mu);
+}
+
 static char *format_metrics(router *rt) {
     obuf b = { 0 };
     size_t ev_chains[MAX_REPLICAS], pr_chains[MAX_REPLICAS];
     uint64_t inst[MAX_REPLICAS];
     bool has[MAX_REPLICAS];
-    pthread_mutex_lock(&rt->mu);
-    for (int i = 0; i < rt->n_reps; i++) { inst[i] = rt->reps[i].inst; has[i] = rt->reps[i].has_inst; }
-    pthread_mutex_unlock(&rt->mu);
+    rep_instances(rt, inst, has);
     pthread_rwlock_rdlock(&rt->idx_mu);
     for (int i = 0; i < rt->n_reps; i++) {
         ev_chains[i] = has[i] ? kvindex_count(rt->events, inst[i]) : 0;
@@ -1139,9 +1144,7 @@ static char *format_health(router *rt, int *status) {
     size_t blocks[MAX_REPLICAS] = { 0 };
     uint64_t inst[MAX_REPLICAS];
     bool has[MAX_REPLICAS];
-    pthread_mutex_lock(&rt->mu);
-    for (int i = 0; i < rt->n_reps; i++) { inst[i] = rt->reps[i].inst; has[i] = rt->reps[i].has_inst; }
-    pthread_mutex_unlock(&rt->mu);
+    rep_instances(rt, inst, has);
     pthread_rwlock_rdlock(&rt->idx_mu);
     for (int i = 0; i < rt->n_reps; i++) blocks[i] = has[i] ? kvindex_count(rt->events, inst[i]) : 0;
     pthread_rwlock_unlock(&rt->idx_mu);
