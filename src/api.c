@@ -2362,6 +2362,27 @@ static void anth_close_thinking(sbuf *b, api_stream *st) {
     st->think_open = false;
 }
 
+
+/* One Anthropic streamed piece of a text-like block (kind "text" or "thinking"): the block's
+ * content_block_start first when *open is false (a thinking block with an empty signature),
+ * then a <kind>_delta. */
+static void anth_stream_piece(sbuf *b, api_stream *st, bool *open, const char *kind, const char *text, size_t len) {
+    if (!*open) {
+        cJSON *blk = cJSON_CreateObject();
+        cJSON_AddStringToObject(blk, "type", kind);
+        cJSON_AddStringToObject(blk, kind, "");
+        if (!strcmp(kind, "thinking")) cJSON_AddStringToObject(blk, "signature", "");
+        anth_block_event(b, "content_block_start", st->block, blk);
+        *open = true;
+    }
+    char type[16];
+    snprintf(type, sizeof type, "%s_delta", kind);
+    cJSON *d = cJSON_CreateObject();
+    cJSON_AddStringToObject(d, "type", type);
+    cJSON_AddItemToObject(d, kind, str_n(text, len));
+    anth_block_event(b, "content_block_delta", st->block, d);
+}
+
 char *api_format_stream_reasoning(const api_request *r, const api_result *res, api_stream *st) {
     sbuf b = {0};
     sb_add(&b, "", 0);
@@ -2372,18 +2393,7 @@ char *api_format_stream_reasoning(const api_request *r, const api_result *res, a
     if (r->kind == API_OPENAI_RESPONSES) {
         resp_stream_reasoning(&b, res, st, text, len);
     } else if (api_is_anthropic(r->kind)) {
-        if (!st->think_open) {
-            cJSON *blk = cJSON_CreateObject();
-            cJSON_AddStringToObject(blk, "type", "thinking");
-            cJSON_AddStringToObject(blk, "thinking", "");
-            cJSON_AddStringToObject(blk, "signature", "");
-            anth_block_event(&b, "content_block_start", st->block, blk);
-            st->think_open = true;
-        }
-        cJSON *d = cJSON_CreateObject();
-        cJSON_AddStringToObject(d, "type", "thinking_delta");
-        cJSON_AddItemToObject(d, "thinking", str_n(text, len));
-        anth_block_event(&b, "content_block_delta", st->block, d);
+        anth_stream_piece(&b, st, &st->think_open, "thinking", text, len);
     } else {   /* delta.reasoning_content, as vLLM, llama.cpp and DeepSeek stream it */
         cJSON *o = openai_chunk(r, res, false, NULL, 0, NULL, true);
         cJSON *delta = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(o, "choices"), 0), "delta");
@@ -2400,17 +2410,7 @@ char *api_format_stream_text(const api_request *r, const api_result *res, api_st
     sbuf b = {0};
     sb_add(&b, "", 0);
     anth_close_thinking(&b, st);
-    if (!st->text_open) {
-        cJSON *blk = cJSON_CreateObject();
-        cJSON_AddStringToObject(blk, "type", "text");
-        cJSON_AddStringToObject(blk, "text", "");
-        anth_block_event(&b, "content_block_start", st->block, blk);
-        st->text_open = true;
-    }
-    cJSON *d = cJSON_CreateObject();
-    cJSON_AddStringToObject(d, "type", "text_delta");
-    cJSON_AddItemToObject(d, "text", str_n(text, len));
-    anth_block_event(&b, "content_block_delta", st->block, d);
+    anth_stream_piece(&b, st, &st->text_open, "text", text, len);
     return sb_take(&b);
 }
 
