@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # For a GPU machine that reaches no package registry (this project's lent H100): carries the
-# build libraries (Debian's libcjson, libmicrohttpd, PCRE2, zlib, hiredis) and the GPU suite's Python packages
+# build libraries (Debian's libcjson, libmicrohttpd, PCRE2, zlib, hiredis, libcurl) and the GPU suite's Python packages
 # (gguf, pytest) there as files, in the ignored folder .gpu/.
 #   bash scripts/gpu-machine.sh prepare      here: download them into .gpu/
 #   source scripts/gpu-machine.sh setup      there: unpack into .gpu/root and /tmp/site, export
@@ -15,7 +15,10 @@ prepare)
   grep -qx '/.gpu/' "$here/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$here/.git/info/exclude"
   (cd "$here/.gpu/debs" && apt-get download libcjson-dev libcjson1 libmicrohttpd-dev libmicrohttpd12 \
      libpcre2-dev libpcre2-8-0 zlib1g-dev zlib1g libhiredis-dev libhiredis0.14 libgnutls30 libnettle8 libhogweed6 libp11-kit0 libtasn1-6 libidn2-0 \
-     libunistring2 libgmp10 libffi8 >/dev/null)
+     libunistring2 libgmp10 libffi8 \
+     libcurl4-openssl-dev libcurl4 libbrotli1 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 \
+     libkeyutils1 libldap-2.5-0 libsasl2-2 libsasl2-modules-db libdb5.3 libnghttp2-14 libpsl5 librtmp1 libssh2-1 \
+     libssl3 libzstd1 >/dev/null)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$here/.gpu/whl" \
     gguf==0.17.1 pytest iniconfig pluggy packaging pyyaml tqdm
@@ -27,11 +30,17 @@ prepare)
 setup)
   root="$here/.gpu/root"
   mkdir -p "$root"
-  have_tls=0; ldconfig -p | grep -q 'libgnutls.so.30' && have_tls=1
+  have=$(ldconfig -p)
   for f in "$here"/.gpu/debs/*.deb; do
-    case $(basename "$f") in   # libmicrohttpd's TLS stack: only where the system lacks it
-      libgnutls30*|libnettle*|libhogweed*|libp11*|libtasn1*|libidn2*|libunistring*|libgmp*|libffi*)
-        [ $have_tls = 1 ] && continue ;;
+    # headers always; a runtime library only where the system lacks its soname (the system's own
+    # copy of libssl or libcurl stays the one every other library there was built against)
+    case $(basename "$f") in
+      *-dev_*) ;;
+      *) missing=0
+         for so in $(dpkg -c "$f" | grep -o '[^/ ]*\.so\.[0-9]*' | sort -u); do
+           grep -qF "	$so (" <<<"$have" || missing=1
+         done
+         [ $missing = 1 ] || continue ;;
     esac
     dpkg -x "$f" "$root"
   done
