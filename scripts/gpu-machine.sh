@@ -44,6 +44,13 @@ setup)
     esac
     dpkg -x "$f" "$root"
   done
+  # a -dev package's lib*.so link whose runtime library was left to the system: point it there
+  for l in "$root"/usr/lib/x86_64-linux-gnu/lib*.so; do
+    [ -L "$l" ] && [ ! -e "$l" ] || continue
+    so=$(readlink "$l" | grep -o '^[^/]*\.so\.[0-9]*')
+    sys=$(grep -F "	$so (" <<<"$have" | grep -m1 -o '=> .*' | cut -c4-)
+    [ -n "$sys" ] && ln -sf "$sys" "$l"
+  done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$here"/.gpu/whl/*.whl 2>&1 | grep -v WARNING || true
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
