@@ -1295,14 +1295,13 @@ int router_main(int argc, char **argv) {
         else if (!strcmp(a, "--replica")) {
             NEED();
             if (rt->n_reps == MAX_REPLICAS) { fprintf(stderr, "pcache route: at most %d replicas\n", MAX_REPLICAS); return 2; }
-            if (strncmp(v, "http://", 7) || strlen(v) < 8 || strlen(v) >= sizeof rt->reps[0].url) {
-                fprintf(stderr, "pcache route: bad --replica %s (expected http://host:port)\n", v);
+            replica *r = &rt->reps[rt->n_reps];
+            char err[200];
+            if (route_replica_url(v, r->url, sizeof r->url, err, sizeof err)) {
+                fprintf(stderr, "pcache route: bad --replica %s: %s\n", v, err);
                 return 2;
             }
-            replica *r = &rt->reps[rt->n_reps++];
-            snprintf(r->url, sizeof r->url, "%s", v);
-            size_t l = strlen(r->url);
-            while (l > 7 && r->url[l - 1] == '/') r->url[--l] = 0;
+            rt->n_reps++;
             r->id = route_hash(r->url);
             for (int k = 0; k < rt->n_reps - 1; k++)
                 if (!strcmp(rt->reps[k].url, r->url)) { fprintf(stderr, "pcache route: --replica %s given twice\n", v); return 2; }

@@ -1,5 +1,6 @@
 /* routing: see routing.h. */
 #include "routing.h"
+#include "util.h"
 #include <string.h>
 
 static const char *const REASONS[RR_N] = { "prefix", "affinity", "load", "round_robin", "least_loaded", "response", "other" };
@@ -95,4 +96,42 @@ int route_choose(const route_params *rp, const route_cand *c, int n, route_reaso
         return least;
     }
     return pick;
+}
+
+int route_replica_url(const char *s, char *out, size_t cap, char *err, size_t errlen) {
+    if (!s || strncmp(s, "http://", 7)) return errf(err, errlen, "expected http://host:port");
+    for (const char *q = s; *q; q++)
+        if ((unsigned char)*q <= ' ' || *q == 0x7f || *q == '"' || *q == '\\' || *q == '?' || *q == '#')
+            return errf(err, errlen, "a space, control character, quote, backslash, query or fragment in the URL");
+    const char *p = s + 7, *auth_end = p + strcspn(p, "/"), *host_end;
+    if (*p == '[') {
+        const char *rb = memchr(p, ']', (size_t)(auth_end - p));
+        if (!rb || rb == p + 1) return errf(err, errlen, "bad IPv6 host (expected http://[addr]:port)");
+        for (const char *q = p + 1; q < rb; q++)
+            if (!strchr("0123456789abcdefABCDEF:.", *q)) return errf(err, errlen, "bad IPv6 host (expected http://[addr]:port)");
+        host_end = rb + 1;
+    } else {
+        host_end = p;
+        while (host_end < auth_end && *host_end != ':') host_end++;
+        if (host_end == p) return errf(err, errlen, "no host (expected http://host:port)");
+        for (const char *q = p; q < host_end; q++)
+            if (!(*q >= 'a' && *q <= 'z') && !(*q >= 'A' && *q <= 'Z') && !(*q >= '0' && *q <= '9') && !strchr("-._", *q))
+                return errf(err, errlen, "bad host (a name, an IPv4 address or [an IPv6 address]; no user info)");
+    }
+    if (host_end < auth_end) {
+        long port = 0;
+        const char *q = host_end + 1;
+        if (*host_end != ':' || q == auth_end || auth_end - q > 5) return errf(err, errlen, "bad port");
+        for (; q < auth_end; q++) {
+            if (*q < '0' || *q > '9') return errf(err, errlen, "bad port");
+            port = port * 10 + (*q - '0');
+        }
+        if (port < 1 || port > 65535) return errf(err, errlen, "bad port (1 to 65535)");
+    }
+    size_t n = strlen(s);
+    while (n > (size_t)(auth_end - s) && s[n - 1] == '/') n--;
+    if (n >= cap) return errf(err, errlen, "too long (at most %zu bytes)", cap ? cap - 1 : 0);
+    memcpy(out, s, n);
+    out[n] = 0;
+    return 0;
 }

@@ -69,4 +69,11 @@ int route_choose(const route_params *p, const route_cand *c, int n, route_reason
 uint64_t route_affinity(const char *ns, const char *cache_key, const int32_t *tokens, int n);
 /* A stable 64-bit id of a string (a replica's URL). */
 uint64_t route_hash(const char *s);
+
+/* A --replica URL, checked: http://host[:port][/path], host a name (letters, digits, '-', '.',
+ * '_'), an IPv4 address or a bracketed IPv6 address, port 1-65535; no user info, query,
+ * fragment, space, control character, quote or backslash (the URL is a /metrics label and the
+ * prefix of every forwarded request's URL). out (cap bytes) gets it without trailing slashes,
+ * the base the request paths are appended to. Returns 0, or -1 with the reason in err. */
+int route_replica_url(const char *s, char *out, size_t cap, char *err, size_t errlen);
 #endif
