@@ -212,6 +212,17 @@ size_t kvindex_count(const kvindex *x, uint64_t id) {
 uint64_t kvindex_dropped(const kvindex *x) { return x->dropped; }
 
 /* ------------------------------------------------------------------------------ events */
+/* A decimal number in [1, max] at s, strictly as the writer prints it (digits, no sign, space
+ * or leading zero: strtoul would take " +030"). Returns the end, or NULL. */
+static const char *decimal(const char *s, uint32_t max, uint32_t *out) {
+    uint64_t v = 0;
+    const char *p = s;
+    for (; *p >= '0' && *p <= '9' && p - s < 9; p++) v = v * 10 + (uint64_t)(*p - '0');
+    if (p == s || *s == '0' || (*p >= '0' && *p <= '9') || v > max) return NULL;
+    *out = (uint32_t)v;
+    return p;
+}
+
 int kvevent_entry_parse(const char *const *names, const char *const *values, int n, kvevent_entry *out) {
     memset(out, 0, sizeof *out);
     out->op = -1;
@@ -230,15 +241,8 @@ int kvevent_entry_parse(const char *const *names, const char *const *values, int
     if (!inst || kvevent_parse_hex64(inst, &out->inst) < 0) return -1;
     if (!fp || kvevent_parse_hex64(fp, &out->fp) < 0) return -1;
     if ((out->op = kvevent_op_parse(op)) < 0) return -1;
-    if (!layout) return -1;
-    char *end;
-    unsigned long nl = strtoul(layout, &end, 10);
-    if (end == layout || *end != 'x' || nl == 0 || nl > 1u << 20) return -1;
-    const char *kd = end + 1;
-    unsigned long d = strtoul(kd, &end, 10);
-    if (end == kd || *end || d == 0 || d > 1u << 24) return -1;
-    out->n_layer = (uint32_t)nl;
-    out->kv_dim = (uint32_t)d;
+    const char *kd = layout ? decimal(layout, 1u << 20, &out->n_layer) : NULL;
+    if (!kd || *kd != 'x' || !(kd = decimal(kd + 1, 1u << 24, &out->kv_dim)) || *kd) return -1;
     if (out->op == KVEV_STORE || out->op == KVEV_EVICT) {
         if (!chains || (out->n_chains = kvevent_parse_chains(chains, out->chains, KVEVENT_MAX_CHAINS)) < 0) return -1;
     }

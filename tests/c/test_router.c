@@ -114,6 +114,14 @@ START_TEST(entry_parsing) {
     ck_assert_int_eq(parse(&e, "1", I, F, "30", "store", ""), -1);               /* bad layout */
     ck_assert_int_eq(parse(&e, "1", I, F, "30x", "store", ""), -1);
     ck_assert_int_eq(parse(&e, "1", I, F, "0x192", "store", ""), -1);
+    /* the layout strictly as written (fuzz_cluster: strtoul took a sign, spaces and leading
+     * zeros, and "-18446744073709551586" wrapped around to 30) */
+    const char *lenient[] = { " 30x192", "+30x192", "030x192", "30x0192", "30x 192", "30x+192", "-18446744073709551586x192",
+                              "30x192 ", "1048577x192", "30x16777217", "4294967326x192" };
+    for (size_t i = 0; i < sizeof lenient / sizeof *lenient; i++)
+        ck_assert_msg(parse(&e, "1", I, F, lenient[i], "hello", NULL) == -1, "accepted layout '%s'", lenient[i]);
+    ck_assert_int_eq(parse(&e, "1", I, F, "1048576x16777216", "hello", NULL), 0);
+    ck_assert(e.n_layer == 1u << 20 && e.kv_dim == 1u << 24);
     ck_assert_int_eq(parse(&e, "1", I, F, "30x192", "stash", ""), -1);           /* bad op */
     ck_assert_int_eq(parse(&e, "1", I, F, "30x192", "store", NULL), -1);         /* store without chains */
     ck_assert_int_eq(parse(&e, "1", I, F, "30x192", "store", "0123"), -1);       /* bad chain */
@@ -306,6 +314,34 @@ START_TEST(choose_baselines) {
 }
 END_TEST
 
+START_TEST(replica_urls) {
+    char out[64], err[200];
+    const char *good[][2] = { { "http://127.0.0.1:8080", "http://127.0.0.1:8080" },
+                              { "http://replica1:8080/", "http://replica1:8080" },
+                              { "http://my_host.svc-1", "http://my_host.svc-1" },
+                              { "http://[::1]:9000//", "http://[::1]:9000" },
+                              { "http://h:1/base/", "http://h:1/base" },
+                              { "http://h/", "http://h" } };
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        ck_assert_msg(route_replica_url(good[i][0], out, sizeof out, err, sizeof err) == 0, "refused '%s': %s", good[i][0], err);
+        ck_assert_str_eq(out, good[i][1]);
+    }
+    /* what the former check (http:// and a length) let through: no host, user info (then a
+     * /metrics label), quotes and newlines (a broken label), queries the paths end up after */
+    const char *bad[] = { NULL, "", "https://h:1", "http://", "http:///", "http://:8080", "http://h:", "http://h:0", "http://h:65536",
+                          "http://h:123456", "http://h:8o", "http://user:pw@h:1", "http://h\":1", "http://h:1/a\nb", "http://h :1",
+                          "http://h:1?x=1", "http://h:1/#f", "http://[::1", "http://[]:1", "http://[::1]x:1", "http://[g::1]:1",
+                          "http://h%41:1", "http://h:1/\x7f" };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        err[0] = 0;
+        ck_assert_msg(route_replica_url(bad[i], out, sizeof out, err, sizeof err) == -1, "accepted '%s'", bad[i] ? bad[i] : "(null)");
+        ck_assert(err[0]);
+    }
+    /* too long for the buffer: refused, never truncated */
+    ck_assert_int_eq(route_replica_url("http://a-rather-long-replica-host-name.example:8080/with/a/path", out, 32, err, sizeof err), -1);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("router");
     TCase *tc = tcase_create("logic");
@@ -319,6 +355,7 @@ int main(void) {
     tcase_add_test(tc, choose_load_threshold);
     tcase_add_test(tc, choose_affinity);
     tcase_add_test(tc, choose_baselines);
+    tcase_add_test(tc, replica_urls);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
