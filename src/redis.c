@@ -2,6 +2,7 @@
 #include "redis.h"
 #include "util.h"
 #include <hiredis/hiredis.h>
+#include <ctype.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,6 +82,15 @@ int redis_url_parse(const char *s, const char *env_password, redis_url *u, char 
         const char *rb = memchr(p, ']', (size_t)(auth_end - p));
         if (!rb || rb == p + 1) return errf(err, errlen, "--redis: bad IPv6 host in the URL");
         if ((size_t)(rb - p - 1) >= sizeof u->host) return errf(err, errlen, "--redis: host too long");
+        /* an IPv6 address, maybe with a zone (fe80::1%eth0): nothing that a name could not hold */
+        const char *zone = memchr(p + 1, '%', (size_t)(rb - p - 1));
+        for (const char *q = p + 1; q < rb; q++) {
+            bool ok = zone && q > zone ? isalnum((unsigned char)*q) || strchr("-._", *q)
+                                       : q == zone || strchr("0123456789abcdefABCDEF:.", *q);
+            if (!ok) return errf(err, errlen, "--redis: bad IPv6 host in the URL");
+        }
+        if (zone && (zone + 1 == rb || !memchr(p + 1, ':', (size_t)(zone - p - 1))))
+            return errf(err, errlen, "--redis: bad IPv6 host in the URL");
         memcpy(u->host, p + 1, (size_t)(rb - p - 1));
         host_end = rb + 1;
         if (host_end < auth_end && *host_end != ':') return errf(err, errlen, "--redis: bad IPv6 host in the URL");
@@ -107,7 +117,8 @@ int redis_url_parse(const char *s, const char *env_password, redis_url *u, char 
 
 void redis_url_print(const redis_url *u, char *out, size_t cap) {
     bool v6 = strchr(u->host, ':') != NULL;
-    snprintf(out, cap, "redis://%s%s%s%s%s%s:%d/%d", u->user, u->password[0] ? ":***" : "", u->user[0] || u->password[0] ? "@" : "",
+    /* a user without a password keeps its ':' ("bob@" alone would read as a password) */
+    snprintf(out, cap, "redis://%s%s%s%s%s%s:%d/%d", u->user, u->password[0] ? ":***" : u->user[0] ? ":" : "", u->user[0] || u->password[0] ? "@" : "",
              v6 ? "[" : "", u->host, v6 ? "]" : "", u->port, u->db);
 }
 

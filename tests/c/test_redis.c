@@ -61,6 +61,8 @@ START_TEST(url_parse) {
     ck_assert_int_eq(u.db, 2);
     ck_assert_int_eq(redis_url_parse("redis://[::1]", NULL, &u, err, sizeof err), 0);
     ck_assert_int_eq(u.port, 6379);
+    ck_assert_int_eq(redis_url_parse("redis://[fe80::1%eth0]:7", NULL, &u, err, sizeof err), 0);
+    ck_assert_str_eq(u.host, "fe80::1%eth0");
     /* the environment's password, when the URL has none */
     ck_assert_int_eq(redis_url_parse("redis://h", "envpw", &u, err, sizeof err), 0);
     ck_assert_str_eq(u.password, "envpw");
@@ -71,10 +73,21 @@ START_TEST(url_parse) {
     redis_url_print(&u, buf, sizeof buf);
     ck_assert_str_eq(buf, "redis://bob:***@cache.local:7000/5");
     ck_assert_ptr_null(strstr(buf, "hunter2"));
+    /* a user without a password keeps its ':', so the printed URL does not read as a password
+     * (fuzz_cluster: "bob@h" parses back as the password bob) */
+    ck_assert_int_eq(redis_url_parse("redis://bob:@h", NULL, &u, err, sizeof err), 0);
+    redis_url_print(&u, buf, sizeof buf);
+    ck_assert_str_eq(buf, "redis://bob:@h:6379/0");
+    redis_url v;
+    ck_assert_int_eq(redis_url_parse(buf, NULL, &v, err, sizeof err), 0);
+    ck_assert_str_eq(v.user, "bob");
+    ck_assert_str_eq(v.password, "");
 
     const char *bad[] = { NULL, "", "http://h", "rediss://h", "redis://", "redis://:6379", "redis://h:0", "redis://h:65536",
                           "redis://h:12x", "redis://h:-1", "redis://h/x", "redis://h/1/2", "redis://[::1", "redis://[]:1",
                           "redis://[::1]x", "redis://u:p%4@h", "redis://u:p%zz@h", "redis://u:%00@h", "redis://h h",
+                          /* fuzz_cluster: anything went between brackets */
+                          "redis://[\x01]:1", "redis://[a b]", "redis://[::1%]", "redis://[%eth0]", "redis://[::1%e%0]", "redis://[x::1]",
                           "unix:///tmp/redis.sock", "redis://h:99999999999" };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         err[0] = 0;
