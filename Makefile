@@ -96,6 +96,7 @@ fuzz:
 	bash scripts/fuzz-api.sh $(FUZZ_SECONDS)
 	bash scripts/fuzz-kvfile.sh $(FUZZ_SECONDS)
 	bash scripts/fuzz-jsonschema.sh $(FUZZ_SECONDS)
+	bash scripts/fuzz-cluster.sh $(FUZZ_SECONDS)
 
 test-c: $(TEST_BIN) $(BUILD)/pcache $(BUILD)/pcache-tool
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_FORK=no ASAN_OPTIONS=detect_leaks=1 $$t; done
