@@ -48,8 +48,8 @@ setup)
   for l in "$root"/usr/lib/x86_64-linux-gnu/lib*.so; do
     [ -L "$l" ] && [ ! -e "$l" ] || continue
     so=$(readlink "$l" | grep -o '^[^/]*\.so\.[0-9]*')
-    sys=$(grep -F "	$so (" <<<"$have" | grep -m1 -o '=> .*' | cut -c4-)
-    [ -n "$sys" ] && ln -sf "$sys" "$l"
+    sys=$(grep -F "	$so (" <<<"$have" | grep -m1 -o '=> .*' | cut -c4- || true)
+    if [ -n "$sys" ]; then ln -sf "$sys" "$l"; else rm -f "$l"; fi   # (a library the build never links)
   done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$here"/.gpu/whl/*.whl 2>&1 | grep -v WARNING || true
