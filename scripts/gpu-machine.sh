@@ -47,7 +47,7 @@ setup)
   # a -dev package's lib*.so link whose runtime library was left to the system: point it there
   for l in "$root"/usr/lib/x86_64-linux-gnu/lib*.so; do
     [ -L "$l" ] && [ ! -e "$l" ] || continue
-    so=$(readlink "$l" | grep -o '^[^/]*\.so\.[0-9]*')
+    so=$(basename "$(readlink "$l")" | sed -n 's/^\(.*\.so\.[0-9]*\).*/\1/p')
     sys=$(grep -F "	$so (" <<<"$have" | grep -m1 -o '=> .*' | cut -c4- || true)
     if [ -n "$sys" ]; then ln -sf "$sys" "$l"; else rm -f "$l"; fi   # (a library the build never links)
   done
