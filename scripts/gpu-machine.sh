@@ -55,7 +55,8 @@ setup)
     "$here"/.gpu/whl/*.whl 2>&1 | grep -v WARNING || true
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export GPU_MAKE_ARGS="EXTRA_CFLAGS=-I$root/usr/include -I$root/usr/include/hiredis EXTRA_LDFLAGS=-L$root/usr/lib/x86_64-linux-gnu"
+  export CPATH="$root/usr/include/hiredis${CPATH:+:$CPATH}"   # (pkg-config finds it elsewhere)
+  export GPU_MAKE_ARGS="EXTRA_CFLAGS=-I$root/usr/include EXTRA_LDFLAGS=-L$root/usr/lib/x86_64-linux-gnu"
   set +euo pipefail ;;
 *) echo "usage: $0 prepare | source $0 setup" >&2; exit 2 ;;
 esac
