@@ -305,6 +305,17 @@ static engine *mk(bool redis, bool cache, uint64_t inst) {
     return e;
 }
 
+/* A replica with Redis and a host-RAM tier below a small pool. */
+static engine *mk_tiered(uint64_t inst, size_t kv_mem, size_t host) {
+    engine_opts eo = { .model_path = default_model_path(), .kv_mem_bytes = kv_mem, .cache_enabled = true, .n_threads = 2,
+                       .clock = fake_clock, .redis_url = redis_url_s, .instance = inst, .cache_ttl_s = 300,
+                       .cache_host_bytes = host };
+    engine *e;
+    char err[512];
+    if (engine_create(&e, &eo, err, sizeof err)) { fprintf(stderr, "%s\n", err); return NULL; }
+    return e;
+}
+
 /* Waits (stepping the engine, as the server's loop does) until Redis is connected and the
  * engine saw it. */
 static void wait_connected(engine *e) {
@@ -519,6 +530,68 @@ START_TEST(partial_match_kept) {
 }
 END_TEST
 
+/* A prefix pulled from Redis goes into the replica's own lower tiers as a computed one does
+ * (write_through when the prompt is cached: the tiers lack those blocks, so they are written):
+ * once other traffic has pushed it out of the pool, the host tier serves it, with no second
+ * fetch from Redis, and the logits stay those of a cold run. */
+START_TEST(pulled_prefix_reaches_local_tiers) {
+    if (!have_redis()) return;
+    redis_start();
+    engine *cold = mk(false, false, 0);
+    int32_t *ids;
+    int n = encode(cold, PROMPT, &ids);
+    float *ref = malloc(sizeof(float) * NV), *got = malloc(sizeof(float) * NV);
+    result r0, r;
+    run_req(cold, ids, n, NULL, 8, ref, NULL, 0, 0, &r0);
+    engine_free(cold);
+    engine *a = mk(true, true, 0xa);
+    wait_connected(a);
+    run(a, ids, n, NULL, NULL, &r);
+    engine_free(a);
+    /* B: a pool of 10 blocks, a host tier of 64; the prompt's full blocks come from Redis */
+    const size_t blk = 368640;
+    engine *b = mk_tiered(0xb, 10 * blk, 64 * blk);
+    ck_assert_ptr_nonnull(b);
+    ck_assert_int_le(n, 9 * KV_BLOCK);
+    wait_connected(b);
+    run(b, ids, n, NULL, got, &r);
+    const int full = (n - 1) / KV_BLOCK * KV_BLOCK;
+    ck_assert_int_eq(r.u.cached_tokens, full);
+    ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
+    engine_stats st0, st;
+    engine_get_stats(b, &st);
+    ck_assert_uint_eq(st.redis.blocks_read, (uint64_t)(full / KV_BLOCK));
+    ck_assert_uint_ge(st.tier[KVTIER_HOST].blocks, (uint64_t)(full / KV_BLOCK));
+    /* later traffic pushes it out of the pool (the least recently used entry) */
+    char text[300];
+    for (int i = 0; i < 4; i++) {
+        fake_now += 1;
+        snprintf(text, sizeof text, "Request %d: a different long question about the number %d, its square, its cube, "
+                 "its digits, and whether it is prime or not, with reasons and examples.", i, i * 7 + 3);
+        int32_t *o;
+        int no = encode(b, text, &o);
+        run(b, o, no, NULL, NULL, &r);
+        free(o);
+    }
+    engine_get_stats(b, &st0);
+    ck_assert_uint_gt(st0.evictions, 0);
+    run(b, ids, n, NULL, got, &r);
+    ck_assert_int_ge(r.u.cached_tokens, full);
+    ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
+    ck_assert_str_eq(r.text, r0.text);
+    engine_get_stats(b, &st);
+    ck_assert_uint_ge(st.tier[KVTIER_HOST].promotions - st0.tier[KVTIER_HOST].promotions, (uint64_t)(full / KV_BLOCK));
+    ck_assert_uint_eq(st.redis.read_jobs, st0.redis.read_jobs);   /* not fetched again */
+    ck_assert_uint_eq(st.redis.blocks_read, st0.redis.blocks_read);
+    ck_assert_uint_eq(st.redis_fetches, st0.redis_fetches);
+    engine_free(b);
+    free(ids);
+    free(ref);
+    free(got);
+    redis_stop();
+}
+END_TEST
+
 /* Redis absent, then killed and restarted: the engine runs on its local cache meanwhile, the
  * client reconnects (counted), publishes hello and announces what it holds again. */
 START_TEST(cluster_reconnect) {
@@ -608,6 +681,7 @@ int main(void) {
     tcase_add_test(tc, fetch_rule);
     tcase_add_test(tc, cluster_engine);
     tcase_add_test(tc, partial_match_kept);
+    tcase_add_test(tc, pulled_prefix_reaches_local_tiers);
     tcase_add_test(tc, cluster_reconnect);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
