@@ -104,6 +104,7 @@ int route_replica_url(const char *s, char *out, size_t cap, char *err, size_t er
         if ((unsigned char)*q <= ' ' || *q == 0x7f || *q == '"' || *q == '\\' || *q == '?' || *q == '#')
             return errf(err, errlen, "a space, control character, quote, backslash, query or fragment in the URL");
     const char *p = s + 7, *auth_end = p + strcspn(p, "/"), *host_end;
+    if (memchr(p, '@', (size_t)(auth_end - p))) return errf(err, errlen, "user info in the URL (the router passes the clients' credentials on)");
     if (*p == '[') {
         const char *rb = memchr(p, ']', (size_t)(auth_end - p));
         if (!rb || rb == p + 1) return errf(err, errlen, "bad IPv6 host (expected http://[addr]:port)");
