@@ -57,6 +57,21 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pr
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+/* Programmatic dependent launch (Hopper; no-ops elsewhere and when a kernel was launched without
+ * it, see klaunch): pdl_wait blocks until the previous kernel in the stream has finished and its
+ * writes are visible; pdl_launch lets the next kernel's blocks start on free SMs meanwhile. A
+ * kernel touches nothing before pdl_wait that an earlier kernel writes or a later one reads,
+ * except the weights (immutable), which the matmuls start streaming before it. */
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void ldsm_x4(unsigned *r, const void *p) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -226,15 +241,19 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k
     /* k-tiles in all and per chunk; a split block runs chunk blockIdx.z only */
     const int KT = (K + BK - 1) / BK, CT = o.kc / BK;
     const int kt0 = CH && o.part ? (int)blockIdx.z * CT : 0, kt1 = CH && o.part ? min(KT, kt0 + CT) : KT;
-    auto load = [&](int slot, int kt) {
+    auto load_w = [&](int slot, int kt) {
         const int k0 = kt * BK;
-        __half *as = As + slot * BM * LD, *bs = Bs + slot * BN * LD;
+        __half *as = As + slot * BM * LD;
 #pragma unroll 4
         for (int i = tid; i < BM * CPR; i += NTH) {
             const int r = i / CPR, c = (i % CPR) * 8, gm = m0 + r, gk = k0 + c;
             const bool ok = gm < M && gk < K;
             cp_async16(as + r * LD + c, ok ? W + (size_t)gm * K + gk : W, ok);
         }
+    };
+    auto load_x = [&](int slot, int kt) {
+        const int k0 = kt * BK;
+        __half *bs = Bs + slot * BN * LD;
 #pragma unroll 4
         for (int i = tid; i < BN * CPR; i += NTH) {
             const int r = i / CPR, c = (i % CPR) * 8, gn = n0 + r, gk = k0 + c;
@@ -242,16 +261,25 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k
             cp_async16(bs + r * LD + c, ok ? X + (size_t)gn * ldx + gk : X, ok);
         }
     };
+    /* the first ST - 1 stages' weights, then (once the kernel before has finished) their x: the
+     * weights' groups, then the x groups; stage s is complete once group ST - 1 + s is, which
+     * cp_wait<ST - 2> ensures at stage s (ST - 2 younger groups at most) */
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
-        if (kt0 + s < kt1) load(s, kt0 + s);
+        if (kt0 + s < kt1) load_w(s, kt0 + s);
+        cp_commit();
+    }
+    pdl_wait();
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (kt0 + s < kt1) load_x(s, kt0 + s);
         cp_commit();
     }
     for (int kt = kt0; kt < kt1; kt++) {
         const int slot = (kt - kt0) % ST;
         cp_wait<ST - 2>();
         __syncthreads();
-        if (kt + ST - 1 < kt1) load((slot + ST - 1) % ST, kt + ST - 1);
+        if (kt + ST - 1 < kt1) { load_w((slot + ST - 1) % ST, kt + ST - 1); load_x((slot + ST - 1) % ST, kt + ST - 1); }
         cp_commit();
         const __half *as = As + slot * BM * LD, *bs = Bs + slot * BN * LD;
         if (XL > 1 && warp >= WM * WN) continue;
@@ -270,6 +298,9 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k
         if (CH && ((kt + 1) % CT == 0 || kt + 1 == kt1))
             mm_chunk_end<FM, FN>(acc, o, m0 + wm, n0 + wn, lane, M, N, kt < CT, kt + 1 == KT);
     }
+    /* the next kernel may start once every block is past its loads (not earlier: its blocks
+     * would take SMs while this matmul's first wave runs and split a one-wave grid in two) */
+    pdl_launch();
     cp_wait<0>();
     if (!CH && warp < WM * WN) mm_store<FM, FN>(acc, o, m0 + wm, n0 + wn, lane, M, N);
     if (o.part) mm_split_finish<BM, BN, NTH>(o, m0, n0, M, N);
@@ -487,10 +518,10 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
     /* k-tiles in all and per chunk; a split block runs chunk blockIdx.z only */
     const int KT = (K + BK - 1) / BK, CT = o.kc / BK;
     const int kt0 = o.part ? (int)blockIdx.z * CT : 0, kt1 = o.part ? min(KT, kt0 + CT) : KT;
-    auto load = [&](int slot, int kt) {
+    auto load_w = [&](int slot, int kt) {
         const int k0 = kt * BK;
         uint8_t *qs = Qs + slot * BM * QB;
-        __half *ds = Ds + slot * BM * DB, *bs = Bs + slot * BN * LDX;
+        __half *ds = Ds + slot * BM * DB;
         for (int i = tid; i < BM * CPQ; i += NTH) {   /* a 16-byte chunk = one block's nibbles */
             const int r = i / CPQ, c = i % CPQ, gm = m0 + r, gk = k0 + 32 * c;
             const bool ok = gm < M && gk < K;
@@ -501,23 +532,34 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
             const bool ok = gm < M && gb < ldd;
             cp_async8(ds + r * DB + c, ok ? D + (size_t)gm * ldd + gb : D, ok);
         }
+    };
+    auto load_x = [&](int slot, int kt) {
+        const int k0 = kt * BK;
+        __half *bs = Bs + slot * BN * LDX;
         for (int i = tid; i < BN * CPX; i += NTH) {
             const int r = i / CPX, c = (i % CPX) * 8, gn = n0 + r, gk = k0 + c;
             const bool ok = gn < N && gk < K;
             cp_async16(bs + r * LDX + c, ok ? X + (size_t)gn * ldx + gk : X, ok);
         }
     };
+    /* weights first, x once the kernel before has finished (k_mm's prologue) */
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
-        if (kt0 + s < kt1) load(s, kt0 + s);
+        if (kt0 + s < kt1) load_w(s, kt0 + s);
         cp_commit();
     }
-    const int c2 = 2 * (lane & 3);
+    pdl_wait();
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (kt0 + s < kt1) load_x(s, kt0 + s);
+        cp_commit();
+    }
+    const int c4 = 4 * (lane & 3);
     for (int kt = kt0; kt < kt1; kt++) {
         const int slot = (kt - kt0) % ST;
         cp_wait<ST - 2>();
         __syncthreads();
-        if (kt + ST - 1 < kt1) load((slot + ST - 1) % ST, kt + ST - 1);
+        if (kt + ST - 1 < kt1) { load_w((slot + ST - 1) % ST, kt + ST - 1); load_x((slot + ST - 1) % ST, kt + ST - 1); }
         cp_commit();
         const uint8_t *qs = Qs + slot * BM * QB;
         const __half *ds = Ds + slot * BM * DB, *bs = Bs + slot * BN * LDX;
@@ -533,17 +575,19 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
                     const int r = wm + 16 * i + (lane >> 2) + 8 * h;
                     const __half dh = ds[r * DB + blk];
                     const __half2 d2 = __halves2half2(dh, dh);
-                    const uint8_t *q = qs + r * QB + 16 * blk + c2;
-                    const unsigned w01 = *(const unsigned short *)q, w89 = *(const unsigned short *)(q + 8);
-                    /* nibble pairs into the two halves of 0x6400|n (= 1024 + n, exact), minus
-                     * 1032: q - 8 exactly; times d rounded once to fp16: what the CPU's
+                    /* this lane's bytes 2c, 2c+8, 2c+1, 2c+9 of the block (c = lane % 4), in that
+                     * order since the upload (q4_lane_order): the nibbles of k 2c, 2c+1 sit at
+                     * bits 0 and 16, of k 2c+8, 2c+9 at bits 8 and 24 (the high nibbles: k + 16) */
+                    const unsigned w = *(const unsigned *)(qs + r * QB + 16 * blk + c4);
+                    /* a nibble pair into the two halves of 0x6400|n (= 1024 + n, exact, one lop3),
+                     * minus 1032: q - 8 exactly; times d rounded once to fp16: what the CPU's
                      * dequantizer gives rounded to fp16, since (q - 8) * d is exact in fp32 */
                     const __half2 k1032 = __floats2half2_rn(1032.0f, 1032.0f);
 #pragma unroll
                     for (int s = 0; s < 2; s++) {   /* low nibbles: k 0..15; high: 16..31 */
-                        const unsigned v01 = s ? w01 >> 4 : w01, v89 = s ? w89 >> 4 : w89;
-                        unsigned x01 = (v01 & 0xFu) | ((v01 & 0xF00u) << 8) | 0x64006400u;
-                        unsigned x89 = (v89 & 0xFu) | ((v89 & 0xF00u) << 8) | 0x64006400u;
+                        const unsigned v = s ? w >> 4 : w;
+                        unsigned x01 = (v & 0x000F000Fu) | 0x64006400u;
+                        unsigned x89 = ((v >> 8) & 0x000F000Fu) | 0x64006400u;
                         __half2 y01 = __hmul2(__hsub2(*(__half2 *)&x01, k1032), d2);
                         __half2 y89 = __hmul2(__hsub2(*(__half2 *)&x89, k1032), d2);
                         a[s][i][h] = *(unsigned *)&y01;
@@ -568,6 +612,7 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
         }
         if ((kt + 1) % CT == 0 || kt + 1 == kt1) mm_chunk_end<FM, FN>(acc, o, m0 + wm, n0 + wn, lane, M, N, kt < CT, kt + 1 == KT);
     }
+    pdl_launch();   /* (as k_mm) */
     cp_wait<0>();
     if (o.part) mm_split_finish<BM, BN, NTH>(o, m0, n0, M, N);
 }
@@ -629,6 +674,8 @@ __global__ void __launch_bounds__(128) k_matmul_any(const __half *__restrict__ W
 
 /* x[t] = E[tok[t]] */
 __global__ void k_embed(const __half *__restrict__ E, const int *__restrict__ tok, float *__restrict__ x, int d) {
+    pdl_launch();
+    pdl_wait();
     const int t = blockIdx.x;
     const __half *e = E + (size_t)tok[t] * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) x[(size_t)t * d + i] = __half2float(e[i]);
@@ -649,6 +696,8 @@ __device__ __forceinline__ double block_sum(double v, double *sh) {
  * row i. */
 __global__ void k_rmsnorm(const float *__restrict__ x, const int *__restrict__ rows, const float *__restrict__ w,
                           __half *__restrict__ out, int d, float eps) {
+    pdl_launch();
+    pdl_wait();
     __shared__ double sh[32];
     const int i = blockIdx.x, r = rows ? rows[i] : i;
     const float *xr = x + (size_t)r * d;
@@ -666,6 +715,8 @@ __global__ void k_rope_kv(const float *__restrict__ qkv, int ld, __half *__restr
                           const float *__restrict__ qn, const float *__restrict__ kn, __half *__restrict__ kv,
                           const int *__restrict__ slot_block, const int *__restrict__ pos, int n_head, int n_head_kv,
                           int hd, int rope_dim, int neox, float eps, size_t block_elems, int layer) {
+    pdl_launch();
+    pdl_wait();
     const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
     const int q_dim = n_head * hd, kv_dim = n_head_kv * hd;
     const float *r = rope + (size_t)t * rope_dim;
@@ -745,6 +796,8 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
                                                __half *__restrict__ out, int n_head, int n_head_kv, size_t block_elems,
                                                int layer, float scale_log2, float *__restrict__ part, int seg_tiles,
                                                int n_seg) {
+    pdl_launch();
+    pdl_wait();
     constexpr int LD = HD + 8, KS = HD / 16, DN = HD / 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __half *Qs = (__half *)fa_smem;                 /* FA_ROWS x LD */
@@ -913,6 +966,8 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
 template <int HD>
 __global__ void __launch_bounds__(HD) k_flash_merge(const float *__restrict__ part, const int *__restrict__ pos,
                                                      __half *__restrict__ out, int n_head, int seg_len, int n_seg) {
+    pdl_launch();
+    pdl_wait();
     const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
     const int ns = pos[t] / seg_len + 1;
     if (ns == 1) return;
@@ -935,6 +990,8 @@ __global__ void __launch_bounds__(HD) k_flash_merge(const float *__restrict__ pa
 __global__ void k_attention(const __half *__restrict__ q, const __half *__restrict__ kv, const int *__restrict__ bt,
                             const int *__restrict__ bt_off, const int *__restrict__ pos, __half *__restrict__ out,
                             int n_head, int n_head_kv, int hd, size_t block_elems, int layer, float scale) {
+    pdl_launch();
+    pdl_wait();
     const int t = blockIdx.x, h = blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (h >= n_head) return;
     const int G = n_head / n_head_kv, g = h / G, kv_dim = n_head_kv * hd, q_dim = n_head * hd;
@@ -987,6 +1044,8 @@ __global__ void k_attention(const __half *__restrict__ q, const __half *__restri
 
 /* act = fp16(silu(gate) * up), gate and up side by side in each token's row of gu */
 __global__ void k_swiglu(const float *__restrict__ gu, __half *__restrict__ act, int ff, size_t n) {
+    pdl_launch();
+    pdl_wait();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / ff, c = i % ff;
         const float g = gu[t * 2 * ff + c], u = gu[t * 2 * ff + ff + c];
@@ -1006,7 +1065,8 @@ typedef struct {
     __half *w;                /* fp16 [rows][cols] */
     const float *bias;
     int rows, cols;
-    uint8_t *q4;              /* Q4_0 weights also kept as stored (k_mmq4): nibbles [rows][cols/2], */
+    uint8_t *q4;              /* Q4_0 weights also kept (k_mmq4): nibbles [rows][cols/2], each block's
+                               * 16 bytes in q4_lane_order, */
     __half *q4d;              /* scales [rows][q4ldd]; NULL for other types */
     int q4ldd;
 } dmat;
@@ -1084,6 +1144,10 @@ static uint16_t f32_to_f16_bits(float f) {
 
 /* Matrices stacked row-wise (each rows of ggml_row_size(type, cols) bytes, all with the same
  * cols) to one fp16 matrix on the device. */
+/* The byte order of a Q4_0 block's 16 nibble bytes on the device: lane c of an MMA quad reads
+ * bytes 2c, 2c+8, 2c+1, 2c+9 of the file's order as one word (k_mmq4). */
+static const uint8_t q4_lane_order[16] = { 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15 };
+
 static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const void *const *datas, const int *rows_of,
                         int n_parts, int cols, char *err, size_t errlen) {
     float *row = (float *)malloc((size_t)cols * sizeof(float));
@@ -1130,7 +1194,8 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
                     const uint8_t *src = (const uint8_t *)datas[p] + (size_t)pr * (nb * 18);
                     for (int bi = 0; bi < nb; bi++) {
                         memcpy(&hd[r * ldd + bi], src + 18 * bi, 2);
-                        memcpy(&hq[r * (cols / 2) + 16 * bi], src + 18 * bi + 2, 16);
+                        uint8_t *dq = &hq[r * (cols / 2) + 16 * bi];
+                        for (int j = 0; j < 16; j++) dq[j] = src[18 * bi + 2 + q4_lane_order[j]];
                     }
                 }
             d->q4ldd = ldd;
@@ -1183,16 +1248,36 @@ static int upload_model_mat(gpu_backend *g, dmat *d, const mat *m, char *err, si
 }
 
 /* ------------------------------------------------------------------------------ launches */
+/* Launches a forward-pass kernel, with programmatic dependent launch where the device has it
+ * (compute capability 9+, PCACHE_PDL=0 turns it off for A/B runs): the kernel may start while the
+ * one before it finishes, and waits for it in pdl_wait, so the matmuls stream their first
+ * weights during the previous kernel's tail instead of after it (in a captured graph too). Every
+ * kernel launched so calls pdl_wait before it touches activations, the KV pool or the stage. */
+static bool g_pdl;
+template <typename... P, typename... A>
+static void klaunch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, A... args) {
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = at;
+    cfg.numAttrs = g_pdl ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, k, ((P)args)...);
+}
+
 /* chunks: the matrix's chunk count (one: the kernel without chunk ends, CH false); nz: blocks
  * along z (the split), 1 or chunks */
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
 static void mm_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, const mm_out &o, int chunks, int nz) {
     constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
     dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN, nz);
-    if (chunks > 1)
-        k_mm<true, BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, smem, st>>>(w->w, x, w->rows, n, w->cols, ldx, o);
-    else
-        k_mm<false, BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, smem, st>>>(w->w, x, w->rows, n, w->cols, ldx, o);
+    klaunch(chunks > 1 ? k_mm<true, BM, BN, BK, WM, WN, ST, XL> : k_mm<false, BM, BN, BK, WM, WN, ST, XL>, grid,
+            WM * WN * 32 * XL, smem, st, w->w, x, w->rows, n, w->cols, ldx, o);
 }
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cudaError_t mm_setup() {
     constexpr size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(__half);
@@ -1204,8 +1289,8 @@ static constexpr size_t mmq4_smem() { return (size_t)ST * (BM * (BK / 2 + 16) + 
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1>
 static void mmq4_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, const mm_out &o, int nz) {
     dim3 grid((w->rows + BM - 1) / BM, (n + BN - 1) / BN, nz);
-    k_mmq4<BM, BN, BK, WM, WN, ST, XL><<<grid, WM * WN * 32 * XL, mmq4_smem<BM, BN, BK, WM, WN, ST>(), st>>>(
-        w->q4, w->q4d, w->q4ldd, x, w->rows, n, w->cols, ldx, o);
+    klaunch(k_mmq4<BM, BN, BK, WM, WN, ST, XL>, grid, WM * WN * 32 * XL, mmq4_smem<BM, BN, BK, WM, WN, ST>(), st,
+            (const uint8_t *)w->q4, (const __half *)w->q4d, w->q4ldd, x, w->rows, n, w->cols, ldx, o);
 }
 template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cudaError_t mmq4_setup() {
     return cudaFuncSetAttribute(k_mmq4<BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1302,6 +1387,11 @@ static cudaError_t kernels_setup() {
         return e;
     if (wg_usable() && ((e = wg_setup<WG_256>()) || (e = wg_setup<WG_128>()))) return e;
     (void)n_sms_init();
+    {
+        int dev = 0, major = 0;
+        g_pdl = cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                major >= 9 && env_int("PCACHE_PDL", 1) != 0;
+    }
     if ((e = cudaFuncSetAttribute(k_flash<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (64 + 8) * 2)) ||
         (e = cudaFuncSetAttribute(k_flash<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (128 + 8) * 2)))
         return e;
@@ -1677,12 +1767,12 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
     const int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim, qkv_dim = q_dim + 2 * kv_dim;
     const int hd = c->head_dim;
     const float scale = 1.0f / sqrtf((float)hd);
-    k_embed<<<n, 256, 0, st>>>(g->tok_embd.w, d->tok, g->x, c->n_embd);
+    klaunch(k_embed, n, 256, 0, st, (const __half *)g->tok_embd.w, d->tok, g->x, c->n_embd);
     for (int l = 0; l < c->n_layer; l++) {
         const dlayer *D = &g->layers[l];
-        k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->attn_norm, g->xh, c->n_embd, c->rms_eps);
+        klaunch(k_rmsnorm, n, 256, 0, st, (const float *)g->x, (const int *)NULL, D->attn_norm, g->xh, c->n_embd, c->rms_eps);
         matmul_on(g, st, &D->wqkv, g->xh, c->n_embd, n, g->qkv, qkv_dim, 0);
-        k_rope_kv<<<n, 256, 8 * hd * sizeof(float), st>>>(g->qkv, qkv_dim, g->qh, d->rope, D->q_norm, D->k_norm, g->kv,
+        klaunch(k_rope_kv, n, 256, 8 * hd * sizeof(float), st, g->qkv, qkv_dim, g->qh, d->rope, D->q_norm, D->k_norm, g->kv,
                                                            d->slot_block, d->pos, c->n_head, c->n_head_kv, hd, c->rope_dim,
                                                            c->rope_neox, c->rms_eps, g->block_elems, l);
         if (hd == 64 || hd == 128) {
@@ -1691,29 +1781,29 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
             const float sl2 = scale * 1.4426950408889634f;
             const int sn = g->fa_n_seg, sl = g->fa_seg_tiles * FA_KT;
             if (hd == 64) {
-                k_flash<64><<<fg, 128, smem, st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
+                klaunch(k_flash<64>, fg, 128, smem, st, g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
                                                    c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn);
-                if (sn > 1) k_flash_merge<64><<<mg, 64, 0, st>>>(g->fa_part, d->pos, g->att, c->n_head, sl, sn);
+                if (sn > 1) klaunch(k_flash_merge<64>, mg, 64, 0, st, g->fa_part, d->pos, g->att, c->n_head, sl, sn);
             } else {
-                k_flash<128><<<fg, 128, smem, st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
+                klaunch(k_flash<128>, fg, 128, smem, st, g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
                                                     c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn);
-                if (sn > 1) k_flash_merge<128><<<mg, 128, 0, st>>>(g->fa_part, d->pos, g->att, c->n_head, sl, sn);
+                if (sn > 1) klaunch(k_flash_merge<128>, mg, 128, 0, st, g->fa_part, d->pos, g->att, c->n_head, sl, sn);
             }
         } else {
             const int hpb = 4;
             dim3 ag(n, (c->n_head + hpb - 1) / hpb);
-            k_attention<<<ag, 32 * hpb, hpb * hd * sizeof(float), st>>>(g->qh, g->kv, d->bt, d->bt_off, d->pos, g->att,
+            klaunch(k_attention, ag, 32 * hpb, hpb * hd * sizeof(float), st, g->qh, g->kv, d->bt, d->bt_off, d->pos, g->att,
                                                                        c->n_head, c->n_head_kv, hd, g->block_elems, l, scale);
         }
         matmul_on(g, st, &D->wo, g->att, q_dim, n, g->x, c->n_embd, 1);
-        k_rmsnorm<<<n, 256, 0, st>>>(g->x, NULL, D->ffn_norm, g->xh, c->n_embd, c->rms_eps);
+        klaunch(k_rmsnorm, n, 256, 0, st, (const float *)g->x, (const int *)NULL, D->ffn_norm, g->xh, c->n_embd, c->rms_eps);
         matmul_on(g, st, &D->gu, g->xh, c->n_embd, n, g->gu, 2 * c->n_ff, 0);
         const size_t ne = (size_t)n * c->n_ff;
-        k_swiglu<<<(unsigned)((ne + 255) / 256 < 8192 ? (ne + 255) / 256 : 8192), 256, 0, st>>>(g->gu, g->act, c->n_ff, ne);
+        klaunch(k_swiglu, (unsigned)((ne + 255) / 256 < 8192 ? (ne + 255) / 256 : 8192), 256, 0, st, g->gu, g->act, c->n_ff, ne);
         matmul_on(g, st, &D->down, g->act, c->n_ff, n, g->x, c->n_embd, 1);
     }
     if (n_out) {
-        k_rmsnorm<<<n_out, 256, 0, st>>>(g->x, d->out_rows, g->output_norm, g->xh, c->n_embd, c->rms_eps);
+        klaunch(k_rmsnorm, n_out, 256, 0, st, (const float *)g->x, (const int *)d->out_rows, g->output_norm, g->xh, c->n_embd, c->rms_eps);
         matmul_on(g, st, &g->output, g->xh, c->n_embd, n_out, g->logits, c->n_vocab, 0);
     }
 }
