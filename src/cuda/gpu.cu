@@ -206,6 +206,25 @@ __device__ __forceinline__ void mm_split_finish(const mm_out &o, int m0, int n0,
     }
 }
 
+/* The matmuls' pipeline prologue: the first ST - 1 stages' weights (immutable: before pdl_wait),
+ * then, once the kernel before has finished, their x. The weights' groups come first, then the x
+ * groups; stage s is complete once group ST - 1 + s is, which the k loop's cp_wait<ST - 2>
+ * ensures at stage s (at most ST - 2 younger groups). */
+template <int ST, typename LW, typename LX>
+__device__ __forceinline__ void mm_prologue(int kt0, int kt1, LW &load_w, LX &load_x) {
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (kt0 + s < kt1) load_w(s, kt0 + s);
+        cp_commit();
+    }
+    pdl_wait();
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (kt0 + s < kt1) load_x(s, kt0 + s);
+        cp_commit();
+    }
+}
+
 /* Y[n][ldy] (+)= X[n][K] . W[M][K]^T + bias, W and X fp16 (rows 16-byte aligned, K % 8 == 0),
  * Y fp32. A block computes a BM (features) x BN (tokens) tile with WM x WN warps; k advances in
  * BK-wide stages through an ST-deep cp.async pipeline.
@@ -261,20 +280,7 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k
             cp_async16(bs + r * LD + c, ok ? X + (size_t)gn * ldx + gk : X, ok);
         }
     };
-    /* the first ST - 1 stages' weights, then (once the kernel before has finished) their x: the
-     * weights' groups, then the x groups; stage s is complete once group ST - 1 + s is, which
-     * cp_wait<ST - 2> ensures at stage s (ST - 2 younger groups at most) */
-#pragma unroll
-    for (int s = 0; s < ST - 1; s++) {
-        if (kt0 + s < kt1) load_w(s, kt0 + s);
-        cp_commit();
-    }
-    pdl_wait();
-#pragma unroll
-    for (int s = 0; s < ST - 1; s++) {
-        if (kt0 + s < kt1) load_x(s, kt0 + s);
-        cp_commit();
-    }
+    mm_prologue<ST>(kt0, kt1, load_w, load_x);
     for (int kt = kt0; kt < kt1; kt++) {
         const int slot = (kt - kt0) % ST;
         cp_wait<ST - 2>();
@@ -542,18 +548,7 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
             cp_async16(bs + r * LDX + c, ok ? X + (size_t)gn * ldx + gk : X, ok);
         }
     };
-    /* weights first, x once the kernel before has finished (k_mm's prologue) */
-#pragma unroll
-    for (int s = 0; s < ST - 1; s++) {
-        if (kt0 + s < kt1) load_w(s, kt0 + s);
-        cp_commit();
-    }
-    pdl_wait();
-#pragma unroll
-    for (int s = 0; s < ST - 1; s++) {
-        if (kt0 + s < kt1) load_x(s, kt0 + s);
-        cp_commit();
-    }
+    mm_prologue<ST>(kt0, kt1, load_w, load_x);
     const int c4 = 4 * (lane & 3);
     for (int kt = kt0; kt < kt1; kt++) {
         const int slot = (kt - kt0) % ST;
