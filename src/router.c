@@ -46,6 +46,7 @@
 #include "api.h"
 #include "fingerprint.h"
 #include "gguf.h"
+#include "http.h"
 #include "kv.h"
 #include "kvevent.h"
 #include "kvindex.h"
@@ -60,9 +61,6 @@
 #include <curl/curl.h>
 #include <hiredis.h>
 #include <microhttpd.h>
-#include <errno.h>
-#include <netdb.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -224,6 +222,14 @@ static redisContext *events_connect(router *rt, char *err, size_t errlen) {
         }
         freeReplyObject(r);
     }
+    /* a server that wants a password we lack answers NOAUTH only to a command: ask here, so
+     * that it is a failed connect (logged once, backed off), not a connect and a loss per try */
+    r = redisCommand(c, "PING");
+    if (!r || r->type == REDIS_REPLY_ERROR) {
+        snprintf(err, errlen, "PING: %s", r ? r->str : c->errstr);
+        goto fail;
+    }
+    freeReplyObject(r);
     return c;
 fail:
     if (r) freeReplyObject(r);
@@ -301,13 +307,13 @@ static void *events_main(void *arg) {
                 if (!warned) { logf_("redis %s:%d: %s (retrying)", rt->redis.host, rt->redis.port, err); warned = true; }
                 pthread_mutex_lock(&rt->mu);
                 snprintf(rt->redis_err, sizeof rt->redis_err, "%s", err);
+                rt->redis_errors++;
                 pthread_mutex_unlock(&rt->mu);
                 sleep_unless_stopping(rt, backoff);
                 backoff = backoff * 2 < 5 ? backoff * 2 : 5;
                 continue;
             }
             warned = false;
-            backoff = 0.25;
             snprintf(last, sizeof last, "0");
             redis_state(rt, true, NULL);
         }
@@ -319,8 +325,10 @@ static void *events_main(void *arg) {
             c = NULL;
             redis_state(rt, false, err);
             sleep_unless_stopping(rt, backoff);
+            backoff = backoff * 2 < 5 ? backoff * 2 : 5;   /* reset by a read that works, not by a connect */
             continue;
         }
+        backoff = 0.25;
         /* [[stream, [[id, [field, value, ...]], ...]]] or nil when BLOCK timed out */
         if (r->type == REDIS_REPLY_ARRAY)
             for (size_t s = 0; s < r->elements; s++) {
@@ -633,12 +641,6 @@ static void fwd_pump(fwd *f, int ms) {
         }
 }
 
-/* True when the peer has hung up (poll, no wait). */
-static bool peer_gone(int fd) {
-    if (fd < 0) return false;
-    struct pollfd p = { .fd = fd, .events = POLLRDHUP };
-    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
-}
 
 /* Streaming reader: whole SSE events as they come, then, if the replica's stream broke, the
  * API's error event. */
@@ -689,7 +691,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *out, size_t max) {
             f->ended = true;
             continue;
         }
-        if (peer_gone(f->client_fd)) return MHD_CONTENT_READER_END_WITH_ERROR;
+        if (http_peer_gone(f->client_fd)) return MHD_CONTENT_READER_END_WITH_ERROR;
         fwd_pump(f, 250);
     }
 }
@@ -713,15 +715,7 @@ static enum MHD_Result reply_body(struct MHD_Connection *c, int status, const ch
     struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
     if (!r) { free(body); return MHD_NO; }
     MHD_add_response_header(r, "Content-Type", ctype);
-    if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
-    if (retry_s > 0) {
-        char ra[16];
-        snprintf(ra, sizeof ra, "%d", retry_s);
-        MHD_add_response_header(r, "Retry-After", ra);
-    }
-    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
-    MHD_destroy_response(r);
-    return ret;
+    return http_queue(c, status, r, retry_s);
 }
 
 static enum MHD_Result reply_error(router *rt, struct MHD_Connection *c, bool anth, const api_error *e, int retry_s) {
@@ -976,7 +970,7 @@ static enum MHD_Result handle(router *rt, struct MHD_Connection *c, conn *cs, co
          * or for a stream's first event. */
         while (!f->done && !(f->headers_done && f->sse && f->len > f->off)) {
             fwd_pump(f, 250);
-            if (!f->done && peer_gone(fd)) { fwd_free(f); f = NULL; ret = MHD_NO; goto out; }
+            if (!f->done && http_peer_gone(fd)) { fwd_free(f); f = NULL; ret = MHD_NO; goto out; }
         }
         bool failed = f->done && f->res != CURLE_OK;
         bool busy = !failed && (f->status == 503 || f->status == 429 || f->status == 529);
@@ -1027,25 +1021,6 @@ out:
 }
 
 /* ------------------------------------------------------------------------------ own endpoints */
-typedef struct { char *p; size_t n, cap; } obuf;
-static void ob_printf(obuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void ob_printf(obuf *b, const char *fmt, ...) {
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        size_t room = b->cap - b->n;
-        int k = vsnprintf(b->p ? b->p + b->n : NULL, b->p ? room : 0, fmt, ap);
-        va_end(ap);
-        if (k < 0) return;
-        if (b->p && (size_t)k < room) { b->n += (size_t)k; return; }
-        size_t c = b->cap ? b->cap * 2 : 4096;
-        while (c < b->n + (size_t)k + 1) c *= 2;
-        char *q = realloc(b->p, c);
-        if (!q) return;
-        b->p = q;
-        b->cap = c;
-    }
-}
 
 /* The replicas' instance ids as /health polls last saw them (has[i]: replica i answered one). */
 static void rep_instances(router *rt, uint64_t *inst, bool *has) {
@@ -1130,7 +1105,8 @@ static char *format_metrics(router *rt) {
     ob_printf(&b, "# HELP pcache_router_redis_connected Whether the KV events stream is being read (-1: no --redis).\n"
                   "# TYPE pcache_router_redis_connected gauge\npcache_router_redis_connected %d\n", rt->redis_on ? (int)rt->redis_up : -1);
     ob_printf(&b, "# TYPE pcache_router_redis_connects_total counter\npcache_router_redis_connects_total %llu\n", (unsigned long long)rt->redis_connects);
-    ob_printf(&b, "# TYPE pcache_router_redis_errors_total counter\npcache_router_redis_errors_total %llu\n", (unsigned long long)rt->redis_errors);
+    ob_printf(&b, "# HELP pcache_router_redis_errors_total Connects to Redis that failed (refused, AUTH) and connections lost.\n"
+                  "# TYPE pcache_router_redis_errors_total counter\npcache_router_redis_errors_total %llu\n", (unsigned long long)rt->redis_errors);
     ob_printf(&b, "# HELP pcache_router_kv_events_total KV events read, by outcome.\n# TYPE pcache_router_kv_events_total counter\n"
                   "pcache_router_kv_events_total{outcome=\"applied\"} %llu\npcache_router_kv_events_total{outcome=\"skipped\"} %llu\n"
                   "pcache_router_kv_events_total{outcome=\"malformed\"} %llu\n",
@@ -1200,16 +1176,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             api_error_set(&e, 401, "invalid_request_error", NULL, "invalid_api_key", "Incorrect API key provided.");
             return reply_error(rt, c, false, &e, 0);
         }
-        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
-        if (cl) {
-            char *end;
-            errno = 0;
-            unsigned long long v = strtoull(cl, &end, 10);
-            if (errno || end == cl || v > API_MAX_BODY) {
-                cs->answered = true;
-                return reply_err(rt, c, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL, 0,
-                                 "request body is larger than %u bytes", API_MAX_BODY);
-            }
+        if (http_body_too_large(c, API_MAX_BODY)) {
+            cs->answered = true;
+            return reply_err(rt, c, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL, 0,
+                             "request body is larger than %u bytes", API_MAX_BODY);
         }
         return MHD_YES;
     }
@@ -1329,11 +1299,7 @@ int router_main(int argc, char **argv) {
     if (!rt->n_reps) { fprintf(stderr, "pcache route: no --replica given\n"); usage(stderr); return 2; }
 
     sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGINT);
-    sigaddset(&sigs, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    http_block_signals(&sigs);
     if (curl_global_init(CURL_GLOBAL_DEFAULT)) { fprintf(stderr, "pcache route: libcurl failed to start\n"); return 1; }
     if (load_model(rt, model_path)) return 1;
     rt->t0 = now_mono();
@@ -1348,26 +1314,11 @@ int router_main(int argc, char **argv) {
     if (pthread_create(&health, NULL, health_main, rt)) { fprintf(stderr, "pcache route: cannot start the health thread\n"); return 1; }
     if (rt->redis_on && pthread_create(&events, NULL, events_main, rt)) { fprintf(stderr, "pcache route: cannot start the events thread\n"); return 1; }
 
-    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *ai = NULL;
-    char ports[16];
-    snprintf(ports, sizeof ports, "%ld", port);
-    int gai = getaddrinfo(host, ports, &hints, &ai);
-    if (gai || !ai) { fprintf(stderr, "pcache route: cannot resolve --host %s: %s\n", host, gai_strerror(gai)); return 1; }
-    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL;
-    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    struct MHD_Daemon *d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, rt,
-                                            MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-                                            MHD_OPTION_CONNECTION_TIMEOUT, timeout,
-                                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
-                                            MHD_OPTION_CONNECTION_LIMIT, 1024u,
-                                            MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
-                                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, rt,
-                                            MHD_OPTION_END);
-    freeaddrinfo(ai);
-    if (!d) { fprintf(stderr, "pcache route: cannot listen on %s:%ld: %s\n", host, port, strerror(errno)); return 1; }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    unsigned bound = 0;
+    struct MHD_Daemon *d = http_start("pcache route", host, port, timeout, 1024, on_request, on_completed, rt, &bound);
+    if (!d) return 1;
     logf_("%d replica(s), policy %s, %s, listening on http://%s:%u%s", rt->n_reps, route_policy_name(rt->policy),
-          rt->redis_on ? "KV events from redis" : "no redis (predictions, affinity and load only)", host, di ? di->port : (unsigned)port,
+          rt->redis_on ? "KV events from redis" : "no redis (predictions, affinity and load only)", host, bound,
           rt->n_keys ? " (API keys required)" : "");
 
     int sig = 0;

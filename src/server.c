@@ -82,6 +82,7 @@
 #include "api.h"
 #include "engine.h"
 #include "gpu.h"
+#include "http.h"
 #include "jsonschema.h"
 #include "kvevent.h"
 #include "prompt.h"
@@ -93,8 +94,6 @@
 #include <cjson/cJSON.h>
 #include <microhttpd.h>
 #include <errno.h>
-#include <netdb.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -420,12 +419,6 @@ static void job_cancel(server *s, job *j) {
     pthread_mutex_unlock(&s->q_mu);
 }
 
-/* True when the peer has hung up (poll, no wait). */
-static bool peer_gone(int fd) {
-    if (fd < 0) return false;
-    struct pollfd p = { .fd = fd, .events = POLLRDHUP };
-    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
-}
 
 /* Waits on the job's cv (held) up to ms milliseconds. */
 static void job_wait(job *j, int ms) {
@@ -597,14 +590,7 @@ static enum MHD_Result reply_ex(server *s, struct MHD_Connection *c, int ep, int
     MHD_add_response_header(r, "Content-Type", ctype);
     if (status == 405) MHD_add_response_header(r, "Allow", ep == EP_RESPONSE_ID ? "GET, DELETE, OPTIONS" : ep == EP_HEALTH || ep == EP_METRICS || ep == EP_MODELS ? "GET, HEAD, OPTIONS" : "POST, OPTIONS");
     add_cors(s, c, r);
-    if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
-    if (retry_s > 0) {
-        char ra[16];
-        snprintf(ra, sizeof ra, "%d", retry_s);
-        MHD_add_response_header(r, "Retry-After", ra);
-    }
-    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
-    MHD_destroy_response(r);
+    enum MHD_Result ret = http_queue(c, status, r, retry_s);
     metrics_request(s, ep, status);
     return ret;
 }
@@ -678,24 +664,6 @@ static char *format_models(server *s) {
     return r;
 }
 
-typedef struct { char *p; size_t n, cap; } obuf;
-static void ob_printf(obuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void ob_printf(obuf *b, const char *fmt, ...) {
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        size_t room = b->cap - b->n;
-        int k = vsnprintf(b->p ? b->p + b->n : NULL, b->p ? room : 0, fmt, ap);
-        va_end(ap);
-        if (k < 0) return;
-        if (b->p && (size_t)k < room) { b->n += (size_t)k; return; }
-        size_t c = b->cap ? b->cap * 2 : 4096;
-        while (c < b->n + (size_t)k + 1) c *= 2;
-        char *q = realloc(b->p, c);
-        if (!q) return;
-        b->p = q; b->cap = c;
-    }
-}
 
 /* GET /health: status, and what a router needs (kvevent.h): the instance id of this process's
  * KV events, the model fingerprint (with Redis or cache tiers) and the requests running or
@@ -1069,7 +1037,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
             pthread_mutex_lock(&j->mu);
             while (!j->started && j->state != JOB_DONE) {
                 job_wait(j, 250);
-                if (!j->started && j->state != JOB_DONE && peer_gone(j->fd)) {
+                if (!j->started && j->state != JOB_DONE && http_peer_gone(j->fd)) {
                     pthread_mutex_unlock(&j->mu);
                     return MHD_CONTENT_READER_END_WITH_ERROR;
                 }
@@ -1083,7 +1051,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
             pthread_mutex_lock(&j->mu);
             while (j->text_len == j->sent && j->state != JOB_DONE) {
                 job_wait(j, 250);
-                if (j->text_len == j->sent && j->state != JOB_DONE && peer_gone(j->fd)) {
+                if (j->text_len == j->sent && j->state != JOB_DONE && http_peer_gone(j->fd)) {
                     pthread_mutex_unlock(&j->mu);
                     return MHD_CONTENT_READER_END_WITH_ERROR;
                 }
@@ -1407,7 +1375,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     pthread_mutex_lock(&j->mu);
     while (j->state == JOB_QUEUED) {
         job_wait(j, 250);
-        if (j->state == JOB_QUEUED && peer_gone(j->fd)) break;
+        if (j->state == JOB_QUEUED && http_peer_gone(j->fd)) break;
     }
     bool queued = j->state == JOB_QUEUED;
     bool rejected = j->submit_failed;
@@ -1440,7 +1408,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *c, conn
     bool gone = false;
     while (j->state != JOB_DONE) {
         job_wait(j, 250);
-        if (j->state != JOB_DONE && peer_gone(j->fd)) { gone = true; break; }
+        if (j->state != JOB_DONE && http_peer_gone(j->fd)) { gone = true; break; }
     }
     pthread_mutex_unlock(&j->mu);
     if (gone) { job_cancel(s, j); ret = MHD_NO; goto out; }
@@ -1625,15 +1593,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             }
             return reply(s, c, ep, 200, "application/json", format_models(s));
         }
-        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
-        if (cl) {
-            char *end;
-            errno = 0;
-            unsigned long long v = strtoull(cl, &end, 10);
-            if (errno || end == cl || v > API_MAX_BODY)
-                return reply_err(s, c, ep, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL,
-                                 "request body is larger than %u bytes", API_MAX_BODY);
-        }
+        if (http_body_too_large(c, API_MAX_BODY))
+            return reply_err(s, c, ep, cs->anthropic, 413, cs->anthropic ? "request_too_large" : "invalid_request_error", NULL,
+                             "request body is larger than %u bytes", API_MAX_BODY);
         return MHD_YES;
     }
     if (*upload_data_size > 0) {
@@ -1794,11 +1756,7 @@ int server_main(int argc, char **argv) {
 
     /* Signals: handled by sigwait in this thread; every other thread inherits the block. */
     sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGINT);
-    sigaddset(&sigs, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    http_block_signals(&sigs);
 
     uint64_t inst = 0;
     while (!inst && getrandom(&inst, sizeof inst, 0) == sizeof inst) {}
@@ -1838,29 +1796,10 @@ int server_main(int argc, char **argv) {
     pthread_cond_init(&s->q_cv, NULL);
     pthread_mutex_init(&s->m.mu, NULL);
 
-    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *ai = NULL;
-    char ports[16];
-    snprintf(ports, sizeof ports, "%ld", port);
-    int gai = getaddrinfo(host, ports, &hints, &ai);
-    if (gai || !ai) {
-        fprintf(stderr, "pcache serve: cannot resolve --host %s: %s\n", host, gai_strerror(gai));
-        engine_free(s->eng);
-        return 1;
-    }
     if (pthread_create(&s->eng_thread, NULL, engine_main, s)) { fprintf(stderr, "pcache serve: cannot start the engine thread\n"); return 1; }
-    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL;
-    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    struct MHD_Daemon *d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, s,
-                                            MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-                                            MHD_OPTION_CONNECTION_TIMEOUT, timeout,
-                                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
-                                            MHD_OPTION_CONNECTION_LIMIT, 512u,
-                                            MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
-                                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-                                            MHD_OPTION_END);
+    unsigned bound = 0;
+    struct MHD_Daemon *d = http_start("pcache serve", host, port, timeout, 512, on_request, on_completed, s, &bound);
     if (!d) {
-        fprintf(stderr, "pcache serve: cannot listen on %s:%ld: %s\n", host, port, strerror(errno));
-        freeaddrinfo(ai);
         pthread_mutex_lock(&s->q_mu);
         s->stopping = true;
         pthread_cond_signal(&s->q_cv);
@@ -1869,10 +1808,8 @@ int server_main(int argc, char **argv) {
         engine_free(s->eng);
         return 1;
     }
-    freeaddrinfo(ai);
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
     fprintf(stderr, "pcache serve: %s (ctx %d, %s) listening on http://%s:%u%s\n", s->model_id, s->n_ctx,
-            engine_device(s->eng, NULL), host, di ? di->port : (unsigned)port, s->n_keys ? " (API keys required)" : "");
+            engine_device(s->eng, NULL), host, bound, s->n_keys ? " (API keys required)" : "");
     fflush(stderr);
 
     int sig = 0;
