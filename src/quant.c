@@ -32,6 +32,8 @@
 #include "quant.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -1373,4 +1375,53 @@ int quant_fill_random(ggml_type t, void *dst, int64_t n, uint64_t seed) {
         }
     }
     return 0;
+}
+
+/* ---- dequantize_rows_f16: a matrix to fp16 on several threads ---- */
+typedef struct {
+    ggml_type t;
+    const uint8_t *src;
+    size_t rb, r0, r1;
+    int64_t cols;
+    uint16_t *dst;
+    int rc;
+} f16_job;
+
+static void *f16_rows(void *arg) {
+    f16_job *j = arg;
+    float *row = malloc((size_t)j->cols * sizeof *row);
+    if (!row) { j->rc = -1; return NULL; }
+    for (size_t r = j->r0; r < j->r1; r++) {
+        uint16_t *d = j->dst + r * (size_t)j->cols;
+        dequantize_row(j->t, j->src + r * j->rb, row, j->cols);
+        for (int64_t c = 0; c < j->cols; c++) d[c] = fp32_to_fp16(row[c]);
+    }
+    free(row);
+    return NULL;
+}
+
+int dequantize_rows_f16(ggml_type t, const void *src, size_t rows, int64_t cols, uint16_t *dst, int n_threads) {
+    const size_t rb = ggml_row_size(t, cols);
+    if (!rb || cols <= 0) return -1;
+    enum { MAX_THREADS = 64 };
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    /* at least 64 rows a thread: a small matrix is not worth the threads */
+    if ((size_t)n_threads > rows / 64) n_threads = rows / 64 > 0 ? (int)(rows / 64) : 1;
+    f16_job jobs[MAX_THREADS];
+    pthread_t th[MAX_THREADS];
+    bool started[MAX_THREADS] = { false };
+    for (int i = 0; i < n_threads; i++) {
+        jobs[i] = (f16_job){ t, src, rb, rows * (size_t)i / (size_t)n_threads, rows * (size_t)(i + 1) / (size_t)n_threads, cols, dst, 0 };
+        /* thread 0's share runs here; the others on threads (their share here when one cannot start) */
+        if (i > 0) started[i] = pthread_create(&th[i], NULL, f16_rows, &jobs[i]) == 0;
+    }
+    f16_rows(&jobs[0]);
+    int rc = jobs[0].rc;
+    for (int i = 1; i < n_threads; i++) {
+        if (started[i]) pthread_join(th[i], NULL);
+        else f16_rows(&jobs[i]);
+        if (jobs[i].rc) rc = -1;
+    }
+    return rc;
 }

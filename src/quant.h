@@ -88,4 +88,9 @@ int quant_repack_x4(ggml_type t, const void *src, void *dst, int64_t rows, int64
  * out[c * out_stride + (r - r0)] equals vec_dot of the original row r, bit for bit. */
 void vec_dot_tile_x4(ggml_type t, const void *w, int r0, int nw, const void *a, size_t a_stride, int na,
                      float *out, size_t out_stride, int64_t n);
+/* rows x cols of type t (rows ggml_row_size(t, cols) bytes apart) as fp16 bits, dst[r * cols + c]:
+ * dequantize_row's values rounded to nearest even (fp32_to_fp16), the same bits on any number of
+ * threads (up to n_threads, rows split between them: a GPU upload's conversion). Returns 0, or
+ * -1 for an unknown type or bad cols, or out of memory. */
+int dequantize_rows_f16(ggml_type t, const void *src, size_t rows, int64_t cols, uint16_t *dst, int n_threads);
 #endif

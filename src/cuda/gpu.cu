@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 extern "C" {
 #include "gpu.h"
@@ -1143,9 +1144,15 @@ static uint16_t f32_to_f16_bits(float f) {
  * bytes 2c, 2c+8, 2c+1, 2c+9 of the file's order as one word (k_mmq4). */
 static const uint8_t q4_lane_order[16] = { 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15 };
 
+/* Threads for converting quantized weights to fp16 at upload (an 8B Q4_0 model: about 7e9
+ * weights, a minute on one core): the online CPUs, 32 at most. */
+static int upload_threads(void) {
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 32 ? 32 : (int)n;
+}
+
 static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const void *const *datas, const int *rows_of,
                         int n_parts, int cols, char *err, size_t errlen) {
-    float *row = (float *)malloc((size_t)cols * sizeof(float));
     const size_t chunk_rows = (size_t)1 << 12;
     uint16_t *buf = (uint16_t *)malloc(chunk_rows * (size_t)cols * sizeof(uint16_t));
     int rows = 0;
@@ -1154,7 +1161,7 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
     d->rows = rows;
     d->cols = cols;
     size_t done = 0;
-    if (!row || !buf) { free(row); free(buf); snprintf(err, errlen, "cuda: out of host memory"); return -1; }
+    if (!buf) { snprintf(err, errlen, "cuda: out of host memory"); return -1; }
     CK(dalloc(g, (void **)&d->w, (size_t)rows * cols * sizeof(__half), &g->mem_weights), "weights");
     for (int p = 0; p < n_parts; p++) {
         const size_t rb = ggml_row_size(types[p], cols);
@@ -1162,18 +1169,15 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
             size_t nr = rows_of[p] - r0 < chunk_rows ? rows_of[p] - r0 : chunk_rows;
             if (types[p] == GGML_TYPE_F16)   /* already fp16: the bytes as they are */
                 memcpy(buf, (const uint8_t *)datas[p] + r0 * rb, nr * rb);
-            else
-                for (size_t r = 0; r < nr; r++) {
-                    dequantize_row(types[p], (const uint8_t *)datas[p] + (r0 + r) * rb, row, cols);
-                    for (int c = 0; c < cols; c++) buf[r * cols + c] = f32_to_f16_bits(row[c]);
-                }
+            else if (dequantize_rows_f16(types[p], (const uint8_t *)datas[p] + r0 * rb, nr, cols, buf, upload_threads())) {
+                snprintf(err, errlen, "cuda: cannot convert a %s matrix", ggml_type_get(types[p]) ? ggml_type_get(types[p])->name : "?");
+                goto fail;
+            }
             CK(cudaMemcpy(d->w + done * cols, buf, nr * cols * sizeof(uint16_t), cudaMemcpyHostToDevice), "weights upload");
             done += nr;
         }
     }
-    free(row);
     free(buf);
-    row = NULL;
     buf = NULL;
     {   /* Q4_0 throughout: keep the blocks too, for decode (k_mmq4) */
         bool all_q4 = cols % 32 == 0;
@@ -1205,7 +1209,6 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
     }
     return 0;
 fail:
-    free(row);
     free(buf);
     return -1;
 }

@@ -708,6 +708,41 @@ START_TEST(test_vec_dot_deterministic) {
 }
 END_TEST
 
+/* dequantize_rows_f16 (the GPU upload's conversion): the serial per-row conversion's bits on 1,
+ * 3 and 8 threads, for a row count that no thread count divides; bad input refused. */
+START_TEST(test_dequantize_rows_f16) {
+    const ggml_type types[] = { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K,
+                                GGML_TYPE_Q6_K };
+    const int64_t cols = 512;
+    const size_t rows = 389;
+    for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++) {
+        const ggml_type t = types[ti];
+        const size_t rb = ggml_row_size(t, cols);
+        uint8_t *m = malloc(rows * rb);
+        float *row = malloc(cols * sizeof *row);
+        uint16_t *want = malloc(rows * cols * sizeof *want), *got = malloc(rows * cols * sizeof *got);
+        ck_assert(m && row && want && got);
+        for (size_t r = 0; r < rows; r++) ck_assert_int_eq(quant_fill_random(t, m + r * rb, cols, 1000 + r), 0);
+        for (size_t r = 0; r < rows; r++) {
+            dequantize_row(t, m + r * rb, row, cols);
+            for (int64_t c = 0; c < cols; c++) want[r * cols + c] = fp32_to_fp16(row[c]);
+        }
+        const int threads[] = { 1, 3, 8 };
+        for (int k = 0; k < 3; k++) {
+            memset(got, 0xAB, rows * cols * sizeof *got);
+            ck_assert_int_eq(dequantize_rows_f16(t, m, rows, cols, got, threads[k]), 0);
+            ck_assert_msg(!memcmp(got, want, rows * cols * sizeof *got), "type %d, %d threads", (int)t, threads[k]);
+        }
+        free(m); free(row); free(want); free(got);
+    }
+    uint16_t d[32];
+    uint8_t q[18 * 2] = { 0 };
+    ck_assert_int_eq(dequantize_rows_f16(GGML_TYPE_Q4_0, q, 1, 31, d, 4), -1);   /* not a whole block */
+    ck_assert_int_eq(dequantize_rows_f16(GGML_TYPE_COUNT, q, 1, 32, d, 4), -1);
+    ck_assert_int_eq(dequantize_rows_f16(GGML_TYPE_Q4_0, q, 1, 32, d, 0), 0);    /* 0 threads: the caller's */
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("quant");
     TCase *tc = tcase_create("core");
@@ -731,6 +766,7 @@ int main(void) {
     tcase_add_test(tc, test_vec_dot_tile_x4_bit_exact);
     tcase_add_test(tc, test_vec_dot_kquants_bit_exact_with_ref);
     tcase_add_test(tc, test_vec_dot_deterministic);
+    tcase_add_test(tc, test_dequantize_rows_f16);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
