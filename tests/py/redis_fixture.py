@@ -91,8 +91,11 @@ def stream_events(client, stream="pcache:kv:events"):
 
 
 class RedisServer:
-    def __init__(self, port=None):
+    """password: started with --requirepass (self.url still has none; client() authenticates)."""
+
+    def __init__(self, port=None, password=None):
         self.port = port or free_port()
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="pcache-redis-")
         self.proc = None
         self.url = f"redis://127.0.0.1:{self.port}"
@@ -103,12 +106,13 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (scripts/install-deps.sh test)")
         self.log = open(os.path.join(self.dir, "redis.log"), "a")
         self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir],
+                                      "--appendonly", "no", "--dir", self.dir]
+                                     + (["--requirepass", self.password] if self.password else []),
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while True:
             try:
-                with Resp(self.port, timeout=1) as c:
+                with self.client(timeout=1) as c:
                     if c.cmd("PING") == b"PONG":
                         return self
             except OSError:
@@ -130,8 +134,15 @@ class RedisServer:
     def kill(self):
         self.stop(signal.SIGKILL)
 
-    def client(self):
-        return Resp(self.port)
+    def client(self, timeout=10):
+        c = Resp(self.port, timeout=timeout)
+        if self.password:
+            try:
+                c.cmd("AUTH", self.password)
+            except BaseException:
+                c.close()
+                raise
+        return c
 
     def close(self):
         self.stop()
