@@ -27,7 +27,9 @@
  * blocks into the pool. At the step after the load it resumes from what loaded (the rest is
  * computed; a bad block stops the chain there), and the loaded prefix goes into the prefix
  * index with its records' kind and remaining lifetime (promotion). Other sequences run
- * meanwhile. A prefix cached again (a hit) refreshes the tiers' records too (kvtier_touch).
+ * meanwhile; when one of them cached more of the prompt than the admission matched and the
+ * load brought, the sequence takes that longer pool match instead (rematch). A prefix cached
+ * again (a hit) refreshes the tiers' records too (kvtier_touch).
  *
  * The cluster (redis_url; kvredis.h): the same write-through of full blocks to Redis (its own
  * thread and queue), and after the pool and the local tiers an admission continues the lookup
@@ -953,10 +955,25 @@ static void promote(engine *e, seq *s, int start, int n_tokens, const kvtier_ite
     }
 }
 
+/* A sequence that waited in LOADING took its pool match at admission; meanwhile another
+ * sequence may have cached more of its prompt (cold requests under one system prompt: the
+ * first computes it while the second, admitted before anything was cached, waits for its own
+ * Redis miss). Takes that longer match rather than computing those tokens again: its blocks go
+ * back (what it matched or loaded before is in the index, so the new match covers it) and it is
+ * prepared again from the new match, which needs no more new blocks than it gave back. Should
+ * that prepare fail, the prefill step prepares again. */
+static void rematch(engine *e, seq *s, double now) {
+    if (s->r.no_cache || !e->o.cache_enabled) return;
+    if (prefix_peek(e->px, s->ns, s->tokens, s->n_fill - 1) <= s->kv.n_tokens) return;
+    kv_seq_release(&e->kv, &s->kv);
+    prefix_match(e->px, s->ns, s->tokens, s->n_fill - 1, now, &s->kv);   /* -1: left empty, all computed */
+    kv_seq_prepare(&e->kv, &s->kv, s->n_fill);
+}
+
 /* The I/O thread finished loading n_tokens of seq `id` (from position kv.n_tokens on): resume
  * it from there, put the loaded prefix into the prefix index (the tiers below already hold it,
  * so nothing is written back), and copy a loaded partial last block, now shared with the index,
- * into the block reserved for it at admission. */
+ * into the block reserved for it at admission; or take a longer pool match (rematch). */
 static void load_done(void *ctx, int id, int n_tokens, const kvtier_item *items, int n_items) {
     engine *e = ctx;
     (void)n_items;
@@ -985,6 +1002,7 @@ static void load_done(void *ctx, int id, int n_tokens, const kvtier_item *items,
         s->spare = -1;
         if (s->kv.n_tokens % KV_BLOCK) kv_seq_prepare(&e->kv, &s->kv, s->kv.n_tokens + 1);
     }
+    rematch(e, s, now);
     if (!s->admitted) {
         s->admitted = true;
         s->u.cached_tokens = s->kv.n_tokens;

@@ -566,6 +566,17 @@ int prefix_match(prefix_index *px, const char *ns, const int32_t *tokens, int n,
     return m;
 }
 
+int prefix_peek(const prefix_index *px, const char *ns, const int32_t *tokens, int n) {
+    if (!px || n <= 0 || !tokens) return 0;
+    if (!ns) ns = "";
+    px_ns *s = ns_find(px, ns, hash_str(ns));
+    if (!s) return 0;
+    px_node *x = NULL, *kid = NULL;
+    int pos = 0, k = 0;
+    walk(&s->root, tokens, n, &x, &pos, &kid, &k);
+    return pos + k;
+}
+
 /* prefix_insert (given: false, expiry = now + ttl_s) and prefix_insert_until (given: true). */
 static int insert(prefix_index *px, const char *ns, const int32_t *tokens, int n, const kv_seq *seq, int kind,
                   double ttl_s, double expiry, bool given, double now) {

@@ -58,6 +58,11 @@ void prefix_free(prefix_index *px);
  * (out_seq then unchanged). */
 int prefix_match(prefix_index *px, const char *ns, const int32_t *tokens, int n, double now, kv_seq *out_seq);
 
+/* The length prefix_match would return now, without taking references, refreshing entries or
+ * counting a lookup (entries past their expiry that no call has removed yet still count: a
+ * prefix_match may then find less). 0 on bad arguments. */
+int prefix_peek(const prefix_index *px, const char *ns, const int32_t *tokens, int n);
+
 /* Caches [0, n) of seq (which must hold at least n valid positions for exactly these tokens)
  * under namespace ns with an entry of `kind` (PREFIX_AUTO / PREFIX_EXPLICIT) ending at n,
  * expiring at now + ttl_s. Shares the existing tree where tokens match and takes references

@@ -118,6 +118,15 @@ START_TEST(insert_and_exact_match) {
     ck_assert_int_eq(match_check(&p, px, "", t, 16, 1), 16);
     ck_assert_int_eq(match_check(&p, px, NULL, t, 40, 1), 40); /* NULL namespace = "" */
     ck_assert_int_eq(cache_prompt(&p, px, "", t, 40, PREFIX_AUTO, 300, 2), 0); /* already cached */
+    /* peek: the match's length, no references, no lookup counted (the stats below) */
+    int32_t u[40];
+    memcpy(u, t, sizeof u);
+    u[20] = 7;
+    ck_assert_int_eq(prefix_peek(px, "", t, 40), 40);
+    ck_assert_int_eq(prefix_peek(px, NULL, t, 23), 23);
+    ck_assert_int_eq(prefix_peek(px, "", u, 40), 20);
+    ck_assert_int_eq(prefix_peek(px, "other", t, 40), 0);
+    ck_assert_int_eq(kv_blocks_used(&p), 3);
     prefix_stats st;
     prefix_get_stats(px, &st);
     ck_assert_int_eq(st.entries, 1);

@@ -592,6 +592,75 @@ START_TEST(pulled_prefix_reaches_local_tiers) {
 }
 END_TEST
 
+/* Two requests under one long shared system prompt reach a cold replica one step apart: the
+ * first waits for its Redis miss, then computes; the second, admitted before the first had
+ * computed anything, waits for its own Redis miss meanwhile. When that load is reported the
+ * pool holds the shared prefix (the first cached its prompt): the second takes it rather than
+ * computing it again (cached_tokens: the common prefix), with logits bit-identical to a cold
+ * run, and no block is left referenced once the cache is cleared. */
+START_TEST(rematch_after_load) {
+    if (!have_redis()) return;
+    redis_start();
+    const char *sys = "<|im_start|>system\nYou answer questions about the following chronicle. The city of Arden "
+                      "was founded on the river Vell in the year of the long winter by three families of weavers, "
+                      "who traded wool and dyed cloth with the towns of the southern coast, and whose guild hall "
+                      "still stands beside the old stone bridge.<|im_end|>\n<|im_start|>user\n";
+    char p1[1024], p2[1024];
+    snprintf(p1, sizeof p1, "%sWho founded the city?<|im_end|>\n<|im_start|>assistant\n", sys);
+    snprintf(p2, sizeof p2, "%sWhat did the families trade, and with whom?<|im_end|>\n<|im_start|>assistant\n", sys);
+    engine *cold = mk(false, false, 0);
+    ck_assert_ptr_nonnull(cold);
+    int32_t *ids1, *ids2;
+    int n1 = encode(cold, p1, &ids1), n2 = encode(cold, p2, &ids2);
+    int lcp = 0;
+    while (lcp < n1 && lcp < n2 - 1 && ids1[lcp] == ids2[lcp]) lcp++;
+    ck_assert_int_ge(lcp, 4 * KV_BLOCK);
+    ck_assert_int_le(n1, 512);   /* the first computes its whole prompt in one step */
+    float *ref = malloc(sizeof(float) * NV), *got = malloc(sizeof(float) * NV);
+    result r0, r1, r2;
+    run_req(cold, ids2, n2, NULL, 4, ref, NULL, 0, 0, &r0);
+    engine_free(cold);
+    engine *a = mk(true, true, 0xd0);
+    wait_connected(a);
+    engine_request q1 = { .prompt = ids1, .n_prompt = n1, .max_tokens = 4, .on_text = on_text, .on_done = on_done, .user = &r1 };
+    engine_request q2 = { .prompt = ids2, .n_prompt = n2, .max_tokens = 4, .prompt_logits = got, .on_text = on_text,
+                          .on_done = on_done, .user = &r2 };
+    sample_params_default(&q1.sp);
+    sample_params_default(&q2.sp);
+    q1.sp.temperature = q2.sp.temperature = 0;
+    memset(&r1, 0, sizeof r1);
+    memset(&r2, 0, sizeof r2);
+    char err[256];
+    ck_assert_int_ge(engine_submit(a, &q1, err, sizeof err), 0);
+    engine_step(a);          /* the first is admitted and asks Redis */
+    engine_cache_sync(a);    /* its miss is reported: it prefills at the next step */
+    ck_assert_int_ge(engine_submit(a, &q2, err, sizeof err), 0);
+    engine_step(a);          /* the second is admitted (nothing cached yet) and asks Redis; the first computes its prompt */
+    engine_cache_sync(a);    /* the second's miss is reported, the shared prefix in the pool by now */
+    while (!r1.done || !r2.done) engine_step(a);
+    ck_assert_int_ne(r1.why, FINISH_ERROR);
+    ck_assert_int_ne(r2.why, FINISH_ERROR);
+    engine_stats st;
+    engine_get_stats(a, &st);
+    ck_assert_uint_eq(st.redis_fetches, 2);   /* both did wait for Redis */
+    ck_assert_int_eq(r1.u.cached_tokens, 0);
+    ck_assert_int_eq(r2.u.cached_tokens, lcp);   /* the shared prefix computed once */
+    ck_assert_uint_eq(st.cached_tokens, (uint64_t)lcp);
+    ck_assert(memcmp(ref, got, sizeof(float) * NV) == 0);
+    ck_assert_str_eq(r2.text, r0.text);
+    engine_cache_sync(a);
+    engine_cache_clear(a);
+    engine_get_stats(a, &st);
+    ck_assert_int_eq(st.kv_blocks_used, 0);
+    engine_free(a);
+    free(ids1);
+    free(ids2);
+    free(ref);
+    free(got);
+    redis_stop();
+}
+END_TEST
+
 /* Redis absent, then killed and restarted: the engine runs on its local cache meanwhile, the
  * client reconnects (counted), publishes hello and announces what it holds again. */
 START_TEST(cluster_reconnect) {
@@ -682,6 +751,7 @@ int main(void) {
     tcase_add_test(tc, cluster_engine);
     tcase_add_test(tc, partial_match_kept);
     tcase_add_test(tc, pulled_prefix_reaches_local_tiers);
+    tcase_add_test(tc, rematch_after_load);
     tcase_add_test(tc, cluster_reconnect);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
