@@ -1358,7 +1358,13 @@ static bool wg_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, 
 /* The tile shapes (any may take any batch: they give the same bits, see k_mm). */
 #define MM_LARGE 128, 128, 32, 2, 4, 4
 #define MM_WIDE 64, 128, 32, 2, 4, 4
-#define MM_S8 32, 8, 128, 2, 1, 6, 4
+/* decode (up to 8 tokens): 256-wide stages, 4 deep, 8 warps of which 2 compute. On an H200 (8B F16
+ * decode at batch 1, 2026-12-02, A/B in one build): this shape 173.9-174.2 tok/s; 128-wide stages
+ * 6 deep (the shape before) 157.6-158.3, 8 deep 150.4; 256 x 5 172.3, x 3 173.2; 512 x 3 156.8;
+ * 16 loading warps 171.4; 64 rows with 4 compute warps 176.8; one warp a block with no loaders
+ * (16 rows, 128 x 8) 138.4; and a kernel with no shared memory whose lanes load their MMA
+ * fragments straight from memory (16 steps ahead in registers) 58.7. */
+#define MM_S8 32, 8, 256, 2, 1, 4, 4
 #define MM_S32 32, 32, 128, 2, 1, 6, 2
 #define MM_S64 32, 64, 128, 2, 1, 4
 
