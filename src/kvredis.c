@@ -501,7 +501,9 @@ static void *redis_main(void *arg) {
             r->w_done[r->n_w_done++] = w.block;
         } else {
             /* idle: a PING a second notices a Redis that went away (or restarted and lost our
-             * hello) before the next event would */
+             * hello) before the next event would; an error reply (a password or ACL changed
+             * under the connection, a replica that lost its master) is a lost connection too:
+             * the reconnect's AUTH and PING say whether it may be used again */
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_sec += 1;
@@ -510,7 +512,10 @@ static void *redis_main(void *arg) {
                 pthread_mutex_unlock(&r->mu);
                 redisReply *rep = redisCommand(r->c, "PING");
                 if (!rep) disconnect(r, r->c->errstr);
-                else freeReplyObject(rep);
+                else {
+                    if (rep->type == REDIS_REPLY_ERROR) disconnect(r, rep->str);
+                    freeReplyObject(rep);
+                }
                 pthread_mutex_lock(&r->mu);
                 r->busy = false;
                 pthread_cond_broadcast(&r->done_cv);

@@ -738,6 +738,51 @@ START_TEST(cluster_reconnect) {
 }
 END_TEST
 
+/* The idle PING's error reply (here NOPERM: the ACL changed under the connection) is a lost
+ * connection: counted, reconnects backed off (their PING fails too), and back once PING is
+ * allowed again. It was taken for a live connection. */
+static bool wait_redis_state(engine *e, bool connected, double max_s) {
+    for (int i = 0; i < (int)(max_s * 100); i++) {
+        engine_stats st;
+        engine_step(e);
+        engine_get_stats(e, &st);
+        if (st.redis.connected == connected) return true;
+        usleep(10000);
+    }
+    return false;
+}
+
+static void acl(const char *rule) {
+    redisContext *c = redisConnect("127.0.0.1", redis_port);   /* (rc() PINGs, which -ping refuses) */
+    ck_assert(c && !c->err);
+    redisReply *r = redisCommand(c, "ACL SETUSER default %s", rule);
+    ck_assert_msg(r && r->type != REDIS_REPLY_ERROR, "ACL SETUSER default %s: %s", rule, r ? r->str : c->errstr);
+    freeReplyObject(r);
+    redisFree(c);
+}
+
+START_TEST(ping_error_reply_reconnects) {
+    if (!have_redis()) return;
+    redis_start();
+    engine *e = mk(true, true, 0xac1);
+    ck_assert_ptr_nonnull(e);
+    wait_connected(e);
+    engine_stats st;
+    engine_get_stats(e, &st);
+    const uint64_t err0 = st.redis.errors, conn0 = st.redis.connects;
+    acl("-ping");
+    ck_assert_msg(wait_redis_state(e, false, 10), "an error reply to the idle PING left the connection up");
+    engine_get_stats(e, &st);
+    ck_assert_uint_gt(st.redis.errors, err0);
+    acl("+ping");
+    ck_assert_msg(wait_redis_state(e, true, 15), "never reconnected once PING was allowed again");
+    engine_get_stats(e, &st);
+    ck_assert_uint_gt(st.redis.connects, conn0);
+    engine_free(e);
+    redis_stop();
+}
+END_TEST
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     Suite *s = suite_create("redis");
@@ -753,6 +798,7 @@ int main(void) {
     tcase_add_test(tc, pulled_prefix_reaches_local_tiers);
     tcase_add_test(tc, rematch_after_load);
     tcase_add_test(tc, cluster_reconnect);
+    tcase_add_test(tc, ping_error_reply_reconnects);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
