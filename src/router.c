@@ -1144,6 +1144,9 @@ static char *format_health(router *rt, int *status) {
     cJSON_AddNumberToObject(o, "healthy", healthy);
     cJSON_AddStringToObject(o, "policy", route_policy_name(rt->policy));
     cJSON_AddStringToObject(o, "redis", !rt->redis_on ? "off" : rt->redis_up ? "connected" : "disconnected");
+    /* why it is not connected (refused, NOAUTH, WRONGPASS, lost): Redis's and hiredis's messages
+     * name no password */
+    if (rt->redis_on && !rt->redis_up && rt->redis_err[0]) cJSON_AddStringToObject(o, "redis_error", rt->redis_err);
     cJSON_AddNumberToObject(o, "events_applied", (double)rt->events_applied);
     pthread_mutex_unlock(&rt->mu);
     cJSON_AddItemToObject(o, "replicas", arr);

@@ -9,6 +9,7 @@ counts the failed connects in /metrics without retrying in a hot loop, and publi
 replicas' events and routes a prefix to the replica that holds it. A router without the password
 (or with a wrong one) keeps routing, says so once, and backs off: it does not count a connect and a
 loss per try (it did: NOAUTH came only at XREAD, 4 connects a second, two log lines each)."""
+import json
 import os
 import subprocess
 import sys
@@ -246,7 +247,10 @@ def test_router_without_the_password(cluster, prompts, tmp_path, password):
         complete(rt, prompts["a"], max_tokens=2)
         wait_for(lambda: metric(rt, "pcache_router_redis_errors_total") >= 1, what="the refusal counted")
         time.sleep(3)
-        assert health(rt)["redis"] == "disconnected"
+        h = health(rt)
+        assert h["redis"] == "disconnected"
+        assert ("NOAUTH" if password is None else "WRONGPASS") in h["redis_error"], h   # /health says why
+        assert WRONG not in json.dumps(h)
         assert metric(rt, "pcache_router_redis_connected") == 0
         assert metric(rt, "pcache_router_redis_connects_total") == 0
         errors, up_s = metric(rt, "pcache_router_redis_errors_total"), time.time() - t0

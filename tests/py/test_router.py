@@ -506,6 +506,7 @@ def test_redis_down_and_back(cluster):
     while health(rt)["redis"] != "disconnected":
         assert time.time() < deadline
         time.sleep(0.1)
+    assert health(rt)["redis_error"], health(rt)   # why: the connection lost or refused
     for i in range(3):
         body = chat(f"Redis is down, question {i}")
         st1, _ = post(rt.base, "/v1/chat/completions", body)
@@ -518,6 +519,7 @@ def test_redis_down_and_back(cluster):
     while health(rt)["redis"] != "connected":
         assert time.time() < deadline, health(rt)
         time.sleep(0.1)
+    assert "redis_error" not in health(rt)
     assert metrics(rt)["pcache_router_redis_connects_total"] >= 2
 
 
