@@ -11,7 +11,6 @@ replicas' events and routes a prefix to the replica that holds it. A router with
 loss per try (it did: NOAUTH came only at XREAD, 4 connects a second, two log lines each)."""
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -19,9 +18,10 @@ import urllib.parse
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_fixture import BUILD, KEYS, MODEL, free_port, launch, stop  # noqa: E402
+from server_fixture import KEYS, launch, stop  # noqa: E402
 from redis_fixture import RedisError, RedisServer, Resp, stream_events  # noqa: E402
 from test_cluster_redis import complete, health, metric, ns_of, chains, tokenize, wait_for, written  # noqa: E402
+from router_fixture import launch_router, stop_router  # noqa: E402
 
 requests = pytest.importorskip("requests")
 if not __import__("shutil").which("redis-server"):
@@ -40,56 +40,6 @@ DOC3 = ("The ferry to the island ran twice a day in summer and once in winter, a
 def url(password=None, port=None):
     auth = f":{urllib.parse.quote(password, safe='')}@" if password is not None else ""
     return f"redis://{auth}127.0.0.1:{port}"
-
-
-class Router:
-    def __init__(self, port, proc, log_path):
-        self.port, self.proc, self.log_path = port, proc, log_path
-        self.base = f"http://127.0.0.1:{port}"
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-
-def launch_router(d, replicas, extra=(), env_extra=None):
-    """`pcache route` as tests/py/test_router.py starts it, with an environment of the test's."""
-    port = free_port()
-    log_path = os.path.join(str(d), f"route-{port}.log")
-    args = [os.path.join(BUILD, "pcache"), "route", "-m", MODEL, "--port", str(port), "--health-interval", "0.2"]
-    for r in replicas:
-        args += ["--replica", r.base]
-    args += list(extra)
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
-    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
-    env.update(env_extra or {})
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    rt = Router(port, proc, log_path)
-    deadline = time.time() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"router exited with {proc.returncode}:\n{rt.log()[-4000:]}")
-        try:
-            if health(rt).get("healthy") == len(replicas):
-                return rt
-        except (OSError, requests.RequestException, AssertionError):
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("router did not see its replicas healthy:\n" + rt.log()[-4000:])
-        time.sleep(0.1)
-
-
-def stop_router(rt):
-    if rt.proc.poll() is None:
-        rt.proc.terminate()
-    try:
-        rt.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        rt.proc.kill()
-        rt.proc.wait()
-    assert rt.proc.returncode == 0, f"router exit status {rt.proc.returncode}:\n{rt.log()[-4000:]}"
 
 
 def blocks_of(rt, srv):

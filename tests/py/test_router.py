@@ -23,6 +23,7 @@ import urllib.request
 import pytest
 
 from server_fixture import BUILD, MODEL, free_port, launch, stop
+from router_fixture import health, launch_router, stop_router
 
 REDIS = shutil.which("redis-server")
 STREAM = "pcache:kv:events"
@@ -93,55 +94,6 @@ def serve_supports_redis():
     return "--redis" in out
 
 
-class Router:
-    def __init__(self, port, proc, log_path):
-        self.port, self.proc, self.log_path = port, proc, log_path
-        self.base = f"http://127.0.0.1:{port}"
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
-
-
-def launch_router(d, replicas, extra=()):
-    port = free_port()
-    log_path = os.path.join(str(d), f"route-{port}.log")
-    args = [os.path.join(BUILD, "pcache"), "route", "-m", MODEL, "--port", str(port), "--health-interval", "0.2"]
-    for r in replicas:
-        args += ["--replica", r.base]
-    args += list(extra)
-    env = dict(os.environ)
-    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    rt = Router(port, proc, log_path)
-    deadline = time.time() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"router exited with {proc.returncode}:\n{rt.log()}")
-        try:
-            h = health(rt)
-            if h.get("healthy") == len(replicas):
-                return rt
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("router did not see its replicas healthy:\n" + rt.log())
-        time.sleep(0.1)
-
-
-def stop_router(rt):
-    if rt.proc.poll() is None:
-        rt.proc.terminate()
-    try:
-        rt.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        rt.proc.kill()
-        rt.proc.wait()
-    assert rt.proc.returncode == 0, f"router exit status {rt.proc.returncode}:\n{rt.log()}"
-
-
 def get(base, path, headers=None):
     req = urllib.request.Request(base + path, headers=headers or {})
     try:
@@ -166,11 +118,6 @@ def post(base, path, body, headers=None, timeout=120):
             return e.code, json.loads(raw)
         except ValueError:
             return e.code, raw.decode()
-
-
-def health(x):
-    with urllib.request.urlopen(x.base + "/health", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def metrics(rt):
