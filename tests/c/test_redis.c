@@ -316,17 +316,22 @@ static engine *mk_tiered(uint64_t inst, size_t kv_mem, size_t host) {
     return e;
 }
 
-/* Waits (stepping the engine, as the server's loop does) until Redis is connected and the
- * engine saw it. */
-static void wait_connected(engine *e) {
-    for (int i = 0; i < 400; i++) {
+/* Steps the engine (as the server's loop does) until the engine sees Redis connected or not,
+ * for at most max_s seconds; whether it did. */
+static bool wait_redis_state(engine *e, bool connected, double max_s) {
+    for (int i = 0; i < (int)(max_s * 100); i++) {
         engine_stats st;
         engine_step(e);
         engine_get_stats(e, &st);
-        if (st.redis.connected) return;
+        if (st.redis.connected == connected) return true;
         usleep(10000);
     }
-    ck_abort_msg("never connected to redis");
+    return false;
+}
+
+/* Waits until Redis is connected and the engine saw it. */
+static void wait_connected(engine *e) {
+    if (!wait_redis_state(e, true, 4)) ck_abort_msg("never connected to redis");
 }
 
 static void run(engine *e, const int32_t *ids, int n, const char *ns, float *logits, result *r) {
@@ -738,20 +743,6 @@ START_TEST(cluster_reconnect) {
 }
 END_TEST
 
-/* The idle PING's error reply (here NOPERM: the ACL changed under the connection) is a lost
- * connection: counted, reconnects backed off (their PING fails too), and back once PING is
- * allowed again. It was taken for a live connection. */
-static bool wait_redis_state(engine *e, bool connected, double max_s) {
-    for (int i = 0; i < (int)(max_s * 100); i++) {
-        engine_stats st;
-        engine_step(e);
-        engine_get_stats(e, &st);
-        if (st.redis.connected == connected) return true;
-        usleep(10000);
-    }
-    return false;
-}
-
 static void acl(const char *rule) {
     redisContext *c = redisConnect("127.0.0.1", redis_port);   /* (rc() PINGs, which -ping refuses) */
     ck_assert(c && !c->err);
@@ -761,6 +752,9 @@ static void acl(const char *rule) {
     redisFree(c);
 }
 
+/* The idle PING's error reply (here NOPERM: the ACL changed under the connection) is a lost
+ * connection: counted, reconnects backed off (their PING fails too), and back once PING is
+ * allowed again. It was taken for a live connection. */
 START_TEST(ping_error_reply_reconnects) {
     if (!have_redis()) return;
     redis_start();

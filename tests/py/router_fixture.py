@@ -1,5 +1,5 @@
 """`pcache route` for the tests: started on a free port in front of the given replicas, ready
-once its /health counts them all healthy; stopped with SIGTERM and expected to exit 0. Shared by
+once its /health counts them all healthy; stopped as server_fixture.stop stops a server. Shared by
 test_router.py and test_cluster_redis_auth.py."""
 import json
 import os
@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from server_fixture import BUILD, MODEL, free_port
+from server_fixture import BUILD, MODEL, free_port, stop
 
 
 class Router:
@@ -59,11 +59,4 @@ def launch_router(d, replicas, extra=(), env_extra=None):
 
 
 def stop_router(rt):
-    if rt.proc.poll() is None:
-        rt.proc.terminate()
-    try:
-        rt.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        rt.proc.kill()
-        rt.proc.wait()
-    assert rt.proc.returncode == 0, f"router exit status {rt.proc.returncode}:\n{rt.log()[-4000:]}"
+    stop(rt, timeout=30, what="router")

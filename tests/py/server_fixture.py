@@ -69,8 +69,9 @@ def launch(log_dir, extra_args=(), keys=KEYS, env_extra=None):
     return srv
 
 
-def stop(srv, timeout=60):
-    """SIGTERM, wait; the server must exit 0 (sanitizer reports end in a non-zero exit)."""
+def stop(srv, timeout=60, what="server"):
+    """SIGTERM, wait; the server (or router: anything with .proc and .log()) must exit 0
+    (sanitizer reports end in a non-zero exit)."""
     if srv.proc.poll() is None:
         srv.proc.terminate()
     try:
@@ -78,7 +79,7 @@ def stop(srv, timeout=60):
     except subprocess.TimeoutExpired:
         srv.proc.kill()
         srv.proc.wait()
-    assert srv.proc.returncode == 0, f"server exit status {srv.proc.returncode}:\n{srv.log()}"
+    assert srv.proc.returncode == 0, f"{what} exit status {srv.proc.returncode}:\n{srv.log()[-4000:]}"
 
 
 @pytest.fixture(scope="module")
