@@ -44,12 +44,12 @@ int main(void) {
     struct { const char *name; int M, K; } shapes[] = {
         { "qkv", 6144, 4096 }, { "o", 4096, 4096 }, { "gate|up", 28672, 4096 }, { "down", 4096, 14336 }, { "output", 128256, 4096 },
     };
-    const int Ns[] = { 1, 32, 512, 2048 };
+    const int Ns[] = { 1, 32, 192, 512, 2048 };   /* 192: a prompt's new tokens after a cached prefix */
     cublasHandle_t h;
     CHECK(cublasCreate(&h));
     printf("| matmul (M x K) | tokens | pcache ms | cuBLAS ms | pcache / cuBLAS time | pcache TFLOP/s | cuBLAS TFLOP/s |\n");
     printf("|---|---:|---:|---:|---:|---:|---:|\n");
-    double tot_p[4] = { 0 }, tot_c[4] = { 0 };
+    double tot_p[5] = { 0 }, tot_c[5] = { 0 };
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         const int M = shapes[s].M, K = shapes[s].K, NMAX = 2048;
         __half *W, *X;
@@ -59,7 +59,7 @@ int main(void) {
         CHECK(cudaMalloc(&Y, (size_t)NMAX * M * 4));
         CHECK(cudaMemset(W, 0x33, (size_t)M * K * 2));
         CHECK(cudaMemset(X, 0x31, (size_t)NMAX * K * 2));
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < 5; i++) {
             const int N = Ns[i];
             double pm, cm = cublas_ms(h, M, K, N, W, X, Y, 20);
             char err[256];
@@ -73,7 +73,7 @@ int main(void) {
         cudaFree(X);
         cudaFree(Y);
     }
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         printf("| one 8B layer (qkv+o+gate|up+down) | %d | %.3f | %.3f | %.2f | | |\n", Ns[i], tot_p[i], tot_c[i], tot_p[i] / tot_c[i]);
     /* cuBLAS is not batch-invariant: token 0's outputs, alone and among 512 others */
     {

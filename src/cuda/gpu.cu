@@ -95,6 +95,12 @@ __device__ __forceinline__ void mma16816(float *c, const unsigned *a, const unsi
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+/* 2^x by the MUFU alone (exp2f adds range fixing for subnormal results; this flushes them) */
+__device__ __forceinline__ float ex2_ftz(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *(unsigned *)&h;
@@ -181,30 +187,56 @@ __device__ __forceinline__ void mm_store(const float (&acc)[FM][FN][4], const mm
 /* Split: the last block of a tile to finish (a ticket per tile) folds the partials in chunk
  * order, the same additions mm_chunk_end makes without a split, and resets the ticket. Every
  * thread of the block calls it. */
-template <int BM, int BN, int NTH>
-__device__ __forceinline__ void mm_split_finish(const mm_out &o, int m0, int n0, int M, int N) {
+template <int BM, int BN>
+__device__ __forceinline__ void mm_split_finish_on(const mm_out &o, int m0, int n0, int M, int N, int tid, int nth, int bar) {
     __shared__ int last;
     __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(nth) : "memory");
+    if (tid == 0) {
         const int t = blockIdx.x + gridDim.x * blockIdx.y;
         last = atomicAdd(o.cnt + t, 1) == (int)gridDim.z - 1;
         if (last) o.cnt[t] = 0;
     }
-    __syncthreads();
+    asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(nth) : "memory");
     if (!last) return;
     __threadfence();
-    for (int i = threadIdx.x; i < BM * BN; i += NTH) {
-        const int gm = m0 + i % BM, gn = n0 + i / BM;
-        if (gm >= M || gn >= N) continue;
-        float *y = o.y + (size_t)gn * o.ldy + gm;
-        const float *p = o.part + (size_t)gn * M + gm;
-        const size_t zs = (size_t)N * M;
-        float v = o.accumulate ? add_ftz(*y, __ldcg(p)) : __ldcg(p);
-        for (int z = 1; z < (int)gridDim.z; z++) v = add_ftz(v, __ldcg(p + z * zs));
-        if (o.bias) v = add_ftz(v, o.bias[gm]);
-        *y = v;
+    /* U outputs a thread at a time, each step's loads issued together (a serial loop would wait
+     * out the memory latency once per output: tens of microseconds for a prefill tile) */
+    constexpr int U = 8;
+    const size_t zs = (size_t)N * M;
+    const int Z = (int)gridDim.z;
+    for (int i0 = tid; i0 < BM * BN; i0 += nth * U) {
+        int gm[U], gn[U];
+        bool ok[U];
+        float v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * nth;
+            gm[u] = m0 + i % BM;
+            gn[u] = n0 + i / BM;
+            ok[u] = i < BM * BN && gm[u] < M && gn[u] < N;
+            v[u] = ok[u] ? __ldcg(o.part + (size_t)gn[u] * M + gm[u]) : 0.0f;
+        }
+        if (o.accumulate)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (ok[u]) v[u] = add_ftz(o.y[(size_t)gn[u] * o.ldy + gm[u]], v[u]);
+        for (int z = 1; z < Z; z++)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (ok[u]) v[u] = add_ftz(v[u], __ldcg(o.part + z * zs + (size_t)gn[u] * M + gm[u]));
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (!ok[u]) continue;
+            if (o.bias) v[u] = add_ftz(v[u], o.bias[gm[u]]);
+            o.y[(size_t)gn[u] * o.ldy + gm[u]] = v[u];
+        }
     }
+}
+/* every thread of the block (k_mm) */
+template <int BM, int BN, int NTH>
+__device__ __forceinline__ void mm_split_finish(const mm_out &o, int m0, int n0, int M, int N) {
+    mm_split_finish_on<BM, BN>(o, m0, n0, M, N, threadIdx.x, NTH, 0);
 }
 
 /* The matmuls' pipeline prologue: the first ST - 1 stages' weights (immutable: before pdl_wait),
@@ -324,7 +356,8 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k
  * the tensor-memory-accelerator (TMA) loads of both tiles (128-byte swizzled, zero-filled past
  * the matrices' edges: exact zeros, as k_mm's cp.async zero fill) into an ST-deep ring of stages
  * guarded by mbarriers; warpgroups 1 and 2 run the MMAs. sm_90a only; the host uses it for
- * prefill batches (no split) when the device is a Hopper (PCACHE_WGMMA=0 turns it off). */
+ * prefill batches when the device is a Hopper (PCACHE_WGMMA=0 turns it off), with the chunks split
+ * across blocks when a batch's tiles would leave SMs idle. */
 template <int N> __device__ __forceinline__ void wgmma_f16(float *d, uint64_t da, uint64_t db);
 template <> __device__ __forceinline__ void wgmma_f16<128>(float *d, uint64_t da, uint64_t db) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -403,7 +436,10 @@ __device__ __forceinline__ void tma_2d(uint32_t dst, const void *map, int c0, in
 #define WG_TOK 128   /* tokens per block: two consumer warpgroups of 64 */
 template <int BN, int ST> static constexpr size_t wg_smem() { return (size_t)ST * (WG_TOK + BN) * WG_BK * 2 + 1024 + 2 * ST * 8; }
 
-template <bool CH, int BN, int ST>
+/* MODE 0: one chunk (all of k); 1: the chunks one after another, folded into y in order
+ * (mm_fold); 2: split, chunk blockIdx.z only, its sums stored as a partial and the tile's last
+ * block folding the partials in order (wg_split_finish), as k_mm's split does. */
+template <int MODE, int BN, int ST>
 __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtensorMap mx, const __grid_constant__ CUtensorMap mw,
                                                  int M, int N, int K, const mm_out o) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -415,6 +451,8 @@ __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtenso
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
     const int m0 = blockIdx.x * BN, n0 = blockIdx.y * WG_TOK;
     const int KT = (K + WG_BK - 1) / WG_BK, CT = o.kc / WG_BK;
+    /* the k-tiles this block runs: all of them, or (split) its chunk's */
+    const int ka = MODE == 2 ? (int)blockIdx.z * CT : 0, kb = MODE == 2 ? min(KT, ka + CT) : KT;
     if (threadIdx.x == 0) {
         for (int s = 0; s < ST; s++) {
             mbar_init(full + 8 * s, 1);
@@ -426,9 +464,9 @@ __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtenso
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
-            for (int kt = 0; kt < KT; kt++) {
-                const int s = kt % ST;
-                if (kt >= ST) mbar_wait(empty + 8 * s, ((kt / ST) - 1) & 1);
+            for (int kt = ka; kt < kb; kt++) {
+                const int i = kt - ka, s = i % ST;
+                if (i >= ST) mbar_wait(empty + 8 * s, ((i / ST) - 1) & 1);
                 mbar_expect(full + 8 * s, SB);
                 tma_2d(base + s * SB, &mx, kt * WG_BK, n0, full + 8 * s);
                 tma_2d(base + s * SB + XB, &mw, kt * WG_BK, m0, full + 8 * s);
@@ -451,21 +489,28 @@ __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtenso
     const size_t y8 = (size_t)8 * o.ldy;
     const bool t0 = tok0 < N, t1 = tok0 + 8 < N;
     const int lim = M - row0;
-    /* chunks one after another; k-tiles of a chunk in order (CH false: one chunk, all of k) */
-    for (int kc0 = 0; kc0 < KT; kc0 += CH ? CT : KT) {
-        const int kc1 = CH ? min(KT, kc0 + CT) : KT;
+    /* chunks one after another; k-tiles of a chunk in order. One k-tile's MMAs stay in flight
+     * while the next tile's are issued (wait_group 1), and a stage goes back to the producer
+     * once the MMAs that read it are done; the same MMAs on d in the same order. */
+    int held = -1;   /* the stage whose MMAs may still run */
+    for (int kc0 = ka; kc0 < kb; kc0 += MODE == 1 ? CT : kb) {
+        const int kc1 = MODE == 1 ? min(kb, kc0 + CT) : kb;
         for (int kt = kc0; kt < kc1; kt++) {
-            const int s = kt % ST;
-            mbar_wait(full + 8 * s, (kt / ST) & 1);
+            const int i = kt - ka, s = i % ST;
+            mbar_wait(full + 8 * s, (i / ST) & 1);
             const uint32_t xa = base + s * SB + (wg - 1) * 64 * 128, wa = base + s * SB + XB;
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
             for (int kk = 0; kk < WG_BK / 16; kk++) wgmma_f16<BN>(d, wg_desc(xa + 32 * kk), wg_desc(wa + 32 * kk));
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            mbar_arrive(empty + 8 * s);
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            if (held >= 0) mbar_arrive(empty + 8 * held);
+            held = s;
         }
-        if (CH) {
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        if (held >= 0) mbar_arrive(empty + 8 * held);
+        held = -1;
+        if (MODE == 1) {
             const bool first = kc0 == 0, last = kc1 == KT;
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) {
@@ -476,16 +521,49 @@ __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtenso
             }
         }
     }
-    if (!CH) {
+    if (MODE == 0) {
+        /* a thread's pairs (i, i + 1) are adjacent outputs: one 8-byte access each where y's rows
+         * are 8-byte aligned (half the store instructions of the block's epilogue) */
+        const bool v2 = !((o.ldy | (int)((uintptr_t)o.y >> 2)) & 1);
+#pragma unroll
+        for (int i = 0; i < BN / 2; i += 2) {
+            const int c = 8 * (i >> 2);
+            if (!((i >> 1) & 1 ? t1 : t0) || c >= lim) continue;
+            float *y = yb + ((i >> 1) & 1 ? y8 : 0) + c;
+            if (v2 && c + 1 < lim) {
+                float2 v = make_float2(d[i], d[i + 1]);
+                if (o.accumulate) {
+                    const float2 y0 = *(const float2 *)y;
+                    v.x = add_ftz(y0.x, v.x);
+                    v.y = add_ftz(y0.y, v.y);
+                }
+                if (o.bias) {
+                    v.x = add_ftz(v.x, o.bias[row0 + c]);
+                    v.y = add_ftz(v.y, o.bias[row0 + c + 1]);
+                }
+                *(float2 *)y = v;
+                continue;
+            }
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                if (c + e >= lim) continue;
+                float v = o.accumulate ? add_ftz(y[e], d[i + e]) : d[i + e];
+                if (o.bias) v = add_ftz(v, o.bias[row0 + c + e]);
+                y[e] = v;
+            }
+        }
+    }
+    if (MODE == 2) {
+        /* this chunk's sums at part[(z * N + token) * M + row], then the fold (the consumer
+         * warpgroups only: the producer's has left) */
+        float *const pb = o.part + ((size_t)blockIdx.z * N + tok0) * M + row0;
+        const size_t p8 = (size_t)8 * M;
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) {
             const int c = 8 * (i >> 2) + (i & 1);
-            if (!((i >> 1) & 1 ? t1 : t0) || c >= lim) continue;
-            float *y = yb + ((i >> 1) & 1 ? y8 : 0) + c;
-            float v = o.accumulate ? add_ftz(*y, d[i]) : d[i];
-            if (o.bias) v = add_ftz(v, o.bias[row0 + c]);
-            *y = v;
+            if (((i >> 1) & 1 ? t1 : t0) && c < lim) pb[((i >> 1) & 1 ? p8 : 0) + c] = d[i];
         }
+        mm_split_finish_on<BN, WG_TOK>(o, m0, n0, M, N, threadIdx.x - 128, 256, 1);
     }
 #endif
 }
@@ -783,10 +861,15 @@ __global__ void k_rope_kv(const float *__restrict__ qkv, int ld, __half *__restr
  * another row of the block reaches further) is masked to exact no-ops (p = 0, rescale by
  * exp2(0) = 1). So a token's output is the same in a prefill tile of 64, as the one decode token
  * of its sequence, or next to any other tokens. */
-#define FA_ROWS 64
+#define FA_ROWS 64    /* rows of the smaller block (decode); prefill blocks take 2 * FA_ROWS */
 #define FA_KT 64
-template <int HD>
-__global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, const __half *__restrict__ kv,
+/* Q rows, two stages of K and V tiles, then a segment's block-table entries */
+#define FA_SEG_TILES_MAX 4096   /* segments of up to 256k positions: contexts up to 4M (attn_seg) */
+static constexpr size_t fa_smem_bytes(int hd, int rows, int seg_tiles = 0) {
+    return (size_t)(rows + 4 * FA_KT) * (hd + 8) * 2 + (size_t)seg_tiles * (FA_KT / 16) * 4;
+}
+template <int HD, int ROWS>
+__global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_flash(const __half *__restrict__ qh, const __half *__restrict__ kv,
                                                const int *__restrict__ bt, const int *__restrict__ bt_off,
                                                const int *__restrict__ pos, const int2 *__restrict__ tiles,
                                                __half *__restrict__ out, int n_head, int n_head_kv, size_t block_elems,
@@ -794,12 +877,12 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
                                                int n_seg) {
     pdl_launch();
     pdl_wait();
-    constexpr int LD = HD + 8, KS = HD / 16, DN = HD / 8;
+    constexpr int LD = HD + 8, KS = HD / 16, DN = HD / 8, NTH = 2 * ROWS;   /* a warp per 16 rows */
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    __half *Qs = (__half *)fa_smem;                 /* FA_ROWS x LD */
-    __half *Ks = Qs + FA_ROWS * LD;                 /* 2 x FA_KT x LD */
+    __half *Qs = (__half *)fa_smem;                 /* ROWS x LD */
+    __half *Ks = Qs + ROWS * LD;                    /* 2 x FA_KT x LD */
     __half *Vs = Ks + 2 * FA_KT * LD;               /* 2 x FA_KT x LD */
-    __shared__ int spos[FA_ROWS];
+    __shared__ int spos[ROWS];
     const int2 tile = tiles[blockIdx.x];
     const int g = blockIdx.y, G = n_head / n_head_kv;
     const int t0 = tile.x, nq = tile.y;
@@ -811,23 +894,30 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
     const int seg = blockIdx.z, kt0 = seg * seg_tiles;   /* this block's segment: key tiles [kt0, kt1) */
     if (kt0 >= n_tiles) return;                     /* no row of the tile reaches it */
     const int kt1 = n_tiles < kt0 + seg_tiles ? n_tiles : kt0 + seg_tiles;
-    if (tid < FA_ROWS) spos[tid] = tid < nrows ? pos[t0 + tid / G] : 0;   /* padding rows see key 0 only */
+    for (int r = tid; r < ROWS; r += NTH) spos[r] = r < nrows ? pos[t0 + r / G] : 0;   /* padding rows see key 0 only */
     /* Q rows */
-    for (int i = tid; i < FA_ROWS * (HD / 8); i += 128) {
+    for (int i = tid; i < ROWS * (HD / 8); i += NTH) {
         const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
         const bool ok = r < nrows;
         const __half *src = ok ? qh + (size_t)(t0 + r / G) * q_dim + (size_t)(g * G + r % G) * HD + c : qh;
         cp_async16(Qs + r * LD + c, src, ok);
     }
+    /* the segment's slice of the block table, in shared memory: each K/V load's address then
+     * waits on a shared load, not on a global one */
     const int *tab = bt + bt_off[t0];
+    int *stab = (int *)(Vs + 2 * FA_KT * LD);
+    const int e0 = kt0 * (FA_KT / 16), e1 = min(kt1 * (FA_KT / 16), (n_keys + 15) / 16);
+    for (int i = tid; i < e1 - e0; i += NTH) stab[i] = tab[e0 + i];
+    __syncthreads();
     const size_t koff = (size_t)(layer * 2 + 0) * 16 * kv_dim + (size_t)g * HD;
     const size_t voff = (size_t)(layer * 2 + 1) * 16 * kv_dim + (size_t)g * HD;
     auto load_kv = [&](int slot, int kt) {
         __half *ks = Ks + slot * FA_KT * LD, *vs = Vs + slot * FA_KT * LD;
-        for (int i = tid; i < FA_KT * (HD / 8); i += 128) {
+#pragma unroll 4
+        for (int i = tid; i < FA_KT * (HD / 8); i += NTH) {
             const int j = i / (HD / 8), c = (i % (HD / 8)) * 8, key = kt * FA_KT + j;
             const bool ok = key < n_keys;
-            const __half *base = ok ? kv + (size_t)tab[key / 16] * block_elems + (size_t)(key % 16) * kv_dim + c : kv;
+            const __half *base = ok ? kv + (size_t)stab[key / 16 - e0] * block_elems + (size_t)(key % 16) * kv_dim + c : kv;
             cp_async16(ks + j * LD + c, ok ? base + koff : kv, ok);
             cp_async16(vs + j * LD + c, ok ? base + voff : kv, ok);
         }
@@ -842,7 +932,7 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
 #pragma unroll
     for (int i = 0; i < DN; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
-    int p_lo = 0, p_hi = 0;
+    int p_lo = 0, p_hi = 0, p_min = 0;   /* p_min: the warp's first row's position, its lowest */
     for (int kt = kt0; kt < kt1; kt++) {
         const int slot = (kt - kt0) & 1;
         if (kt + 1 < kt1) load_kv(slot ^ 1, kt + 1);
@@ -852,6 +942,7 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
         if (kt == kt0) {
             p_lo = spos[r_lo];
             p_hi = spos[r_hi];
+            p_min = spos[wr];
             if (active) {
 #pragma unroll
                 for (int ks = 0; ks < KS; ks++) ldsm_x4(qa[ks], Qs + (wr + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
@@ -871,31 +962,45 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
                     mma16816(s[2 * jj], qa[ks], b);
                     mma16816(s[2 * jj + 1], qa[ks], b + 2);
                 }
-            /* mask, scale (log2 domain), row maxima */
-            float mx_lo = m_lo, mx_hi = m_hi;
+            /* mask (only a tile that reaches past the warp's first row: the rows' positions
+             * ascend), row maxima of the raw scores; max(s) * scale is max(s * scale) exactly
+             * (rounding is monotonic), so the log2-domain maximum is the one a scaled tile gives */
+            float mx_lo = -INFINITY, mx_hi = -INFINITY;
+            if (kt * FA_KT + FA_KT - 1 <= p_min) {
 #pragma unroll
-            for (int j = 0; j < 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int key = kt * FA_KT + 8 * j + 2 * (lane & 3) + (e & 1);
-                    const int lim = e < 2 ? p_lo : p_hi;
-                    const float v = key <= lim ? s[j][e] * scale_log2 : -INFINITY;
-                    s[j][e] = v;
-                    if (e < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
+                for (int j = 0; j < 8; j++) {
+                    mx_lo = fmaxf(mx_lo, fmaxf(s[j][0], s[j][1]));
+                    mx_hi = fmaxf(mx_hi, fmaxf(s[j][2], s[j][3]));
                 }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = kt * FA_KT + 8 * j + 2 * (lane & 3) + (e & 1);
+                        const int lim = e < 2 ? p_lo : p_hi;
+                        const float v = key <= lim ? s[j][e] : -INFINITY;
+                        s[j][e] = v;
+                        if (e < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
+                    }
+            }
             mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
             mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
             mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
             mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-            const float c_lo = exp2f(m_lo - mx_lo), c_hi = exp2f(m_hi - mx_hi);   /* m = -inf at first: 0 */
+            mx_lo = fmaxf(m_lo, mx_lo * scale_log2);
+            mx_hi = fmaxf(m_hi, mx_hi * scale_log2);
+            const float c_lo = ex2_ftz(m_lo - mx_lo), c_hi = ex2_ftz(m_hi - mx_hi);   /* m = -inf at first: 0 */
             m_lo = mx_lo;
             m_hi = mx_hi;
+            /* p = 2^(s * scale - max): one fused multiply-add and the MUFU's exp2 (subnormal
+             * results flushed: the same in every kernel call, so still batch invariant) */
             float sum_lo = 0.0f, sum_hi = 0.0f;
             unsigned pa[4][4];
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                const float e0 = exp2f(s[j][0] - mx_lo), e1 = exp2f(s[j][1] - mx_lo);
-                const float e2 = exp2f(s[j][2] - mx_hi), e3 = exp2f(s[j][3] - mx_hi);
+                const float e0 = ex2_ftz(fmaf(s[j][0], scale_log2, -mx_lo)), e1 = ex2_ftz(fmaf(s[j][1], scale_log2, -mx_lo));
+                const float e2 = ex2_ftz(fmaf(s[j][2], scale_log2, -mx_hi)), e3 = ex2_ftz(fmaf(s[j][3], scale_log2, -mx_hi));
                 sum_lo += e0 + e1;
                 sum_hi += e2 + e3;
                 pa[j >> 1][(j & 1) * 2 + 0] = pack_half2(e0, e1);
@@ -907,12 +1012,16 @@ __global__ void __launch_bounds__(128) k_flash(const __half *__restrict__ qh, co
             sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
             l_lo = l_lo * c_lo + sum_lo;
             l_hi = l_hi * c_hi + sum_hi;
+            /* rescale the outputs only when some row's maximum moved (x * 1 is x: skipping it
+             * changes no bit) */
+            if (__any_sync(0xffffffffu, c_lo != 1.0f || c_hi != 1.0f)) {
 #pragma unroll
-            for (int d = 0; d < DN; d++) {
-                o[d][0] *= c_lo;
-                o[d][1] *= c_lo;
-                o[d][2] *= c_hi;
-                o[d][3] *= c_hi;
+                for (int d = 0; d < DN; d++) {
+                    o[d][0] *= c_lo;
+                    o[d][1] *= c_lo;
+                    o[d][2] *= c_hi;
+                    o[d][3] *= c_hi;
+                }
             }
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
@@ -1337,19 +1446,23 @@ static bool tmap_2d(CUtensorMap *m, const void *p, int inner, int outer, int ld,
                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 template <int BN, int ST> static cudaError_t wg_setup() {
-    cudaError_t e = cudaFuncSetAttribute(k_mmwg<true, BN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem<BN, ST>());
-    return e ? e : cudaFuncSetAttribute(k_mmwg<false, BN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem<BN, ST>());
+    cudaError_t e = cudaFuncSetAttribute(k_mmwg<0, BN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem<BN, ST>());
+    if (!e) e = cudaFuncSetAttribute(k_mmwg<1, BN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem<BN, ST>());
+    return e ? e : cudaFuncSetAttribute(k_mmwg<2, BN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem<BN, ST>());
 }
-/* false when the maps cannot be encoded (the caller then runs k_mm) */
+/* false when the maps cannot be encoded (the caller then runs k_mm); o.part set: split, one
+ * block per chunk */
 template <int BN, int ST>
 static bool wg_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, const mm_out &o, int chunks) {
     CUtensorMap mx, mw;
     if (!tmap_2d(&mx, x, w->cols, n, ldx, WG_TOK) || !tmap_2d(&mw, w->w, w->cols, w->rows, w->cols, BN)) return false;
-    dim3 grid((w->rows + BN - 1) / BN, (n + WG_TOK - 1) / WG_TOK);
-    if (chunks > 1)
-        k_mmwg<true, BN, ST><<<grid, 384, wg_smem<BN, ST>(), st>>>(mx, mw, w->rows, n, w->cols, o);
+    dim3 grid((w->rows + BN - 1) / BN, (n + WG_TOK - 1) / WG_TOK, o.part ? chunks : 1);
+    if (o.part)
+        k_mmwg<2, BN, ST><<<grid, 384, wg_smem<BN, ST>(), st>>>(mx, mw, w->rows, n, w->cols, o);
+    else if (chunks > 1)
+        k_mmwg<1, BN, ST><<<grid, 384, wg_smem<BN, ST>(), st>>>(mx, mw, w->rows, n, w->cols, o);
     else
-        k_mmwg<false, BN, ST><<<grid, 384, wg_smem<BN, ST>(), st>>>(mx, mw, w->rows, n, w->cols, o);
+        k_mmwg<0, BN, ST><<<grid, 384, wg_smem<BN, ST>(), st>>>(mx, mw, w->rows, n, w->cols, o);
     return true;
 }
 #define WG_256 256, 4
@@ -1366,6 +1479,10 @@ static bool wg_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, 
  * fragments straight from memory (16 steps ahead in registers) 58.7. */
 #define MM_S8 32, 8, 256, 2, 1, 4, 4
 #define MM_S32 32, 32, 128, 2, 1, 6, 2
+/* 9-32 tokens on a long k (>= 4096: an 8B model's matrices): stages 256 wide, 3 deep. On an H200
+ * (2026-12-02, 8B F16, 32 streams, alternated three times with MM_S32): 3085-3121 tok/s against
+ * 2981-3042; on SmolLM2's k of 576 and 1536 it was slower (mostly zero fill), hence the k rule. */
+#define MM_S32K 32, 32, 256, 2, 1, 3, 2
 #define MM_S64 32, 64, 128, 2, 1, 4
 
 static int g_n_sms;
@@ -1385,7 +1502,7 @@ static cudaError_t kernels_setup() {
     static int done;
     if (done) return cudaSuccess;
     cudaError_t e;
-    if ((e = mm_setup<MM_LARGE>()) || (e = mm_setup<MM_WIDE>()) || (e = mm_setup<MM_S8>()) || (e = mm_setup<MM_S32>()) ||
+    if ((e = mm_setup<MM_LARGE>()) || (e = mm_setup<MM_WIDE>()) || (e = mm_setup<MM_S8>()) || (e = mm_setup<MM_S32>()) || (e = mm_setup<MM_S32K>()) ||
         (e = mm_setup<MM_S64>()) || (e = mmq4_setup<MMQ_S8>()) || (e = mmq4_setup<MMQ_S32>()) ||
         (e = mmq4_setup<MMQ_S64>()))
         return e;
@@ -1396,9 +1513,10 @@ static cudaError_t kernels_setup() {
         g_pdl = cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                 major >= 9 && env_int("PCACHE_PDL", 1) != 0;
     }
-    if ((e = cudaFuncSetAttribute(k_flash<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (64 + 8) * 2)) ||
-        (e = cudaFuncSetAttribute(k_flash<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (FA_ROWS + 4 * FA_KT) * (128 + 8) * 2)))
+#define FA_ATTR(HD, R) cudaFuncSetAttribute(k_flash<HD, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_smem_bytes(HD, R, FA_SEG_TILES_MAX))
+    if ((e = FA_ATTR(64, FA_ROWS)) || (e = FA_ATTR(128, FA_ROWS)) || (e = FA_ATTR(64, 2 * FA_ROWS)) || (e = FA_ATTR(128, 2 * FA_ROWS)))
         return e;
+#undef FA_ATTR
     done = 1;
     return cudaSuccess;
 }
@@ -1445,17 +1563,18 @@ static size_t mm_chunks_max(int rows, int cols) {
 }
 
 /* y (+)= x . W^T (+ bias). The shape is picked from the batch size and the grid's fill, and a
- * decode batch (up to 64 tokens) runs the chunks of k side by side (split); every choice gives
- * the same bits (k_mm, k_mmwg). PCACHE_MM=any|large|wide|s8|s32|s64|q8|q32|q64|wg|wg128 forces a
- * shape (q*: Q4_0 only; wg*: Hopper only, never split) and PCACHE_SPLIT=0|1 never or always splits, for the tests that check exactly that
+ * decode batch (up to 64 tokens), or a prefill whose tiles fill the GPU poorly, runs the chunks
+ * of k side by side (split); every choice gives
+ * the same bits (k_mm, k_mmwg). PCACHE_MM=any|large|wide|s8|s32|s64|q8|q32|q64|wg|wg128|s32k forces a
+ * shape (q*: Q4_0 only; wg*: Hopper only) and PCACHE_SPLIT=0|1 never or always splits, for the tests that check exactly that
  * and for A/B runs. */
 static int mm_forced(void) {
     static int f = -1;
     if (f < 0) {
         const char *v = getenv("PCACHE_MM");
-        const char *names[] = { "any", "large", "wide", "s8", "s32", "s64", "q8", "q32", "q64", "wg", "wg128" };
+        const char *names[] = { "any", "large", "wide", "s8", "s32", "s64", "q8", "q32", "q64", "wg", "wg128", "s32k" };
         f = 0;
-        for (int i = 0; v && i < 11; i++)
+        for (int i = 0; v && i < 12; i++)
             if (!strcmp(v, names[i])) f = i + 1;
     }
     return f;
@@ -1478,23 +1597,35 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
         return;
     }
     if (f >= 7 && f <= 9 && !w->q4) f = 0;
-    if (f >= 10 && !wg_usable()) f = 0;
+    if ((f == 10 || f == 11) && !wg_usable()) f = 0;
     if (!f && n > 64 && wg_default())   /* 256-row tiles when they fill the GPU */
         f = (size_t)((w->rows + 255) / 256) * ((n + WG_TOK - 1) / WG_TOK) >= (size_t)n_sms() ? 10 : 11;
-    if (f >= 10) {   /* the warpgroup kernel: prefill, never split */
-        const int nch = (int)mm_chunks(w->rows, w->cols, w->q4 != NULL);
-        if (f == 10 ? wg_launch<WG_256>(st, w, x, ldx, n, o, nch) : wg_launch<WG_128>(st, w, x, ldx, n, o, nch)) return;
+    if (f == 10 || f == 11) {   /* the warpgroup kernel: prefill */
+        const int nch = (int)mm_chunks(w->rows, w->cols, w->q4 != NULL), bn = f == 10 ? 256 : 128;
+        const size_t blocks = (size_t)((w->rows + bn - 1) / bn) * ((n + WG_TOK - 1) / WG_TOK);
+        /* split when the chunks side by side still fit one wave (one block an SM): a batch of a
+         * few hundred tokens on a matrix of few rows (o, down). Not when they take more waves:
+         * on an H200, q|k|v at 512 tokens ran 0.088 ms split against 0.076 (2026-12-02). */
+        const int sf = split_forced();
+        mm_out ow = o;
+        if (nch > 1 && sf != 0 && g->part && (size_t)nch * n * w->rows <= g->part_cap && blocks <= (size_t)g->cnt_cap &&
+            (sf == 1 || blocks * nch <= (size_t)n_sms())) {
+            ow.part = g->part;
+            ow.cnt = g->cnt;
+        }
+        if (f == 10 ? wg_launch<WG_256>(st, w, x, ldx, n, ow, nch) : wg_launch<WG_128>(st, w, x, ldx, n, ow, nch)) return;
         f = 0;
     }
     if (!f && w->q4 && n <= 64) f = n <= 8 ? 7 : n <= 32 ? 8 : 9;   /* decode reads the blocks */
     if (!f) {
         if (n <= 8) f = 4;
-        else if (n <= 32) f = 5;
+        else if (n <= 32) f = w->cols >= 4096 ? 12 : 5;
         else if (n <= 64) f = 6;
         else f = (size_t)((w->rows + 127) / 128) * ((n + 127) / 128) >= (size_t)2 * n_sms() ? 2 : 3;
     }
-    /* tile rows x tokens of each shape (f = 2..9) */
-    static const short tbm[10] = { 0, 0, 128, 64, 32, 32, 32, 32, 32, 32 }, tbn[10] = { 0, 0, 128, 128, 8, 32, 64, 8, 32, 64 };
+    /* tile rows x tokens of each shape (f = 2..9, 12) */
+    static const short tbm[13] = { 0, 0, 128, 64, 32, 32, 32, 32, 32, 32, 0, 0, 32 },
+                       tbn[13] = { 0, 0, 128, 128, 8, 32, 64, 8, 32, 64, 0, 0, 32 };
     const int nz = (int)mm_chunks(w->rows, w->cols, w->q4 != NULL);
     const size_t tiles = (size_t)((w->rows + tbm[f] - 1) / tbm[f]) * ((n + tbn[f] - 1) / tbn[f]);
     const int sf = split_forced();
@@ -1507,6 +1638,7 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     case 3: mm_launch<MM_WIDE>(st, w, x, ldx, n, o, nz, z); break;
     case 4: mm_launch<MM_S8>(st, w, x, ldx, n, o, nz, z); break;
     case 5: mm_launch<MM_S32>(st, w, x, ldx, n, o, nz, z); break;
+    case 12: mm_launch<MM_S32K>(st, w, x, ldx, n, o, nz, z); break;
     case 7: mmq4_launch<MMQ_S8>(st, w, x, ldx, n, o, z); break;
     case 8: mmq4_launch<MMQ_S32>(st, w, x, ldx, n, o, z); break;
     case 9: mmq4_launch<MMQ_S64>(st, w, x, ldx, n, o, z); break;
@@ -1653,6 +1785,11 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         /* attention segments: 1024 positions, or a 16th of the context when that is longer (at
          * most 16 segments a row); partials for every row of a full batch */
         attn_seg(max_ctx, &g->fa_seg_tiles, &g->fa_n_seg);
+        if (g->fa_seg_tiles > FA_SEG_TILES_MAX) {
+            snprintf(err, errlen, "cuda: a context of %d positions is more than the attention kernel takes (%d)", max_ctx,
+                     FA_SEG_TILES_MAX * FA_KT * 16);
+            goto fail;
+        }
         if (g->fa_n_seg > 1 && (c->head_dim == 64 || c->head_dim == 128))
             CK(dalloc(g, (void **)&g->fa_part, T * c->n_head * g->fa_n_seg * (c->head_dim + 2) * f4, &g->mem_scratch),
                "attention segments");
@@ -1765,7 +1902,7 @@ static stage_ptrs stage_at(void *base, int n, int rope_dim) {
 }
 
 /* The kernels of one forward pass (captured into a graph for decode steps). */
-static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_tiles, int n_out) {
+static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_tiles, int n_out, int fa_rows) {
     const model_config *c = &g->c;
     cudaStream_t st = g->st;
     const int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim, qkv_dim = q_dim + 2 * kv_dim;
@@ -1781,18 +1918,18 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
                                                            c->rope_neox, c->rms_eps, g->block_elems, l);
         if (hd == 64 || hd == 128) {
             dim3 fg(n_tiles, c->n_head_kv, g->fa_n_seg), mg(n, c->n_head);
-            const size_t smem = (size_t)(FA_ROWS + 4 * FA_KT) * (hd + 8) * sizeof(__half);
             const float sl2 = scale * 1.4426950408889634f;
             const int sn = g->fa_n_seg, sl = g->fa_seg_tiles * FA_KT;
+#define FLASH(HD, R) klaunch(k_flash<HD, R>, fg, 2 * R, fa_smem_bytes(HD, R, g->fa_seg_tiles), st, g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, \
+                             c->n_head, c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn)
             if (hd == 64) {
-                klaunch(k_flash<64>, fg, 128, smem, st, g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
-                                                   c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn);
+                if (fa_rows > FA_ROWS) FLASH(64, 2 * FA_ROWS); else FLASH(64, FA_ROWS);
                 if (sn > 1) klaunch(k_flash_merge<64>, mg, 64, 0, st, g->fa_part, d->pos, g->att, c->n_head, sl, sn);
             } else {
-                klaunch(k_flash<128>, fg, 128, smem, st, g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, c->n_head,
-                                                    c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn);
+                if (fa_rows > FA_ROWS) FLASH(128, 2 * FA_ROWS); else FLASH(128, FA_ROWS);
                 if (sn > 1) klaunch(k_flash_merge<128>, mg, 128, 0, st, g->fa_part, d->pos, g->att, c->n_head, sl, sn);
             }
+#undef FLASH
         } else {
             const int hpb = 4;
             dim3 ag(n, (c->n_head + hpb - 1) / hpb);
@@ -1818,7 +1955,18 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
     const int n = b->n;
     if (n <= 0 || n > g->max_tokens) { snprintf(err, errlen, "cuda: batch of %d tokens (max %d)", n, g->max_tokens); return -1; }
     if (kv->n_blocks > g->n_blocks) { snprintf(err, errlen, "cuda: KV pool mismatch"); return -1; }
-    const int G = c->n_head / c->n_head_kv, qt = FA_ROWS / G;
+    /* attention blocks of 2 * FA_ROWS query rows when some sequence brings more than FA_ROWS
+     * (prefill: each K/V tile serves twice the rows), else FA_ROWS (decode); PCACHE_FA_ROWS=64
+     * keeps the small blocks (A/B runs). Rows are independent: the same bits either way. */
+    static int fa_wide = -1;
+    if (fa_wide < 0) fa_wide = env_int("PCACHE_FA_ROWS", 2 * FA_ROWS) > FA_ROWS;
+    const int G = c->n_head / c->n_head_kv;
+    int longest = 0;
+    for (int t = 0, run = 0; t < n; t++) {
+        run = t > 0 && b->seqs[t - 1] == b->seqs[t] ? run + 1 : 1;
+        if (run > longest) longest = run;
+    }
+    const int fa_rows = fa_wide && longest * G > FA_ROWS ? 2 * FA_ROWS : FA_ROWS, qt = fa_rows / G;
     stage_ptrs h = stage_at(g->h_stage, n, c->rope_dim), d = stage_at(g->d_stage, n, c->rope_dim);
     const int bt_room = (int)((g->stage_bytes - (size_t)((char *)h.bt - (char *)g->h_stage)) / sizeof(int));
     /* host side: token ids, positions, RoPE angles (as the CPU computes them), block tables,
@@ -1873,7 +2021,7 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
             if (!exec && g->n_graphs < (int)(sizeof g->graphs / sizeof *g->graphs)) {
                 cudaGraph_t graph;
                 CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "graph capture");
-                forward_kernels(g, &d, n, n_tiles, n_out);
+                forward_kernels(g, &d, n, n_tiles, n_out, fa_rows);
                 CK(cudaStreamEndCapture(st, &graph), "graph capture");
                 cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
                 cudaGraphDestroy(graph);
@@ -1883,7 +2031,7 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
             }
         }
         if (exec) CK(cudaGraphLaunch(exec, st), "graph launch");
-        else forward_kernels(g, &d, n, n_tiles, n_out);
+        else forward_kernels(g, &d, n, n_tiles, n_out, fa_rows);
         CK(cudaGetLastError(), "kernel launch");
         if (n_out)
             CK(cudaMemcpyAsync(logits_out, g->logits, (size_t)n_out * c->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, st),

@@ -95,7 +95,7 @@ def test_matmul_every_type(tmp_path, qtype, rows, cols, n):
     assert r["batch_invariant"], r
 
 
-SHAPES = ["large", "wide", "s8", "s32", "s64", "any", "wg", "wg128"]   # wg*: Hopper's wgmma kernel
+SHAPES = ["large", "wide", "s8", "s32", "s32k", "s64", "any", "wg", "wg128"]   # wg*: Hopper's wgmma kernel
 Q4_SHAPES = ["q8", "q32", "q64"]   # Q4_0 blocks read as stored (decode)
 
 
