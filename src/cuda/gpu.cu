@@ -185,10 +185,11 @@ __device__ __forceinline__ void mm_store(const float (&acc)[FM][FN][4], const mm
 }
 
 /* Split: the last block of a tile to finish (a ticket per tile) folds the partials in chunk
- * order, the same additions mm_chunk_end makes without a split, and resets the ticket. Every
- * thread of the block calls it. */
-template <int BM, int BN>
-__device__ __forceinline__ void mm_split_finish_on(const mm_out &o, int m0, int n0, int M, int N, int tid, int nth, int bar) {
+ * order, the same additions mm_chunk_end makes without a split, and resets the ticket. Called by
+ * NTH threads (tid 0..NTH-1), which meet at named barrier `bar`. */
+template <int BM, int BN, int NTH>
+__device__ __forceinline__ void mm_split_finish_on(const mm_out &o, int m0, int n0, int M, int N, int tid, int bar) {
+    constexpr int nth = NTH;
     __shared__ int last;
     __threadfence();
     asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(nth) : "memory");
@@ -202,7 +203,7 @@ __device__ __forceinline__ void mm_split_finish_on(const mm_out &o, int m0, int 
     __threadfence();
     /* U outputs a thread at a time, each step's loads issued together (a serial loop would wait
      * out the memory latency once per output: tens of microseconds for a prefill tile) */
-    constexpr int U = 8;
+    constexpr int U = (BM * BN + NTH - 1) / NTH < 8 ? (BM * BN + NTH - 1) / NTH : 8;
     const size_t zs = (size_t)N * M;
     const int Z = (int)gridDim.z;
     for (int i0 = tid; i0 < BM * BN; i0 += nth * U) {
@@ -236,7 +237,7 @@ __device__ __forceinline__ void mm_split_finish_on(const mm_out &o, int m0, int 
 /* every thread of the block (k_mm) */
 template <int BM, int BN, int NTH>
 __device__ __forceinline__ void mm_split_finish(const mm_out &o, int m0, int n0, int M, int N) {
-    mm_split_finish_on<BM, BN>(o, m0, n0, M, N, threadIdx.x, NTH, 0);
+    mm_split_finish_on<BM, BN, NTH>(o, m0, n0, M, N, threadIdx.x, 0);
 }
 
 /* The matmuls' pipeline prologue: the first ST - 1 stages' weights (immutable: before pdl_wait),
@@ -563,7 +564,7 @@ __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtenso
             const int c = 8 * (i >> 2) + (i & 1);
             if (((i >> 1) & 1 ? t1 : t0) && c < lim) pb[((i >> 1) & 1 ? p8 : 0) + c] = d[i];
         }
-        mm_split_finish_on<BN, WG_TOK>(o, m0, n0, M, N, threadIdx.x - 128, 256, 1);
+        mm_split_finish_on<BN, WG_TOK, 256>(o, m0, n0, M, N, threadIdx.x - 128, 1);
     }
 #endif
 }
