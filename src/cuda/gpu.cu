@@ -1708,7 +1708,7 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         cudaDeviceProp prop;
         CK(cudaSetDevice(0), "set device");
         CK(cudaGetDeviceProperties(&prop, 0), "device properties");
-        snprintf(g->device, sizeof g->device, "%s", prop.name);
+        snprintf(g->device, sizeof g->device, "%.*s", (int)sizeof g->device - 1, prop.name);
         CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
         CK(cudaStreamCreateWithFlags(&g->io_st, cudaStreamNonBlocking), "I/O stream");
         CK(kernels_setup(), "kernel attributes");
