@@ -189,16 +189,15 @@ __device__ __forceinline__ void mm_store(const float (&acc)[FM][FN][4], const mm
  * NTH threads (tid 0..NTH-1), which meet at named barrier `bar`. */
 template <int BM, int BN, int NTH>
 __device__ __forceinline__ void mm_split_finish_on(const mm_out &o, int m0, int n0, int M, int N, int tid, int bar) {
-    constexpr int nth = NTH;
     __shared__ int last;
     __threadfence();
-    asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(nth) : "memory");
+    asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(NTH) : "memory");
     if (tid == 0) {
         const int t = blockIdx.x + gridDim.x * blockIdx.y;
         last = atomicAdd(o.cnt + t, 1) == (int)gridDim.z - 1;
         if (last) o.cnt[t] = 0;
     }
-    asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(nth) : "memory");
+    asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(NTH) : "memory");
     if (!last) return;
     __threadfence();
     /* U outputs a thread at a time, each step's loads issued together (a serial loop would wait
@@ -206,13 +205,13 @@ __device__ __forceinline__ void mm_split_finish_on(const mm_out &o, int m0, int 
     constexpr int U = (BM * BN + NTH - 1) / NTH < 8 ? (BM * BN + NTH - 1) / NTH : 8;
     const size_t zs = (size_t)N * M;
     const int Z = (int)gridDim.z;
-    for (int i0 = tid; i0 < BM * BN; i0 += nth * U) {
+    for (int i0 = tid; i0 < BM * BN; i0 += NTH * U) {
         int gm[U], gn[U];
         bool ok[U];
         float v[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int i = i0 + u * nth;
+            const int i = i0 + u * NTH;
             gm[u] = m0 + i % BM;
             gn[u] = n0 + i / BM;
             ok[u] = i < BM * BN && gm[u] < M && gn[u] < N;
@@ -439,7 +438,7 @@ template <int BN, int ST> static constexpr size_t wg_smem() { return (size_t)ST 
 
 /* MODE 0: one chunk (all of k); 1: the chunks one after another, folded into y in order
  * (mm_fold); 2: split, chunk blockIdx.z only, its sums stored as a partial and the tile's last
- * block folding the partials in order (wg_split_finish), as k_mm's split does. */
+ * block folding the partials in order (mm_split_finish_on), as k_mm's split does. */
 template <int MODE, int BN, int ST>
 __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtensorMap mx, const __grid_constant__ CUtensorMap mw,
                                                  int M, int N, int K, const mm_out o) {
@@ -526,31 +525,22 @@ __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtenso
         /* a thread's pairs (i, i + 1) are adjacent outputs: one 8-byte access each where y's rows
          * are 8-byte aligned (half the store instructions of the block's epilogue) */
         const bool v2 = !((o.ldy | (int)((uintptr_t)o.y >> 2)) & 1);
+        /* an output's value: its sum (+ y before, accumulating) (+ bias), as mm_store */
+        auto fin = [&](float v, float y0, int c) {
+            if (o.accumulate) v = add_ftz(y0, v);
+            return o.bias ? add_ftz(v, o.bias[row0 + c]) : v;
+        };
 #pragma unroll
         for (int i = 0; i < BN / 2; i += 2) {
             const int c = 8 * (i >> 2);
             if (!((i >> 1) & 1 ? t1 : t0) || c >= lim) continue;
             float *y = yb + ((i >> 1) & 1 ? y8 : 0) + c;
             if (v2 && c + 1 < lim) {
-                float2 v = make_float2(d[i], d[i + 1]);
-                if (o.accumulate) {
-                    const float2 y0 = *(const float2 *)y;
-                    v.x = add_ftz(y0.x, v.x);
-                    v.y = add_ftz(y0.y, v.y);
-                }
-                if (o.bias) {
-                    v.x = add_ftz(v.x, o.bias[row0 + c]);
-                    v.y = add_ftz(v.y, o.bias[row0 + c + 1]);
-                }
-                *(float2 *)y = v;
-                continue;
-            }
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                if (c + e >= lim) continue;
-                float v = o.accumulate ? add_ftz(y[e], d[i + e]) : d[i + e];
-                if (o.bias) v = add_ftz(v, o.bias[row0 + c + e]);
-                y[e] = v;
+                const float2 y0 = o.accumulate ? *(const float2 *)y : make_float2(0.0f, 0.0f);
+                *(float2 *)y = make_float2(fin(d[i], y0.x, c), fin(d[i + 1], y0.y, c + 1));
+            } else {
+                y[0] = fin(d[i], o.accumulate ? y[0] : 0.0f, c);
+                if (c + 1 < lim) y[1] = fin(d[i + 1], o.accumulate ? y[1] : 0.0f, c + 1);
             }
         }
     }
@@ -864,8 +854,8 @@ __global__ void k_rope_kv(const float *__restrict__ qkv, int ld, __half *__restr
  * of its sequence, or next to any other tokens. */
 #define FA_ROWS 64    /* rows of the smaller block (decode); prefill blocks take 2 * FA_ROWS */
 #define FA_KT 64
-/* Q rows, two stages of K and V tiles, then a segment's block-table entries */
 #define FA_SEG_TILES_MAX 4096   /* segments of up to 256k positions: contexts up to 4M (attn_seg) */
+/* Q rows, two stages of K and V tiles, then a segment's block-table entries */
 static constexpr size_t fa_smem_bytes(int hd, int rows, int seg_tiles = 0) {
     return (size_t)(rows + 4 * FA_KT) * (hd + 8) * 2 + (size_t)seg_tiles * (FA_KT / 16) * 4;
 }
@@ -1588,6 +1578,14 @@ static int split_forced(void) {
     }
     return f;
 }
+/* Whether a matmul of nch chunks may split across blocks: more than one chunk, not forced off
+ * (PCACHE_SPLIT=0), and the workspace holds its partials and tickets; forced on (PCACHE_SPLIT=1)
+ * or else `wanted`, the caller's rule. */
+static bool split_ok(const gpu_backend *g, int nch, int n, int rows, size_t tiles, bool wanted) {
+    const int sf = split_forced();
+    return nch > 1 && sf != 0 && g->part && (size_t)nch * n * rows <= g->part_cap && tiles <= (size_t)g->cnt_cap &&
+           (sf == 1 || wanted);
+}
 static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy,
                       int accumulate) {
     mm_out o = { y, ldy, w->bias, accumulate, mm_kc(w->rows, w->cols, w->q4 != NULL), NULL, NULL };
@@ -1607,10 +1605,8 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
         /* split when the chunks side by side still fit one wave (one block an SM): a batch of a
          * few hundred tokens on a matrix of few rows (o, down). Not when they take more waves:
          * on an H200, q|k|v at 512 tokens ran 0.088 ms split against 0.076 (2026-12-02). */
-        const int sf = split_forced();
         mm_out ow = o;
-        if (nch > 1 && sf != 0 && g->part && (size_t)nch * n * w->rows <= g->part_cap && blocks <= (size_t)g->cnt_cap &&
-            (sf == 1 || blocks * nch <= (size_t)n_sms())) {
+        if (split_ok(g, nch, n, w->rows, blocks, blocks * nch <= (size_t)n_sms())) {
             ow.part = g->part;
             ow.cnt = g->cnt;
         }
@@ -1629,9 +1625,7 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
                        tbn[13] = { 0, 0, 128, 128, 8, 32, 64, 8, 32, 64, 0, 0, 32 };
     const int nz = (int)mm_chunks(w->rows, w->cols, w->q4 != NULL);
     const size_t tiles = (size_t)((w->rows + tbm[f] - 1) / tbm[f]) * ((n + tbn[f] - 1) / tbn[f]);
-    const int sf = split_forced();
-    const bool split = nz > 1 && sf != 0 && g->part && (size_t)nz * n * w->rows <= g->part_cap && tiles <= (size_t)g->cnt_cap &&
-                       (sf == 1 || n <= 64);
+    const bool split = split_ok(g, nz, n, w->rows, tiles, n <= 64);
     if (split) { o.part = g->part; o.cnt = g->cnt; }
     const int z = split ? nz : 1;
     switch (f) {
@@ -1956,18 +1950,14 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
     const int n = b->n;
     if (n <= 0 || n > g->max_tokens) { snprintf(err, errlen, "cuda: batch of %d tokens (max %d)", n, g->max_tokens); return -1; }
     if (kv->n_blocks > g->n_blocks) { snprintf(err, errlen, "cuda: KV pool mismatch"); return -1; }
-    /* attention blocks of 2 * FA_ROWS query rows when some sequence brings more than FA_ROWS
-     * (prefill: each K/V tile serves twice the rows), else FA_ROWS (decode); PCACHE_FA_ROWS=64
-     * keeps the small blocks (A/B runs). Rows are independent: the same bits either way. */
+    /* attention tiles of up to 2 * FA_ROWS query rows (PCACHE_FA_ROWS=64: FA_ROWS, for A/B
+     * runs); the blocks take FA_ROWS rows when every tile fits them (decode), else 2 * FA_ROWS
+     * (prefill: each K/V tile serves twice the rows). Rows are independent: the same bits
+     * either way. */
     static int fa_wide = -1;
     if (fa_wide < 0) fa_wide = env_int("PCACHE_FA_ROWS", 2 * FA_ROWS) > FA_ROWS;
-    const int G = c->n_head / c->n_head_kv;
-    int longest = 0;
-    for (int t = 0, run = 0; t < n; t++) {
-        run = t > 0 && b->seqs[t - 1] == b->seqs[t] ? run + 1 : 1;
-        if (run > longest) longest = run;
-    }
-    const int fa_rows = fa_wide && longest * G > FA_ROWS ? 2 * FA_ROWS : FA_ROWS, qt = fa_rows / G;
+    const int G = c->n_head / c->n_head_kv, qt = (fa_wide ? 2 * FA_ROWS : FA_ROWS) / G;
+    int widest = 1;   /* tokens in the largest tile */
     stage_ptrs h = stage_at(g->h_stage, n, c->rope_dim), d = stage_at(g->d_stage, n, c->rope_dim);
     const int bt_room = (int)((g->stage_bytes - (size_t)((char *)h.bt - (char *)g->h_stage)) / sizeof(int));
     /* host side: token ids, positions, RoPE angles (as the CPU computes them), block tables,
@@ -1988,8 +1978,9 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
         /* one copy of each sequence's table (tokens of a sequence are contiguous in a batch) */
         if (t > 0 && b->seqs[t - 1] == s) {
             h.bt_off[t] = h.bt_off[t - 1];
-            if (h.tiles[n_tiles - 1].y < qt && h.tiles[n_tiles - 1].x + h.tiles[n_tiles - 1].y == t) h.tiles[n_tiles - 1].y++;
-            else h.tiles[n_tiles++] = make_int2(t, 1);
+            if (h.tiles[n_tiles - 1].y < qt && h.tiles[n_tiles - 1].x + h.tiles[n_tiles - 1].y == t) {
+                if (++h.tiles[n_tiles - 1].y > widest) widest = h.tiles[n_tiles - 1].y;
+            } else h.tiles[n_tiles++] = make_int2(t, 1);
         } else {
             int last = t;
             while (last + 1 < n && b->seqs[last + 1] == s) last++;
@@ -2009,6 +2000,7 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
         }
         if (b->want_logits && b->want_logits[t]) h.out_rows[n_out++] = t;
     }
+    const int fa_rows = widest * G > FA_ROWS ? 2 * FA_ROWS : FA_ROWS;
     cudaStream_t st = g->st;
     CK(cudaMemcpyAsync(g->d_stage, g->h_stage, (size_t)((char *)(h.bt + nbt) - (char *)g->h_stage), cudaMemcpyHostToDevice, st),
        "upload");
