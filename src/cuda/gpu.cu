@@ -125,7 +125,29 @@ struct mm_out {
     int kc;           /* chunk length along k (a multiple of every BK) */
     float *part;      /* split: chunk z's sums at part[(z * N + token) * M + row]; NULL: no split */
     int *cnt;         /* split: one ticket counter per output tile, left at 0 */
+    __half *act;      /* non-NULL: gate|up (rows in 8-row groups, mm_swiglu) with the SwiGLU in the
+                       * epilogue: act[token * ldact + feature] instead of y (one chunk, no split) */
+    int ldact;
 };
+
+/* act = fp16(silu(g) * u): the one formula of k_swiglu and of the matmuls' fused epilogues, in
+ * explicitly rounded operations (no contraction can differ between the sites) */
+__device__ __forceinline__ __half swiglu1(float g, float u) {
+    return __float2half(__fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u));
+}
+/* The fused epilogue of gate|up. Its rows are interleaved in groups of 8 at upload (rows 16j ..
+ * 16j+7: gate of features 8j .. 8j+7; rows 16j+8 .. 16j+15: up of the same features), so the
+ * thread holding gate row gm's sum (gm % 16 < 8) holds up row gm + 8's too: in k_mm's
+ * accumulators rows lane/4 and lane/4 + 8, in k_mmwg's columns 8c and 8c + 8. The sums get the
+ * bias as y would (mm_store, mm_fold), then act as k_swiglu computes it from y: the same bits. */
+__device__ __forceinline__ __half mm_swiglu(const mm_out &o, int gm, float gs, float us) {
+    if (o.bias) {
+        gs = add_ftz(gs, o.bias[gm]);
+        us = add_ftz(us, o.bias[gm + 8]);
+    }
+    return swiglu1(gs, us);
+}
+__device__ __forceinline__ int il8_feature(int gm) { return 8 * (gm >> 4) + (gm & 7); }
 
 /* Adds a finished chunk's sum v into *y (see k_mm): the first chunk is stored (red-added when
  * accumulating), later ones red-added, so no warp waits for y; the bias is red-added after the
@@ -134,6 +156,21 @@ __device__ __forceinline__ void mm_fold(const mm_out &o, float *y, float v, int 
     if (first && !o.accumulate) *y = v;
     else red_add(y, v);
     if (last && o.bias) red_add(y, o.bias[gm]);
+}
+
+/* k_mm's and k_mmq4's fused gate|up epilogue (mm_swiglu): accumulators 0, 1 (row lane/4 of a
+ * 16-row fragment: gate) pair with 2, 3 (row lane/4 + 8: up), for tokens 2(lane%4) and + 1 */
+template <int FM, int FN>
+__device__ __forceinline__ void mm_store_swiglu(const float (&acc)[FM][FN][4], const mm_out &o, int mw, int nw, int lane, int M, int N) {
+#pragma unroll
+    for (int i = 0; i < FM; i++)
+#pragma unroll
+        for (int j = 0; j < FN; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int gm = mw + 16 * i + (lane >> 2), gn = nw + 8 * j + 2 * (lane & 3) + h;
+                if (gm < M && gn < N) o.act[(size_t)gn * o.ldact + il8_feature(gm)] = mm_swiglu(o, gm, acc[i][j][h], acc[i][j][2 + h]);
+            }
 }
 
 /* The end of a chunk of k (see k_mm): without a split, the chunk's sums are folded into y in
@@ -145,6 +182,10 @@ __device__ __forceinline__ void mm_chunk_end(float (&acc)[FM][FN][4], const mm_o
     /* lane made opaque here: the addresses below are computed at each chunk's end, not hoisted
      * out of the k loop into registers for the whole kernel */
     asm volatile("" : "+r"(lane));
+    if (o.act) {   /* gate|up, one chunk (first and last) */
+        mm_store_swiglu<FM, FN>(acc, o, mw, nw, lane, M, N);
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < FM; i++)
 #pragma unroll
@@ -168,6 +209,10 @@ __device__ __forceinline__ void mm_chunk_end(float (&acc)[FM][FN][4], const mm_o
  * mm_chunk_end, in one pass at the end, with plain loads and stores. */
 template <int FM, int FN>
 __device__ __forceinline__ void mm_store(const float (&acc)[FM][FN][4], const mm_out &o, int mw, int nw, int lane, int M, int N) {
+    if (o.act) {
+        mm_store_swiglu<FM, FN>(acc, o, mw, nw, lane, M, N);
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < FM; i++)
 #pragma unroll
@@ -521,7 +566,19 @@ __global__ void __launch_bounds__(384, 1) k_mmwg(const __grid_constant__ CUtenso
             }
         }
     }
-    if (MODE == 0) {
+    if (MODE == 0 && o.act) {
+        /* gate|up with the SwiGLU (mm_swiglu): element i < 4 (mod 8) is a gate row's sum, i + 4
+         * its up row's; a pair (i, i + 1) gives two adjacent features, one 4-byte store */
+#pragma unroll
+        for (int i = 0; i < BN / 2; i += 2) {
+            if ((i & 7) >= 4) continue;
+            const int c = 8 * (i >> 2);
+            if (!((i >> 1) & 1 ? t1 : t0) || c >= lim) continue;
+            const int gm = row0 + c, tok = tok0 + 8 * ((i >> 1) & 1);
+            __half2 a = __halves2half2(mm_swiglu(o, gm, d[i], d[i + 4]), mm_swiglu(o, gm + 1, d[i + 1], d[i + 5]));
+            *(__half2 *)(o.act + (size_t)tok * o.ldact + il8_feature(gm)) = a;
+        }
+    } else if (MODE == 0) {
         /* a thread's pairs (i, i + 1) are adjacent outputs: one 8-byte access each where y's rows
          * are 8-byte aligned (half the store instructions of the block's epilogue) */
         const bool v2 = !((o.ldy | (int)((uintptr_t)o.y >> 2)) & 1);
@@ -1138,14 +1195,17 @@ __global__ void k_attention(const __half *__restrict__ q, const __half *__restri
     for (int i = 0; i < nd; i++) out[(size_t)t * q_dim + h * hd + lane + 32 * i] = __float2half(acc[i] * inv);
 }
 
-/* act = fp16(silu(gate) * up), gate and up side by side in each token's row of gu */
-__global__ void k_swiglu(const float *__restrict__ gu, __half *__restrict__ act, int ff, size_t n) {
+/* act = fp16(silu(gate) * up) (swiglu1) from gu: each token's row holds gate then up, or (il8)
+ * both in interleaved groups of 8 (mm_swiglu). Where gate|up's epilogue cannot take it (several
+ * chunks of k, the fallback kernel, PCACHE_SWIGLU_FUSE=0). */
+__global__ void k_swiglu(const float *__restrict__ gu, __half *__restrict__ act, int ff, size_t n, int il8) {
     pdl_launch();
     pdl_wait();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / ff, c = i % ff;
-        const float g = gu[t * 2 * ff + c], u = gu[t * 2 * ff + ff + c];
-        act[i] = __float2half(g / (1.0f + expf(-g)) * u);
+        const float *r = gu + t * 2 * ff;
+        const size_t gi = il8 ? 16 * (c / 8) + c % 8 : c, ui = il8 ? gi + 8 : ff + c;
+        act[i] = swiglu1(r[gi], r[ui]);
     }
 }
 
@@ -1165,6 +1225,7 @@ typedef struct {
                                * 16 bytes in q4_lane_order, */
     __half *q4d;              /* scales [rows][q4ldd]; NULL for other types */
     int q4ldd;
+    int il8;                  /* two stacked matrices (gate|up) interleaved in groups of 8 rows (mm_swiglu) */
 } dmat;
 typedef struct {
     float *attn_norm, *ffn_norm, *bqkv, *q_norm, *k_norm;
@@ -1187,6 +1248,10 @@ struct gpu_backend {
     size_t stage_bytes;
     int use_graphs, n_graphs;
     struct { int n; cudaGraphExec_t exec; } graphs[64];
+    /* PCACHE_PROFILE: the device time of the decode graphs' replays, by batch size (gpu_free prints it) */
+    cudaEvent_t ev0, ev1;
+    int prof;
+    struct { long runs; double ms; } graph_prof[64];
     cudaStream_t st;
     cudaStream_t io_st;   /* the cache tiers' block copies (gpu_read_block / gpu_write_block) */
     size_t mem_weights, mem_kv, mem_scratch;
@@ -1252,14 +1317,17 @@ static int upload_threads(void) {
 }
 
 static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const void *const *datas, const int *rows_of,
-                        int n_parts, int cols, char *err, size_t errlen) {
-    const size_t chunk_rows = (size_t)1 << 12;
+                        int n_parts, int cols, bool il8, char *err, size_t errlen) {
+    const size_t chunk_rows = (size_t)1 << 12;   /* a multiple of 8 */
+    /* il8 (gate|up): part p's row f goes to row 16 (f / 8) + 8 p + f % 8 (mm_swiglu) */
+    il8 = il8 && n_parts == 2 && rows_of[0] == rows_of[1] && rows_of[0] % 8 == 0;
     uint16_t *buf = (uint16_t *)malloc(chunk_rows * (size_t)cols * sizeof(uint16_t));
     int rows = 0;
     for (int p = 0; p < n_parts; p++) rows += rows_of[p];
     memset(d, 0, sizeof *d);
     d->rows = rows;
     d->cols = cols;
+    d->il8 = il8;
     size_t done = 0;
     if (!buf) { snprintf(err, errlen, "cuda: out of host memory"); return -1; }
     CK(dalloc(g, (void **)&d->w, (size_t)rows * cols * sizeof(__half), &g->mem_weights), "weights");
@@ -1273,7 +1341,12 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
                 snprintf(err, errlen, "cuda: cannot convert a %s matrix", ggml_type_get(types[p]) ? ggml_type_get(types[p])->name : "?");
                 goto fail;
             }
-            CK(cudaMemcpy(d->w + done * cols, buf, nr * cols * sizeof(uint16_t), cudaMemcpyHostToDevice), "weights upload");
+            if (il8) {   /* groups of 8 rows, 16 rows apart */
+                const size_t g8 = (size_t)8 * cols * sizeof(uint16_t);
+                CK(cudaMemcpy2D(d->w + (2 * r0 + 8 * (size_t)p) * cols, 2 * g8, buf, g8, g8, nr / 8, cudaMemcpyHostToDevice),
+                   "weights upload");
+            } else
+                CK(cudaMemcpy(d->w + done * cols, buf, nr * cols * sizeof(uint16_t), cudaMemcpyHostToDevice), "weights upload");
             done += nr;
         }
     }
@@ -1287,9 +1360,10 @@ static int upload_stack(gpu_backend *g, dmat *d, const ggml_type *types, const v
             uint8_t *hq = (uint8_t *)malloc((size_t)rows * cols / 2);
             uint16_t *hd = (uint16_t *)calloc((size_t)rows * ldd, 2);
             if (!hq || !hd) { free(hq); free(hd); snprintf(err, errlen, "cuda: out of host memory"); return -1; }
-            size_t r = 0;
-            for (int p = 0; p < n_parts; p++)
-                for (int pr = 0; pr < rows_of[p]; pr++, r++) {
+            size_t r0 = 0;
+            for (int p = 0; p < n_parts; r0 += rows_of[p++])
+                for (int pr = 0; pr < rows_of[p]; pr++) {
+                    const size_t r = il8 ? 16 * (size_t)(pr / 8) + 8 * p + pr % 8 : r0 + pr;
                     const uint8_t *src = (const uint8_t *)datas[p] + (size_t)pr * (nb * 18);
                     for (int bi = 0; bi < nb; bi++) {
                         memcpy(&hd[r * ldd + bi], src + 18 * bi, 2);
@@ -1315,7 +1389,7 @@ fail:
 
 static int upload_mat(gpu_backend *g, dmat *d, ggml_type type, const void *data, int rows, int cols, char *err,
                       size_t errlen) {
-    return upload_stack(g, d, &type, &data, &rows, 1, cols, err, errlen);
+    return upload_stack(g, d, &type, &data, &rows, 1, cols, false, err, errlen);
 }
 
 static int upload_vec(gpu_backend *g, float **d, const float *h, size_t n, char *err, size_t errlen) {
@@ -1328,7 +1402,7 @@ fail:
     return -1;
 }
 
-static int upload_model_mats(gpu_backend *g, dmat *d, const mat *const *ms, int n, char *err, size_t errlen) {
+static int upload_model_mats(gpu_backend *g, dmat *d, const mat *const *ms, int n, bool il8, char *err, size_t errlen) {
     ggml_type types[4];
     const void *datas[4];
     int rows[4];
@@ -1339,10 +1413,10 @@ static int upload_model_mats(gpu_backend *g, dmat *d, const mat *const *ms, int 
         datas[i] = ms[i]->data;
         rows[i] = (int)ms[i]->rows;
     }
-    return upload_stack(g, d, types, datas, rows, n, (int)ms[0]->cols, err, errlen);
+    return upload_stack(g, d, types, datas, rows, n, (int)ms[0]->cols, il8, err, errlen);
 }
 static int upload_model_mat(gpu_backend *g, dmat *d, const mat *m, char *err, size_t errlen) {
-    return upload_model_mats(g, d, &m, 1, err, errlen);
+    return upload_model_mats(g, d, &m, 1, false, err, errlen);
 }
 
 /* ------------------------------------------------------------------------------ launches */
@@ -1586,11 +1660,13 @@ static bool split_ok(const gpu_backend *g, int nch, int n, int rows, size_t tile
     return nch > 1 && sf != 0 && g->part && (size_t)nch * n * rows <= g->part_cap && tiles <= (size_t)g->cnt_cap &&
            (sf == 1 || wanted);
 }
-static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy,
-                      int accumulate) {
-    mm_out o = { y, ldy, w->bias, accumulate, mm_kc(w->rows, w->cols, w->q4 != NULL), NULL, NULL };
+/* whether a matmul runs on the fallback kernel (forced, or rows not 16-byte aligned) */
+static bool mm_any(const dmat *w, const __half *x, int ldx) {
+    return mm_forced() == 1 || w->cols % 8 || ldx % 8 || ((uintptr_t)x & 15) || ((uintptr_t)w->w & 15);
+}
+static void matmul_go(const gpu_backend *g, cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, mm_out o) {
     int f = mm_forced();
-    if (f == 1 || w->cols % 8 || ldx % 8 || ((uintptr_t)x & 15) || ((uintptr_t)w->w & 15)) {
+    if (mm_any(w, x, ldx)) {
         dim3 grid((w->rows + MM_BM - 1) / MM_BM, (n + MM_BN - 1) / MM_BN);
         k_matmul_any<<<grid, 128, 0, st>>>(w->w, x, w->rows, n, w->cols, ldx, o);
         return;
@@ -1641,6 +1717,32 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     }
 }
 
+/* SwiGLU in gate|up's epilogue (mm_swiglu) unless PCACHE_SWIGLU_FUSE=0 (A/B runs and the test that
+ * the two paths give the same bits) */
+static bool swiglu_fuse(void) {
+    static int on = -1;
+    if (on < 0) on = env_int("PCACHE_SWIGLU_FUSE", 1) != 0;
+    return on;
+}
+/* y (+)= x . W^T (+ bias), or with act (W = gate|up): act = SwiGLU of those sums, y (the gu
+ * scratch) written only where the epilogue cannot take the SwiGLU (several chunks of k, the
+ * fallback kernel, a layout without il8), k_swiglu then reading it. */
+static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy,
+                      int accumulate, __half *act = NULL) {
+    mm_out o = { y, ldy, w->bias, accumulate, mm_kc(w->rows, w->cols, w->q4 != NULL), NULL, NULL, NULL, 0 };
+    const bool fuse = act && w->il8 && !accumulate && swiglu_fuse() && !mm_any(w, x, ldx) && mm_chunks(w->rows, w->cols, w->q4 != NULL) == 1;
+    if (fuse) {
+        o.act = act;
+        o.ldact = w->rows / 2;
+    }
+    matmul_go(g, st, w, x, ldx, n, o);
+    if (act && !fuse) {
+        const size_t ne = (size_t)n * (w->rows / 2);
+        klaunch(k_swiglu, (unsigned)((ne + 255) / 256 < 8192 ? (ne + 255) / 256 : 8192), 256, 0, st, (const float *)y, act,
+                w->rows / 2, ne, w->il8);
+    }
+}
+
 /* The split's workspace: partial sums for n tokens of the matrices that may split (rows x
  * chunks each), and the tile tickets (zeroed once; each split leaves them at 0). */
 /* The attention's segment length (in key tiles of 64) and the most segments a row can have, for
@@ -1666,6 +1768,12 @@ static cudaError_t split_alloc(gpu_backend *g, size_t part_elems, size_t *acct) 
 
 extern "C" void gpu_free(gpu_backend *g) {
     if (!g) return;
+    for (int i = 0; g->prof && i < g->n_graphs; i++)
+        if (g->graph_prof[i].runs)
+            fprintf(stderr, "gpu: decode graph of %d tokens: %ld replays, %.3f ms each on the device\n", g->graphs[i].n,
+                    g->graph_prof[i].runs, g->graph_prof[i].ms / g->graph_prof[i].runs);
+    if (g->ev0) cudaEventDestroy(g->ev0);
+    if (g->ev1) cudaEventDestroy(g->ev1);
     for (int i = 0; i < g->n_graphs; i++) cudaGraphExecDestroy(g->graphs[i].exec);
     for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
     free(g->allocs);
@@ -1706,6 +1814,11 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
         CK(cudaStreamCreateWithFlags(&g->io_st, cudaStreamNonBlocking), "I/O stream");
         CK(kernels_setup(), "kernel attributes");
+        g->prof = getenv("PCACHE_PROFILE") && *getenv("PCACHE_PROFILE");
+        if (g->prof) {
+            CK(cudaEventCreate(&g->ev0), "event");
+            CK(cudaEventCreate(&g->ev1), "event");
+        }
     }
     /* weights */
     CK(cudaMemGetInfo(&free_b, &total_b), "memory info");
@@ -1735,8 +1848,8 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
                       upload_vec(g, &D->ffn_norm, L->ffn_norm, c->n_embd, err, errlen) ||
                       upload_vec(g, &D->q_norm, L->q_norm, c->head_dim, err, errlen) ||
                       upload_vec(g, &D->k_norm, L->k_norm, c->head_dim, err, errlen) ||
-                      upload_model_mats(g, &D->wqkv, qkv, 3, err, errlen) || upload_model_mat(g, &D->wo, &L->wo, err, errlen) ||
-                      upload_model_mats(g, &D->gu, gu, 2, err, errlen) || upload_model_mat(g, &D->down, &L->w_down, err, errlen);
+                      upload_model_mats(g, &D->wqkv, qkv, 3, false, err, errlen) || upload_model_mat(g, &D->wo, &L->wo, err, errlen) ||
+                      upload_model_mats(g, &D->gu, gu, 2, true, err, errlen) || upload_model_mat(g, &D->down, &L->w_down, err, errlen);
             if (!bad && (L->bq || L->bk || L->bv)) {
                 memset(hb, 0, (size_t)qkv_dim * sizeof(float));
                 if (L->bq) memcpy(hb, L->bq, (size_t)q_dim * sizeof(float));
@@ -1933,9 +2046,7 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
         }
         matmul_on(g, st, &D->wo, g->att, q_dim, n, g->x, c->n_embd, 1);
         klaunch(k_rmsnorm, n, 256, 0, st, (const float *)g->x, (const int *)NULL, D->ffn_norm, g->xh, c->n_embd, c->rms_eps);
-        matmul_on(g, st, &D->gu, g->xh, c->n_embd, n, g->gu, 2 * c->n_ff, 0);
-        const size_t ne = (size_t)n * c->n_ff;
-        klaunch(k_swiglu, (unsigned)((ne + 255) / 256 < 8192 ? (ne + 255) / 256 : 8192), 256, 0, st, g->gu, g->act, c->n_ff, ne);
+        matmul_on(g, st, &D->gu, g->xh, c->n_embd, n, g->gu, 2 * c->n_ff, 0, g->act);
         matmul_on(g, st, &D->down, g->act, c->n_ff, n, g->x, c->n_embd, 1);
     }
     if (n_out) {
@@ -2008,9 +2119,10 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
         /* decode steps (one token per sequence, every one wanting logits) replay a graph per n */
         const bool decode = g->use_graphs && n_tiles == n && n_out == n && n <= 256;
         cudaGraphExec_t exec = NULL;
+        int gi = -1;
         if (decode) {
             for (int i = 0; i < g->n_graphs; i++)
-                if (g->graphs[i].n == n) exec = g->graphs[i].exec;
+                if (g->graphs[i].n == n) exec = g->graphs[(gi = i)].exec;
             if (!exec && g->n_graphs < (int)(sizeof g->graphs / sizeof *g->graphs)) {
                 cudaGraph_t graph;
                 CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "graph capture");
@@ -2020,16 +2132,27 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
                 cudaGraphDestroy(graph);
                 CK(e, "graph instantiate");
                 g->graphs[g->n_graphs].n = n;
-                g->graphs[g->n_graphs++].exec = exec;
+                g->graph_prof[g->n_graphs].runs = 0;
+                g->graph_prof[g->n_graphs].ms = 0;
+                g->graphs[(gi = g->n_graphs++)].exec = exec;
             }
         }
+        const bool timed = exec && g->prof && gi >= 0;
+        if (timed) CK(cudaEventRecord(g->ev0, st), "event");
         if (exec) CK(cudaGraphLaunch(exec, st), "graph launch");
+        if (timed) CK(cudaEventRecord(g->ev1, st), "event");
         else forward_kernels(g, &d, n, n_tiles, n_out, fa_rows);
         CK(cudaGetLastError(), "kernel launch");
         if (n_out)
             CK(cudaMemcpyAsync(logits_out, g->logits, (size_t)n_out * c->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, st),
                "logits download");
         CK(cudaStreamSynchronize(st), "forward");
+        if (timed) {
+            float ms = 0;
+            CK(cudaEventElapsedTime(&ms, g->ev0, g->ev1), "event");
+            g->graph_prof[gi].runs++;
+            g->graph_prof[gi].ms += ms;
+        }
     }
     return 0;
 fail:

@@ -168,6 +168,33 @@ def test_logits_close_to_cpu(tmp_path, name):
     assert not flips, f"argmax differs at positions {flips} with a clear top-2 gap"
 
 
+@pytest.mark.parametrize("name,wtype", [("llama-f16-hd128-gqa4", None), ("llama-q40-ffn", "Q4_0")])
+def test_fused_swiglu_gives_the_same_bits(tmp_path, name, wtype):
+    """gate|up's epilogue computes the SwiGLU itself (its rows interleaved in groups of 8 at
+    upload): the logits are bit-identical to the path that writes gate|up's sums and runs
+    k_swiglu (PCACHE_SWIGLU_FUSE=0), on the wgmma prefill kernel, the mma.sync tiles and the
+    Q4_0 decode kernel; and where k is cut into several chunks (PCACHE_KC=256), which the fused
+    epilogue leaves to k_swiglu on the interleaved rows, the logits stay close to the CPU's."""
+    arch, kw = MODELS["llama-f16-hd128-gqa4"]
+    kw = dict(kw, **({"wtype": wtype, "ffn_types": (wtype, wtype, wtype)} if wtype else {}))
+    path = str(tmp_path / f"{name}.gguf")
+    hp = write_synth_model(path, arch, seed=7, n_layer=2, n_vocab=400, **kw)
+    ids = [int(i) for i in np.random.default_rng(4).integers(0, hp["n_vocab"], 150)]
+    shapes = [None, "s8", "s32", "large"] + (["q8", "q32"] if wtype == "Q4_0" else [])
+    for shape in shapes:
+        env = {"PCACHE_DEVICE": "cuda", **({"PCACHE_MM": shape} if shape else {})}
+        a = run([TOOL, "logits", path, "--all"], json.dumps(ids).encode(), env)
+        b = run([TOOL, "logits", path, "--all"], json.dumps(ids).encode(), dict(env, PCACHE_SWIGLU_FUSE="0"))
+        assert np.isfinite(np.frombuffer(a, dtype="<f4")).all(), shape
+        assert a == b, f"fused and unfused SwiGLU differ with PCACHE_MM={shape}"
+    cpu = logits(path, ids, hp["n_vocab"], "cpu")
+    out = run([TOOL, "logits", path, "--all"], json.dumps(ids).encode(), {"PCACHE_DEVICE": "cuda", "PCACHE_KC": "256"})
+    gpu = np.frombuffer(out, dtype="<f4").reshape(len(ids), hp["n_vocab"])
+    rel = float(np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu))
+    print(f"{name}: PCACHE_KC=256 rel {rel:.2e}")
+    assert rel < 5e-2, rel
+
+
 def test_engine_cache_transparency_on_gpu(tmp_path):
     for name in ("llama-quant-hd64-gqa8", "llama-f16-hd128-gqa4"):
         arch, kw = MODELS[name]
