@@ -118,6 +118,7 @@ struct engine {
     int32_t *b_tok, *b_pos;
     kv_seq **b_seq;
     bool *b_logits;
+    bool *b_argmax;          /* the token's logits are wanted for their argmax alone (greedy_only) */
     seq **b_owner;
     float *logits;
     sample_cand *cand;
@@ -266,6 +267,7 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     e->b_pos = calloc((size_t)max_tokens, sizeof(int32_t));
     e->b_seq = calloc((size_t)max_tokens, sizeof(kv_seq *));
     e->b_logits = calloc((size_t)max_tokens, sizeof(bool));
+    e->b_argmax = calloc((size_t)max_tokens, sizeof(bool));
     e->b_owner = calloc((size_t)max_tokens, sizeof(seq *));
     /* on the GPU, page-locked: the logits come down every step */
     e->logits = e->gpu ? gpu_host_alloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float))
@@ -276,7 +278,7 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     e->release_epoch = 1;
     if (tiers_create(e, err, errlen)) goto fail;
     if (!e->lp_id || !e->lp_val || !e->px || !e->tp || (!e->mctx && !e->gpu) || !e->b_tok || !e->b_pos || !e->b_seq || !e->b_logits || !e->b_owner ||
-        !e->logits || !e->cand) {
+        !e->b_argmax || !e->logits || !e->cand) {
         snprintf(err, errlen, "engine: out of memory");
         goto fail;
     }
@@ -325,7 +327,7 @@ void engine_free(engine *e) {
                 e->prof_steps, 1e3 * e->prof_step_s / e->prof_steps, 1e3 * e->prof_fwd_s / e->prof_steps,
                 1e3 * (e->prof_step_s - e->prof_fwd_s) / e->prof_steps);
     gpu_free(e->gpu);
-    free(e->b_tok); free(e->b_pos); free(e->b_seq); free(e->b_logits); free(e->b_owner);
+    free(e->b_tok); free(e->b_pos); free(e->b_seq); free(e->b_logits); free(e->b_argmax); free(e->b_owner);
     free(e->cand); free(e->lp_id); free(e->lp_val);
     tokenizer_free(e->tok);
     model_free(e->m);
@@ -593,7 +595,6 @@ static bool push_token(seq *s, int32_t t) {
     return true;
 }
 
-/* Samples from logits, appends the token, streams text; finishes the sequence if done. */
 static const char *trie_piece(void *user, int32_t id, size_t *len) {
     return tokenizer_piece((const tokenizer *)user, id, false, len);
 }
@@ -638,24 +639,41 @@ static bool grammar_apply(engine *e, seq *s, float *logits, int n_vocab) {
     return true;
 }
 
-static void take_token(engine *e, seq *s, float *logits) {
+/* Whether a sequence's next token is the argmax of its logits as the model gives them: greedy,
+ * with no logit bias, grammar, penalty or log-probabilities (which need the whole row), and (a
+ * prompt's last token) no prompt logits asked for. The step then takes the argmax alone
+ * (take_token with no logits): the hook for a backend to find it where the logits are (the
+ * CUDA backend's next step: a greedy row's logits need not come down). */
+static bool greedy_only(const seq *s) {
+    const sample_params *sp = &s->r.sp;
+    return sample_is_greedy(sp) && s->n_bias == 0 && !s->r.grammar && !s->r.on_token &&
+           !(sp->repeat_penalty != 1.0f && sp->repeat_penalty > 0) && sp->presence_penalty == 0 && sp->frequency_penalty == 0 &&
+           !(s->phase == SEQ_PREFILL && !s->prompt_cached && s->r.prompt_logits);
+}
+
+/* Samples from logits (NULL: the token is `given`, the argmax of a greedy_only sequence's
+ * logits), appends the token, streams text; finishes the sequence if done. */
+static void take_token(engine *e, seq *s, float *logits, int32_t given) {
     int n_vocab = e->m->c.n_vocab;
     if (s->r.grammar && s->r.ignore_eos && !grammar_can_continue(s->r.grammar, s->gstate)) {
         finish(e, s, FINISH_STOP, NULL);   /* the sentence is complete: nothing may follow */
         return;
     }
-    for (int i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
-    if (s->r.grammar && !grammar_apply(e, s, logits, n_vocab)) return;
-    sample_penalize(logits, n_vocab, &s->r.sp, s->tokens, s->n_tokens);
     engine_token_info ti;
-    if (s->r.on_token) {
-        /* before sample_pick: the top-N pass uses e->cand as scratch too */
-        ti.n_top = s->r.logprobs;
-        ti.logprob = 0;
-        sample_logprobs(logits, n_vocab, 0, ti.n_top, e->lp_id, e->lp_val, e->cand);
-        for (int i = 0; i < ti.n_top; i++) { ti.top[i].token = e->lp_id[i]; ti.top[i].logprob = e->lp_val[i]; }
+    int32_t t = given;
+    if (logits) {
+        for (int i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
+        if (s->r.grammar && !grammar_apply(e, s, logits, n_vocab)) return;
+        sample_penalize(logits, n_vocab, &s->r.sp, s->tokens, s->n_tokens);
+        if (s->r.on_token) {
+            /* before sample_pick: the top-N pass uses e->cand as scratch too */
+            ti.n_top = s->r.logprobs;
+            ti.logprob = 0;
+            sample_logprobs(logits, n_vocab, 0, ti.n_top, e->lp_id, e->lp_val, e->cand);
+            for (int i = 0; i < ti.n_top; i++) { ti.top[i].token = e->lp_id[i]; ti.top[i].logprob = e->lp_val[i]; }
+        }
+        t = sample_pick(logits, n_vocab, &s->r.sp, &s->rng, e->cand);
     }
-    int32_t t = sample_pick(logits, n_vocab, &s->r.sp, &s->rng, e->cand);
     if (s->n_gen == 0) {
         s->t_first = now_s(e);
         s->u.ttft_s = s->t_first - s->t_submit;
@@ -670,7 +688,7 @@ static void take_token(engine *e, seq *s, float *logits) {
         s->gstate = p ? grammar_advance(s->r.grammar, s->gstate, p, plen) : GRAMMAR_DEAD;
         if (s->gstate <= 0) { finish(e, s, FINISH_ERROR, "the output grammar grew past its limits"); return; }
     }
-    if (s->r.on_token) {
+    if (s->r.on_token && logits) {   /* (never without: greedy_only) */
         ti.token = t;
         ti.logprob = sample_logprobs(logits, n_vocab, t, 0, NULL, NULL, e->cand);
         s->r.on_token(s->r.user, &ti);
@@ -1218,6 +1236,7 @@ int engine_step(engine *e) {
                 e->b_owner[n] = s;
                 bool last = s->phase == SEQ_DECODE || start + k == s->n_fill - 1;
                 e->b_logits[n] = last;
+                e->b_argmax[n] = last && greedy_only(s);
                 n++;
             }
             if (s->phase == SEQ_PREFILL) budget -= count;
@@ -1269,13 +1288,17 @@ int engine_step(engine *e) {
         while (j < n && e->b_owner[j] == s) j++;
         s->kv.n_tokens = e->b_pos[j - 1] + 1;
         if (e->b_logits[j - 1]) {
-            float *lg = e->logits + (size_t)out++ * e->m->c.n_vocab;
+            float *lg = e->logits + (size_t)out * e->m->c.n_vocab;
+            /* a greedy_only row: its argmax */
+            const bool am = e->b_argmax[j - 1];
+            const int32_t given = am ? sample_argmax(lg, e->m->c.n_vocab) : -1;
+            out++;
             if (s->phase == SEQ_PREFILL && !s->prompt_cached) {
                 s->u.prefill_s = now - s->t_submit;
                 cache_prompt(e, s, now);
                 if (s->r.prompt_logits) memcpy(s->r.prompt_logits, lg, (size_t)e->m->c.n_vocab * sizeof(float));
             }
-            take_token(e, s, lg);
+            take_token(e, s, am ? NULL : lg, given);
         }
         i = j;
     }

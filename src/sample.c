@@ -134,23 +134,27 @@ float sample_logprobs(const float *logits, int n_vocab, int32_t chosen, int n_to
     return (float)((double)logits[chosen] - lse);
 }
 
+int32_t sample_argmax(const float *logits, int n_vocab) {
+    /* the maximum in eight lanes (vectorizes), then its first position; the same answer as a
+     * scan with a strict > */
+    float m8[8];
+    int i = 0;
+    for (int k = 0; k < 8; k++) m8[k] = -INFINITY;
+    for (; i + 8 <= n_vocab; i += 8)
+        for (int k = 0; k < 8; k++) m8[k] = logits[i + k] > m8[k] ? logits[i + k] : m8[k];
+    float mx = -INFINITY;
+    for (int k = 0; k < 8; k++) mx = m8[k] > mx ? m8[k] : mx;
+    for (; i < n_vocab; i++) mx = logits[i] > mx ? logits[i] : mx;
+    for (i = 0; i < n_vocab; i++)
+        if (logits[i] == mx) return i;
+    return 0;   /* all NaN */
+}
+
+bool sample_is_greedy(const sample_params *sp) { return sp->temperature <= 0 || sp->top_k == 1; }
+
 int32_t sample_pick(const float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
                     sample_cand *c) {
-    if (sp->temperature <= 0 || sp->top_k == 1) {
-        /* the first index of the largest logit: the maximum in eight lanes (vectorizes), then
-         * its first position; the same answer as a scan with a strict > */
-        float m8[8];
-        int i = 0;
-        for (int k = 0; k < 8; k++) m8[k] = -INFINITY;
-        for (; i + 8 <= n_vocab; i += 8)
-            for (int k = 0; k < 8; k++) m8[k] = logits[i + k] > m8[k] ? logits[i + k] : m8[k];
-        float mx = -INFINITY;
-        for (int k = 0; k < 8; k++) mx = m8[k] > mx ? m8[k] : mx;
-        for (; i < n_vocab; i++) mx = logits[i] > mx ? logits[i] : mx;
-        for (i = 0; i < n_vocab; i++)
-            if (logits[i] == mx) return i;
-        return 0;   /* all NaN */
-    }
+    if (sample_is_greedy(sp)) return sample_argmax(logits, n_vocab);
     int n = n_vocab;
     for (int i = 0; i < n; i++) { c[i].logit = logits[i]; c[i].id = i; }
     if (sp->top_k > 0 && sp->top_k < n) {

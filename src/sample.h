@@ -36,6 +36,10 @@ int32_t sample_token(float *logits, int n_vocab, const sample_params *sp, sample
  * sample_pick does the rest of the chain (top-k, temperature, top-p, min-p, draw). */
 void sample_penalize(float *logits, int n_vocab, const sample_params *sp, const int32_t *history,
                      int n_history);
+/* The first index of the largest logit (NaNs never win; all NaN: 0): what sample_pick draws
+ * when sample_is_greedy (temperature <= 0 or top_k 1), whatever the rng. */
+int32_t sample_argmax(const float *logits, int n_vocab);
+bool sample_is_greedy(const sample_params *sp);
 int32_t sample_pick(const float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
                     sample_cand *scratch);
 

@@ -317,6 +317,12 @@ START_TEST(logprobs_and_logit_bias) {
         if (k) ck_assert(t0->top[k].logprob <= t0->top[k - 1].logprob);
     }
     for (int i = 0; i < a.lp.n; i++) ck_assert(a.lp.ti[i].logprob <= 0);
+    /* without logprobs or prompt logits the step takes the argmax alone (greedy_only): the
+     * same tokens as the sampler's pass over the whole row */
+    result g;
+    run_req(e, ids, n, NULL, 6, NULL, NULL, 0, 0, &g);
+    ck_assert_int_eq(g.u.completion_tokens, a.r.u.completion_tokens);
+    ck_assert_str_eq(g.text, a.r.text);
     /* bias the runner-up by +100: it is chosen, with logprob ~0 */
     int32_t second = t0->top[1].token;
     engine_logit_bias b = { second, 100 };

@@ -34,6 +34,44 @@ START_TEST(greedy_is_argmax) {
 }
 END_TEST
 
+/* sample_argmax, the contract the GPU's k_argmax keeps too: the first index of the largest,
+ * NaNs never win, -0 equals +0, a row of -inf gives its first index, a row of NaNs 0; odd
+ * lengths (the eight-lane pass and its tail). */
+START_TEST(argmax_ties_nan_and_infinities) {
+    float l[NV];
+    for (int n = 1; n <= NV; n += 7) {
+        for (int i = 0; i < n; i++) l[i] = (float)((i * 37) % 11);
+        int want = 0;
+        for (int i = 1; i < n; i++) if (l[i] > l[want]) want = i;
+        ck_assert_int_eq(sample_argmax(l, n), want);   /* ties: the first */
+    }
+    for (int i = 0; i < NV; i++) l[i] = NAN;
+    ck_assert_int_eq(sample_argmax(l, NV), 0);
+    l[63] = -1.0f;
+    l[90] = 2.0f;
+    l[95] = 2.0f;
+    ck_assert_int_eq(sample_argmax(l, NV), 90);
+    for (int i = 0; i < NV; i++) l[i] = -INFINITY;
+    l[3] = NAN;
+    ck_assert_int_eq(sample_argmax(l, NV), 0);
+    l[0] = NAN;
+    ck_assert_int_eq(sample_argmax(l, NV), 1);
+    for (int i = 0; i < NV; i++) l[i] = -1.0f;
+    l[41] = -0.0f;
+    l[17] = 0.0f;
+    l[80] = -0.0f;
+    ck_assert_int_eq(sample_argmax(l, NV), 17);
+    sample_params sp;
+    sample_params_default(&sp);
+    ck_assert(!sample_is_greedy(&sp) || sp.top_k == 1);
+    sp.temperature = 0;
+    ck_assert(sample_is_greedy(&sp));
+    sp.temperature = 0.7f;
+    sp.top_k = 1;
+    ck_assert(sample_is_greedy(&sp));
+}
+END_TEST
+
 START_TEST(top_k_one_is_greedy_and_top_k_restricts) {
     float l[NV];
     sample_cand c[NV];
@@ -179,6 +217,7 @@ int main(void) {
     TCase *tc = tcase_create("core");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, greedy_is_argmax);
+    tcase_add_test(tc, argmax_ties_nan_and_infinities);
     tcase_add_test(tc, top_k_one_is_greedy_and_top_k_restricts);
     tcase_add_test(tc, same_seed_same_tokens);
     tcase_add_test(tc, min_p_and_top_p_cut);
