@@ -479,6 +479,16 @@ void tokenizer_free(tokenizer *t) {
 typedef struct { int32_t id; int prev, next; uint32_t start, len; } symbol;
 typedef struct { double prio; int left, right; int32_t lid, rid, res; } cand;
 
+/* A BPE piece's ids, remembered for the rest of one encode call: a long text repeats its words,
+ * and a piece's ids depend on its bytes alone. Pieces of up to PC_KEY bytes giving up to PC_IDS
+ * ids; a direct-mapped table of PC_SLOTS, made once a call has merged PC_AFTER pieces (short
+ * texts never pay for it). */
+#define PC_SLOTS 2048
+#define PC_KEY 22
+#define PC_IDS 8
+#define PC_AFTER 64
+typedef struct { uint32_t h; uint8_t klen, nid; char key[PC_KEY]; int32_t ids[PC_IDS]; } piece_memo;
+
 typedef struct {
     const tokenizer *t;
     int32_t *ids;
@@ -488,6 +498,8 @@ typedef struct {
     cand *heap;
     size_t nheap, heap_cap;
     pcre2_match_data *md;
+    piece_memo *memo;
+    size_t pieces;
     bool oom;
 } enc;
 
@@ -602,7 +614,22 @@ static bool ensure_sym(enc *e, size_t n) {
 }
 
 static void bpe_piece(enc *e, const char *s, size_t n) {
-    if (n == 0 || !ensure_sym(e, n)) return;
+    if (n == 0) return;
+    piece_memo *m = NULL;
+    uint32_t h = 0;
+    if (n <= PC_KEY) {
+        if (!e->memo && ++e->pieces > PC_AFTER) e->memo = calloc(PC_SLOTS, sizeof *e->memo);   /* (NULL: no memo) */
+        if (e->memo) {
+            h = (uint32_t)hash_bytes(s, n);
+            m = &e->memo[h % PC_SLOTS];
+            if (m->klen == n && m->h == h && memcmp(m->key, s, n) == 0) {
+                for (int i = 0; i < m->nid; i++) push_id(e, m->ids[i]);
+                return;
+            }
+        }
+    }
+    if (!ensure_sym(e, n)) return;
+    const size_t n0 = e->n;
     /* A byte with no token (SmolLM2 lacks e.g. 0x13, 0xC0, 0xFF) is dropped before merging, as
      * HF's BPE does when it has no unk token; its neighbours become adjacent. */
     int ns = 0;
@@ -614,6 +641,13 @@ static void bpe_piece(enc *e, const char *s, size_t n) {
         ns++;
     }
     merge_symbols(e, s, ns);
+    if (m && !e->oom && e->n - n0 <= PC_IDS) {
+        m->h = h;
+        m->klen = (uint8_t)n;
+        m->nid = (uint8_t)(e->n - n0);
+        memcpy(m->key, s, n);
+        memcpy(m->ids, e->ids + n0, (e->n - n0) * sizeof(int32_t));
+    }
 }
 
 /* Splits s[0..n) with regex stage k (HF "Isolated": matches and gaps are pieces), recursing
@@ -704,6 +738,7 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_
     free(buf);
     free(e.sym);
     free(e.heap);
+    free(e.memo);
     pcre2_match_data_free(e.md);
     if (e.oom) {
         free(e.ids);

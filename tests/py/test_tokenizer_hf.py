@@ -172,6 +172,20 @@ def test_smollm_matches_hf(smollm_hf):
 
 
 @needs_model
+def test_smollm_long_texts_match_hf(smollm_hf):
+    """Texts of many pieces: past its first 64 pieces an encode call remembers each short
+    piece's ids (a direct-mapped table, so pieces also evict each other), which must give what
+    merging it again gives."""
+    rng = random.Random(77)
+    pool = corpus_with_random(seed=5, n=100)
+    texts = [" ".join(rng.choice(pool) for _ in range(rng.randint(60, 400))) for _ in range(6)]
+    words = ["cache", " cache", "Cache", "caché", " prompt", "的", " 1234", "\n\n", "  ", "ab" * 11, "ab" * 12]
+    texts.append("".join(rng.choice(words) for _ in range(3000)))
+    bad = compare(MODEL, smollm_hf, texts)
+    assert not bad, f"{len(bad)} mismatches, first: {[b[:1] for b in bad[:1]]}"
+
+
+@needs_model
 def test_smollm_no_special_matches_hf(smollm_hf):
     for s in ["<|im_start|>user\nHi<|im_end|>", "a<|endoftext|>b"]:
         ours = our_ids(MODEL, s, special=False)
