@@ -646,8 +646,7 @@ static bool grammar_apply(engine *e, seq *s, float *logits, int n_vocab) {
  * CUDA backend's next step: a greedy row's logits need not come down). */
 static bool greedy_only(const seq *s) {
     const sample_params *sp = &s->r.sp;
-    return sample_is_greedy(sp) && s->n_bias == 0 && !s->r.grammar && !s->r.on_token &&
-           !(sp->repeat_penalty != 1.0f && sp->repeat_penalty > 0) && sp->presence_penalty == 0 && sp->frequency_penalty == 0 &&
+    return sample_is_greedy(sp) && !sample_penalizes(sp) && s->n_bias == 0 && !s->r.grammar && !s->r.on_token &&
            !(s->phase == SEQ_PREFILL && !s->prompt_cached && s->r.prompt_logits);
 }
 

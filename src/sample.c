@@ -71,9 +71,13 @@ static void select_top(sample_cand *c, int n, int k) {
     }
 }
 
+static bool repeat_penalizes(const sample_params *sp) { return sp->repeat_penalty != 1.0f && sp->repeat_penalty > 0; }
+static bool presence_penalizes(const sample_params *sp) { return sp->presence_penalty != 0 || sp->frequency_penalty != 0; }
+bool sample_penalizes(const sample_params *sp) { return repeat_penalizes(sp) || presence_penalizes(sp); }
+
 static void apply_penalties(float *logits, int n_vocab, const sample_params *sp, const int32_t *hist, int n_hist) {
-    bool rep = sp->repeat_penalty != 1.0f && sp->repeat_penalty > 0;
-    bool pres = sp->presence_penalty != 0 || sp->frequency_penalty != 0;
+    bool rep = repeat_penalizes(sp);
+    bool pres = presence_penalizes(sp);
     if (!rep && !pres) return;
     int start = 0;
     if (rep && sp->repeat_last_n > 0 && n_hist > sp->repeat_last_n) start = n_hist - sp->repeat_last_n;

@@ -40,6 +40,8 @@ void sample_penalize(float *logits, int n_vocab, const sample_params *sp, const 
  * when sample_is_greedy (temperature <= 0 or top_k 1), whatever the rng. */
 int32_t sample_argmax(const float *logits, int n_vocab);
 bool sample_is_greedy(const sample_params *sp);
+/* Whether sample_penalize changes any logit (a repeat, presence or frequency penalty is set). */
+bool sample_penalizes(const sample_params *sp);
 int32_t sample_pick(const float *logits, int n_vocab, const sample_params *sp, sample_rng *rng,
                     sample_cand *scratch);
 
