@@ -868,14 +868,16 @@ __global__ void k_rope_kv(const float *__restrict__ qkv, int ld, __half *__restr
                           const int *__restrict__ slot_block, const int *__restrict__ pos, int n_head, int n_head_kv,
                           int hd, int rope_dim, int neox, float eps, size_t block_elems, int layer) {
     pdl_launch();
-    pdl_wait();
+    /* the step's staged inputs (the host's copy precedes the step's first kernel) before the
+     * wait: only qkv is the previous kernel's */
     const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    const size_t blk = (size_t)slot_block[t];
+    const int slot = pos[t] % 16;
+    pdl_wait();
     const int q_dim = n_head * hd, kv_dim = n_head_kv * hd;
     const float *r = rope + (size_t)t * rope_dim;
     const float *q = qkv + (size_t)t * ld, *k = q + q_dim, *v = k + kv_dim;
     const int half_ = rope_dim / 2;
-    const size_t blk = (size_t)slot_block[t];
-    const int slot = pos[t] % 16;
     __half *kd = kv + blk * block_elems + (size_t)(layer * 2 + 0) * 16 * kv_dim + (size_t)slot * kv_dim;
     __half *vd = kv + blk * block_elems + (size_t)(layer * 2 + 1) * 16 * kv_dim + (size_t)slot * kv_dim;
     extern __shared__ float hs[];            /* nw * hd */
@@ -968,7 +970,6 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
                                                int layer, float scale_log2, float *__restrict__ part, int seg_tiles,
                                                int n_seg) {
     pdl_launch();
-    pdl_wait();
     constexpr int LD = HD + 8, KS = HD / 16, DN = HD / 8, NTH = 2 * ROWS;   /* a warp per 16 rows */
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __half *Qs = (__half *)fa_smem;                 /* ROWS x LD */
@@ -987,6 +988,15 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
     if (kt0 >= n_tiles) return;                     /* no row of the tile reaches it */
     const int kt1 = n_tiles < kt0 + seg_tiles ? n_tiles : kt0 + seg_tiles;
     for (int r = tid; r < ROWS; r += NTH) spos[r] = r < nrows ? pos[t0 + r / G] : 0;   /* padding rows see key 0 only */
+    /* the segment's slice of the block table, in shared memory: each K/V load's address then
+     * waits on a shared load, not on a global one */
+    const int *tab = bt + bt_off[t0];
+    int *stab = (int *)(Vs + 2 * FA_KT * LD);
+    const int e0 = kt0 * (FA_KT / 16), e1 = min(kt1 * (FA_KT / 16), (n_keys + 15) / 16);
+    for (int i = tid; i < e1 - e0; i += NTH) stab[i] = tab[e0 + i];
+    /* all of the above is the step's staged inputs (the host's copy precedes the step's first
+     * kernel); Q and this step's keys and values are the kernels' before */
+    pdl_wait();
     /* Q rows */
     for (int i = tid; i < ROWS * (HD / 8); i += NTH) {
         const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
@@ -994,12 +1004,6 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
         const __half *src = ok ? qh + (size_t)(t0 + r / G) * q_dim + (size_t)(g * G + r % G) * HD + c : qh;
         cp_async16(Qs + r * LD + c, src, ok);
     }
-    /* the segment's slice of the block table, in shared memory: each K/V load's address then
-     * waits on a shared load, not on a global one */
-    const int *tab = bt + bt_off[t0];
-    int *stab = (int *)(Vs + 2 * FA_KT * LD);
-    const int e0 = kt0 * (FA_KT / 16), e1 = min(kt1 * (FA_KT / 16), (n_keys + 15) / 16);
-    for (int i = tid; i < e1 - e0; i += NTH) stab[i] = tab[e0 + i];
     __syncthreads();
     const size_t koff = (size_t)(layer * 2 + 0) * 16 * kv_dim + (size_t)g * HD;
     const size_t voff = (size_t)(layer * 2 + 1) * 16 * kv_dim + (size_t)g * HD;
@@ -1164,10 +1168,10 @@ template <int HD>
 __global__ void __launch_bounds__(HD) k_flash_merge(const float *__restrict__ part, const int *__restrict__ pos,
                                                      __half *__restrict__ out, int n_head, int seg_len, int n_seg) {
     pdl_launch();
-    pdl_wait();
     const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-    const int ns = pos[t] / seg_len + 1;
+    const int ns = pos[t] / seg_len + 1;   /* (staged: before the wait) */
     if (ns == 1) return;
+    pdl_wait();
     const float *p = part + ((size_t)t * n_head + h) * n_seg * (HD + 2);
     float M = p[HD], L = p[HD + 1], O = p[d];
     for (int s = 1; s < ns; s++) {
