@@ -121,6 +121,7 @@ struct engine {
     bool *b_argmax;          /* the token's logits are wanted for their argmax alone (greedy_only) */
     seq **b_owner;
     float *logits;
+    int32_t *argmax;         /* the GPU's argmax of each output row (gpu_forward), or NULL: the host finds it */
     sample_cand *cand;
     engine_stats st;
     double last_expire;
@@ -272,6 +273,12 @@ int engine_create(engine **out, const engine_opts *o, char *err, size_t errlen) 
     /* on the GPU, page-locked: the logits come down every step */
     e->logits = e->gpu ? gpu_host_alloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float))
                        : malloc((size_t)e->o.max_seqs * c->n_vocab * sizeof(float));
+    /* greedy rows' argmax found on the GPU, their logits left there (PCACHE_GPU_ARGMAX=0: on the host) */
+    const char *gam = getenv("PCACHE_GPU_ARGMAX");
+    if (e->gpu && !(gam && !strcmp(gam, "0")) && !(e->argmax = gpu_host_alloc((size_t)e->o.max_seqs * sizeof(int32_t)))) {
+        snprintf(err, errlen, "engine: out of memory");
+        goto fail;
+    }
     e->cand = malloc((size_t)c->n_vocab * sizeof(sample_cand));
     e->lp_id = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(int32_t));
     e->lp_val = malloc(ENGINE_MAX_TOP_LOGPROBS * sizeof(float));
@@ -322,6 +329,7 @@ void engine_free(engine *e) {
     model_ctx_free(e->mctx);
     if (e->gpu) gpu_host_free(e->logits);
     else free(e->logits);
+    gpu_host_free(e->argmax);
     if (e->prof_steps && getenv("PCACHE_PROFILE"))
         fprintf(stderr, "engine: %ld steps, %.3f ms a step, of which forward %.3f ms, sampling and the rest %.3f ms\n",
                 e->prof_steps, 1e3 * e->prof_step_s / e->prof_steps, 1e3 * e->prof_fwd_s / e->prof_steps,
@@ -642,8 +650,8 @@ static bool grammar_apply(engine *e, seq *s, float *logits, int n_vocab) {
 /* Whether a sequence's next token is the argmax of its logits as the model gives them: greedy,
  * with no logit bias, grammar, penalty or log-probabilities (which need the whole row), and (a
  * prompt's last token) no prompt logits asked for. The step then takes the argmax alone
- * (take_token with no logits): the hook for a backend to find it where the logits are (the
- * CUDA backend's next step: a greedy row's logits need not come down). */
+ * (take_token with no logits), and the CUDA backend finds it on the device: the row's logits
+ * never come down (model_batch.argmax_only). */
 static bool greedy_only(const seq *s) {
     const sample_params *sp = &s->r.sp;
     return sample_is_greedy(sp) && !sample_penalizes(sp) && s->n_bias == 0 && !s->r.grammar && !s->r.on_token &&
@@ -1259,10 +1267,11 @@ int engine_step(engine *e) {
         compact(e);
         return e->n_seqs;
     }
-    model_batch b = { .n = n, .tokens = e->b_tok, .pos = e->b_pos, .seqs = e->b_seq, .want_logits = e->b_logits };
+    model_batch b = { .n = n, .tokens = e->b_tok, .pos = e->b_pos, .seqs = e->b_seq, .want_logits = e->b_logits,
+                      .argmax_only = e->b_argmax };
     char err[256];
     double t_fwd = now_s(e), t_real = mono_now(NULL);
-    int frc = e->gpu ? gpu_forward(e->gpu, &e->kv, &b, e->logits, err, sizeof err)
+    int frc = e->gpu ? gpu_forward(e->gpu, &e->kv, &b, e->logits, e->argmax, err, sizeof err)
                      : model_forward(e->m, e->mctx, e->tp, &e->kv, &b, e->logits, err, sizeof err);
     e->prof_fwd_s += now_s(e) - t_fwd;
     /* the prefill rate, for the cluster's fetch-or-compute rule: steps with a prefill chunk of at
@@ -1288,9 +1297,9 @@ int engine_step(engine *e) {
         s->kv.n_tokens = e->b_pos[j - 1] + 1;
         if (e->b_logits[j - 1]) {
             float *lg = e->logits + (size_t)out * e->m->c.n_vocab;
-            /* a greedy_only row: its argmax */
+            /* a greedy_only row: its argmax (from the GPU, which then kept the logits) */
             const bool am = e->b_argmax[j - 1];
-            const int32_t given = am ? sample_argmax(lg, e->m->c.n_vocab) : -1;
+            const int32_t given = !am ? -1 : e->argmax ? e->argmax[out] : sample_argmax(lg, e->m->c.n_vocab);
             out++;
             if (s->phase == SEQ_PREFILL && !s->prompt_cached) {
                 s->u.prefill_s = now - s->t_submit;

@@ -33,8 +33,12 @@ int gpu_create(gpu_backend **out, const model *m, int max_tokens, int max_ctx, s
                char *err, size_t errlen);
 void gpu_free(gpu_backend *g);
 
-/* model_forward on the device: the same contract (kv holds the block tables' bookkeeping). */
-int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *logits_out, char *err, size_t errlen);
+/* model_forward on the device: the same contract (kv holds the block tables' bookkeeping). With
+ * argmax_out, it also gets the argmax of each output row (the first position of the largest
+ * logit, as sample_argmax finds it), and the logits of rows with b->argmax_only set are not
+ * copied down (their part of logits_out is left as it was). */
+int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *logits_out, int32_t *argmax_out,
+                char *err, size_t errlen);
 
 /* kv_pool's copy-on-write hook: copies block src's first n_slots slots (every layer, K and V). */
 void gpu_copy_block(void *g, int32_t dst, int32_t src, int n_slots);
@@ -60,6 +64,9 @@ void gpu_get_mem(const gpu_backend *g, gpu_mem *out);
  * given in any GGUF type; y0 NULL: no accumulation (rows of ggml_row_size(type, cols) bytes). Returns 0 or -1 with err. */
 int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols, const float *x, int n, const float *bias,
                     const float *y0, float *y, char *err, size_t errlen);
+
+/* For the kernel tests: the device's argmax (gpu_forward's argmax_out) of each of rows rows of cols floats. */
+int gpu_test_argmax(const float *x, int rows, int cols, int32_t *out, char *err, size_t errlen);
 
 /* For benchmarks: the fastest of reps runs of the backend's matmul on constant fp16 operands, M x K
  * weights by N tokens, in milliseconds. Returns 0 or -1 with err. */

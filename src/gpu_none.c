@@ -22,8 +22,9 @@ int gpu_create(gpu_backend **out, const model *m, int max_tokens, int max_ctx, s
 
 void gpu_free(gpu_backend *g) { (void)g; }
 
-int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *logits_out, char *err, size_t errlen) {
-    (void)g; (void)kv; (void)b; (void)logits_out;
+int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *logits_out, int32_t *argmax_out,
+                char *err, size_t errlen) {
+    (void)g; (void)kv; (void)b; (void)logits_out; (void)argmax_out;
     snprintf(err, errlen, "%s", why_not);
     return -1;
 }
@@ -38,6 +39,12 @@ void gpu_get_mem(const gpu_backend *g, gpu_mem *out) { (void)g; memset(out, 0, s
 int gpu_test_matmul(ggml_type type, const void *w, int rows, int cols, const float *x, int n, const float *bias,
                     const float *y0, float *y, char *err, size_t errlen) {
     (void)type; (void)w; (void)rows; (void)cols; (void)x; (void)n; (void)bias; (void)y0; (void)y;
+    snprintf(err, errlen, "%s", why_not);
+    return -1;
+}
+
+int gpu_test_argmax(const float *x, int rows, int cols, int32_t *out, char *err, size_t errlen) {
+    (void)x; (void)rows; (void)cols; (void)out;
     snprintf(err, errlen, "%s", why_not);
     return -1;
 }

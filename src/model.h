@@ -69,6 +69,10 @@ typedef struct {
     const int32_t *pos;
     kv_seq *const *seqs;
     const bool *want_logits;
+    /* optional: rows (with want_logits) whose logits are wanted for their argmax alone; a
+     * backend that finds it where the logits are need not hand over the rest (gpu_forward's
+     * argmax_out); model_forward computes them as any other */
+    const bool *argmax_only;
 } model_batch;
 
 int model_forward(const model *m, model_ctx *ctx, threadpool *tp, kv_pool *kv,

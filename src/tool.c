@@ -103,7 +103,7 @@ static int solo_eval(solo *s, const int32_t *tokens, int n, bool all, float *log
     bool *want = malloc((size_t)n * sizeof *want);
     for (int i = 0; i < n; i++) { pos[i] = start + i; seqs[i] = &s->seq; want[i] = all || i == n - 1; }
     model_batch b = { .n = n, .tokens = tokens, .pos = pos, .seqs = seqs, .want_logits = want };
-    int rc = s->gpu ? gpu_forward(s->gpu, &s->kv, &b, logits, err, sizeof err)
+    int rc = s->gpu ? gpu_forward(s->gpu, &s->kv, &b, logits, NULL, err, sizeof err)
                     : model_forward(s->m, s->ctx, s->tp, &s->kv, &b, logits, err, sizeof err);
     if (rc) fprintf(stderr, "%s\n", err);
     else s->seq.n_tokens = start + n;
@@ -169,6 +169,31 @@ static int cmd_gpu_matmul(int argc, char **argv) {
            max_ref > 0 ? max_err / max_ref : max_err, max_ref > 0 ? acc_err / max_ref : acc_err, max_ref,
            invariant ? "true" : "false", (unsigned long long)h);
     free(w); free(x); free(y); free(y1); free(y0); free(ya); free(wr); free(bias);
+    return 0;
+}
+
+/* gpu-argmax ROWS COLS < float32 rows: the CUDA backend's argmax of each row (k_argmax), as JSON. */
+static int cmd_gpu_argmax(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: pcache-tool gpu-argmax ROWS COLS < float32\n"); return 2; }
+    const int rows = atoi(argv[0]), cols = atoi(argv[1]);
+    if (rows <= 0 || cols <= 0) { fprintf(stderr, "gpu-argmax: bad sizes\n"); return 2; }
+    size_t len = 0;
+    char *x = read_stream(stdin, &len);
+    if (!x || len != (size_t)rows * cols * sizeof(float)) {
+        fprintf(stderr, "gpu-argmax: %zu bytes on stdin, expected %zu\n", len, (size_t)rows * cols * sizeof(float));
+        free(x);
+        return 1;
+    }
+    int32_t *out = malloc(sizeof(int32_t) * rows);
+    char err[256];
+    if (!out || gpu_test_argmax((const float *)x, rows, cols, out, err, sizeof err)) {
+        fprintf(stderr, "%s\n", out ? err : "out of memory");
+        free(x); free(out);
+        return 1;
+    }
+    for (int r = 0; r < rows; r++) printf(r ? ", %d" : "[%d", out[r]);
+    puts("]");
+    free(x); free(out);
     return 0;
 }
 
@@ -957,6 +982,7 @@ typedef struct { const char *name; int (*fn)(int argc, char **argv); const char 
 
 static const subcommand commands[] = {
     { "gpu-matmul", cmd_gpu_matmul, "TYPE ROWS COLS N WFILE : the CUDA matmul against a double reference (JSON)" },
+    { "gpu-argmax", cmd_gpu_argmax, "ROWS COLS < float32 : the CUDA backend's argmax of each row (JSON)" },
     { "gpu-bench-matmul", cmd_gpu_bench_matmul, "M K N... : the CUDA matmul's ms and TFLOP/s (JSON lines)" },
     { "bench-engine", cmd_bench_engine, "MODEL [cpu|cuda|auto] [decode|prefill] : prefill, decode (1 and 32 streams), cached-prefix TTFT (JSON); decode: only those; prefill: one cold long prompt and one cached" },
     { "logits", cmd_logits, "MODEL [--all] < ids.json : raw float32 logits of the last (or every) position" },

@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <math.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1257,6 +1258,52 @@ __global__ void k_swiglu(const float *__restrict__ gu, __half *__restrict__ act,
     }
 }
 
+/* Each output row's argmax, one block a row: the first position of the largest logit, a NaN never
+ * chosen (a row of NaNs gives 0), which is what sample_argmax finds on the host. A greedy decode
+ * row then downloads one int instead of n_vocab floats (gpu_forward's argmax_out). */
+#define AM_THREADS 1024
+__device__ __forceinline__ void am_take(float &bv, int &bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+}
+__global__ void __launch_bounds__(AM_THREADS) k_argmax(const float *__restrict__ logits, int nv, int *__restrict__ out) {
+    pdl_launch();
+    pdl_wait();
+    __shared__ float sv[AM_THREADS / 32];
+    __shared__ int si[AM_THREADS / 32];
+    const float *r = logits + (size_t)blockIdx.x * nv;
+    float bv = -INFINITY;
+    int bi = INT_MAX;   /* (so that a -inf logit beats the start) */
+    if (nv % 4 == 0) {
+        const float4 *r4 = (const float4 *)r;
+#pragma unroll 4
+        for (int k = threadIdx.x; k < nv / 4; k += AM_THREADS) {
+            const float4 v = r4[k];
+            am_take(bv, bi, v.x, 4 * k);
+            am_take(bv, bi, v.y, 4 * k + 1);
+            am_take(bv, bi, v.z, 4 * k + 2);
+            am_take(bv, bi, v.w, 4 * k + 3);
+        }
+    } else
+        for (int k = threadIdx.x; k < nv; k += AM_THREADS) am_take(bv, bi, r[k], k);
+    for (int o = 16; o; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        am_take(bv, bi, v, i);
+    }
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { sv[w] = bv; si[w] = bi; }
+    __syncthreads();
+    if (w) return;
+    bv = lane < AM_THREADS / 32 ? sv[lane] : -INFINITY;
+    bi = lane < AM_THREADS / 32 ? si[lane] : INT_MAX;
+    for (int o = 16; o; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        am_take(bv, bi, v, i);
+    }
+    if (lane == 0) out[blockIdx.x] = bi == INT_MAX ? 0 : bi;
+}
+
 __global__ void k_copy_block(__half *kv, size_t block_elems, int dst, int src) {
     const uint4 *s = (const uint4 *)(kv + (size_t)src * block_elems);
     uint4 *d = (uint4 *)(kv + (size_t)dst * block_elems);
@@ -1295,11 +1342,11 @@ struct gpu_backend {
     void *d_stage, *h_stage;   /* per-step inputs (stage_at's layout), device and pinned host */
     size_t stage_bytes;
     int use_graphs, n_graphs;
-    struct { int n; cudaGraphExec_t exec; } graphs[64];
-    /* PCACHE_PROFILE: the device time of the decode graphs' replays, by batch size (gpu_free prints it) */
+    /* a decode graph per batch size; PCACHE_PROFILE: the device time of its replays (gpu_free prints it) */
+    struct { int n; cudaGraphExec_t exec; long runs; double ms; } graphs[64];
     cudaEvent_t ev0, ev1;
     int prof;
-    struct { long runs; double ms; } graph_prof[64];
+    int *d_argmax;   /* the output rows' argmax (k_argmax), for gpu_forward's argmax_out */
     cudaStream_t st;
     cudaStream_t io_st;   /* the cache tiers' block copies (gpu_read_block / gpu_write_block) */
     size_t mem_weights, mem_kv, mem_scratch;
@@ -1778,7 +1825,7 @@ static bool swiglu_fuse(void) {
 static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, const __half *x, int ldx, int n, float *y, int ldy,
                       int accumulate, __half *act = NULL) {
     mm_out o = { y, ldy, w->bias, accumulate, mm_kc(w->rows, w->cols, w->q4 != NULL), NULL, NULL, NULL, 0 };
-    const bool fuse = act && w->il8 && !accumulate && swiglu_fuse() && !mm_any(w, x, ldx) && mm_chunks(w->rows, w->cols, w->q4 != NULL) == 1;
+    const bool fuse = act && w->il8 && !accumulate && swiglu_fuse() && !mm_any(w, x, ldx) && o.kc >= w->cols;   /* (one chunk of k) */
     if (fuse) {
         o.act = act;
         o.ldact = w->rows / 2;
@@ -1791,8 +1838,6 @@ static void matmul_on(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     }
 }
 
-/* The split's workspace: partial sums for n tokens of the matrices that may split (rows x
- * chunks each), and the tile tickets (zeroed once; each split leaves them at 0). */
 /* The attention's segment length (in key tiles of 64) and the most segments a row can have, for
  * a context of max_ctx positions: 1024 positions, or a 16th of the context when that is longer.
  * A function of the context size alone (k_flash: batch invariance). */
@@ -1804,6 +1849,8 @@ static void attn_seg(int max_ctx, int *seg_tiles, int *n_seg) {
     if (*n_seg < 1) *n_seg = 1;
 }
 
+/* The split's workspace: partial sums for n tokens of the matrices that may split (rows x
+ * chunks each), and the tile tickets (zeroed once; each split leaves them at 0). */
 static cudaError_t split_alloc(gpu_backend *g, size_t part_elems, size_t *acct) {
     cudaError_t e;
     g->cnt_cap = 1 << 16;
@@ -1817,9 +1864,9 @@ static cudaError_t split_alloc(gpu_backend *g, size_t part_elems, size_t *acct) 
 extern "C" void gpu_free(gpu_backend *g) {
     if (!g) return;
     for (int i = 0; g->prof && i < g->n_graphs; i++)
-        if (g->graph_prof[i].runs)
+        if (g->graphs[i].runs)
             fprintf(stderr, "gpu: decode graph of %d tokens: %ld replays, %.3f ms each on the device\n", g->graphs[i].n,
-                    g->graph_prof[i].runs, g->graph_prof[i].ms / g->graph_prof[i].runs);
+                    g->graphs[i].runs, g->graphs[i].ms / g->graphs[i].runs);
     if (g->ev0) cudaEventDestroy(g->ev0);
     if (g->ev1) cudaEventDestroy(g->ev1);
     for (int i = 0; i < g->n_graphs; i++) cudaGraphExecDestroy(g->graphs[i].exec);
@@ -1921,6 +1968,7 @@ extern "C" int gpu_create(gpu_backend **out, const model *m, int max_tokens, int
         CK(SCR(g->qkv, T * qkv_dim * f4), "scratch");
         CK(SCR(g->gu, T * 2 * c->n_ff * f4), "scratch");
         CK(SCR(g->logits, T * c->n_vocab * f4), "scratch");
+        CK(SCR(g->d_argmax, T * sizeof(int)), "scratch");
         CK(SCR(g->xh, T * wide * h2), "scratch");
         CK(SCR(g->qh, T * q_dim * h2), "scratch");
         CK(SCR(g->att, T * q_dim * h2), "scratch");
@@ -2101,11 +2149,12 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
     if (n_out) {
         klaunch(k_rmsnorm, n_out, RMS_THREADS, 0, st, (const float *)g->x, (const int *)d->out_rows, g->output_norm, g->xh, c->n_embd, c->rms_eps);
         matmul_on(g, st, &g->output, g->xh, c->n_embd, n_out, g->logits, c->n_vocab, 0);
+        klaunch(k_argmax, n_out, AM_THREADS, 0, st, (const float *)g->logits, c->n_vocab, g->d_argmax);
     }
 }
 
-extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *logits_out, char *err,
-                           size_t errlen) {
+extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch *b, float *logits_out, int32_t *argmax_out,
+                           char *err, size_t errlen) {
     const model_config *c = &g->c;
     const int n = b->n;
     if (n <= 0 || n > g->max_tokens) { snprintf(err, errlen, "cuda: batch of %d tokens (max %d)", n, g->max_tokens); return -1; }
@@ -2180,10 +2229,11 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
                 cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
                 cudaGraphDestroy(graph);
                 CK(e, "graph instantiate");
-                g->graphs[g->n_graphs].n = n;
-                g->graph_prof[g->n_graphs].runs = 0;
-                g->graph_prof[g->n_graphs].ms = 0;
-                g->graphs[(gi = g->n_graphs++)].exec = exec;
+                gi = g->n_graphs++;
+                g->graphs[gi].n = n;
+                g->graphs[gi].exec = exec;
+                g->graphs[gi].runs = 0;
+                g->graphs[gi].ms = 0;
             }
         }
         const bool timed = exec && g->prof && gi >= 0;
@@ -2192,15 +2242,26 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
         if (timed) CK(cudaEventRecord(g->ev1, st), "event");
         else forward_kernels(g, &d, n, n_tiles, n_out, fa_rows);
         CK(cudaGetLastError(), "kernel launch");
-        if (n_out)
-            CK(cudaMemcpyAsync(logits_out, g->logits, (size_t)n_out * c->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, st),
-               "logits download");
+        /* the argmax of every output row; the logits of those not wanted for their argmax alone,
+         * a copy per run of such rows (a decode step of greedy rows copies none) */
+        if (n_out && argmax_out)
+            CK(cudaMemcpyAsync(argmax_out, g->d_argmax, (size_t)n_out * sizeof(int), cudaMemcpyDeviceToHost, st), "argmax download");
+        const size_t row = (size_t)c->n_vocab * sizeof(float);
+        for (int j = 0; j < n_out;) {
+            const bool skip = argmax_out && b->argmax_only && b->argmax_only[h.out_rows[j]];
+            int k = j + 1;
+            while (k < n_out && skip == (argmax_out && b->argmax_only && b->argmax_only[h.out_rows[k]])) k++;
+            if (!skip)
+                CK(cudaMemcpyAsync((char *)logits_out + j * row, (const char *)g->logits + j * row, (k - j) * row,
+                                   cudaMemcpyDeviceToHost, st), "logits download");
+            j = k;
+        }
         CK(cudaStreamSynchronize(st), "forward");
         if (timed) {
             float ms = 0;
             CK(cudaEventElapsedTime(&ms, g->ev0, g->ev1), "event");
-            g->graph_prof[gi].runs++;
-            g->graph_prof[gi].ms += ms;
+            g->graphs[gi].runs++;
+            g->graphs[gi].ms += ms;
         }
     }
     return 0;
@@ -2244,6 +2305,25 @@ fail:
     free(g.allocs);
     if (g.st) cudaStreamDestroy(g.st);
     free(hx);
+    return rc;
+}
+
+extern "C" int gpu_test_argmax(const float *x, int rows, int cols, int32_t *out, char *err, size_t errlen) {
+    float *dx = NULL;
+    int *dout = NULL, rc = -1;
+    char why[160];
+    if (!gpu_available(why, sizeof why)) { snprintf(err, errlen, "cuda: %s", why); return -1; }
+    CK(kernels_setup(), "kernel attributes");
+    CK(cudaMalloc((void **)&dx, (size_t)rows * cols * sizeof(float)), "x");
+    CK(cudaMalloc((void **)&dout, (size_t)rows * sizeof(int)), "out");
+    CK(cudaMemcpy(dx, x, (size_t)rows * cols * sizeof(float), cudaMemcpyHostToDevice), "x upload");
+    klaunch(k_argmax, rows, AM_THREADS, 0, (cudaStream_t)0, (const float *)dx, cols, dout);
+    CK(cudaGetLastError(), "argmax launch");
+    CK(cudaMemcpy(out, dout, (size_t)rows * sizeof(int), cudaMemcpyDeviceToHost), "out download");
+    rc = 0;
+fail:
+    cudaFree(dx);
+    cudaFree(dout);
     return rc;
 }
 

@@ -4,7 +4,9 @@
  *   - runs whose prefix (1 token, inside a block, on a block edge, half, all but one) came from
  *     the cache, each with prefill chunks of 7 and 512 tokens,
  *   - a run batched with four other requests arriving one step apart,
- *   - a run whose prefix block is shared and copied on write.
+ *   - a run whose prefix block is shared and copied on write,
+ *   - greedy and sampled requests batched together with the greedy rows' argmax found on the
+ *     GPU (their logits left there) and on the host (PCACHE_GPU_ARGMAX=0): the same texts.
  * N (default 70) is the prompt's length; past 1024 the attention's segments (k_flash) come into
  * play, and prefixes ending on and next to segment edges are checked too.
  * Prints one line per check and "N passed, N failed"; exits non-zero on a failure. */
@@ -42,16 +44,35 @@ static engine *make(const char *path, int chunk, bool cache) {
     return e;
 }
 
-static int submit(engine *e, const int32_t *ids, int n, float *logits, result *r) {
+/* temperature 0: greedy; else sampled with that temperature and a fixed seed */
+static int submit_t(engine *e, const int32_t *ids, int n, float *logits, result *r, float temperature) {
     memset(r, 0, sizeof *r);
     engine_request q = { .prompt = ids, .n_prompt = n, .max_tokens = 12, .ignore_eos = true, .prompt_logits = logits,
                          .on_text = on_text, .on_done = on_done, .user = r };
     sample_params_default(&q.sp);
-    q.sp.temperature = 0;
+    q.sp.temperature = temperature;
+    q.sp.seed = 7;
     char err[256];
     int id = engine_submit(e, &q, err, sizeof err);
     if (id < 0) { fprintf(stderr, "submit: %s\n", err); exit(2); }
     return id;
+}
+static int submit(engine *e, const int32_t *ids, int n, float *logits, result *r) { return submit_t(e, ids, n, logits, r, 0); }
+
+/* Six requests staggered a step apart, greedy and sampled in turn, none asking for prompt
+ * logits (so the greedy rows' logits may stay on the GPU): their texts into out. */
+static void mixed_batch(const char *path, const int32_t *ids, int N, int nv, result out[6]) {
+    engine *e = make(path, 64, true);
+    int32_t *alt[6];
+    for (int j = 0; j < 6; j++) {
+        alt[j] = malloc(sizeof(int32_t) * N);
+        for (int i = 0; i < N; i++) alt[j][i] = (ids[i] + 29 * j) % nv;
+        submit_t(e, alt[j], N - 5 * j, NULL, &out[j], j % 2 ? 0.9f : 0.0f);
+        engine_step(e);
+    }
+    for (int g = 0; g < 10000 && engine_step(e) > 0; g++) {}
+    engine_free(e);
+    for (int j = 0; j < 6; j++) free(alt[j]);
 }
 
 static void run(engine *e, const int32_t *ids, int n, float *logits, result *r) {
@@ -119,6 +140,21 @@ int main(int argc, char **argv) {
         check(!memcmp(ref, got, sizeof(float) * nv) && !strcmp(b.text, r0.text),
               "a shared partial block copied on write by two sequences: logits bit-identical");
         engine_free(e);
+    }
+    /* greedy rows' argmax on the GPU (the default) or on the host */
+    {
+        result on[6], off[6];
+        mixed_batch(argv[1], ids, N, nv, on);
+        setenv("PCACHE_GPU_ARGMAX", "0", 1);
+        mixed_batch(argv[1], ids, N, nv, off);
+        engine *e = make(argv[1], 512, false);
+        run(e, ids, N, NULL, &r);
+        engine_free(e);
+        unsetenv("PCACHE_GPU_ARGMAX");
+        int same = 1;
+        for (int j = 0; j < 6; j++) same &= on[j].why == FINISH_LENGTH && off[j].why == FINISH_LENGTH && !strcmp(on[j].text, off[j].text);
+        check(same, "greedy and sampled requests batched: the same texts with the greedy argmax on the GPU or the host");
+        check(!strcmp(r.text, r0.text), "a greedy run with the argmax on the host: the same text");
     }
     free(ref);
     free(got);

@@ -7,8 +7,11 @@ CPU backend, which is its oracle.
 - whole models (synthetic llama / qwen2 / qwen3, head dims 64 and 128, GQA ratios 1, 3, 4, 8,
   every weight type): all-position logits close to the CPU backend's, same greedy choices except
   at near-ties;
+- the device's argmax (a greedy row's token, found where its logits are): sample_argmax's
+  answer on random rows, ties, -inf and NaNs;
 - the engine on the GPU: logits bit-identical with the cache on or off, across chunk sizes,
-  batch compositions and copy-on-write blocks (tests/gpu/gpu_engine_check.c).
+  batch compositions and copy-on-write blocks, and the same texts with greedy rows' argmax
+  taken on the GPU or the host (tests/gpu/gpu_engine_check.c).
 
 Tolerance. The CPU backend quantizes activations to 8 bits before quantized matmuls (as
 llama.cpp's CPU backend does) and keeps float weights in f32; the GPU rounds activations and
@@ -193,6 +196,42 @@ def test_fused_swiglu_gives_the_same_bits(tmp_path, name, wtype):
     rel = float(np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu))
     print(f"{name}: PCACHE_KC=256 rel {rel:.2e}")
     assert rel < 5e-2, rel
+
+
+def host_argmax(row):
+    """sample_argmax's rule: the first position of the largest logit, NaNs never chosen, 0 for a
+    row of NaNs."""
+    ok = ~np.isnan(row)
+    if not ok.any():
+        return 0
+    return int(np.flatnonzero(ok & (row == row[ok].max()))[0])
+
+
+@pytest.mark.parametrize("cols", [400, 401, 49152, 128256])
+def test_argmax_on_the_device(cols):
+    """k_argmax, which finds a greedy row's next token where its logits are: sample_argmax's
+    answer on random rows and on ties, -inf, NaNs and constant rows, for vocabularies read four
+    floats at a time (400, SmolLM2's 49152, Llama-3's 128256) and one at a time (401)."""
+    rng = np.random.default_rng(cols)
+    x = rng.standard_normal((12, cols)).astype(np.float32)
+    x[1, [cols - 3, 7, cols // 2]] = 50.0          # a three-way tie: the first wins
+    x[2, :] = -np.inf                               # all -inf: the first
+    x[3, :] = np.nan                                # all NaN: 0
+    x[4, ::2] = np.nan                              # NaNs beside a maximum
+    x[4, cols - 2] = 99.0
+    x[5, :] = np.nan                                # one -inf among NaNs
+    x[5, cols - 1] = -np.inf
+    x[6, 0] = 1e30                                  # the first position
+    x[7, :] = 7.0                                   # constant
+    x[8, cols - 1] = 1e30                           # the last position
+    x[9, 1:] = np.inf                               # +inf ties
+    x[10, :] = -1e-30                               # equal tiny values, then one -0 / +0 pair
+    x[10, [cols // 3, cols // 3 + 1]] = [-0.0, 0.0]
+    want = [host_argmax(r) for r in x]
+    assert want[:10] == [want[0], 7, 0, 0, cols - 2, cols - 1, 0, 0, cols - 1, 1]
+    assert want[10] == cols // 3                    # -0 == +0: the first of the two
+    got = json.loads(run([TOOL, "gpu-argmax", str(len(x)), str(cols)], x.tobytes()))
+    assert got == want
 
 
 def test_engine_cache_transparency_on_gpu(tmp_path):
