@@ -1563,8 +1563,20 @@ template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cud
     return cudaFuncSetAttribute(k_mmq4<BM, BN, BK, WM, WN, ST, XL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)mmq4_smem<BM, BN, BK, WM, WN, ST>());
 }
-#define MMQ_S8 32, 8, 256, 2, 1, 6, 4
-#define MMQ_S32 32, 32, 128, 2, 1, 6, 2
+/* Q4_0 decode tiles. The kernel is bound by its dequantizing instructions, not by memory (4.5
+ * bits a weight), so what counts is compute warps an SM: every warp loads and computes, 64-row
+ * tiles, 256-wide stages 3 deep (43 KB: 5 blocks, 20 compute warps an SM). On an H200
+ * (2026-12-02, synthetic 8B Q4_0, one build, PCACHE_Q8V / PCACHE_Q32V), decode at batch 1:
+ * 281.4-282.9 tok/s (3.51 ms a step on the device) against 215.3-216.0 (4.60-4.63 ms) with the
+ * shape before (32 rows, 2 compute warps and 6 loading ones, 6 stages: PCACHE_Q8V=1); 32 rows
+ * with 2 warps 269.7, 128 rows with 8 warps 271.1, 4 stages 255.7, 128-wide stages 239.0, 4
+ * compute warps with 4 loaders 240.7. 32 streams: 4788 tok/s (6.00 ms a step) against 3115
+ * (9.55-9.57 ms, PCACHE_Q32V=1: 32 rows, 2 compute warps, 2 loaders, 128 x 6); 128-wide
+ * stages 4226, 8 warps of 32 x 16 3938. */
+#define MMQ_S8 64, 8, 256, 4, 1, 3, 1
+#define MMQ_S8_OLD 32, 8, 256, 2, 1, 6, 4
+#define MMQ_S32 64, 32, 256, 4, 1, 3, 1
+#define MMQ_S32_OLD 32, 32, 128, 2, 1, 6, 2
 #define MMQ_S64 32, 64, 128, 2, 1, 4
 
 /* k_mmwg's launch: the tensor maps of x (tokens x k, ldx apart) and W (rows x k) are encoded
@@ -1576,6 +1588,14 @@ typedef CUresult (*tmap_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_
                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 static tmap_encode_fn g_tmap_encode;
 static int env_int(const char *name, int dflt);
+/* a tile variant's number from the environment, read once per name (A/B runs) */
+static int tile_variant(const char *name) {
+    static int v[4] = { -1, -1, -1, -1 };
+    static const char *names[4] = { "PCACHE_Q8V", "PCACHE_Q32V", "PCACHE_S8V", "PCACHE_S32V" };
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(name, names[i])) return v[i] >= 0 ? v[i] : (v[i] = env_int(name, 0));
+    return 0;
+}
 /* Whether k_mmwg can run here: a Hopper GPU (its sm_90a code) and the driver's TMA encoder. */
 static bool wg_usable(void) {
     static int ok = -1;
@@ -1641,9 +1661,19 @@ static bool wg_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, 
 #define MM_S32 32, 32, 128, 2, 1, 6, 2
 /* 9-32 tokens on a long k (>= 4096: an 8B model's matrices): stages 256 wide, 3 deep. On an H200
  * (2026-12-02, 8B F16, 32 streams, alternated three times with MM_S32): 3085-3121 tok/s against
- * 2981-3042; on SmolLM2's k of 576 and 1536 it was slower (mostly zero fill), hence the k rule. */
-#define MM_S32K 32, 32, 256, 2, 1, 3, 2
+ * 2981-3042; on SmolLM2's k of 576 and 1536 it was slower (mostly zero fill), hence the k rule.
+ * Then 64-row tiles with 4 compute warps and 4 loading ones (H200, 2026-12-02, 8B F16, 32
+ * streams, one build): 4196 tok/s (6.92 ms a step on the device) against 3608-3654 (8.05-8.18 ms)
+ * with 32 x 32 and 2 compute warps (PCACHE_S32V=1); all 4 warps loading, 128-wide stages
+ * (PCACHE_S32V=2) 4081; 8 warps of 64 x 16 4073; 32 x 32 with no loaders 3549. */
+#define MM_S32K 64, 32, 256, 4, 1, 3, 2
+#define MM_S32K_OLD 32, 32, 256, 2, 1, 3, 2
+#define MM_S32K_V2 64, 32, 128, 4, 1, 4, 1
 #define MM_S64 32, 64, 128, 2, 1, 4
+/* PCACHE_S8V=1: 64-row tiles, 4 warps that all load and compute (as the Q4_0 decode tiles below).
+ * 8B F16 at batch 1: 202.4 tok/s against 195.8-198.4 (H200, 2026-12-02, one run); not the default
+ * until SmolLM2's small matrices (fewer, longer blocks) have been measured with it. */
+#define MM_S8_V1 64, 8, 128, 4, 1, 4, 1
 
 static int g_n_sms;
 static int n_sms_init(void) {
@@ -1663,7 +1693,8 @@ static cudaError_t kernels_setup() {
     if (done) return cudaSuccess;
     cudaError_t e;
     if ((e = mm_setup<MM_LARGE>()) || (e = mm_setup<MM_WIDE>()) || (e = mm_setup<MM_S8>()) || (e = mm_setup<MM_S32>()) || (e = mm_setup<MM_S32K>()) ||
-        (e = mm_setup<MM_S64>()) || (e = mmq4_setup<MMQ_S8>()) || (e = mmq4_setup<MMQ_S32>()) ||
+        (e = mm_setup<MM_S64>()) || (e = mmq4_setup<MMQ_S8>()) || (e = mmq4_setup<MMQ_S8_OLD>()) || (e = mmq4_setup<MMQ_S32>()) ||
+        (e = mmq4_setup<MMQ_S32_OLD>()) || (e = mm_setup<MM_S8_V1>()) || (e = mm_setup<MM_S32K_OLD>()) || (e = mm_setup<MM_S32K_V2>()) ||
         (e = mmq4_setup<MMQ_S64>()))
         return e;
     if (wg_usable() && ((e = wg_setup<WG_256>()) || (e = wg_setup<WG_128>()))) return e;
@@ -1694,7 +1725,9 @@ static cudaError_t kernels_setup() {
  * 156.5 / 2512); Q4_0 175.8 with its rule, 155.2 with fp16's. Every chunk boundary costs a
  * prefill an extra pass of red.adds over y, hence few and long chunks. PCACHE_KC=N (a multiple of
  * 256) makes every matrix's chunks N long, for the tests and A/B runs; PCACHE_KC_BLOCKS and
- * PCACHE_KC_MIN replace both rules' figures. */
+ * PCACHE_KC_MIN replace both rules' figures. (The rule counts 32-row tiles; the Q4_0 decode tiles
+ * and fp16's for 9-32 tokens on a long k have 64 rows since 2026-12-02, measured with the rule as
+ * it stands.) */
 static int env_int(const char *name, int dflt) {
     const char *v = getenv(name);
     return v && *v ? atoi(v) : dflt;
@@ -1802,11 +1835,27 @@ static void matmul_go(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     switch (f) {
     case 2: mm_launch<MM_LARGE>(st, w, x, ldx, n, o, nz, z); break;
     case 3: mm_launch<MM_WIDE>(st, w, x, ldx, n, o, nz, z); break;
-    case 4: mm_launch<MM_S8>(st, w, x, ldx, n, o, nz, z); break;
+    case 4: {
+        if (tile_variant("PCACHE_S8V") == 1) mm_launch<MM_S8_V1>(st, w, x, ldx, n, o, nz, z);
+        else mm_launch<MM_S8>(st, w, x, ldx, n, o, nz, z);
+        break;
+    }
     case 5: mm_launch<MM_S32>(st, w, x, ldx, n, o, nz, z); break;
-    case 12: mm_launch<MM_S32K>(st, w, x, ldx, n, o, nz, z); break;
-    case 7: mmq4_launch<MMQ_S8>(st, w, x, ldx, n, o, z); break;
-    case 8: mmq4_launch<MMQ_S32>(st, w, x, ldx, n, o, z); break;
+    case 12: {
+        const int v = tile_variant("PCACHE_S32V");
+        if (v == 1) mm_launch<MM_S32K_OLD>(st, w, x, ldx, n, o, nz, z);
+        else if (v == 2) mm_launch<MM_S32K_V2>(st, w, x, ldx, n, o, nz, z);
+        else mm_launch<MM_S32K>(st, w, x, ldx, n, o, nz, z);
+        break;
+    }
+    case 7:   /* PCACHE_Q8V=1, PCACHE_Q32V=1: the shapes before (A/B runs) */
+        if (tile_variant("PCACHE_Q8V") == 1) mmq4_launch<MMQ_S8_OLD>(st, w, x, ldx, n, o, z);
+        else mmq4_launch<MMQ_S8>(st, w, x, ldx, n, o, z);
+        break;
+    case 8:
+        if (tile_variant("PCACHE_Q32V") == 1) mmq4_launch<MMQ_S32_OLD>(st, w, x, ldx, n, o, z);
+        else mmq4_launch<MMQ_S32>(st, w, x, ldx, n, o, z);
+        break;
     case 9: mmq4_launch<MMQ_S64>(st, w, x, ldx, n, o, z); break;
     default: mm_launch<MM_S64>(st, w, x, ldx, n, o, nz, z); break;
     }

@@ -98,8 +98,11 @@ def test_matmul_every_type(tmp_path, qtype, rows, cols, n):
     assert r["batch_invariant"], r
 
 
-SHAPES = ["large", "wide", "s8", "s32", "s32k", "s64", "any", "wg", "wg128"]   # wg*: Hopper's wgmma kernel
-Q4_SHAPES = ["q8", "q32", "q64"]   # Q4_0 blocks read as stored (decode)
+# wg*: Hopper's wgmma kernel; "shape:VAR=v": a tile variant that env variable picks (A/B runs)
+SHAPES = ["large", "wide", "s8", "s32", "s32k", "s64", "any", "wg", "wg128", "s8:PCACHE_S8V=1", "s32k:PCACHE_S32V=1",
+          "s32k:PCACHE_S32V=2"]
+# Q4_0 blocks read as stored (decode); =1: the tiles before the all-compute ones
+Q4_SHAPES = ["q8", "q32", "q64", "q8:PCACHE_Q8V=1", "q32:PCACHE_Q32V=1"]
 
 
 @pytest.mark.parametrize("qtype,rows,cols,n", [("F16", 130, 576, 67), ("F16", 77, 96, 5), ("F16", 300, 1024, 40),
@@ -115,9 +118,10 @@ def test_matmul_shapes_give_the_same_bits(tmp_path, qtype, rows, cols, n):
     w.write_bytes(raw_weights(qtype, rows, cols, rng))
     bits = {}
     for shape in SHAPES + (Q4_SHAPES if qtype == "Q4_0" else []):
+        mm, _, var = shape.partition(":")
         for split in ("0", "1"):
-            r = json.loads(run([TOOL, "gpu-matmul", qtype, str(rows), str(cols), str(n), str(w)],
-                               env_extra={"PCACHE_MM": shape, "PCACHE_SPLIT": split}))
+            env = {"PCACHE_MM": mm, "PCACHE_SPLIT": split, **dict([var.split("=")] if var else [])}
+            r = json.loads(run([TOOL, "gpu-matmul", qtype, str(rows), str(cols), str(n), str(w)], env_extra=env))
             assert r["rel_err"] < 1e-5 and r["acc_rel_err"] < 1e-5 and r["batch_invariant"], (shape, split, r)
             bits[shape, split] = r["bits"]
     print(qtype, rows, cols, n, bits)
