@@ -1671,8 +1671,9 @@ static bool wg_launch(cudaStream_t st, const dmat *w, const __half *x, int ldx, 
 #define MM_S32K_V2 64, 32, 128, 4, 1, 4, 1
 #define MM_S64 32, 64, 128, 2, 1, 4
 /* PCACHE_S8V=1: 64-row tiles, 4 warps that all load and compute (as the Q4_0 decode tiles below).
- * 8B F16 at batch 1: 202.4 tok/s against 195.8-198.4 (H200, 2026-12-02, one run); not the default
- * until SmolLM2's small matrices (fewer, longer blocks) have been measured with it. */
+ * 8B F16 at batch 1: 202.4 tok/s against 195.8-198.4 (H200, 2026-12-02, one run); the SmolLM2
+ * shape 1052-1066 against 1317-1323 (0.92 against 0.74 ms a step: its small matrices get half the
+ * blocks), so not the default; a rule by k would need more than one 8B run. */
 #define MM_S8_V1 64, 8, 128, 4, 1, 4, 1
 
 static int g_n_sms;
