@@ -1588,14 +1588,6 @@ typedef CUresult (*tmap_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_
                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 static tmap_encode_fn g_tmap_encode;
 static int env_int(const char *name, int dflt);
-/* a tile variant's number from the environment, read once per name (A/B runs) */
-static int tile_variant(const char *name) {
-    static int v[4] = { -1, -1, -1, -1 };
-    static const char *names[4] = { "PCACHE_Q8V", "PCACHE_Q32V", "PCACHE_S8V", "PCACHE_S32V" };
-    for (int i = 0; i < 4; i++)
-        if (!strcmp(name, names[i])) return v[i] >= 0 ? v[i] : (v[i] = env_int(name, 0));
-    return 0;
-}
 /* Whether k_mmwg can run here: a Hopper GPU (its sm_90a code) and the driver's TMA encoder. */
 static bool wg_usable(void) {
     static int ok = -1;
@@ -1836,27 +1828,32 @@ static void matmul_go(const gpu_backend *g, cudaStream_t st, const dmat *w, cons
     switch (f) {
     case 2: mm_launch<MM_LARGE>(st, w, x, ldx, n, o, nz, z); break;
     case 3: mm_launch<MM_WIDE>(st, w, x, ldx, n, o, nz, z); break;
-    case 4: {
-        if (tile_variant("PCACHE_S8V") == 1) mm_launch<MM_S8_V1>(st, w, x, ldx, n, o, nz, z);
+    case 4: {   /* the tile variants' switches (A/B runs), each read once */
+        static const int v = env_int("PCACHE_S8V", 0);
+        if (v == 1) mm_launch<MM_S8_V1>(st, w, x, ldx, n, o, nz, z);
         else mm_launch<MM_S8>(st, w, x, ldx, n, o, nz, z);
         break;
     }
     case 5: mm_launch<MM_S32>(st, w, x, ldx, n, o, nz, z); break;
     case 12: {
-        const int v = tile_variant("PCACHE_S32V");
+        static const int v = env_int("PCACHE_S32V", 0);
         if (v == 1) mm_launch<MM_S32K_OLD>(st, w, x, ldx, n, o, nz, z);
         else if (v == 2) mm_launch<MM_S32K_V2>(st, w, x, ldx, n, o, nz, z);
         else mm_launch<MM_S32K>(st, w, x, ldx, n, o, nz, z);
         break;
     }
-    case 7:   /* PCACHE_Q8V=1, PCACHE_Q32V=1: the shapes before (A/B runs) */
-        if (tile_variant("PCACHE_Q8V") == 1) mmq4_launch<MMQ_S8_OLD>(st, w, x, ldx, n, o, z);
+    case 7: {   /* PCACHE_Q8V=1, PCACHE_Q32V=1: the shapes before (A/B runs) */
+        static const int v = env_int("PCACHE_Q8V", 0);
+        if (v == 1) mmq4_launch<MMQ_S8_OLD>(st, w, x, ldx, n, o, z);
         else mmq4_launch<MMQ_S8>(st, w, x, ldx, n, o, z);
         break;
-    case 8:
-        if (tile_variant("PCACHE_Q32V") == 1) mmq4_launch<MMQ_S32_OLD>(st, w, x, ldx, n, o, z);
+    }
+    case 8: {
+        static const int v = env_int("PCACHE_Q32V", 0);
+        if (v == 1) mmq4_launch<MMQ_S32_OLD>(st, w, x, ldx, n, o, z);
         else mmq4_launch<MMQ_S32>(st, w, x, ldx, n, o, z);
         break;
+    }
     case 9: mmq4_launch<MMQ_S64>(st, w, x, ldx, n, o, z); break;
     default: mm_launch<MM_S64>(st, w, x, ldx, n, o, nz, z); break;
     }
@@ -2297,10 +2294,11 @@ extern "C" int gpu_forward(gpu_backend *g, const kv_pool *kv, const model_batch 
         if (n_out && argmax_out)
             CK(cudaMemcpyAsync(argmax_out, g->d_argmax, (size_t)n_out * sizeof(int), cudaMemcpyDeviceToHost, st), "argmax download");
         const size_t row = (size_t)c->n_vocab * sizeof(float);
+        auto argmax_alone = [&](int j) { return argmax_out && b->argmax_only && b->argmax_only[h.out_rows[j]]; };
         for (int j = 0; j < n_out;) {
-            const bool skip = argmax_out && b->argmax_only && b->argmax_only[h.out_rows[j]];
+            const bool skip = argmax_alone(j);
             int k = j + 1;
-            while (k < n_out && skip == (argmax_out && b->argmax_only && b->argmax_only[h.out_rows[k]])) k++;
+            while (k < n_out && argmax_alone(k) == skip) k++;
             if (!skip)
                 CK(cudaMemcpyAsync((char *)logits_out + j * row, (const char *)g->logits + j * row, (k - j) * row,
                                    cudaMemcpyDeviceToHost, st), "logits download");
