@@ -285,6 +285,17 @@ __device__ __forceinline__ void mm_split_finish(const mm_out &o, int m0, int n0,
     mm_split_finish_on<BM, BN, NTH>(o, m0, n0, M, N, threadIdx.x, 0);
 }
 
+/* (k_mmq4's 8-token tiles) Zeroes rows [nx, BN) of every stage's x tile (ST stages of BN rows, LD halves apart), once
+ * before the pipeline: the k loop then loads only rows that hold tokens. The __syncthreads at
+ * the top of the first k step orders these stores before any MMA reads them. */
+template <int ST, int BN, int LD>
+__device__ __forceinline__ void mm_zero_rows(__half *Bs, int nx, int tid, int nth) {
+    if (nx >= BN) return;
+    const int per = (BN - nx) * LD / 8;   /* 16-byte words a stage (LD % 8 == 0) */
+    for (int i = tid; i < ST * per; i += nth)
+        ((uint4 *)(Bs + (size_t)(i / per) * BN * LD + (size_t)nx * LD))[i % per] = make_uint4(0, 0, 0, 0);
+}
+
 /* The matmuls' pipeline prologue: the first ST - 1 stages' weights (immutable: before pdl_wait),
  * then, once the kernel before has finished, their x. The weights' groups come first, then the x
  * groups; stage s is complete once group ST - 1 + s is, which the k loop's cp_wait<ST - 2>
@@ -667,10 +678,16 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL) k_mmq4(const uint8_t *__rest
             cp_async8(ds + r * DB + c, ok ? D + (size_t)gm * ldd + gb : D, ok);
         }
     };
+    /* the 8-token decode tiles load only the rows that hold tokens; the rest are zeroed once in
+     * every stage instead of zero-filled by cp.async stage after stage (batch 1: 7 of 8 rows).
+     * Wider tiles keep a fixed trip count: a row bound or a predicate there cost the 32-token
+     * decode graphs 1-15%, and k_mm's 8-token tiles gained nothing (H200, 2026-12-02). */
+    const int nx = BN <= 8 ? min(BN, N - n0) : BN;
+    if (BN <= 8) mm_zero_rows<ST, BN, LDX>(Bs, nx, tid, NTH);
     auto load_x = [&](int slot, int kt) {
         const int k0 = kt * BK;
         __half *bs = Bs + slot * BN * LDX;
-        for (int i = tid; i < BN * CPX; i += NTH) {
+        for (int i = tid; i < nx * CPX; i += NTH) {
             const int r = i / CPX, c = (i % CPX) * 8, gn = n0 + r, gk = k0 + c;
             const bool ok = gn < N && gk < K;
             cp_async16(bs + r * LDX + c, ok ? X + (size_t)gn * ldx + gk : X, ok);
@@ -1576,7 +1593,9 @@ template <int BM, int BN, int BK, int WM, int WN, int ST, int XL = 1> static cud
  * with 2 warps 269.7, 128 rows with 8 warps 271.1, 4 stages 255.7, 128-wide stages 239.0, 4
  * compute warps with 4 loaders 240.7. 32 streams: 4788 tok/s (6.00 ms a step) against 3115
  * (9.55-9.57 ms, PCACHE_Q32V=1: 32 rows, 2 compute warps, 2 loaders, 128 x 6); 128-wide
- * stages 4226, 8 warps of 32 x 16 3938. */
+ * stages 4226, 8 warps of 32 x 16 3938. Then (2026-12-02, fifth session) the high nibbles
+ * unshifted and the 8-token tiles' x rows past the batch left unloaded (k_mmq4): batch 1
+ * 282.2-283.9 -> 300.6-303.6 tok/s (3.29 ms a step), 32 streams 4856-4866. */
 #define MMQ_S8 64, 8, 256, 4, 1, 3, 1
 #define MMQ_S8_OLD 32, 8, 256, 2, 1, 6, 4
 #define MMQ_S32 64, 32, 256, 4, 1, 3, 1
