@@ -173,6 +173,23 @@ static float gen(int dist) {
     }
 }
 
+/* each kernel's largest |x - exact| / sum |terms| over an [rows][cols] product, with terms
+ * A[r ar + k ak] B[k bk + c bc], k < n; x[0] and x[1] the two kernels' outputs */
+static void max_err(const __half *A, int ar, int ak, const __half *B, int bk, int bc, int rows, int cols, int n, const float *x0,
+                    const float *x1, double *e) {
+    const float *x[2] = { x0, x1 };
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            double ref = 0, mag = 0;
+            for (int k = 0; k < n; k++) {
+                const double p = (double)__half2float(A[r * ar + k * ak]) * __half2float(B[k * bk + c * bc]);
+                ref += p, mag += fabs(p);
+            }
+            mag = mag > 0 ? mag : 1;
+            for (int i = 0; i < 2; i++) e[i] = fmax(e[i], fabs(x[i][r * cols + c] - ref) / mag);
+        }
+}
+
 /* how many of n floats differ in their bits */
 static int compare(const float *x, const float *y, int n) {
     int bad = 0;
@@ -214,26 +231,8 @@ int main(void) {
                 CKR(cudaMemcpy(O[k], dO[k], sizeof O[k], cudaMemcpyDeviceToHost));
             }
             double es[2] = { 0, 0 }, eo[2] = { 0, 0 };
-            for (int r = 0; r < 64; r++) {
-                for (int c = 0; c < NK; c++) {
-                    double ref = 0, mag = 0;
-                    for (int k = 0; k < HD; k++) {
-                        const double p = (double)__half2float(hQ[r * HD + k]) * __half2float(hK[c * HD + k]);
-                        ref += p, mag += fabs(p);
-                    }
-                    mag = mag > 0 ? mag : 1;
-                    for (int k = 0; k < 2; k++) es[k] = fmax(es[k], fabs(S[k][r * NK + c] - ref) / mag);
-                }
-                for (int c = 0; c < HD; c++) {
-                    double ref = 0, mag = 0;
-                    for (int k = 0; k < NK; k++) {
-                        const double p = (double)__half2float(hP[r * NK + k]) * __half2float(hV[k * HD + c]);
-                        ref += p, mag += fabs(p);
-                    }
-                    mag = mag > 0 ? mag : 1;
-                    for (int k = 0; k < 2; k++) eo[k] = fmax(eo[k], fabs(O[k][r * HD + c] - ref) / mag);
-                }
-            }
+            max_err(hQ, HD, 1, hK, 1, HD, 64, NK, HD, S[0], S[1], es);   /* S[r][c] = sum_k Q[r][k] K[c][k] */
+            max_err(hP, NK, 1, hV, HD, 1, 64, HD, NK, O[0], O[1], eo);   /* O[r][c] = sum_k P[r][k] V[k][c] */
             const int bs = compare(S[0], S[1], 64 * NK), bo = compare(O[0], O[1], 64 * HD);
             printf("V strides (lbo %5u, sbo %5u) dist %-8s: S differs in %4d of %d, O in %4d of %d; err/sum|p|: S mma %.1e wg %.1e, O mma %.1e wg %.1e\n",
                    strides[v][0], strides[v][1], dn[dist], bs, 64 * NK, bo, 64 * HD, es[0], es[1], eo[0], eo[1]);
