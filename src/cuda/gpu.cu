@@ -416,6 +416,7 @@ __global__ void __launch_bounds__(WM *WN * 32 * XL, WM * WN * XL >= 8 ? 2 : 1) k
  * prefill batches when the device is a Hopper (PCACHE_WGMMA=0 turns it off), with the chunks split
  * across blocks when a batch's tiles would leave SMs idle. */
 template <int N> __device__ __forceinline__ void wgmma_f16(float *d, uint64_t da, uint64_t db);
+#define WG_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 template <> __device__ __forceinline__ void wgmma_f16<128>(float *d, uint64_t da, uint64_t db) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
@@ -470,6 +471,39 @@ template <> __device__ __forceinline__ void wgmma_f16<256>(float *d, uint64_t da
 __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
     return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
+template <> __device__ __forceinline__ void wgmma_f16<64>(float *d, uint64_t da, uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"
+                 "%26,%27,%28,%29,%30,%31}, "
+                 "%32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24)
+                 : "l"(da), "l"(db));
+}
+/* D (+)= A B with A (64 x 16, fp16) in registers, each warp's 16 rows as an mma.sync m16n8k16 A
+ * fragment, and B (N x 16) in shared memory N-major (imm-trans-b = 1): attention's P V, with V
+ * stored key by key (k_flash) */
+template <int N> __device__ __forceinline__ void wgmma_f16_rs(float *d, const unsigned *a, uint64_t db);
+template <> __device__ __forceinline__ void wgmma_f16_rs<64>(float *d, const unsigned *a, uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"
+                 "%26,%27,%28,%29,%30,%31}, "
+                 "{%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+                 : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> __device__ __forceinline__ void wgmma_f16_rs<128>(float *d, const unsigned *a, uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"
+                 "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"
+                 "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+                 "{%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+                 : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24), WG_R8(32), WG_R8(40), WG_R8(48), WG_R8(56)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#undef WG_R8
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
@@ -980,12 +1014,38 @@ __global__ void k_rope_kv(const float *__restrict__ qkv, int ld, __half *__restr
 #define FA_ROWS 64    /* rows of the smaller block (decode); prefill blocks take 2 * FA_ROWS */
 #define FA_KT 64
 #define FA_SEG_TILES_MAX 4096   /* segments of up to 256k positions: contexts up to 4M (attn_seg) */
-/* Q rows, two stages of K and V tiles, then a segment's block-table entries */
-static constexpr size_t fa_smem_bytes(int hd, int rows, int seg_tiles = 0) {
-    return (size_t)(rows + 4 * FA_KT) * (hd + 8) * 2 + (size_t)seg_tiles * (FA_KT / 16) * 4;
+/* Q rows, two stages of K and V tiles, then a segment's block-table entries (wg: rows of hd
+ * halves, swizzled, from a 1024-byte boundary; else rows padded to hd + 8) */
+static constexpr size_t fa_smem_bytes(int hd, int rows, int seg_tiles = 0, bool wg = false) {
+    return (size_t)(rows + 4 * FA_KT) * (wg ? hd : hd + 8) * 2 + (size_t)seg_tiles * (FA_KT / 16) * 4 + (wg ? 1024 : 0);
 }
-template <int HD, int ROWS>
-__global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_flash(const __half *__restrict__ qh, const __half *__restrict__ kv,
+/* WG (PCACHE_FA_WG=1, Hopper): S = Q K^T and O += P V on the warpgroup MMAs instead of mma.sync,
+ * every other step as below. A warpgroup's four warps hold the rows the four warps hold
+ * without it (warp w: rows 16w..16w+15), its accumulators are laid out as theirs, and wgmma
+ * gives mma.sync's bits for the same operands and k order (bench/wgmma_probe.cu for both
+ * operands in shared memory; bench/fa_wgmma_probe.cu for P V with P in registers and V
+ * N-major), so the same bits. Q, K and V sit in 128-byte-swizzled rows of 64 elements (fa_sw);
+ * the S MMAs run hd's 16-wide steps in ascending order, the P V MMAs the keys'. A warpgroup
+ * runs while any of its rows holds a token (its padding rows: zero queries at position 0). */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FA_WG_OK 1
+#else
+#define FA_WG_OK 0
+#endif
+/* V's descriptor strides (bytes) between its swizzle atoms (64 hd x 8 keys): along hd (the
+ * second half of a 128-wide head) and along the keys; bench/fa_wgmma_probe.cu tells which
+ * reading the hardware takes */
+#define FA_V_LBO (FA_KT * 64 * 2)
+#define FA_V_SBO 1024
+/* element (r, c) of a [rows][hd] tile stored as 64-wide halves of [rows][64], 128-byte rows,
+ * 16-byte chunk j of row r at j ^ (r % 8) (the swizzle the descriptors name); c % 8 == 0 */
+__device__ __forceinline__ int fa_sw(int r, int c, int rows) { return (c >> 6) * rows * 64 + r * 64 + ((((c & 63) >> 3) ^ (r & 7)) << 3); }
+__device__ __forceinline__ uint64_t fa_vdesc(uint32_t saddr) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | (uint64_t)((FA_V_LBO & 0x3FFFF) >> 4) << 16 | (uint64_t)((FA_V_SBO & 0x3FFFF) >> 4) << 32 |
+           (1ull << 62);
+}
+template <int HD, int ROWS, bool WG = false>
+__global__ void __launch_bounds__(2 * ROWS, (HD == 64 || WG) && ROWS > 64 ? 2 : 1) k_flash(const __half *__restrict__ qh, const __half *__restrict__ kv,
                                                const int *__restrict__ bt, const int *__restrict__ bt_off,
                                                const int *__restrict__ pos, const int2 *__restrict__ tiles,
                                                __half *__restrict__ out, int n_head, int n_head_kv, size_t block_elems,
@@ -993,10 +1053,13 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
                                                int n_seg) {
     pdl_launch();
     constexpr int LD = HD + 8, KS = HD / 16, DN = HD / 8, NTH = 2 * ROWS;   /* a warp per 16 rows */
+    constexpr int LS = WG ? HD : LD;                /* a row's elements in shared memory */
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    __half *Qs = (__half *)fa_smem;                 /* ROWS x LD */
-    __half *Ks = Qs + ROWS * LD;                    /* 2 x FA_KT x LD */
-    __half *Vs = Ks + 2 * FA_KT * LD;               /* 2 x FA_KT x LD */
+    __half *Qs = (__half *)(WG ? fa_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(fa_smem) & 1023)) & 1023) : fa_smem);   /* ROWS x LS */
+    __half *Ks = Qs + ROWS * LS;                    /* 2 x FA_KT x LS */
+    __half *Vs = Ks + 2 * FA_KT * LS;               /* 2 x FA_KT x LS */
+    /* where element (r, c) of a tile of `rows` rows at b sits (c % 8 == 0) */
+    auto at = [](__half *b, int rows, int r, int c) { return WG ? b + fa_sw(r, c, rows) : b + r * LD + c; };
     __shared__ int spos[ROWS];
     const int2 tile = tiles[blockIdx.x];
     const int g = blockIdx.y, G = n_head / n_head_kv;
@@ -1013,7 +1076,7 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
     /* the segment's slice of the block table, in shared memory: each K/V load's address then
      * waits on a shared load, not on a global one */
     const int *tab = bt + bt_off[t0];
-    int *stab = (int *)(Vs + 2 * FA_KT * LD);
+    int *stab = (int *)(Vs + 2 * FA_KT * LS);
     const int e0 = kt0 * (FA_KT / 16), e1 = min(kt1 * (FA_KT / 16), (n_keys + 15) / 16);
     for (int i = tid; i < e1 - e0; i += NTH) stab[i] = tab[e0 + i];
     /* all of the above is the step's staged inputs (the host's copy precedes the step's first
@@ -1024,26 +1087,26 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
         const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
         const bool ok = r < nrows;
         const __half *src = ok ? qh + (size_t)(t0 + r / G) * q_dim + (size_t)(g * G + r % G) * HD + c : qh;
-        cp_async16(Qs + r * LD + c, src, ok);
+        cp_async16(at(Qs, ROWS, r, c), src, ok);
     }
     __syncthreads();
     const size_t koff = (size_t)(layer * 2 + 0) * 16 * kv_dim + (size_t)g * HD;
     const size_t voff = (size_t)(layer * 2 + 1) * 16 * kv_dim + (size_t)g * HD;
     auto load_kv = [&](int slot, int kt) {
-        __half *ks = Ks + slot * FA_KT * LD, *vs = Vs + slot * FA_KT * LD;
+        __half *ks = Ks + slot * FA_KT * LS, *vs = Vs + slot * FA_KT * LS;
 #pragma unroll 4
         for (int i = tid; i < FA_KT * (HD / 8); i += NTH) {
             const int j = i / (HD / 8), c = (i % (HD / 8)) * 8, key = kt * FA_KT + j;
             const bool ok = key < n_keys;
             const __half *base = ok ? kv + (size_t)stab[key / 16 - e0] * block_elems + (size_t)(key % 16) * kv_dim + c : kv;
-            cp_async16(ks + j * LD + c, ok ? base + koff : kv, ok);
-            cp_async16(vs + j * LD + c, ok ? base + voff : kv, ok);
+            cp_async16(at(ks, FA_KT, j, c), ok ? base + koff : kv, ok);
+            cp_async16(at(vs, FA_KT, j, c), ok ? base + voff : kv, ok);
         }
     };
     load_kv(0, kt0);
     cp_commit();
     const int wr = warp * 16;                       /* the warp's first row */
-    const bool active = wr < nrows;
+    const bool active = WG ? (wr & ~63) < nrows : wr < nrows;   /* WG: the warpgroup's first row */
     const int r_lo = wr + (lane >> 2), r_hi = r_lo + 8;
     unsigned qa[KS][4];
     float o[DN][4];
@@ -1056,30 +1119,48 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
         if (kt + 1 < kt1) load_kv(slot ^ 1, kt + 1);
         cp_commit();
         cp_wait<1>();
+        if (WG) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   /* cp.async's writes, then wgmma's reads */
         __syncthreads();
         if (kt == kt0) {
             p_lo = spos[r_lo];
             p_hi = spos[r_hi];
             p_min = spos[wr];
-            if (active) {
+            if (!WG && active) {
 #pragma unroll
                 for (int ks = 0; ks < KS; ks++) ldsm_x4(qa[ks], Qs + (wr + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
             }
         }
         if (active) {
-            const __half *ks_ = Ks + slot * FA_KT * LD, *vs_ = Vs + slot * FA_KT * LD;
+            const __half *ks_ = Ks + slot * FA_KT * LS, *vs_ = Vs + slot * FA_KT * LS;
             float s[8][4];
 #pragma unroll
             for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            if (WG) {
+#if FA_WG_OK
+                /* this warpgroup's 64 query rows, hd half h, step kk: 64 x 16 of Q and of K */
+                const uint32_t qa0 = (uint32_t)__cvta_generic_to_shared(Qs + (wr & ~63) * 64), ka0 = (uint32_t)__cvta_generic_to_shared(ks_);
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-            for (int ks = 0; ks < KS; ks++)
+                for (int h = 0; h < HD / 64; h++)
 #pragma unroll
-                for (int jj = 0; jj < 4; jj++) {
-                    unsigned b[4];
-                    ldsm_x4(b, ks_ + (16 * jj + (lane & 7) + ((lane >> 4) << 3)) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(s[2 * jj], qa[ks], b);
-                    mma16816(s[2 * jj + 1], qa[ks], b + 2);
-                }
+                    for (int kk = 0; kk < 4; kk++)
+                        wgmma_f16<64>(&s[0][0], wg_desc(qa0 + h * ROWS * 128 + 32 * kk), wg_desc(ka0 + h * FA_KT * 128 + 32 * kk));
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#else
+                __trap();
+#endif
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < KS; ks++)
+#pragma unroll
+                    for (int jj = 0; jj < 4; jj++) {
+                        unsigned b[4];
+                        ldsm_x4(b, ks_ + (16 * jj + (lane & 7) + ((lane >> 4) << 3)) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+                        mma16816(s[2 * jj], qa[ks], b);
+                        mma16816(s[2 * jj + 1], qa[ks], b + 2);
+                    }
+            }
             /* mask (only a tile that reaches past the warp's first row: the rows' positions
              * ascend), row maxima of the raw scores; max(s) * scale is max(s * scale) exactly
              * (rounding is monotonic), so the log2-domain maximum is the one a scaled tile gives */
@@ -1141,15 +1222,27 @@ __global__ void __launch_bounds__(2 * ROWS, HD == 64 && ROWS > 64 ? 2 : 1) k_fla
                     o[d][3] *= c_hi;
                 }
             }
+            if (WG) {
+#if FA_WG_OK
+                /* keys 16 kk .. 16 kk + 15 of V, N-major */
+                const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(vs_);
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++)
+                for (int kk = 0; kk < 4; kk++) wgmma_f16_rs<HD>(&o[0][0], pa[kk], fa_vdesc(va0 + kk * 16 * 128));
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+            } else {
 #pragma unroll
-                for (int dd = 0; dd < DN / 2; dd++) {
-                    unsigned b[4];
-                    ldsm_x4_t(b, vs_ + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * dd + (lane >> 4) * 8);
-                    mma16816(o[2 * dd], pa[kk], b);
-                    mma16816(o[2 * dd + 1], pa[kk], b + 2);
-                }
+                for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                    for (int dd = 0; dd < DN / 2; dd++) {
+                        unsigned b[4];
+                        ldsm_x4_t(b, vs_ + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * dd + (lane >> 4) * 8);
+                        mma16816(o[2 * dd], pa[kk], b);
+                        mma16816(o[2 * dd + 1], pa[kk], b + 2);
+                    }
+            }
         }
         __syncthreads();   /* the buffer just read is the next prefetch's target */
     }
@@ -1634,6 +1727,13 @@ static bool wg_default(void) {
     if (on < 0) on = env_int("PCACHE_WGMMA", 1) && wg_usable();
     return on;
 }
+/* Whether prefill attention runs its products on wgmma (k_flash's WG): PCACHE_FA_WG=1 on a
+ * Hopper. Off by default until measured (2026-12-02: written and compiled, not yet run). */
+static bool fa_wg_default(void) {
+    static int on = -1;
+    if (on < 0) on = env_int("PCACHE_FA_WG", 0) && wg_usable();
+    return on;
+}
 static bool tmap_2d(CUtensorMap *m, const void *p, int inner, int outer, int ld, int box_outer) {
     const cuuint64_t dims[2] = { (cuuint64_t)inner, (cuuint64_t)outer }, strides[1] = { (cuuint64_t)ld * 2 };
     const cuuint32_t box[2] = { WG_BK, (cuuint32_t)box_outer }, es[2] = { 1, 1 };
@@ -1720,9 +1820,11 @@ static cudaError_t kernels_setup() {
         g_pdl = cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                 major >= 9 && env_int("PCACHE_PDL", 1) != 0;
     }
-#define FA_ATTR(HD, R) cudaFuncSetAttribute(k_flash<HD, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_smem_bytes(HD, R, FA_SEG_TILES_MAX))
-    if ((e = FA_ATTR(64, FA_ROWS)) || (e = FA_ATTR(128, FA_ROWS)) || (e = FA_ATTR(64, 2 * FA_ROWS)) || (e = FA_ATTR(128, 2 * FA_ROWS)))
+#define FA_ATTR(HD, R, W) cudaFuncSetAttribute(k_flash<HD, R, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_smem_bytes(HD, R, FA_SEG_TILES_MAX, W))
+    if ((e = FA_ATTR(64, FA_ROWS, false)) || (e = FA_ATTR(128, FA_ROWS, false)) || (e = FA_ATTR(64, 2 * FA_ROWS, false)) ||
+        (e = FA_ATTR(128, 2 * FA_ROWS, false)))
         return e;
+    if (wg_usable() && ((e = FA_ATTR(64, 2 * FA_ROWS, true)) || (e = FA_ATTR(128, 2 * FA_ROWS, true)))) return e;
 #undef FA_ATTR
     done = 1;
     return cudaSuccess;
@@ -2195,13 +2297,18 @@ static void forward_kernels(gpu_backend *g, const stage_ptrs *d, int n, int n_ti
             dim3 fg(n_tiles, c->n_head_kv, g->fa_n_seg), mg(n, c->n_head);
             const float sl2 = scale * 1.4426950408889634f;
             const int sn = g->fa_n_seg, sl = g->fa_seg_tiles * FA_KT;
-#define FLASH(HD, R) klaunch(k_flash<HD, R>, fg, 2 * R, fa_smem_bytes(HD, R, g->fa_seg_tiles), st, g->qh, g->kv, d->bt, d->bt_off, d->pos, d->tiles, g->att, \
-                             c->n_head, c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn)
+#define FLASH(HD, R, W) klaunch(k_flash<HD, R, W>, fg, 2 * R, fa_smem_bytes(HD, R, g->fa_seg_tiles, W), st, g->qh, g->kv, d->bt, d->bt_off, d->pos, \
+                                d->tiles, g->att, c->n_head, c->n_head_kv, g->block_elems, l, sl2, g->fa_part, g->fa_seg_tiles, sn)
+            const bool wg = fa_wg_default();   /* prefill blocks only (2 * FA_ROWS rows: two warpgroups) */
             if (hd == 64) {
-                if (fa_rows > FA_ROWS) FLASH(64, 2 * FA_ROWS); else FLASH(64, FA_ROWS);
+                if (fa_rows > FA_ROWS && wg) FLASH(64, 2 * FA_ROWS, true);
+                else if (fa_rows > FA_ROWS) FLASH(64, 2 * FA_ROWS, false);
+                else FLASH(64, FA_ROWS, false);
                 if (sn > 1) klaunch(k_flash_merge<64>, mg, 64, 0, st, g->fa_part, d->pos, g->att, c->n_head, sl, sn);
             } else {
-                if (fa_rows > FA_ROWS) FLASH(128, 2 * FA_ROWS); else FLASH(128, FA_ROWS);
+                if (fa_rows > FA_ROWS && wg) FLASH(128, 2 * FA_ROWS, true);
+                else if (fa_rows > FA_ROWS) FLASH(128, 2 * FA_ROWS, false);
+                else FLASH(128, FA_ROWS, false);
                 if (sn > 1) klaunch(k_flash_merge<128>, mg, 128, 0, st, g->fa_part, d->pos, g->att, c->n_head, sl, sn);
             }
 #undef FLASH
