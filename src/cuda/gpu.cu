@@ -1040,6 +1040,20 @@ static constexpr size_t fa_smem_bytes(int hd, int rows, int seg_tiles = 0, bool 
 /* element (r, c) of a [rows][hd] tile stored as 64-wide halves of [rows][64], 128-byte rows,
  * 16-byte chunk j of row r at j ^ (r % 8) (the swizzle the descriptors name); c % 8 == 0 */
 __device__ __forceinline__ int fa_sw(int r, int c, int rows) { return (c >> 6) * rows * 64 + r * 64 + ((((c & 63) >> 3) ^ (r & 7)) << 3); }
+/* pins registers' last writes before a wgmma.fence (the PTX rule for a wgmma's register operands;
+ * as CUTLASS's warpgroup_fence_operand), so no zeroing or rescale drifts past it */
+template <int N> __device__ __forceinline__ void wg_pin(float (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(x[i][e])::"memory");
+}
+template <int N> __device__ __forceinline__ void wg_pin(unsigned (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(x[i][e])::"memory");
+}
 __device__ __forceinline__ uint64_t fa_vdesc(uint32_t saddr) {
     return (uint64_t)((saddr & 0x3FFFF) >> 4) | (uint64_t)((FA_V_LBO & 0x3FFFF) >> 4) << 16 | (uint64_t)((FA_V_SBO & 0x3FFFF) >> 4) << 32 |
            (1ull << 62);
@@ -1139,6 +1153,7 @@ __global__ void __launch_bounds__(2 * ROWS, (HD == 64 || WG) && ROWS > 64 ? 2 : 
 #if FA_WG_OK
                 /* this warpgroup's 64 query rows, hd half h, step kk: 64 x 16 of Q and of K */
                 const uint32_t qa0 = (uint32_t)__cvta_generic_to_shared(Qs + (wr & ~63) * 64), ka0 = (uint32_t)__cvta_generic_to_shared(ks_);
+                wg_pin(s);
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
                 for (int h = 0; h < HD / 64; h++)
@@ -1226,11 +1241,15 @@ __global__ void __launch_bounds__(2 * ROWS, (HD == 64 || WG) && ROWS > 64 ? 2 : 
 #if FA_WG_OK
                 /* keys 16 kk .. 16 kk + 15 of V, N-major */
                 const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(vs_);
+                wg_pin(o);
+                wg_pin(pa);
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
                 for (int kk = 0; kk < 4; kk++) wgmma_f16_rs<HD>(&o[0][0], pa[kk], fa_vdesc(va0 + kk * 16 * 128));
                 asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#else
+                __trap();
 #endif
             } else {
 #pragma unroll
